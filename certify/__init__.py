@@ -1,0 +1,35 @@
+"""certify: provable robustness of image classifiers, and how shallow waters change it."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from certify.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
+from certify.data import load_dataset
+from certify.errors import (
+    CertifyError,
+    CheckpointError,
+    DatasetError,
+    SoundnessError,
+    SpecError,
+    UnknownNameError,
+    UnsupportedLayerError,
+)
+from certify.nets import count_parameters, create_arch
+
+__all__ = [
+    "CertifyError",
+    "CheckpointError",
+    "DatasetError",
+    "ModelMeta",
+    "SoundnessError",
+    "SpecError",
+    "UnknownNameError",
+    "UnsupportedLayerError",
+    "__version__",
+    "count_parameters",
+    "create_arch",
+    "load_checkpoint",
+    "load_dataset",
+    "save_checkpoint",
+]

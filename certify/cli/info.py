@@ -1,0 +1,45 @@
+"""``certify info``: what a checkpoint holds."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
+def info(model: str, as_json: bool) -> None:
+    """Print a checkpoint's architecture, dataset, parameters, provenance and metrics.
+
+    \b
+    Example:
+      certify info models/teacher.pt
+    """
+    from dataclasses import asdict
+
+    from certify.checkpoint import checkpoint_sha256, load_checkpoint
+    from certify.nets import count_parameters
+
+    net, meta = load_checkpoint(model)
+    params = count_parameters(net)
+    if as_json:
+        out = asdict(meta) | {"parameters": params, "sha256": checkpoint_sha256(model)}
+        click.echo(json.dumps(out, indent=2))
+        return
+    widths = ", ".join(f"{k}={v}" for k, v in meta.arch_kwargs.items())
+    click.echo(f"file:         {model}")
+    click.echo(f"architecture: {meta.arch} ({widths})")
+    click.echo(f"parameters:   {params:,}")
+    click.echo(f"dataset:      {meta.dataset}  input {tuple(meta.input_shape)}, {meta.num_classes} classes")
+    click.echo(f"normalize:    mean={list(meta.mean)} std={list(meta.std)}")
+    if meta.parent:
+        click.echo(f"parent:       {meta.parent[:16]}…")
+    for k, v in meta.training.items():
+        click.echo(f"training.{k}: {v}")
+    for k, v in meta.metrics.items():
+        click.echo(f"metrics.{k}:  {v:.4f}" if isinstance(v, float) else f"metrics.{k}:  {v}")
+    click.echo("layers:")
+    for name, layer in net.named_children():
+        click.echo(f"  {name:10s} {layer}")
