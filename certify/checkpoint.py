@@ -108,10 +108,10 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
                 f"{path} contains pickled code or objects and was refused (it could run code on load). "
                 "Only certify checkpoints with plain data are loaded; re-save the model with save_checkpoint."
             ) from None
-        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt, truncated, or not a "
-                              "torch file). Re-create it with `certify train` or save_checkpoint.") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated): {_first_line(e)}") from None
+        raise _unreadable(path) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError,
+            AttributeError, TypeError):
+        raise _unreadable(path) from None
     if not isinstance(payload, dict) or "meta" not in payload or "state_dict" not in payload:
         raise CheckpointError(f"{path} is a torch file but not a certify checkpoint (no 'meta'/'state_dict'). "
                               "Save models with certify.save_checkpoint.")
@@ -120,6 +120,11 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{path} was saved with format_version {version}; this certify understands "
                               f"<= {FORMAT_VERSION}. Upgrade certify.")
     return payload
+
+
+def _unreadable(path: Path) -> CheckpointError:
+    return CheckpointError(f"{path} is not a readable checkpoint (corrupt, truncated, or not a torch "
+                           "file). Re-create it with `certify train` or save_checkpoint.")
 
 
 def _first_line(e: BaseException) -> str:
