@@ -25,7 +25,7 @@ def data() -> None:
 @data_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 def list_datasets(data_dir: str | None, as_json: bool) -> None:
-    """List the datasets: input shape, classes, splits, and which files are present.
+    """List datasets: input shape, classes, and which split files are present.
 
     \b
     Example:
@@ -79,10 +79,10 @@ def _files(paths: list[str]) -> str:
                    "(1.3 GB) only when asked for.")
 @quiet_option
 def download(name: str, data_dir: str | None, splits: tuple[str, ...], quiet: bool) -> None:
-    """Download a dataset's official files into DATA_DIR/NAME/ and verify their checksums.
+    """Download a dataset's official files and verify their checksums.
 
-    Files already present are checked instead of fetched again. A partial or corrupt
-    download is removed.
+    Files go to DATA_DIR/NAME/. Files already present are checked instead of fetched again;
+    a partial or corrupt download is removed.
 
     \b
     Example:
