@@ -32,14 +32,22 @@ def info(model: str, as_json: bool) -> None:
     click.echo(f"file:         {model}")
     click.echo(f"architecture: {meta.arch} ({widths})")
     click.echo(f"parameters:   {params:,}")
-    click.echo(f"dataset:      {meta.dataset}  input {tuple(meta.input_shape)}, {meta.num_classes} classes")
+    click.echo(f"dataset:      {meta.dataset}  input {tuple(meta.input_shape)}, "
+               f"{meta.num_classes} classes")
     click.echo(f"normalize:    mean={list(meta.mean)} std={list(meta.std)}")
     if meta.parent:
         click.echo(f"parent:       {meta.parent[:16]}…")
     for k, v in meta.training.items():
-        click.echo(f"training.{k}: {v}")
+        click.echo(f"training.{k}: {_show(v)}")
     for k, v in meta.metrics.items():
         click.echo(f"metrics.{k}:  {v:.4f}" if isinstance(v, float) else f"metrics.{k}:  {v}")
     click.echo("layers:")
     for name, layer in net.named_children():
         click.echo(f"  {name:10s} {layer}")
+
+
+def _show(value: object) -> str:
+    """Nested recipes (a pruned model's parent recipe) as ``key=value`` pairs on one line."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}={_show(v)}" for k, v in value.items()) + "}"
+    return str(value)

@@ -438,6 +438,10 @@ def distill_sweep(teacher_path: str | os.PathLike[str], student_arch: str,
                            device=config.device)
     out = Path(output) if output is not None else None
     folder = out.with_name(out.stem + ".sweep") if out is not None else None
+    from certify.nets import parse_arch
+
+    student_base, student_widths = parse_arch(student_arch)
+    student_widths.update(student_kwargs or {})
 
     def run(label: str, m: str, t: float) -> TrainedModel:
         path = folder / f"{label}.pt" if folder is not None else None
@@ -446,7 +450,10 @@ def distill_sweep(teacher_path: str | os.PathLike[str], student_arch: str,
             want = {"method": m, "temperature": t if m != "logits" else None,
                     "alpha": alpha if m == "hinton" else None, "teacher_sha256": teacher.sha256,
                     **config.to_dict()}
-            if all(meta.training.get(k) == v for k, v in want.items() if k != "device"):
+            same_arch = meta.arch == student_base and all(
+                meta.arch_kwargs.get(k) == v for k, v in student_widths.items())
+            if same_arch and all(meta.training.get(k) == v for k, v in want.items()
+                                 if k != "device"):
                 if not quiet:
                     print(f"reusing {path}", file=sys.stderr)
                 from certify.train.loops import TrainResult

@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
+import struct
 import sys
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -336,9 +339,10 @@ def load_train_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any failure to read is the same user-facing problem
-        raise CheckpointError(f"{path} is not a readable training state ({type(e).__name__}); "
-                              "delete it to start over.") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError,
+            ValueError, KeyError, IndexError, AttributeError, TypeError, struct.error):
+        raise CheckpointError(f"{path} is not a readable training state (corrupt or "
+                              "truncated); delete it to start over.") from None
     if not isinstance(payload, dict) or payload.get("kind") != STATE_KIND:
         raise CheckpointError(f"{path} is not a certify training state; delete it to start over.")
     if payload.get("format_version") != STATE_FORMAT:
@@ -417,7 +421,9 @@ def train(model: nn.Module, train_set: Batchable, test_set: Batchable | None,
     generator = torch.Generator().manual_seed(config.seed)
     batches = math.ceil(n / config.batch_size)
     state_path = Path(state_path) if state_path is not None else None
-    fork_devices = [device] if device.type == "cuda" else []
+    fork_devices = []
+    if device.type == "cuda":
+        fork_devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(config.seed)
         start_epoch, history = 0, []

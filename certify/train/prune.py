@@ -431,8 +431,8 @@ def prune_checkpoint(path: str | os.PathLike[str], ratios: float | Mapping[str, 
         recipe.update(finetune.to_dict())
     metrics = {"test_accuracy": float(final), "test_accuracy_before": float(before),
                "test_accuracy_pruned": float(after_prune),
-               "parameters_before": float(count_parameters(model)),
-               "parameters": float(count_parameters(pruned))}
+               "parameters_before": count_parameters(model),
+               "parameters": count_parameters(pruned)}
     new_meta = meta.with_updates(arch_kwargs=new_meta_kwargs, training=recipe, parent=sha,
                                  metrics=metrics, certify_version="")
     build_model(new_meta).load_state_dict(pruned.state_dict())   # same architecture, new widths
