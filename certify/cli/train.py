@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import click
 
 from certify.cli.options import (
+    F,
     data_dir_option,
     dataset_option,
     device_option,
@@ -14,11 +17,14 @@ from certify.cli.options import (
     seed_option,
 )
 
+if TYPE_CHECKING:
+    from certify.train.loops import TrainConfig
 
-def train_config_options(epochs: int = 30, lr: float = 1e-3):  # type: ignore[no-untyped-def]
-    """The optimizer/schedule options every training command shares."""
 
-    def decorate(f):  # type: ignore[no-untyped-def]
+def train_config_options(epochs: int = 30, lr: float = 1e-3) -> Callable[[F], F]:
+    """The optimizer/schedule options every training command shares (see :func:`make_config`)."""
+
+    def decorate(f: F) -> F:
         for opt in reversed([
             click.option("--epochs", type=click.IntRange(min=1), default=epochs,
                          show_default=True, help="Passes over the training set."),
@@ -46,7 +52,7 @@ def train_config_options(epochs: int = 30, lr: float = 1e-3):  # type: ignore[no
 
 def make_config(*, epochs: int, batch_size: int, lr: float, optimizer: str, momentum: float,
                 weight_decay: float, schedule: str, grad_clip: float | None, seed: int,
-                device: str):  # type: ignore[no-untyped-def]
+                device: str) -> TrainConfig:
     """A :class:`TrainConfig` from the shared options (the device resolved)."""
     from certify.train.loops import TrainConfig
     from certify.utils import resolve_device

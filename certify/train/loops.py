@@ -421,12 +421,12 @@ def train(model: nn.Module, train_set: Batchable, test_set: Batchable | None,
     generator = torch.Generator().manual_seed(config.seed)
     batches = math.ceil(n / config.batch_size)
     state_path = Path(state_path) if state_path is not None else None
-    fork_devices = []
+    fork_devices: list[int] = []
     if device.type == "cuda":
         fork_devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(config.seed)
-        start_epoch, history = 0, []
+        start_epoch, history = 0, list[EpochRecord]()
         if resume and state_path is not None and state_path.exists():
             payload = load_train_state(state_path)
             start_epoch, history = _restore(state_path, payload, model, optimizer, config, tag,

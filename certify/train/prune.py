@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +42,10 @@ DEFAULT_SCAN_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 def conv_layer_names(model: nn.Module) -> list[str]:
     """Names of the model's ``Conv2d`` children, in order (``["conv1", "conv2"]``)."""
     return [name for name, m in model.named_children() if isinstance(m, nn.Conv2d)]
+
+
+def _convs(model: nn.Module) -> dict[str, nn.Conv2d]:
+    return {name: m for name, m in model.named_children() if isinstance(m, nn.Conv2d)}
 
 
 def conv_parameters(model: nn.Module) -> int:
@@ -98,15 +102,15 @@ def resolve_ratios(model: nn.Module, ratio: float | Mapping[str, float]) -> dict
         resolved = {n: float(ratio[n]) for n in names if n in ratio}
     else:
         resolved = {n: float(ratio) for n in names}
-    convs = dict(model.named_children())
+    convs = _convs(model)
     for name, r in resolved.items():
         filters_to_remove(convs[name].out_channels, r, name)
     return resolved
 
 
-def kept_filters(model: nn.Module, ratios: Mapping[str, float]) -> dict[str, Tensor]:
+def kept_filters(model: nn.Module, ratios: float | Mapping[str, float]) -> dict[str, Tensor]:
     """For each pruned conv layer, the indices of the filters that stay, in ascending order."""
-    convs = dict(model.named_children())
+    convs = _convs(model)
     kept = {}
     for name, r in resolve_ratios(model, ratios).items():
         conv = convs[name]
@@ -180,12 +184,14 @@ def _slice_conv(name: str, conv: nn.Conv2d, out_keep: Tensor | None,
         weight = weight[out_keep]
     if in_keep is not None:
         weight = weight[:, in_keep]
-    new = nn.Conv2d(weight.shape[1], weight.shape[0], conv.kernel_size, stride=conv.stride,
-                    padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
+    pair = tuple[int, int]
+    new = nn.Conv2d(weight.shape[1], weight.shape[0], cast(pair, conv.kernel_size),
+                    stride=cast(pair, conv.stride), padding=cast("str | pair", conv.padding),
+                    dilation=cast(pair, conv.dilation), bias=conv.bias is not None,
                     padding_mode=conv.padding_mode, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         new.weight.copy_(weight)
-        if conv.bias is not None:
+        if conv.bias is not None and new.bias is not None:
             bias = conv.bias.detach()
             new.bias.copy_(bias[out_keep] if out_keep is not None else bias)
     new.train(conv.training)
@@ -199,12 +205,11 @@ def _slice_batchnorm(bn: nn.BatchNorm2d, keep: Tensor) -> nn.BatchNorm2d:
                          device=ref.device if ref is not None else None,
                          dtype=ref.dtype if ref is not None else None)
     with torch.no_grad():
-        if bn.affine:
-            new.weight.copy_(bn.weight.detach()[keep])
-            new.bias.copy_(bn.bias.detach()[keep])
-        if bn.track_running_stats:
-            new.running_mean.copy_(bn.running_mean[keep])
-            new.running_var.copy_(bn.running_var[keep])
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            src, dst = getattr(bn, attr), getattr(new, attr)
+            if src is not None and dst is not None:
+                dst.copy_(src.detach()[keep])
+        if bn.num_batches_tracked is not None and new.num_batches_tracked is not None:
             new.num_batches_tracked.copy_(bn.num_batches_tracked)
     new.train(bn.training)
     return new
@@ -271,7 +276,7 @@ def sensitivity_scan(model: nn.Sequential, dataset: Any,
         if not 0.0 <= r < 1.0:
             raise SpecError(f"sensitivity ratios must be in [0, 1), got {r}.")
     baseline = evaluate(model, dataset, batch_size=batch_size, device=device)
-    convs = dict(model.named_children())
+    convs = _convs(model)
     rows = []
     for name in names:
         n = convs[name].out_channels
@@ -412,8 +417,8 @@ def prune_checkpoint(path: str | os.PathLike[str], ratios: float | Mapping[str, 
                      "parameters": count_parameters(pruned),
                      "conv_parameters": conv_parameters(pruned), "test_accuracy": final})
     pruned.cpu().eval()
-    convs = dict(model.named_children())
-    pruned_convs = dict(pruned.named_children())
+    convs = _convs(model)
+    pruned_convs = _convs(pruned)
     widths = {n: (convs[n].out_channels, pruned_convs[n].out_channels)
               for n in conv_layer_names(model)}
     sha = checkpoint_sha256(path)
