@@ -664,13 +664,12 @@ class _Converter:
         strides = [int(s) for s in attrs.get("strides", [1, 1])]
         c, h, w = self.shape
         pad = _pads_2d(attrs, (h, w), (kernel[0], kernel[1]), strides, where)
-        if any(pad) and not attrs.get("count_include_pad", 0):
-            raise UnsupportedLayerError(f"{where}: attribute count_include_pad=0 with padding is "
-                                        "not supported (export with count_include_pad=1).")
         if any(2 * p > k for p, k in zip(pad, kernel, strict=True)):
             raise UnsupportedLayerError(f"{where}: padding {pad} larger than half the kernel.")
         self._flush(where)
-        self._emit("pool", nn.AvgPool2d(tuple(kernel), stride=tuple(strides), padding=pad))
+        include_pad = bool(attrs.get("count_include_pad", 0))
+        self._emit("pool", nn.AvgPool2d(tuple(kernel), stride=tuple(strides), padding=pad,
+                                        count_include_pad=include_pad))
         self.shape = (c, (h + 2 * pad[0] - kernel[0]) // strides[0] + 1,
                       (w + 2 * pad[1] - kernel[1]) // strides[1] + 1)
 

@@ -247,6 +247,18 @@ def test_channel_affine_after_relu_and_global_pool_and_same_padding() -> None:
     assert any(isinstance(m, nn.BatchNorm2d) for m in net)  # the affine map between two convs
 
 
+@pytest.mark.parametrize("include_pad", [0, 1])
+def test_average_pool_with_padding(include_pad: int) -> None:
+    nodes = [helper.make_node("AveragePool", ["x"], ["a"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                              strides=[2, 2], count_include_pad=include_pad),
+             helper.make_node("Flatten", ["a"], ["b"]),
+             helper.make_node("Gemm", ["b", "W"], ["y"], transB=1)]
+    model = make_graph(nodes, [tensor("x", ["N", 2, 5, 5])], [tensor("y", ["N", 3])],
+                       {"W": rand(3, 18)})
+    net, _ = import_onnx(model)
+    assert_matches_ort(net, model, torch.rand(4, 2, 5, 5))
+
+
 def test_checkpoint_round_trip_is_refused_cleanly(tmp_path: Path) -> None:
     """An ONNX model's meta says arch 'onnx', which the zoo can not rebuild: a clear error."""
     net, meta = import_onnx(make_graph([helper.make_node("Gemm", ["x", "B"], ["y"], transB=1)],
