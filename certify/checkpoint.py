@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
 import zipfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -110,7 +111,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             ) from None
         raise _unreadable(path) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError,
-            AttributeError, TypeError):
+            AttributeError, TypeError, struct.error):
         raise _unreadable(path) from None
     if not isinstance(payload, dict) or "meta" not in payload or "state_dict" not in payload:
         raise CheckpointError(f"{path} is a torch file but not a certify checkpoint (no 'meta'/'state_dict'). "

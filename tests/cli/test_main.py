@@ -35,7 +35,7 @@ def test_info_json(tiny_checkpoint: Path) -> None:
     assert data["arch"] == "scn" and data["parameters"] > 0 and len(data["sha256"]) == 64
 
 
-@pytest.mark.parametrize("content", [None, b"garbage", b""])
+@pytest.mark.parametrize("content", [None, b"garbage", b"", b"junk", b"PK\x03\x04broken"])
 def test_info_bad_files_one_line_error(tmp_path: Path, content: bytes | None) -> None:
     path = tmp_path / "m.pt"
     if content is not None:
