@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "compare": "certify.cli.compare:compare",
     "experiment": "certify.cli.experiment:experiment",
     "demo": "certify.cli.demo:demo",
+    "verify": "certify.cli.verify:verify",
 }
 
 

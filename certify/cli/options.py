@@ -43,3 +43,27 @@ def dtype_option(f: F) -> F:
 
 def quiet_option(f: F) -> F:
     return click.option("--quiet", "-q", is_flag=True, help="No progress bars.")(f)
+
+
+def _number_list(kind: type, what: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+        if value is None:
+            return None
+        try:
+            return tuple(kind(v) for v in value.replace(" ", "").split(",") if v)
+        except ValueError:
+            raise click.BadParameter(f"expected {what}, got {value!r}.") from None
+
+    return parse
+
+
+def model_input_options(f: F) -> F:
+    """``--input-shape``, ``--mean`` and ``--std`` for models (ONNX) whose file does not say."""
+    f = click.option("--std", callback=_number_list(float, "comma-separated numbers"),
+                     help="Per-channel std of the normalization an ONNX network expects (it is "
+                     "added as the first layer), e.g. 0.3081.")(f)
+    f = click.option("--mean", callback=_number_list(float, "comma-separated numbers"),
+                     help="Per-channel mean of that normalization, e.g. 0.1307.")(f)
+    return click.option("--input-shape", callback=_number_list(int, "C,H,W"),
+                        help="Input shape C,H,W of an ONNX network whose file does not say "
+                        "(or to read a flat input as an image).")(f)

@@ -247,6 +247,23 @@ def test_channel_affine_after_relu_and_global_pool_and_same_padding() -> None:
     assert any(isinstance(m, nn.BatchNorm2d) for m in net)  # the affine map between two convs
 
 
+def test_flat_input_reshaped_to_an_image_inside_the_graph() -> None:
+    """(N, 16) -> Reshape (N, 1, 4, 4) -> Conv: the model takes the image shape directly."""
+    nodes = [helper.make_node("Constant", [], ["s"],
+                              value=helper.make_tensor("s", TensorProto.INT64, [4], [-1, 1, 4, 4])),
+             helper.make_node("Reshape", ["x", "s"], ["a"]),
+             helper.make_node("Sub", ["a", "m"], ["b"]),
+             helper.make_node("Conv", ["b", "K"], ["c"]),
+             helper.make_node("Relu", ["c"], ["d"]),
+             helper.make_node("Flatten", ["d"], ["e"]),
+             helper.make_node("Gemm", ["e", "W"], ["y"], transB=1)]
+    model = make_graph(nodes, [tensor("x", ["N", 16])], [tensor("y", ["N", 3])],
+                       {"m": np.array([0.5]), "K": rand(2, 1, 3, 3), "W": rand(3, 8)})
+    net, meta = import_onnx(model)
+    assert meta.input_shape == (1, 4, 4) and meta.mean == (0.5,) and meta.std == (1.0,)
+    assert_matches_ort(net, model, torch.rand(3, 1, 4, 4), onnx_shape=(16,))
+
+
 @pytest.mark.parametrize("include_pad", [0, 1])
 def test_average_pool_with_padding(include_pad: int) -> None:
     nodes = [helper.make_node("AveragePool", ["x"], ["a"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],

@@ -1,0 +1,649 @@
+"""Decide a VNNLIB property: a validated counterexample (``sat``) or a proof (``unsat``).
+
+The cascade, cheap to costly, stops at the first decision:
+
+1. **attack**: random points and a PGD-style search inside the input box that maximizes, per
+   conjunction of the unsafe set ``matrix @ y <= bound``, the smallest slack
+   ``min_r (bound - matrix @ y)_r``. A point counts only after a plain forward pass shows it
+   lies in the box and satisfies a conjunction exactly: then the verdict is ``sat``.
+2. **bounds**: each method of `methods` (cheap to tight) bounds ``matrix @ y - bound`` over the
+   box (in float64 by default); a conjunction is ruled out once one of its rows is *proven*
+   violated (lower bound strictly > 0). When every conjunction is ruled out: ``unsat``.
+3. **milp**, when the engine registers it and the network is small (``use_milp="auto"``).
+4. A longer attack on the conjunctions left, with the time that remains.
+
+Otherwise the verdict is ``unknown``, or ``timeout`` when the time ran out first. ``unsat`` is
+only ever the result of a proof.
+
+Also here: the VNN-COMP result file (:func:`format_result`) and the benchmark runner over an
+``instances.csv`` (:func:`run_instances`).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import gzip
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from certify.checkpoint import ModelMeta
+from certify.errors import SpecError
+from certify.vnnlib import VnnlibProperty
+
+__all__ = [
+    "RESULTS",
+    "RESULT_COLUMNS",
+    "Instance",
+    "InstanceResult",
+    "Verdict",
+    "format_result",
+    "read_instances",
+    "run_instances",
+    "verify",
+    "verify_files",
+]
+
+#: The verdicts, as VNN-COMP spells them.
+Result = Literal["sat", "unsat", "unknown", "timeout"]
+RESULTS: tuple[Result, ...] = ("sat", "unsat", "unknown", "timeout")
+#: Columns of the results CSV written by :func:`run_instances`.
+RESULT_COLUMNS = ("onnx", "vnnlib", "result", "seconds", "method")
+#: Networks with at most this many ReLU units get the MILP with ``use_milp="auto"``.
+MILP_AUTO_MAX_RELUS = 256
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The answer for one property.
+
+    Attributes:
+        result: ``"sat"`` (a counterexample exists), ``"unsat"`` (proven safe), ``"unknown"``
+            or ``"timeout"``.
+        counterexample: For ``sat``: ``(x, y)``, the flat input ``(D,)`` and the model's output
+            ``(K,)`` there (float64 holding the exact values computed); otherwise None.
+        method: What decided: ``"attack"``, a bound method name, ``"vnnlib"`` (the unsafe set
+            is empty as written), or None when undecided.
+        seconds: Wall-clock time taken.
+    """
+
+    result: Result
+    counterexample: tuple[Tensor, Tensor] | None
+    method: str | None
+    seconds: float
+
+    def __repr__(self) -> str:
+        by = f" by {self.method}" if self.method else ""
+        return f"Verdict({self.result}{by}, {self.seconds:.2f}s)"
+
+
+# ---- the cascade ------------------------------------------------------------------------------
+
+
+def verify(
+    model: nn.Module,
+    prop: VnnlibProperty,
+    *,
+    timeout: float = 60.0,
+    methods: Sequence[str] = ("ibp", "crown", "alpha-crown"),
+    use_milp: bool | Literal["auto"] = "auto",
+    input_shape: Sequence[int] | None = None,
+    bound_dtype: torch.dtype = torch.float64,
+    attack_steps: int = 20,
+    attack_restarts: int = 4,
+    seed: int = 0,
+) -> Verdict:
+    """Decide `prop` for `model`: ``sat`` with a validated counterexample, ``unsat``, or neither.
+
+    Args:
+        model: A network of layers the bound engine supports; its device is used.
+        prop: The property: input box and unsafe output set.
+        timeout: Seconds; the cascade stops with ``timeout`` once they are spent.
+        methods: Bound methods tried in this order (names from
+            :func:`certify.bounds.list_methods`).
+        use_milp: ``"auto"`` runs the engine's ``milp`` method (when registered) for networks
+            with at most :data:`MILP_AUTO_MAX_RELUS` ReLU units; True always, False never.
+        input_shape: The model's per-sample input shape; default the flat ``(D,)``.
+        bound_dtype: Precision of the bound computations (float64 keeps proofs free of float32
+            rounding).
+        attack_steps, attack_restarts: Effort of the first attack (per conjunction); the
+            attack after the bounds takes 5 times the steps and 8 times the restarts.
+        seed: Seed of the attack's random points.
+    Returns:
+        The :class:`Verdict`.
+    Raises:
+        SpecError: a property that does not fit the model, or a bad timeout.
+        UnknownNameError: an unknown method name.
+        UnsupportedLayerError: a layer the bound engine has no rule for.
+    """
+    start = time.perf_counter()
+    deadline = start + _check_timeout(timeout)
+    from certify.bounds import list_methods
+
+    available = list_methods()
+    for name in methods:
+        if name not in available:
+            from certify.errors import unknown_name
+
+            raise unknown_name("method", name, available)
+    shape = tuple(int(v) for v in input_shape) if input_shape is not None else (prop.num_inputs,)
+    if attack_steps < 0 or attack_restarts < 1:
+        raise SpecError(f"attack_steps must be >= 0 and attack_restarts >= 1, got {attack_steps} "
+                        f"and {attack_restarts}.")
+    was_training = model.training
+    model.eval()
+    try:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        dtype = next((p.dtype for p in model.parameters()), torch.float32)
+        lower, upper = prop.input_box(shape, dtype=torch.float64, device=device)
+        k = _num_outputs(model, lower.to(dtype), prop)
+        rows = _Rows.of(prop, k, device)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+
+        def done(result: Result, method: str | None,
+                 counterexample: tuple[Tensor, Tensor] | None = None) -> Verdict:
+            return Verdict(result, counterexample, method, time.perf_counter() - start)
+
+        if not rows.count:
+            return done("unsat", "vnnlib")  # every conjunction holds a constant false row
+        attack_deadline = min(deadline, start + 0.25 * (deadline - start))
+        found = _attack(model, prop, rows, shape, steps=attack_steps, restarts=attack_restarts,
+                        generator=generator, deadline=attack_deadline)
+        if found is not None:
+            return done("sat", "attack", found)
+        open_rows = torch.ones(rows.count, dtype=torch.bool)
+        bound_model = _as_dtype(model, bound_dtype)
+        box = prop.input_box(shape, dtype=bound_dtype, device=device)
+        cascade = list(methods)
+        if _use_milp(use_milp, bound_model, box[0], available) and "milp" not in cascade:
+            cascade.append("milp")
+        for name in cascade:
+            if time.perf_counter() >= deadline:
+                return done("timeout", None)
+            open_rows &= ~_ruled_out(bound_model, box, rows, open_rows, name)
+            if not open_rows.any():
+                return done("unsat", name)
+        remaining = deadline - time.perf_counter()
+        if remaining > 0:
+            found = _attack(model, prop, rows.subset(open_rows), shape, steps=5 * attack_steps,
+                            restarts=8 * attack_restarts, generator=generator, deadline=deadline)
+            if found is not None:
+                return done("sat", "attack", found)
+        return done("timeout" if time.perf_counter() >= deadline else "unknown", None)
+    finally:
+        model.train(was_training)
+
+
+def _check_timeout(timeout: float) -> float:
+    if not isinstance(timeout, (int, float)) or not timeout > 0 or math.isnan(timeout):
+        raise SpecError(f"timeout must be a positive number of seconds, got {timeout!r}.")
+    return float(timeout)
+
+
+def _num_outputs(model: nn.Module, x: Tensor, prop: VnnlibProperty) -> int:
+    try:
+        with torch.no_grad():
+            y = model(x)
+    except RuntimeError as e:
+        raise SpecError(f"the model does not take the property's input of shape "
+                        f"{tuple(x.shape[1:])}: {str(e).splitlines()[0]}. Pass the model's "
+                        "input shape.") from None
+    if y.ndim != 2:
+        raise SpecError(f"the model's output has shape {tuple(y.shape)}; expected (N, K).")
+    k = int(y.shape[1])
+    if prop.num_outputs > k:
+        raise SpecError(f"{prop.source} declares {prop.num_outputs} outputs Y_j but the model has "
+                        f"{k}; use the property written for this network.")
+    return k
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """All conjunctions' rows stacked: row i belongs to conjunction ``owner[i]``."""
+
+    matrix: Tensor     # (S, K) float64
+    bound: Tensor      # (S,)
+    strict: Tensor     # (S,) bool
+    owner: Tensor      # (S,) conjunction index
+    conjunctions: int  # P, including those without rows
+
+    @property
+    def count(self) -> int:
+        return self.conjunctions
+
+    @staticmethod
+    def of(prop: VnnlibProperty, k: int, device: torch.device) -> _Rows:
+        mats, bounds, stricts, owners = [], [], [], []
+        for i, d in enumerate(prop.disjuncts):
+            pad = k - d.matrix.shape[1]
+            mats.append(torch.nn.functional.pad(d.matrix, (0, pad)))
+            bounds.append(d.bound)
+            stricts.append(d.strict)
+            owners.append(torch.full((d.bound.numel(),), i, dtype=torch.long))
+        if not mats:
+            empty = torch.zeros(0, k, dtype=torch.float64)
+            return _Rows(empty.to(device), empty[:, 0].to(device),
+                         torch.zeros(0, dtype=torch.bool, device=device),
+                         torch.zeros(0, dtype=torch.long, device=device), 0)
+        return _Rows(torch.cat(mats).to(device), torch.cat(bounds).to(device),
+                     torch.cat(stricts).to(device), torch.cat(owners).to(device),
+                     len(prop.disjuncts))
+
+    def subset(self, keep: Tensor) -> _Rows:
+        """Only the conjunctions where `keep` ``(P,)`` is True (renumbered)."""
+        keep = keep.to(self.owner.device)
+        index = torch.cumsum(keep.long(), 0) - 1
+        rows = keep[self.owner]
+        return _Rows(self.matrix[rows], self.bound[rows], self.strict[rows],
+                     index[self.owner[rows]], int(keep.sum()))
+
+
+def _as_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    if all(p.dtype == dtype for p in model.parameters()):
+        return model
+    return copy.deepcopy(model).to(dtype)
+
+
+def _use_milp(use_milp: bool | str, model: nn.Module, x: Tensor, available: Sequence[str]) -> bool:
+    if use_milp not in (True, False, "auto"):
+        raise SpecError(f"use_milp must be True, False or 'auto', got {use_milp!r}.")
+    if use_milp is False or "milp" not in available:
+        return False
+    if use_milp is True:
+        return True
+    count = 0
+
+    def hook(_module: nn.Module, _inputs: object, output: Tensor) -> None:
+        nonlocal count
+        count += output[0].numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.ReLU)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return count <= MILP_AUTO_MAX_RELUS
+
+
+def _ruled_out(model: nn.Module, box: tuple[Tensor, Tensor], rows: _Rows, open_rows: Tensor,
+               method: str) -> Tensor:
+    """``(P,)`` bool: conjunctions with a row proven violated by `method` (only open ones)."""
+    from certify.bounds import compute_bounds
+
+    active = open_rows.to(rows.owner.device)[rows.owner]
+    out = torch.zeros(rows.count, dtype=torch.bool)
+    if not active.any():
+        return out
+    lower, upper = box
+    spec = rows.matrix[active].to(lower.dtype).unsqueeze(0)
+    bounds = compute_bounds(model, lower, upper, method, spec)
+    # proven violated: the smallest value of (matrix @ y)_r over the box exceeds bound_r
+    violated = (bounds.lower[0].to(torch.float64) - rows.bound[active]) > 0
+    owners = rows.owner[active][violated].cpu()
+    out[owners] = True
+    return out
+
+
+# ---- the attack -------------------------------------------------------------------------------
+
+
+def _inward_box(prop: VnnlibProperty, shape: Sequence[int], dtype: torch.dtype,
+                device: torch.device) -> tuple[Tensor, Tensor] | None:
+    """The box rounded inwards to `dtype` (every point of it is in the property's box)."""
+    lower = prop.lower.to(dtype)
+    upper = prop.upper.to(dtype)
+    up, down = torch.tensor(float("inf"), dtype=dtype), torch.tensor(float("-inf"), dtype=dtype)
+    lower = torch.where(lower.double() < prop.lower, torch.nextafter(lower, up), lower)
+    upper = torch.where(upper.double() > prop.upper, torch.nextafter(upper, down), upper)
+    if (lower > upper).any():
+        return None
+    return lower.reshape(1, *shape).to(device), upper.reshape(1, *shape).to(device)
+
+
+def _attack(model: nn.Module, prop: VnnlibProperty, rows: _Rows, shape: Sequence[int], *,
+            steps: int, restarts: int, generator: torch.Generator,
+            deadline: float) -> tuple[Tensor, Tensor] | None:
+    """Search the box for a point whose outputs satisfy a conjunction; validated or None."""
+    if rows.count == 0:
+        return None
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    device = rows.matrix.device
+    box = _inward_box(prop, shape, dtype, device)
+    if box is None:  # a box too thin for the model's precision: search in float64
+        model, dtype = _as_dtype(model, torch.float64), torch.float64
+        box = _inward_box(prop, shape, dtype, device)
+        assert box is not None
+    lower, upper = box
+    width = upper - lower
+    per_chunk = max(1, 512 // max(restarts, 1))
+    best: tuple[float, Tensor, Tensor] | None = None
+    for first in range(0, rows.count, per_chunk):
+        keep = torch.zeros(rows.count, dtype=torch.bool)
+        keep[first:first + per_chunk] = True
+        chunk = rows.subset(keep)
+        found = _pgd(model, prop, chunk, lower, width, steps=steps, restarts=restarts,
+                     generator=generator, deadline=deadline)
+        if found is not None and (best is None or found[0] > best[0]):
+            best = found
+        if best is not None or time.perf_counter() >= deadline:
+            break
+    if best is None:
+        return None
+    _, x, _ = best
+    # the counterexample is what a plain forward pass of this single point gives
+    with torch.no_grad():
+        y = model(x.reshape(1, *shape))
+    if not (prop.contains(x.unsqueeze(0)).item()
+            and prop.is_unsafe(y[:, :prop.num_outputs]).item()):
+        return None  # it held only within a batch's rounding; not a validated counterexample
+    return x.detach().to(torch.float64).cpu(), y[0].detach().to(torch.float64).cpu()
+
+
+def _pgd(model: nn.Module, prop: VnnlibProperty, rows: _Rows, lower: Tensor, width: Tensor, *,
+         steps: int, restarts: int, generator: torch.Generator,
+         deadline: float) -> tuple[float, Tensor, Tensor] | None:
+    """Sign-gradient ascent on the smallest slack, `restarts` points per conjunction.
+
+    Returns ``(slack, x, y)`` of the validated point with the largest smallest slack, or None.
+    """
+    p = rows.count
+    # padded per-conjunction rows: (P, R, K), (P, R); missing rows never bind (+inf slack)
+    counts = torch.bincount(rows.owner, minlength=p)
+    r = max(int(counts.max()) if rows.owner.numel() else 0, 1)
+    k = rows.matrix.shape[1]
+    matrix = torch.zeros(p, r, k, dtype=torch.float64, device=lower.device)
+    bound = torch.full((p, r), float("inf"), dtype=torch.float64, device=lower.device)
+    first = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(rows.owner.numel(), device=rows.owner.device) - first[rows.owner]
+    matrix[rows.owner, slot] = rows.matrix
+    bound[rows.owner, slot] = rows.bound
+    matrix, bound = matrix.to(lower.dtype), bound.to(lower.dtype)
+    x = _starts(model, lower, width, matrix, bound, restarts=restarts, generator=generator)
+    matrix = matrix.repeat_interleave(restarts, 0)
+    bound = bound.repeat_interleave(restarts, 0)
+    best: tuple[float, Tensor, Tensor] | None = None
+    last = steps  # after the first success, a few more steps move away from the boundary
+    for step in range(steps + 1):
+        x = x.detach().requires_grad_(True)
+        y = model(x)
+        slack = bound - torch.einsum("brk,bk->br", matrix, y)
+        objective = slack.min(dim=1).values  # +inf for a conjunction without rows
+        found = best is not None
+        best = _keep_best(prop, x.detach(), y.detach(), objective.detach(), best)
+        if best is not None and not found:
+            last = min(steps, step + 10)
+        if step >= last or time.perf_counter() >= deadline:
+            break
+        if not torch.isfinite(objective).any():
+            break
+        (grad,) = torch.autograd.grad(objective.clamp(max=1e30).sum(), x)
+        size = width * (0.5 * (1 - step / steps) + 0.02)
+        x = torch.minimum(torch.maximum(x + size * grad.sign(), lower), lower + width)
+    return best
+
+
+def _starts(model: nn.Module, lower: Tensor, width: Tensor, matrix: Tensor, bound: Tensor, *,
+            restarts: int, generator: torch.Generator, samples: int = 1024) -> Tensor:
+    """PGD starting points ``(P * restarts, *shape)``: per conjunction the box's centre and the
+    best of `samples` random points (uniform, and box corners) by smallest slack."""
+    shape = lower.shape[1:]
+    half = samples // 2
+    noise = torch.rand((samples, *shape), generator=generator, dtype=torch.float64)
+    noise[half:] = noise[half:].round()  # random corners: the extremes of a ReLU network
+    pool = lower + width * noise.to(device=lower.device, dtype=lower.dtype)
+    with torch.no_grad():
+        y = torch.cat([model(chunk) for chunk in pool.split(256)])
+        slack = bound.unsqueeze(0) - torch.einsum("prk,nk->npr", matrix, y)
+        score = slack.min(dim=2).values  # (samples, P)
+    top = score.topk(min(restarts - 1, samples), dim=0).indices.T  # (P, restarts - 1)
+    centre = (lower + 0.5 * width).expand(matrix.shape[0], 1, *shape)
+    x = torch.cat([centre, pool[top]], dim=1)  # (P, restarts, *shape)
+    return x.reshape(-1, *shape)
+
+
+def _keep_best(prop: VnnlibProperty, x: Tensor, y: Tensor, objective: Tensor,
+               best: tuple[float, Tensor, Tensor] | None) -> tuple[float, Tensor, Tensor] | None:
+    """Validate candidates by themselves (box and unsafe set, exactly) and keep the best."""
+    candidates = torch.nonzero(objective >= 0).flatten()
+    if candidates.numel() == 0:
+        return best
+    with torch.no_grad():
+        xs = x[candidates]
+        ys = y[candidates]
+        valid = prop.contains(xs).cpu() & prop.is_unsafe(ys[:, :prop.num_outputs]).cpu()
+    for i in torch.nonzero(valid).flatten().tolist():
+        score = float(objective[candidates[i]])
+        if best is None or score > best[0]:
+            best = (score, xs[i].flatten().clone(), ys[i].clone())
+    return best
+
+
+# ---- files ------------------------------------------------------------------------------------
+
+
+def verify_files(
+    net: str | os.PathLike[str],
+    spec: str | os.PathLike[str],
+    *,
+    timeout: float = 60.0,
+    methods: Sequence[str] = ("ibp", "crown", "alpha-crown"),
+    use_milp: bool | Literal["auto"] = "auto",
+    input_shape: Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> Verdict:
+    """Load a network (``.onnx``/``.pt``) and a ``.vnnlib`` property and :func:`verify` it.
+
+    The time spent loading counts towards `timeout` (as in VNN-COMP). Options as for
+    :func:`verify` and :func:`certify.model_io.load_model`.
+    """
+    from certify.model_io import load_model
+
+    start = time.perf_counter()
+    model, meta = load_model(net, device=device, input_shape=input_shape, mean=mean, std=std)
+    return _verify_spec(model, meta, spec, start=start, timeout=timeout, methods=methods,
+                        use_milp=use_milp, seed=seed)
+
+
+def _verify_spec(model: nn.Module, meta: ModelMeta, spec: str | os.PathLike[str], *,
+                 start: float, timeout: float, methods: Sequence[str],
+                 use_milp: bool | Literal["auto"], seed: int) -> Verdict:
+    """Read `spec` for a loaded model and verify it in what is left of `timeout` since `start`."""
+    from certify.vnnlib import read_vnnlib
+
+    prop = read_vnnlib(spec, num_inputs=math.prod(meta.input_shape),
+                       num_outputs=meta.num_classes)
+    left = _check_timeout(timeout) - (time.perf_counter() - start)
+    if left <= 0:
+        return Verdict("timeout", None, None, time.perf_counter() - start)
+    verdict = verify(model, prop, timeout=left, methods=methods, use_milp=use_milp,
+                     input_shape=meta.input_shape, seed=seed)
+    return Verdict(verdict.result, verdict.counterexample, verdict.method,
+                   time.perf_counter() - start)
+
+
+def format_result(verdict: Verdict) -> str:
+    """The VNN-COMP result file: the result, then for ``sat`` the counterexample.
+
+    Example::
+
+        sat
+        ((X_0 0.25)
+         (X_1 -0.5)
+         (Y_0 1.5)
+         (Y_1 2.0))
+    """
+    if verdict.result != "sat" or verdict.counterexample is None:
+        return f"{verdict.result}\n"
+    x, y = verdict.counterexample
+    pairs = [f"(X_{i} {float(v)!r})" for i, v in enumerate(x.flatten().tolist())]
+    pairs += [f"(Y_{j} {float(v)!r})" for j, v in enumerate(y.flatten().tolist())]
+    return "sat\n(" + "\n ".join(pairs) + ")\n"
+
+
+# ---- benchmarks -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One row of a VNN-COMP ``instances.csv``: paths as written, resolved, and the timeout."""
+
+    onnx: str
+    vnnlib: str
+    onnx_path: Path
+    vnnlib_path: Path
+    timeout: float
+
+
+@dataclass(frozen=True)
+class InstanceResult:
+    """One row of the results CSV (:data:`RESULT_COLUMNS`)."""
+
+    onnx: str
+    vnnlib: str
+    result: str
+    seconds: float
+    method: str
+
+    def row(self) -> dict[str, str]:
+        return {"onnx": self.onnx, "vnnlib": self.vnnlib, "result": self.result,
+                "seconds": f"{self.seconds:.3f}", "method": self.method}
+
+
+def read_instances(path: str | os.PathLike[str]) -> list[Instance]:
+    """Read a VNN-COMP ``instances.csv``: rows ``onnx, vnnlib, timeout`` without a header.
+
+    Paths are relative to the csv's folder; a path that is missing but exists with ``.gz``
+    appended is used compressed.
+
+    Raises:
+        SpecError: a missing file, a malformed row (naming its line) or a missing network or
+            property.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"instances file not found: {path}. Give the benchmark's instances.csv.")
+    opener: Callable[..., object] = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", newline="", encoding="utf-8") as f:  # type: ignore[operator]
+        lines = list(csv.reader(f))  # type: ignore[arg-type]
+    out: list[Instance] = []
+    for number, row in enumerate(lines, start=1):
+        cells = [c.strip() for c in row]
+        if not any(cells) or cells[0].startswith("#"):
+            continue
+        if len(cells) < 3:
+            raise SpecError(f"{path.name}:{number}: expected 'onnx, vnnlib, timeout', got "
+                            f"{','.join(row)!r}.")
+        try:
+            timeout = float(cells[2])
+        except ValueError:
+            if number == 1:
+                continue  # a header row
+            raise SpecError(f"{path.name}:{number}: timeout {cells[2]!r} is not a number of "
+                            "seconds.") from None
+        resolved = []
+        for cell in cells[:2]:
+            file = path.parent / cell
+            if not file.is_file() and Path(f"{file}.gz").is_file():
+                file = Path(f"{file}.gz")
+            if not file.is_file():
+                raise SpecError(f"{path.name}:{number}: file not found: {file}.")
+            resolved.append(file)
+        out.append(Instance(cells[0], cells[1], resolved[0], resolved[1], timeout))
+    if not out:
+        raise SpecError(f"{path} lists no instances; expected rows 'onnx, vnnlib, timeout'.")
+    return out
+
+
+def run_instances(
+    instances: str | os.PathLike[str],
+    results: str | os.PathLike[str],
+    *,
+    methods: Sequence[str] = ("ibp", "crown", "alpha-crown"),
+    use_milp: bool | Literal["auto"] = "auto",
+    timeout: float | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    resume: bool = True,
+    on_result: Callable[[InstanceResult], None] | None = None,
+) -> list[InstanceResult]:
+    """Run every instance of a VNN-COMP benchmark and write one results CSV.
+
+    The CSV (:data:`RESULT_COLUMNS`, with a header) is rewritten atomically after every
+    instance, so a crash or Ctrl-C loses at most the instance in progress; with `resume`,
+    instances already in `results` are not run again.
+
+    Args:
+        instances: The benchmark's ``instances.csv``.
+        results: The results CSV to write.
+        timeout: Seconds per instance instead of the csv's.
+        on_result: Called after each instance (for progress output).
+    Returns:
+        The results, in the order of `instances`.
+    """
+    from certify._io import atomic_open
+    from certify.errors import CertifyError
+    from certify.model_io import load_model
+
+    todo = read_instances(instances)
+    done: dict[tuple[str, str], InstanceResult] = {}
+    results = Path(results)
+    if resume and results.is_file():
+        with open(results, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                try:
+                    item = InstanceResult(row["onnx"], row["vnnlib"], row["result"],
+                                          float(row["seconds"]), row["method"])
+                except (KeyError, TypeError, ValueError):
+                    raise SpecError(f"{results} is not a results CSV of certify verify (columns "
+                                    f"{', '.join(RESULT_COLUMNS)}); remove it or pass another "
+                                    "file.") from None
+                if item.result != "error":  # errors run again
+                    done[(item.onnx, item.vnnlib)] = item
+    out: list[InstanceResult] = []
+    models: dict[Path, tuple[nn.Sequential, ModelMeta] | CertifyError] = {}
+    for instance in todo:
+        key = (instance.onnx, instance.vnnlib)
+        if key in done:
+            out.append(done[key])
+            continue
+        start = time.perf_counter()
+        try:
+            if instance.onnx_path not in models:  # each network is loaded once
+                try:
+                    models[instance.onnx_path] = load_model(instance.onnx_path, device=device)
+                except CertifyError as e:
+                    models[instance.onnx_path] = e
+            loaded = models[instance.onnx_path]
+            if isinstance(loaded, CertifyError):
+                raise loaded
+            verdict = _verify_spec(*loaded, instance.vnnlib_path, start=start,
+                                   timeout=timeout or instance.timeout, methods=methods,
+                                   use_milp=use_milp, seed=seed)
+            item = InstanceResult(instance.onnx, instance.vnnlib, verdict.result, verdict.seconds,
+                                  verdict.method or "")
+        except CertifyError as e:
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            item = InstanceResult(instance.onnx, instance.vnnlib, "error", 0.0, message)
+        done[key] = item
+        out.append(item)
+        with atomic_open(results, "w") as f:
+            writer = csv.DictWriter(f, fieldnames=list(RESULT_COLUMNS))
+            writer.writeheader()
+            for result in done.values():
+                writer.writerow(result.row())
+        if on_result is not None:
+            on_result(item)
+    return out
