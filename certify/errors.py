@@ -53,3 +53,7 @@ def unknown_name(kind: str, name: str, available: Iterable[str]) -> UnknownNameE
     return UnknownNameError(
         f"unknown {kind} '{name}';{hint} Available: {', '.join(available)}."
     )
+
+
+class ReportError(CertifyError):
+    """A missing or malformed run directory or result file (per_sample.csv, results.json)."""

@@ -1,0 +1,151 @@
+"""Figures of ``certify area`` runs (the only module that imports matplotlib).
+
+Figures are built on :class:`matplotlib.figure.Figure` objects rendered by the Agg backend, so
+nothing here touches pyplot's global state or needs a display; every function also accepts an
+existing ``ax`` (a notebook's). A *run* is a label and its per-sample rows of one method:
+``{"teacher (crown)": rows, "student (crown)": rows2}``; each run gets one colour, certified eps
+solid and attack eps dashed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from certify.report.results import SampleRow
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+DPI = 150
+FIGSIZE = (6.4, 4.2)
+EPS_LABEL = "ε (L∞, pixel scale)"
+
+Runs = Mapping[str, Sequence[SampleRow]]
+
+
+def _new_axes() -> Axes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig.add_subplot(1, 1, 1)
+
+
+def _style(ax: Axes, *, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel, fontsize=11)
+    ax.set_ylabel(ylabel, fontsize=11)
+    ax.set_title(title, fontsize=12)
+    ax.tick_params(labelsize=10)
+    ax.grid(True, alpha=0.3, linewidth=0.6)
+    ax.legend(fontsize=9, frameon=False, loc="best")
+    ax.figure.tight_layout()
+
+
+def _colors(n: int) -> list[str]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return [cmap(i % 10) for i in range(n)]
+
+
+def _certified(rows: Sequence[SampleRow]) -> np.ndarray:
+    return np.array([r.certified_eps if r.correct else 0.0 for r in rows], dtype=np.float64)
+
+
+def plot_sorted_eps(runs: Runs, ax: Axes | None = None, *,
+                    title: str = "Per-sample certified and attack ε") -> Axes:
+    """The thesis's sorted-eps curves: every test point's eps in increasing order.
+
+    Certified eps (misclassified at 0) solid, attack eps dashed, one colour per run. Samples
+    without an adversarial example (attack eps ``inf``) are left off the dashed curve.
+
+    Args:
+        runs: Label -> rows of one method.
+        ax: Axes to draw on; default a new 6.4x4.2 in figure at 150 dpi.
+        title: Axes title.
+    Returns:
+        The axes.
+    """
+    ax = ax if ax is not None else _new_axes()
+    for (label, rows), color in zip(runs.items(), _colors(len(runs)), strict=True):
+        cert = np.sort(_certified(rows))
+        ax.plot(np.arange(1, len(cert) + 1), cert, color=color, linewidth=1.8,
+                label=f"{label}: certified")
+        attack = np.sort(np.array([r.attack_eps for r in rows], dtype=np.float64))
+        finite = attack[np.isfinite(attack)]
+        if finite.size:
+            ax.plot(np.arange(1, finite.size + 1), finite, color=color, linewidth=1.4,
+                    linestyle="--", label=f"{label}: attack")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    _style(ax, xlabel="test points (sorted)", ylabel=EPS_LABEL, title=title)
+    return ax
+
+
+def _step_curve(values: np.ndarray, n: int, *, strict: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Points of eps -> fraction of the n samples with value >= eps (> eps if strict)."""
+    finite = np.sort(values[np.isfinite(values)])
+    xs = np.concatenate([[0.0], finite])
+    if strict:
+        fractions = np.array([(values > x).sum() / n for x in xs])
+    else:
+        fractions = np.array([(values >= x).sum() / n for x in xs])
+    return xs, fractions
+
+
+def plot_certified_accuracy(runs: Runs, ax: Axes | None = None, *,
+                            title: str = "Certified and attack accuracy") -> Axes:
+    """Certified accuracy vs eps (solid) and accuracy under attack (dashed), one colour per run.
+
+    Certified accuracy at eps: correctly classified with certified eps >= eps. Attack accuracy:
+    correctly classified and no adversarial example found at eps (attack eps > eps).
+
+    Args:
+        runs: Label -> rows of one method.
+        ax: Axes to draw on; default a new figure.
+        title: Axes title.
+    Returns:
+        The axes.
+    """
+    ax = ax if ax is not None else _new_axes()
+    top = 0.0
+    for (label, rows), color in zip(runs.items(), _colors(len(runs)), strict=True):
+        n = len(rows)
+        if n == 0:
+            continue
+        cert = np.array([r.certified_eps if r.correct else -math.inf for r in rows])
+        xs, fr = _step_curve(cert, n, strict=False)
+        ax.step(xs, fr, where="post", color=color, linewidth=1.8, label=f"{label}: certified")
+        top = max(top, float(xs.max()))
+        attack = np.array([r.attack_eps if r.correct else -math.inf for r in rows])
+        if np.isfinite(attack[attack > -math.inf]).any():
+            xs_a, fr_a = _step_curve(attack, n, strict=True)
+            ax.step(xs_a, fr_a, where="post", color=color, linewidth=1.4, linestyle="--",
+                    label=f"{label}: attack")
+            top = max(top, float(xs_a.max()))
+    ax.set_xlim(0, top * 1.05 if top > 0 else 1.0)
+    ax.set_ylim(0, 1.02)
+    _style(ax, xlabel=EPS_LABEL, ylabel="accuracy", title=title)
+    return ax
+
+
+def save_figure(ax: Axes, path: str | os.PathLike[str], *, dpi: int = DPI) -> None:
+    """Save the figure of `ax` as PNG atomically (temporary file, then rename)."""
+    from certify._io import atomic_open
+
+    with atomic_open(path, "wb") as f:
+        ax.figure.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
+
+
+def runs_from_rows(rows: Sequence[SampleRow], name: str) -> dict[str, list[SampleRow]]:
+    """Split one run's rows into plot runs, one per method: ``"name (method)"``."""
+    out: dict[str, list[SampleRow]] = {}
+    for r in rows:
+        out.setdefault(f"{name} ({r.method})", []).append(r)
+    return out

@@ -1,0 +1,394 @@
+"""The radius search, driven by analytic margin functions whose exact root is known.
+
+A linear classifier ``f(x) = W x + b`` over an *unclipped* box has the exact margin lower bound
+``m(eps) = min_j [(w_y - w_j).x + b_y - b_j - eps ||w_y - w_j||_1]``, so its exact certified
+radius is ``min_j margin_j / ||w_y - w_j||_1``. Tests with the real bound engine live in
+tests/test_radius_engine.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from certify.errors import SoundnessError, SpecError, UnknownNameError
+from certify.radius import RadiusResult, certified_radii, linear_radius
+from certify.report.results import SAMPLE_COLUMNS, read_sample_csv, write_sample_csv
+
+TOL = 1e-4
+FP = 1e-12  # the test computes the exact root in a different float order than bound()
+
+
+class Linear:
+    """A linear classifier with its exact margin bound and exact radius."""
+
+    def __init__(self, n: int = 60, d: int = 16, k: int = 5, seed: int = 0,
+                 wrong: int = 5) -> None:
+        g = torch.Generator().manual_seed(seed)
+        lin = nn.Linear(d, k).double()
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(k, d, generator=g, dtype=torch.float64))
+            lin.bias.copy_(torch.randn(k, generator=g, dtype=torch.float64) * 0.1)
+        self.lin = lin
+        self.model = nn.Sequential(nn.Flatten(), lin).eval()
+        self.x = 0.3 + 0.4 * torch.rand(n, 1, 4, d // 4, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            pred = self.model(self.x).argmax(1)
+        self.y = pred.clone()
+        self.y[:wrong] = (pred[:wrong] + 1) % k
+        self.calls: list[int] = []
+
+    @torch.no_grad()
+    def bound(self, xs: torch.Tensor, ys: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        self.calls.append(len(ys))
+        w, b = self.lin.weight.double(), self.lin.bias.double()
+        # row-wise sums, no matmul: the same value for a row in any batch, so re-verifying a
+        # radius in another batch composition gives bit-identical margins
+        z = (xs.flatten(1).double()[:, None, :] * w[None]).sum(-1) + b
+        l1 = (w[ys][:, None, :] - w[None]).abs().sum(-1)  # (n, K)
+        m = z.gather(1, ys[:, None]) - z - eps.double()[:, None] * l1
+        return m.scatter(1, ys[:, None], math.inf).amin(1)
+
+    @torch.no_grad()
+    def exact(self) -> torch.Tensor:
+        w = self.lin.weight
+        z = self.model(self.x)
+        out = torch.zeros(len(self.y), dtype=torch.float64)
+        for i, yi in enumerate(self.y.tolist()):
+            l1 = (w[yi] - w).abs().sum(1)
+            r = (z[i, yi] - z[i]) / l1
+            r[yi] = math.inf
+            out[i] = max(float(r.min()), 0.0)
+        return out
+
+    def correct(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(self.x).argmax(1) == self.y
+
+
+def run(lin: Linear, **kwargs) -> RadiusResult:
+    kwargs.setdefault("tol", TOL)
+    return certified_radii(lin.model, lin.x, lin.y, "exact", bound_fn=lin.bound, **kwargs)
+
+
+# ------------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("search", ["fast", "bisection"])
+def test_recovers_the_exact_radius_from_below(search):
+    lin = Linear()
+    res = run(lin, search=search)
+    exact = lin.exact()
+    ok = lin.correct()
+    assert (res.certified_eps[ok] < exact[ok] + FP).all(), "certified above the exact radius"
+    assert (res.certified_eps[ok] >= exact[ok] - TOL - FP).all()
+    assert (res.search_upper[ok] - res.certified_eps[ok] <= TOL).all()
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 100_000), k=st.integers(2, 8), tol=st.sampled_from([1e-2, 1e-3, 1e-5]),
+       eps_max=st.sampled_from([0.05, 0.5, 2.0]), search=st.sampled_from(["fast", "bisection"]))
+def test_generated_linear_models(seed, k, tol, eps_max, search):
+    lin = Linear(n=12, k=k, seed=seed, wrong=2)
+    res = run(lin, tol=tol, eps_max=eps_max, search=search)
+    truth = lin.exact().clamp(max=eps_max)
+    ok = lin.correct()
+    assert (res.certified_eps <= truth + FP).all()
+    assert (res.certified_eps[ok] >= truth[ok] - tol - FP).all()
+    assert (res.certified_eps[~ok] == 0).all()
+    # every reported radius re-verifies; every upper end failed or is eps_max
+    pos = res.certified_eps > 0
+    assert (lin.bound(lin.x[pos], lin.y[pos], res.certified_eps[pos]) > 0).all()
+    failed = lin.bound(lin.x[ok], lin.y[ok], res.search_upper[ok]) <= 0
+    assert (failed | (res.search_upper[ok] == eps_max)).all()
+
+
+def test_misclassified_get_zero_without_any_bound_evaluation():
+    lin = Linear(wrong=10)
+    res = run(lin)
+    wrong = ~lin.correct()
+    assert wrong.sum() >= 10
+    assert (res.certified_eps[wrong] == 0).all()
+    assert (res.evaluations[wrong] == 0).all()
+    assert (res.pred[wrong] != res.label[wrong]).all()
+
+
+def test_one_bound_call_per_step_with_only_the_open_rows():
+    lin = Linear(n=40)
+    res = run(lin)
+    assert sum(lin.calls) == int(res.evaluations.sum())
+    assert max(lin.calls) <= int(lin.correct().sum())
+    assert lin.calls == sorted(lin.calls, reverse=True), "open rows can only shrink"
+    assert len(lin.calls) == int(res.evaluations.max())
+
+
+# -------------------------------------------------------------------------- fast vs bisection
+
+
+def test_fast_equals_bisection_within_tol_with_far_fewer_evaluations():
+    lin = Linear(n=120, k=10, seed=3)
+    fast, bis = run(lin, search="fast"), run(lin, search="bisection")
+    assert (fast.certified_eps - bis.certified_eps).abs().max() <= TOL
+    ok = lin.correct()
+    mean_fast = fast.evaluations[ok].double().mean()
+    mean_bis = bis.evaluations[ok].double().mean()
+    assert mean_bis >= 12  # log2(0.5 / 1e-4) ~ 12.3
+    assert mean_fast <= 5 and mean_fast < mean_bis / 2
+
+
+def smooth_bound(lin: Linear, curvature: float):
+    """A concave, curved margin: m(eps) = m_lin(eps) - curvature * eps^2 * ||.||_1 (monotone)."""
+
+    def bound(xs, ys, eps):
+        m = lin.bound(xs, ys, eps)
+        return m - curvature * eps.double() ** 2 * lin.lin.weight.abs().sum()
+
+    return bound
+
+
+@pytest.mark.parametrize("curvature", [5.0, 50.0])
+def test_fast_search_on_curved_margins(curvature):
+    lin = Linear(n=80, seed=4)
+    bound = smooth_bound(lin, curvature)
+    fast = certified_radii(lin.model, lin.x, lin.y, bound_fn=bound, search="fast", tol=TOL)
+    bis = certified_radii(lin.model, lin.x, lin.y, bound_fn=bound, search="bisection", tol=TOL)
+    assert (fast.certified_eps - bis.certified_eps).abs().max() <= TOL
+    ok = lin.correct()
+    assert fast.evaluations[ok].double().mean() < 0.5 * bis.evaluations[ok].double().mean()
+
+
+def test_smaller_tol_never_lowers_a_radius_by_more_than_the_old_tol():
+    lin = Linear(n=50, seed=5)
+    bound = smooth_bound(lin, 20.0)
+    previous = None
+    for tol in [1e-2, 1e-3, 1e-4, 1e-6]:
+        res = certified_radii(lin.model, lin.x, lin.y, bound_fn=bound, tol=tol)
+        if previous is not None:
+            old_tol, old = previous
+            assert (res.certified_eps >= old.certified_eps - old_tol).all()
+        previous = (tol, res)
+
+
+# ------------------------------------------------------------------------------- soundness
+
+
+def wavy_bound(lin: Linear, amplitude: float, freq: float):
+    """A non-monotone margin with several sign changes."""
+
+    def bound(xs, ys, eps):
+        m = lin.bound(xs, ys, eps)
+        return m + amplitude * torch.sin(freq * eps.double())
+
+    return bound
+
+
+@pytest.mark.parametrize("search", ["fast", "bisection"])
+@pytest.mark.parametrize("amplitude, freq", [(0.3, 400.0), (1.0, 90.0), (0.05, 3000.0)])
+def test_non_monotone_margin_is_still_sound(search, amplitude, freq):
+    lin = Linear(n=40, seed=6)
+    bound = wavy_bound(lin, amplitude, freq)
+    res = certified_radii(lin.model, lin.x, lin.y, bound_fn=bound, search=search, tol=TOL)
+    pos = res.certified_eps > 0
+    assert (bound(lin.x[pos], lin.y[pos], res.certified_eps[pos]) > 0).all()
+    ok = lin.correct()
+    failed = bound(lin.x[ok], lin.y[ok], res.search_upper[ok]) <= 0
+    assert (failed | (res.search_upper[ok] == 0.5)).all()
+    assert (res.search_upper[ok] - res.certified_eps[ok] <= TOL).all()
+    assert res.evaluations.max() <= 64
+
+
+def test_nan_and_minus_inf_margins_never_verify():
+    lin = Linear(n=20, seed=7)
+
+    def bound(xs, ys, eps):
+        m = lin.bound(xs, ys, eps)
+        return torch.where(eps > 0.01, torch.full_like(m, math.nan), m)
+
+    res = certified_radii(lin.model, lin.x, lin.y, bound_fn=bound, tol=TOL)
+    assert (res.certified_eps <= 0.01).all()
+    res2 = certified_radii(lin.model, lin.x, lin.y, tol=TOL,
+                           bound_fn=lambda xs, ys, eps: torch.full((len(ys),), -math.inf))
+    assert (res2.certified_eps == 0).all()
+
+
+def test_float32_search_evaluates_representable_eps_and_reverifies():
+    lin = Linear(n=30, seed=8)
+    model32 = lin.model.float()
+    x32 = lin.x.float()
+    seen = []
+
+    def bound(xs, ys, eps):
+        assert eps.dtype == torch.float32
+        seen.append(eps.clone())
+        return lin.bound(xs, ys, eps)
+
+    res = certified_radii(model32, x32, lin.y, bound_fn=bound, tol=1e-5)
+    assert torch.equal(res.certified_eps.float().double(), res.certified_eps)
+    pos = res.certified_eps > 0
+    assert (lin.bound(x32[pos], lin.y[pos], res.certified_eps[pos].float()) > 0).all()
+
+
+# ---------------------------------------------------------------------------- attack and hint
+
+
+def test_attack_eps_caps_the_bracket_and_is_checked():
+    lin = Linear(n=40, seed=9)
+    exact = lin.exact()
+    attack = exact * 1.001 + 1e-9  # a genuine upper bound, just above the radius
+    res = run(lin, attack_eps=attack)
+    ok = lin.correct()
+    assert (res.certified_eps <= res.attack_eps).all()
+    assert (res.certified_eps[ok] >= exact[ok] - TOL - FP).all()
+    assert (res.search_upper <= attack).all()
+    assert torch.equal(res.attack_eps, attack)
+
+
+def test_certified_above_attack_raises_soundness_error():
+    lin = Linear(n=20, seed=10)
+    lying = lin.exact() * 0.5  # "adversarial examples" inside the certified region
+    with pytest.raises(SoundnessError, match="unsound"):
+        run(lin, attack_eps=lying)
+    with pytest.raises(SoundnessError, match="unsound"):
+        run(lin, attack_eps=lying, search="bisection")
+
+
+def test_verified_hint_above_the_attack_eps_raises():
+    lin = Linear(n=10, seed=11, wrong=0)
+    exact = lin.exact()
+    with pytest.raises(SoundnessError):
+        run(lin, attack_eps=exact * 0.5, lower_hint=exact * 0.9)
+
+
+def test_lower_hint_is_used_only_when_verified():
+    lin = Linear(n=40, seed=12)
+    exact = lin.exact()
+    ok = lin.correct()
+    good = run(lin, lower_hint=exact * 0.999)
+    assert (good.certified_eps[ok] >= exact[ok] * 0.999).all()
+    assert (good.certified_eps[ok] >= exact[ok] - TOL - FP).all()
+    bad = run(lin, lower_hint=exact * 3 + 0.01)  # not verifiable: ignored
+    assert (bad.certified_eps[ok] < exact[ok] + FP).all()
+    assert (bad.certified_eps[ok] >= exact[ok] - TOL - FP).all()
+
+
+def test_guess_changes_the_cost_not_the_answer():
+    lin = Linear(n=40, seed=13)
+    exact = lin.exact()
+    a = run(lin, guess=exact)
+    b = run(lin, guess=torch.full_like(exact, math.nan))
+    c = run(lin, guess=exact * 40)
+    for r in (a, b, c):
+        ok = lin.correct()
+        assert (r.certified_eps[ok] >= exact[ok] - TOL - FP).all()
+        assert (r.certified_eps < exact + 1e-15).all()
+
+
+def test_radius_above_eps_max_is_eps_max_or_within_tol():
+    lin = Linear(n=30, seed=14)
+    exact = lin.exact()
+    eps_max = float(exact[lin.correct()].median())
+    res = run(lin, eps_max=eps_max)
+    big = lin.correct() & (exact > eps_max)
+    assert big.any()
+    assert (res.certified_eps[big] >= eps_max - TOL).all()
+    assert (res.certified_eps <= eps_max).all()
+    assert (res.search_upper[big] == eps_max).all()
+
+
+def test_max_iter_caps_the_work_and_stays_sound():
+    lin = Linear(n=20, seed=15)
+    res = run(lin, search="bisection", max_iter=3)
+    assert res.evaluations.max() <= 3
+    pos = res.certified_eps > 0
+    assert (lin.bound(lin.x[pos], lin.y[pos], res.certified_eps[pos]) > 0).all()
+
+
+# ------------------------------------------------------------------------- results and errors
+
+
+def test_rows_round_trip_through_csv(tmp_path):
+    lin = Linear(n=15, seed=16)
+    attack = lin.exact() * 1.01
+    attack[3] = math.inf
+    res = run(lin, attack_eps=attack, index=torch.arange(100, 115))
+    rows = res.rows()
+    assert [r.index for r in rows] == list(range(100, 115))
+    assert all(r.method == "exact" for r in rows)
+    write_sample_csv(tmp_path / "per_sample.csv", rows)
+    assert read_sample_csv(tmp_path / "per_sample.csv") == rows
+    header = (tmp_path / "per_sample.csv").read_text().splitlines()[0]
+    assert header == ",".join(SAMPLE_COLUMNS)
+    assert "RadiusResult(exact, n=15" in repr(res)
+
+
+def test_seconds_and_evaluations_are_per_sample():
+    lin = Linear(n=25, seed=17)
+    res = run(lin)
+    assert res.seconds.shape == (25,) and (res.seconds >= 0).all()
+    assert res.evaluations.dtype == torch.int64
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"tol": 0.0}, SpecError, "tol must be"),
+    ({"tol": -1e-3}, SpecError, "tol must be"),
+    ({"eps_max": -0.1}, SpecError, "eps_max must be"),
+    ({"eps_max": math.inf}, SpecError, "eps_max must be"),
+    ({"search": "brent"}, UnknownNameError, "search"),
+    ({"attack_eps": torch.zeros(3)}, SpecError, "attack_eps must have one entry"),
+    ({"lower_hint": -torch.ones(60)}, SpecError, "lower_hint must be >= 0"),
+    ({"max_iter": 0}, SpecError, "max_iter"),
+])
+def test_bad_input(kwargs, error, match):
+    lin = Linear()
+    with pytest.raises(error, match=match):
+        run(lin, **kwargs)
+
+
+def test_bad_batches():
+    lin = Linear(n=4)
+    with pytest.raises(SpecError, match="image batch"):
+        certified_radii(lin.model, lin.x.flatten(1), lin.y, bound_fn=lin.bound)
+    with pytest.raises(SpecError, match="labels"):
+        certified_radii(lin.model, lin.x, lin.y[:2], bound_fn=lin.bound)
+    with pytest.raises(SpecError, match=r"labels must lie in \[0, 5\)"):
+        certified_radii(lin.model, lin.x, lin.y + 10, bound_fn=lin.bound)
+    with pytest.raises(SpecError, match="no effect with bound_fn"):
+        certified_radii(lin.model, lin.x, lin.y, bound_fn=lin.bound, steps=3)
+
+
+def test_model_mode_is_restored():
+    lin = Linear(n=5)
+    lin.model.train()
+    run(lin)
+    assert lin.model.training and lin.model[1].training
+
+
+def test_linear_radius_is_exact_for_a_linear_model_with_two_classes():
+    lin = Linear(n=30, k=2, seed=18, wrong=3)
+    est = linear_radius(lin.model, lin.x, lin.y)
+    ok = lin.correct()
+    torch.testing.assert_close(est[ok], lin.exact()[ok], rtol=1e-9, atol=1e-12)
+    assert (est[~ok] == 0).all()
+
+
+def test_linear_radius_accounts_for_clipping():
+    # one pixel, weight +1 on class 0: the margin falls as the pixel falls; it can fall by at
+    # most x before the domain stops it
+    lin = nn.Linear(1, 2).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0], [-1.0]], dtype=torch.float64))
+        lin.bias.copy_(torch.tensor([0.0, 0.1], dtype=torch.float64))
+    model = nn.Sequential(nn.Flatten(), lin)
+    x = torch.tensor([0.3, 0.04], dtype=torch.float64).view(2, 1, 1, 1)
+    y = torch.zeros(2, dtype=torch.int64)
+    est = linear_radius(model, x, y)
+    # margin 2x - 0.1 reaches 0 at x = 0.05: eps 0.25 for the first; the second is misclassified
+    torch.testing.assert_close(est, torch.tensor([0.25, 0.0], dtype=torch.float64))
+    x2 = torch.tensor([0.3], dtype=torch.float64).view(1, 1, 1, 1)
+    lin.bias.data[1] = -0.7  # margin 2x + 0.7 > 0 on all of [0, 1]: never reaches 0
+    assert math.isinf(float(linear_radius(model, x2, y[:1])[0]))
