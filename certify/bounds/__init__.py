@@ -1,0 +1,46 @@
+"""The bound engine: sound bounds on a network's outputs over a box of inputs.
+
+One entry point, :func:`compute_bounds` (and :func:`margin_bounds` for the margins of a batch
+``(x, y, eps)``), and methods chosen by one canonical name from a registry:
+
+=============  ======================================================================
+``ibp``        interval bound propagation
+``crown``      backward linear relaxation, adaptive lower slopes, linear intermediate bounds
+``crown-ibp``  CROWN for the output, intervals for intermediate layers
+``wong-kolter``  Wong & Kolter's dual network (lower slope parallel to the upper chord)
+``alpha-crown``  CROWN with lower slopes optimized per specification row
+``lp``         the exact LP of the triangle relaxation (cvxpy), small networks
+=============  ======================================================================
+
+Example::
+
+    from certify.bounds import margin_bounds
+    b = margin_bounds(model, x, y, eps=0.01, method="crown")
+    verified = b.lower.min(1).values > 0
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+from certify.bounds.api import compute_bounds, margin_bounds
+from certify.bounds.base import BoundMethod, Bounds, get_method, list_methods, register_method
+from certify.bounds.network import Network, to_network
+
+# Importing a method's module registers it; list_methods() keeps this order (cheap to costly).
+for _module in ("ibp", "crown", "wong_kolter", "alpha_crown", "lp", "milp"):
+    if _module != "milp" or importlib.util.find_spec("certify.bounds.milp") is not None:
+        importlib.import_module(f"certify.bounds.{_module}")
+
+__all__ = [
+    "BoundMethod",
+    "Bounds",
+    "Network",
+    "compute_bounds",
+    "get_method",
+    "list_methods",
+    "margin_bounds",
+    "register_method",
+    "to_network",
+]

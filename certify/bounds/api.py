@@ -1,0 +1,161 @@
+"""The two entry points: :func:`compute_bounds` for any box and specification, and
+:func:`margin_bounds` for the margins ``f_y - f_j`` over an L-inf ball."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from certify.bounds.base import BoundMethod, Bounds, get_method, with_options
+from certify.bounds.network import Network, to_network
+from certify.errors import SpecError
+from certify.spec import LinfBall, margin_spec
+
+__all__ = ["compute_bounds", "margin_bounds"]
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+def _resolve(method: str | BoundMethod, options: dict[str, Any]) -> BoundMethod:
+    if isinstance(method, str):
+        return get_method(method, **options)
+    if not isinstance(method, BoundMethod):
+        raise SpecError(f"method must be a name (see list_methods()) or a configured method "
+                        f"from get_method(), got {type(method).__name__}.")
+    return with_options(method, options)
+
+
+def _check_box(x_lo: Tensor, x_hi: Tensor) -> None:
+    for name, t in (("x_lo", x_lo), ("x_hi", x_hi)):
+        if not isinstance(t, Tensor):
+            raise SpecError(f"{name} must be a tensor (N, C, H, W), got {type(t).__name__}.")
+        if t.dtype not in _DTYPES:
+            raise SpecError(f"{name} must be float32 or float64, got {t.dtype}; convert the "
+                            "inputs (the bound engine follows their dtype).")
+        if t.ndim < 2:
+            raise SpecError(f"{name} must be batched (N, ...), got shape {tuple(t.shape)}.")
+    if x_lo.shape != x_hi.shape or x_lo.dtype != x_hi.dtype or x_lo.device != x_hi.device:
+        raise SpecError(f"x_lo and x_hi must match: got {tuple(x_lo.shape)} {x_lo.dtype} "
+                        f"{x_lo.device} and {tuple(x_hi.shape)} {x_hi.dtype} {x_hi.device}.")
+    if torch.isnan(x_lo).any() or torch.isnan(x_hi).any():
+        raise SpecError("the box contains NaN; bounds of a NaN input are meaningless.")
+    bad = x_lo > x_hi
+    if bad.any():
+        gap = float((x_lo - x_hi).max())
+        raise SpecError(f"empty box: x_lo > x_hi at {int(bad.sum())} coordinates (by up to "
+                        f"{gap:.3g}); pass x_lo <= x_hi elementwise.")
+
+
+def _check_spec(spec: Tensor, n: int, k: int, like: Tensor) -> Tensor:
+    if not isinstance(spec, Tensor) or not spec.is_floating_point():
+        got = f"{spec.dtype}" if isinstance(spec, Tensor) else type(spec).__name__
+        raise SpecError(f"spec must be a float tensor (N, S, K), got {got}.")
+    if spec.ndim != 3 or spec.shape[0] != n or spec.shape[2] != k:
+        raise SpecError(f"spec must have shape (N={n}, S, K={k}) (one row per bounded linear "
+                        f"function of the {k} outputs), got {tuple(spec.shape)}.")
+    if not torch.isfinite(spec).all():
+        raise SpecError("spec contains NaN or inf.")
+    return spec.to(dtype=like.dtype, device=like.device)
+
+
+def _check_intermediate(intermediate: tuple[Bounds, ...], net: Network,
+                        like: Tensor) -> tuple[Bounds, ...]:
+    positions = net.relu_positions
+    if len(intermediate) != len(positions):
+        raise SpecError(f"intermediate must hold one Bounds per ReLU ({len(positions)}), got "
+                        f"{len(intermediate)}.")
+    out = []
+    for pos, b in zip(positions, intermediate, strict=True):
+        want = (like.shape[0], *net.layers[pos].in_shape)
+        if tuple(b.lower.shape) != want:
+            raise SpecError(f"intermediate bounds of layer {pos} must have shape {want}, got "
+                            f"{tuple(b.lower.shape)}.")
+        out.append(Bounds(b.lower.to(like.dtype), b.upper.to(like.dtype)))
+    return tuple(out)
+
+
+def compute_bounds(model: nn.Module | Network, x_lo: Tensor, x_hi: Tensor,
+                   method: str | BoundMethod = "crown", spec: Tensor | None = None, *,
+                   intermediate: tuple[Bounds, ...] | None = None, **options: Any) -> Bounds:
+    """Sound bounds of ``spec @ f(x)`` for every ``x`` in the box ``[x_lo, x_hi]``, per sample.
+
+    Args:
+        model: An ``nn.Sequential`` of supported layers (converted with :func:`to_network`,
+            which is cheap) or a :class:`Network`. Always bounded in eval mode.
+        x_lo, x_hi: The box `(N, C, H, W)`, float32 or float64; the network follows their
+            dtype and device.
+        method: A name from :func:`list_methods` or a configured method from
+            :func:`get_method`.
+        spec: `(N, S, K)`; None bounds the outputs themselves.
+        intermediate: Pre-activation bounds to use instead of the method's own (one
+            :class:`Bounds` per ReLU, e.g. from ``get_method(m).intermediate(...)``), to compare
+            methods with the same intermediate bounds.
+        **options: The method's options (see :func:`get_method`).
+
+    Returns:
+        Bounds `(N, S)`, or `(N, *output_shape)` without a spec.
+
+    Raises:
+        SpecError: for an empty box, NaN, mismatched shapes or a malformed spec.
+        UnsupportedLayerError: for a layer without a bound rule.
+        UnknownNameError: for an unknown method name.
+    """
+    bound_method = _resolve(method, options)
+    _check_box(x_lo, x_hi)
+    net = to_network(model, x_lo.shape[1:]).to(dtype=x_lo.dtype, device=x_lo.device)
+    n = x_lo.shape[0]
+    out_shape = net.output_shape
+    k = math.prod(out_shape)
+    if spec is None:
+        eye = torch.eye(k, dtype=x_lo.dtype, device=x_lo.device)
+        spec_t = eye.expand(n, k, k)
+    else:
+        spec_t = _check_spec(spec, n, k, x_lo)
+    if intermediate is not None:
+        intermediate = _check_intermediate(intermediate, net, x_lo)
+    if n == 0:
+        empty = x_lo.new_zeros(0, spec_t.shape[1])
+        bounds = Bounds(empty, empty)
+    else:
+        bounds = bound_method.bound(net, x_lo, x_hi, spec_t, intermediate=intermediate)
+    if spec is None and len(out_shape) != 1:
+        return Bounds(bounds.lower.reshape(n, *out_shape), bounds.upper.reshape(n, *out_shape))
+    return bounds
+
+
+def margin_bounds(model: nn.Module | Network, x: Tensor, y: Tensor, eps: float | Tensor,
+                  method: str | BoundMethod = "crown", **options: Any) -> Bounds:
+    """Bounds of the margins ``f_y(x') - f_j(x')``, ``j != y``, over ``clip(x ± eps, 0, 1)``.
+
+    A sample is verified at `eps` iff ``lower.min(1) > 0`` (strictly).
+
+    Args:
+        model: As for :func:`compute_bounds`.
+        x: Images `(N, C, H, W)` in [0, 1].
+        y: Labels `(N,)`.
+        eps: A float or per-sample radii `(N,)`, >= 0.
+        method: As for :func:`compute_bounds`.
+        **options: The method's options.
+
+    Returns:
+        Bounds `(N, K - 1)`, the `j`-th column for the `j`-th class other than `y` in
+        increasing order (see :func:`certify.spec.margin_spec`).
+
+    Raises:
+        SpecError: for eps < 0, x outside [0, 1], labels out of range or mismatched shapes.
+    """
+    region = LinfBall(x, eps)
+    if not isinstance(y, Tensor) or y.shape != (x.shape[0],):
+        got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+        raise SpecError(f"labels must have shape ({x.shape[0]},), one per image, got {got}.")
+    bound_method = _resolve(method, options)
+    if x.dtype not in _DTYPES:
+        raise SpecError(f"x must be float32 or float64, got {x.dtype}.")
+    net = to_network(model, x.shape[1:])
+    k = math.prod(net.output_shape)
+    spec = margin_spec(y.to(x.device), k).to(x.dtype)
+    x_lo, x_hi = region.box()
+    return compute_bounds(net, x_lo, x_hi, bound_method, spec)

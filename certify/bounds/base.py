@@ -1,0 +1,183 @@
+"""The result type, the method protocol and the method registry of the bound engine."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from certify.errors import SpecError, unknown_name
+
+if TYPE_CHECKING:
+    from certify.bounds.network import Network
+    from certify.spec import LinfBall
+
+__all__ = ["BoundMethod", "Bounds", "get_method", "list_methods", "register_method"]
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Elementwise lower and upper bounds, batch first.
+
+    Attributes:
+        lower: `(N, *shape)`, e.g. `(N, S)` for a specification or `(N, K)` for logits.
+        upper: Same shape as `lower`.
+    """
+
+    lower: Tensor
+    upper: Tensor
+
+    def __post_init__(self) -> None:
+        if self.lower.shape != self.upper.shape:
+            raise SpecError(f"Bounds lower {tuple(self.lower.shape)} and upper "
+                            f"{tuple(self.upper.shape)} must have the same shape.")
+
+    def __repr__(self) -> str:
+        if self.lower.numel() == 0:
+            return f"Bounds(shape={tuple(self.lower.shape)})"
+        return (f"Bounds(shape={tuple(self.lower.shape)}, lower in [{float(self.lower.min()):.4g}, "
+                f"{float(self.lower.max()):.4g}], upper in [{float(self.upper.min()):.4g}, "
+                f"{float(self.upper.max()):.4g}])")
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.lower.shape
+
+    def contains(self, y: Tensor, atol: float = 0.0) -> Tensor:
+        """Whether values lie within the bounds, per sample.
+
+        Args:
+            y: Values of the bounded quantity, `(N, *shape)` or `(n, N, *shape)` (n points per
+                sample).
+            atol: Absolute slack on both sides.
+
+        Returns:
+            `(N,)` bool: True where every value of that sample is inside `[lower - atol,
+            upper + atol]`.
+        """
+        ok = (y >= self.lower - atol) & (y <= self.upper + atol)
+        if ok.shape == self.lower.shape:
+            return ok.flatten(1).all(1)
+        if ok.ndim == self.lower.ndim + 1 and ok.shape[1:] == self.lower.shape:
+            return ok.transpose(0, 1).flatten(1).all(1)
+        raise SpecError(f"values of shape {tuple(y.shape)} do not match bounds of shape "
+                        f"{tuple(self.lower.shape)} (expected (N, ...) or (n, N, ...)).")
+
+
+@runtime_checkable
+class BoundMethod(Protocol):
+    """One configured bound method; no hidden state between calls.
+
+    Every method is a frozen dataclass whose fields are its options. `bound` is the core;
+    `intermediate` returns the pre-activation bounds it uses, so that methods can be compared
+    with the *same* intermediate bounds (pass them back as `intermediate=`).
+    """
+
+    name: ClassVar[str]
+
+    def bound(self, net: Network, x_lo: Tensor, x_hi: Tensor, spec: Tensor | None = None, *,
+              intermediate: tuple[Bounds, ...] | None = None) -> Bounds:
+        """Bounds of `spec @ net(x)` over the box; `(N, S)`, or `(N, K)` without a spec."""
+        ...
+
+    def intermediate(self, net: Network, x_lo: Tensor, x_hi: Tensor) -> tuple[Bounds, ...]:
+        """Bounds of the input of every ReLU, in order; each `(N, *shape)`."""
+        ...
+
+    def __call__(self, net: Network, region: LinfBall, spec: Tensor | None = None) -> Bounds:
+        """`bound` over `region.box()`."""
+        ...
+
+
+class MethodBase:
+    """Shared plumbing of the built-in methods (not part of the protocol)."""
+
+    name: ClassVar[str]
+
+    def __call__(self, net: Network, region: LinfBall, spec: Tensor | None = None) -> Bounds:
+        from certify.bounds.api import compute_bounds
+
+        x_lo, x_hi = region.box()
+        return compute_bounds(net, x_lo, x_hi, self, spec)  # type: ignore[arg-type]
+
+    def _check_options(self) -> None:
+        """Validate common options: called from `__post_init__` of each method."""
+        for field in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, field.name)
+            if field.name == "memory_budget_mb" and not (isinstance(value, (int, float))
+                                                         and value > 0):
+                raise SpecError(f"{self.name}: memory_budget_mb must be > 0, got {value!r}.")
+            if field.name == "chunk_size" and value is not None and not (
+                    isinstance(value, int) and value >= 1):
+                raise SpecError(f"{self.name}: chunk_size must be None or an int >= 1, "
+                                f"got {value!r}.")
+            if field.name == "intermediate_mode" and value not in ("auto", "backward",
+                                                                   "forward"):
+                raise SpecError(f"{self.name}: intermediate_mode must be 'auto', 'backward' or "
+                                f"'forward', got {value!r}.")
+
+
+_METHODS: dict[str, type] = {}
+M = TypeVar("M", bound=type)
+
+
+def register_method(name: str) -> Callable[[M], M]:
+    """Class decorator: register a bound method under its canonical `name`.
+
+    The class must be a dataclass whose fields are its options (so `get_method` can reject an
+    unknown option) with `name: ClassVar[str]`; the decorator sets `name`.
+    """
+
+    def decorate(cls: M) -> M:
+        if name in _METHODS:
+            raise ValueError(f"bound method {name!r} is registered twice")
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"bound method {name!r} must be a dataclass (its fields are options)")
+        cls.name = name  # type: ignore[attr-defined]
+        _METHODS[name] = cls
+        return cls
+
+    return decorate
+
+
+def list_methods() -> list[str]:
+    """Canonical method names, from cheap and loose to costly and tight (registration order)."""
+    return list(_METHODS)
+
+
+def get_method(name: str, **options: Any) -> BoundMethod:
+    """A configured bound method.
+
+    Args:
+        name: A name from :func:`list_methods`, e.g. ``"alpha-crown"``.
+        **options: The method's options, e.g. ``steps=50`` for ``alpha-crown``.
+
+    Raises:
+        UnknownNameError: for an unknown name (with a suggestion).
+        SpecError: for an unknown option or an invalid option value.
+    """
+    if name not in _METHODS:
+        raise unknown_name("method", name, list_methods())
+    cls = _METHODS[name]
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise SpecError(f"unknown option {', '.join(repr(u) for u in unknown)} for method "
+                        f"'{name}'; its options are: {', '.join(fields) or '(none)'}.")
+    return cls(**options)  # type: ignore[no-any-return]
+
+
+def with_options(method: BoundMethod, options: dict[str, Any]) -> BoundMethod:
+    """`method` with some options replaced, validated like :func:`get_method`."""
+    if not options:
+        return method
+    fields = [f.name for f in dataclasses.fields(method) if f.init]  # type: ignore[arg-type]
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise SpecError(f"unknown option {', '.join(repr(u) for u in unknown)} for method "
+                        f"'{method.name}'; its options are: {', '.join(fields) or '(none)'}.")
+    return dataclasses.replace(method, **options)  # type: ignore[type-var]

@@ -1,0 +1,399 @@
+"""The layer rule table: one small op type per supported layer, one function per (op, mode).
+
+A :class:`~certify.bounds.network.Network` is a tuple of ops. Every op except :class:`ReluOp`
+is affine, ``y = L(x) + b``, and has four rules in :data:`RULES`:
+
+``forward(op, x)``
+    ``L(x) + b`` on a batch `(B, *in_shape)`.
+``linear(op, x)``
+    ``L(x)``, the linear part (no bias): forward-mode propagation of coefficients.
+``abs_linear(op, x)``
+    ``|L|(x)``, the map with absolute weights: interval radii and forward-mode widths.
+``backward(op, A)``
+    The transpose: for rows ``A`` `(P, *out_shape)` of a linear function ``A · y``, returns
+    ``(A L, A · b)``, i.e. rows `(P, *in_shape)` and the constant `(P,)` (or None).
+``backward_window(op, A, top, left)`` (optional)
+    The same for rows that are zero outside a spatial window of a feature map (a conv neuron's
+    receptive field): only the window is stored and propagated.
+
+Intervals of an affine op follow from ``forward`` and ``abs_linear`` (center and radius), see
+:func:`interval_affine`. ReLU relaxations live in :mod:`certify.bounds.relaxations`.
+
+A new layer type means a new op dataclass, a row in :data:`RULES` and a converter in
+:data:`certify.bounds.network.CONVERTERS` -- no ``isinstance`` chains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from math import prod
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Shape = tuple[int, ...]
+
+__all__ = [
+    "RULES",
+    "AvgPoolOp",
+    "ConvOp",
+    "FlattenOp",
+    "LinearOp",
+    "Op",
+    "ReluOp",
+    "ScaleShiftOp",
+    "SpecLinearOp",
+    "interval_affine",
+]
+
+
+# --- ops -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class LinearOp:
+    """``y = W x + b``; `weight` `(O, I)`, `bias` `(O,)` or None; flat input `(I,)`."""
+
+    weight: Tensor
+    bias: Tensor | None
+    in_shape: Shape
+    out_shape: Shape
+
+
+@dataclass(frozen=True, eq=False)
+class ConvOp:
+    """2-D convolution (zero padding, dilation 1, groups 1); `weight` `(Co, Ci, kh, kw)`."""
+
+    weight: Tensor
+    bias: Tensor | None
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    in_shape: Shape
+    out_shape: Shape
+
+    @property
+    def output_padding(self) -> tuple[int, int]:
+        """What `conv_transpose2d` needs to give back exactly `in_shape`."""
+        return tuple(  # type: ignore[return-value]
+            self.in_shape[1 + i] - ((self.out_shape[1 + i] - 1) * self.stride[i]
+                                    - 2 * self.padding[i] + self.weight.shape[2 + i])
+            for i in range(2))
+
+
+@dataclass(frozen=True, eq=False)
+class ScaleShiftOp:
+    """Elementwise ``y = x * scale + shift``; `scale`, `shift` broadcast to `in_shape`.
+
+    Normalize (``scale = 1/std``, ``shift = -mean/std``) and eval-mode BatchNorm2d (which may
+    have negative scales) are such ops; per-channel tensors have shape `(C, 1, 1)`.
+    """
+
+    scale: Tensor
+    shift: Tensor
+    in_shape: Shape
+    out_shape: Shape
+
+
+@dataclass(frozen=True, eq=False)
+class AvgPoolOp:
+    """2-D average pooling, every option of ``nn.AvgPool2d`` (a nonnegative linear map)."""
+
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    ceil_mode: bool
+    count_include_pad: bool
+    divisor_override: int | None
+    in_shape: Shape
+    out_shape: Shape
+
+
+@dataclass(frozen=True, eq=False)
+class FlattenOp:
+    """Flatten every dimension but the batch."""
+
+    in_shape: Shape
+    out_shape: Shape
+
+
+@dataclass(frozen=True, eq=False)
+class ReluOp:
+    """``y = max(x, 0)``; the only nonlinearity, relaxed in :mod:`certify.bounds.relaxations`."""
+
+    in_shape: Shape
+    out_shape: Shape
+
+
+@dataclass(frozen=True, eq=False)
+class SpecLinearOp:
+    """The last linear layer with the specification folded in: one matrix per sample.
+
+    ``y[n] = W[n] x[n] + b[n]`` with `weight` `(N, S, I)` and `bias` `(N, S)`; it only occurs
+    as the last op of a network (see :func:`certify.bounds.network.fold_spec`).
+    """
+
+    weight: Tensor
+    bias: Tensor
+    in_shape: Shape
+    out_shape: Shape
+
+
+Op = LinearOp | ConvOp | ScaleShiftOp | AvgPoolOp | FlattenOp | ReluOp | SpecLinearOp
+
+
+def tensor_fields(op: Any) -> list[str]:
+    """Names of the tensor-valued fields of an op (weights, biases, scales)."""
+    return [f.name for f in fields(op) if isinstance(getattr(op, f.name), Tensor)]
+
+
+def cast_op(op: Op, dtype: torch.dtype, device: torch.device) -> Op:
+    """The op with its tensors on `device` in `dtype` (the same op when nothing changes)."""
+    changes = {}
+    for name in tensor_fields(op):
+        t = getattr(op, name)
+        if t.dtype != dtype or t.device != device:
+            changes[name] = t.to(device=device, dtype=dtype)
+    return replace(op, **changes) if changes else op
+
+
+def is_mixing(op: Op) -> bool:
+    """Whether an output coordinate depends on several input coordinates.
+
+    Interval arithmetic is exact for a chain of affine ops with at most one mixing op.
+    """
+    return isinstance(op, (LinearOp, ConvOp, AvgPoolOp, SpecLinearOp))
+
+
+def numel(shape: Shape) -> int:
+    return prod(shape)
+
+
+# --- rules: Linear ---------------------------------------------------------------------------
+
+
+def forward_linear(op: LinearOp, x: Tensor) -> Tensor:
+    return F.linear(x, op.weight, op.bias)
+
+
+def linear_linear(op: LinearOp, x: Tensor) -> Tensor:
+    return F.linear(x, op.weight)
+
+
+def abs_linear_linear(op: LinearOp, x: Tensor) -> Tensor:
+    return F.linear(x, op.weight.abs())
+
+
+def backward_linear(op: LinearOp, a: Tensor) -> tuple[Tensor, Tensor | None]:
+    const = a @ op.bias if op.bias is not None else None
+    return a @ op.weight, const
+
+
+def cost_linear(op: LinearOp) -> int:
+    return numel(tuple(op.weight.shape))
+
+
+# --- rules: Conv2d ---------------------------------------------------------------------------
+
+
+def forward_conv(op: ConvOp, x: Tensor) -> Tensor:
+    return F.conv2d(x, op.weight, op.bias, op.stride, op.padding)
+
+
+def linear_conv(op: ConvOp, x: Tensor) -> Tensor:
+    return F.conv2d(x, op.weight, None, op.stride, op.padding)
+
+
+def abs_linear_conv(op: ConvOp, x: Tensor) -> Tensor:
+    return F.conv2d(x, op.weight.abs(), None, op.stride, op.padding)
+
+
+def backward_conv(op: ConvOp, a: Tensor) -> tuple[Tensor, Tensor | None]:
+    const = a.sum((2, 3)) @ op.bias if op.bias is not None else None
+    out = F.conv_transpose2d(a, op.weight, None, op.stride, op.padding, op.output_padding)
+    return out, const
+
+
+def backward_window_conv(op: ConvOp, a: Tensor, top: int, left: int
+                         ) -> tuple[Tensor, Tensor | None, int, int]:
+    """Transpose of the convolution for rows supported on a window of the output map.
+
+    `a` `(P, Co, h, w)` holds the window whose top-left corner is `(top, left)` in the output
+    map; the result is the window of the input map it touches (padding positions dropped),
+    with its corner. Exact: outside the windows the rows are zero.
+    """
+    const = a.sum((2, 3)) @ op.bias if op.bias is not None else None
+    out = F.conv_transpose2d(a, op.weight, None, op.stride)
+    corner = [top * op.stride[0] - op.padding[0], left * op.stride[1] - op.padding[1]]
+    cuts = []
+    for i in range(2):
+        first = max(0, -corner[i])
+        last = min(out.shape[2 + i], op.in_shape[1 + i] - corner[i])
+        cuts.append(slice(first, last))
+        corner[i] += first
+    return out[:, :, cuts[0], cuts[1]], const, corner[0], corner[1]
+
+
+def window_conv(op: ConvOp, h: int, w: int) -> tuple[int, int]:
+    """Size of the input window `backward_window_conv` returns for an `h x w` output window."""
+    return (min(op.in_shape[1], (h - 1) * op.stride[0] + op.weight.shape[2]),
+            min(op.in_shape[2], (w - 1) * op.stride[1] + op.weight.shape[3]))
+
+
+def cost_conv(op: ConvOp) -> int:
+    return numel(op.out_shape) * numel(tuple(op.weight.shape[1:]))
+
+
+# --- rules: elementwise scale and shift (Normalize, BatchNorm2d) ------------------------------
+
+
+def forward_scale_shift(op: ScaleShiftOp, x: Tensor) -> Tensor:
+    return x * op.scale + op.shift
+
+
+def linear_scale_shift(op: ScaleShiftOp, x: Tensor) -> Tensor:
+    return x * op.scale
+
+
+def abs_linear_scale_shift(op: ScaleShiftOp, x: Tensor) -> Tensor:
+    return x * op.scale.abs()
+
+
+def backward_scale_shift(op: ScaleShiftOp, a: Tensor) -> tuple[Tensor, Tensor | None]:
+    shift = op.shift
+    if shift.ndim == 3 and shift.shape[1:] == (1, 1) and a.ndim == 4:  # per channel
+        const = a.sum((2, 3)) @ shift.flatten()
+    else:
+        const = (a * shift).flatten(1).sum(1)
+    return a * op.scale, const
+
+
+def backward_window_scale_shift(op: ScaleShiftOp, a: Tensor, top: int, left: int
+                                ) -> tuple[Tensor, Tensor | None, int, int]:
+    h, w = a.shape[2:]
+    scale, shift = op.scale, op.shift
+    if scale.ndim == 3 and scale.shape[1:] != (1, 1):
+        scale = scale[:, top:top + h, left:left + w]
+    if shift.ndim == 3 and shift.shape[1:] != (1, 1):
+        shift = shift[:, top:top + h, left:left + w]
+    out, const = backward_scale_shift(replace(op, scale=scale, shift=shift), a)
+    return out, const, top, left
+
+
+def window_same(op: Op, h: int, w: int) -> tuple[int, int]:
+    return h, w
+
+
+def cost_elementwise(op: Op) -> int:
+    return numel(op.in_shape)
+
+
+# --- rules: AvgPool2d ------------------------------------------------------------------------
+
+
+def forward_avg_pool(op: AvgPoolOp, x: Tensor) -> Tensor:
+    return F.avg_pool2d(x, op.kernel_size, op.stride, op.padding, op.ceil_mode,
+                        op.count_include_pad, op.divisor_override)
+
+
+def backward_avg_pool(op: AvgPoolOp, a: Tensor) -> tuple[Tensor, Tensor | None]:
+    # The transpose of average pooling is its gradient; only the template's size is read.
+    template = a.new_zeros(()).expand(a.shape[0], *op.in_shape)
+    out = torch.ops.aten.avg_pool2d_backward(
+        a.contiguous(), template, list(op.kernel_size), list(op.stride), list(op.padding),
+        op.ceil_mode, op.count_include_pad, op.divisor_override)
+    return out, None
+
+
+def cost_avg_pool(op: AvgPoolOp) -> int:
+    return numel(op.out_shape) * op.kernel_size[0] * op.kernel_size[1]
+
+
+# --- rules: Flatten --------------------------------------------------------------------------
+
+
+def forward_flatten(op: FlattenOp, x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], -1)
+
+
+def backward_flatten(op: FlattenOp, a: Tensor) -> tuple[Tensor, Tensor | None]:
+    return a.reshape(a.shape[0], *op.in_shape), None
+
+
+# --- rules: the folded specification ---------------------------------------------------------
+
+
+def forward_spec_linear(op: SpecLinearOp, x: Tensor) -> Tensor:
+    return torch.einsum("nsi,ni->ns", op.weight, x) + op.bias
+
+
+def linear_spec_linear(op: SpecLinearOp, x: Tensor) -> Tensor:
+    return torch.einsum("nsi,ni->ns", op.weight, x)
+
+
+def abs_linear_spec_linear(op: SpecLinearOp, x: Tensor) -> Tensor:
+    return torch.einsum("nsi,ni->ns", op.weight.abs(), x)
+
+
+def backward_spec_linear(op: SpecLinearOp, a: Tensor) -> tuple[Tensor, Tensor | None]:
+    raise AssertionError("the folded specification starts a backward pass; it is never "
+                         "propagated through")  # pragma: no cover
+
+
+def cost_spec_linear(op: SpecLinearOp) -> int:
+    return numel(tuple(op.weight.shape[1:]))
+
+
+# --- ReLU (forward only; relaxations elsewhere) ----------------------------------------------
+
+
+def forward_relu(op: ReluOp, x: Tensor) -> Tensor:
+    return torch.relu(x)
+
+
+WindowBackward = Callable[[Any, Tensor, int, int], tuple[Tensor, Tensor | None, int, int]]
+
+
+class OpRules(NamedTuple):
+    forward: Callable[[Any, Tensor], Tensor]
+    linear: Callable[[Any, Tensor], Tensor] | None
+    abs_linear: Callable[[Any, Tensor], Tensor] | None
+    backward: Callable[[Any, Tensor], tuple[Tensor, Tensor | None]] | None
+    cost: Callable[[Any], int]
+    # Optional: backward for rows supported on a spatial window of a (C, H, W) map, and the
+    # input window size for an output window size. Ops without it densify the rows first.
+    backward_window: WindowBackward | None = None
+    window: Callable[[Any, int, int], tuple[int, int]] | None = None
+
+
+RULES: dict[type, OpRules] = {
+    LinearOp: OpRules(forward_linear, linear_linear, abs_linear_linear, backward_linear,
+                      cost_linear),
+    ConvOp: OpRules(forward_conv, linear_conv, abs_linear_conv, backward_conv, cost_conv,
+                    backward_window_conv, window_conv),
+    ScaleShiftOp: OpRules(forward_scale_shift, linear_scale_shift, abs_linear_scale_shift,
+                          backward_scale_shift, cost_elementwise, backward_window_scale_shift,
+                          window_same),
+    AvgPoolOp: OpRules(forward_avg_pool, forward_avg_pool, forward_avg_pool, backward_avg_pool,
+                       cost_avg_pool),
+    FlattenOp: OpRules(forward_flatten, forward_flatten, forward_flatten, backward_flatten,
+                       cost_elementwise),
+    SpecLinearOp: OpRules(forward_spec_linear, linear_spec_linear, abs_linear_spec_linear,
+                          backward_spec_linear, cost_spec_linear),
+    ReluOp: OpRules(forward_relu, None, None, None, cost_elementwise),
+}
+
+
+def interval_affine(op: Op, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """Interval bounds of an affine op over the box `[lo, hi]` (center and radius form).
+
+    Exact for each output coordinate: the range of ``w · x + b`` over a box is
+    ``w · c + b ± |w| · r``.
+    """
+    rules = RULES[type(op)]
+    center, radius = (hi + lo) / 2, (hi - lo) / 2
+    c = rules.forward(op, center)
+    r = rules.abs_linear(op, radius)  # type: ignore[misc]
+    return c - r, c + r

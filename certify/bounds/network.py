@@ -1,0 +1,323 @@
+"""From an ``nn.Module`` to a :class:`Network`: a flat tuple of ops the bound engine knows.
+
+Conversion is a table lookup by exact module type (:data:`CONVERTERS`); nested
+``nn.Sequential`` containers are flattened. Ops keep *references* to the model's parameters
+(no copies), so bounds computed from a fresh conversion are differentiable with respect to the
+model's weights; eval-mode BatchNorm2d is folded into the preceding convolution (exact), and
+Normalize stays an exact elementwise op (never folded into a padded convolution).
+
+Modes: the bound engine always bounds the **eval-mode** function of the model -- Dropout is the
+identity and BatchNorm2d uses its running statistics, whatever ``model.training`` is -- because
+that is the function that gets deployed and certified. (Robust training therefore trains the
+eval-mode function of a BatchNorm network.)
+
+A :class:`Network` is a snapshot of the model's structure and of the *folded* tensors at
+conversion time; :func:`certify.bounds.compute_bounds` converts an ``nn.Module`` on every call
+(it takes well under a millisecond), so passing the module is always current.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+from certify.bounds.layers import (
+    RULES,
+    AvgPoolOp,
+    ConvOp,
+    FlattenOp,
+    LinearOp,
+    Op,
+    ReluOp,
+    ScaleShiftOp,
+    Shape,
+    SpecLinearOp,
+    cast_op,
+    tensor_fields,
+)
+from certify.errors import SpecError, UnsupportedLayerError
+from certify.nets.layers import Normalize
+
+__all__ = ["CONVERTERS", "Network", "fold_spec", "to_network"]
+
+
+@dataclass(frozen=True, eq=False)
+class Network:
+    """A feed-forward network as a tuple of supported ops.
+
+    Attributes:
+        layers: The ops, input to output.
+        input_shape: `(C, H, W)` (or any per-sample shape) the network takes.
+        names: For each op, the name of the module it came from (for messages).
+    """
+
+    layers: tuple[Op, ...]
+    input_shape: Shape
+    names: tuple[str, ...]
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{n}:{type(op).__name__[:-2]}{op.out_shape}"
+                         for n, op in zip(self.names, self.layers, strict=True))
+        return f"Network(input={self.input_shape}, [{body}])"
+
+    @property
+    def output_shape(self) -> Shape:
+        return self.layers[-1].out_shape if self.layers else self.input_shape
+
+    @property
+    def relu_positions(self) -> tuple[int, ...]:
+        """Indices of the ReLU ops; their inputs are the pre-activations to bound."""
+        return tuple(i for i, op in enumerate(self.layers) if isinstance(op, ReluOp))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The network's output `(N, *output_shape)` for inputs `(N, *input_shape)`."""
+        for op in self.layers:
+            x = RULES[type(op)].forward(op, x)
+        return x
+
+    __call__ = forward
+
+    def forward_batch(self, xs: Tensor) -> Tensor:
+        """Outputs `(n, N, *output_shape)` for points `(n, N, *input_shape)`.
+
+        Only for networks without a folded specification (whose ops are per sample).
+        """
+        n, b = xs.shape[:2]
+        return self.forward(xs.reshape(n * b, *xs.shape[2:])).reshape(n, b, *self.output_shape)
+
+    def detach(self) -> Network:
+        """The same network with tensors detached from autograd (for inner optimizations)."""
+        layers = tuple(replace(op, **{k: getattr(op, k).detach() for k in tensor_fields(op)})
+                       for op in self.layers)
+        return replace(self, layers=layers)
+
+    def to(self, *, dtype: torch.dtype, device: torch.device | str) -> Network:
+        """The same network with tensors in `dtype` on `device` (no copy when already there)."""
+        device = torch.device(device)
+        layers = tuple(cast_op(op, dtype, device) for op in self.layers)
+        if all(a is b for a, b in zip(layers, self.layers, strict=True)):
+            return self
+        return replace(self, layers=layers)
+
+
+# --- converters ------------------------------------------------------------------------------
+
+Converter = Callable[[nn.Module, Shape], "Op | None"]
+
+
+def _flat(shape: Shape) -> bool:
+    return len(shape) == 1
+
+
+def _convert_linear(m: nn.Linear, shape: Shape) -> Op:
+    if not _flat(shape) or shape[0] != m.in_features:
+        raise _ShapeMismatch(f"expects ({m.in_features},) features, gets {shape}"
+                             + ("; add an nn.Flatten before it" if not _flat(shape) else ""))
+    return LinearOp(m.weight, m.bias, shape, (m.out_features,))
+
+
+def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _convert_conv(m: nn.Conv2d, shape: Shape) -> Op:
+    if m.groups != 1 or _pair(m.dilation) != (1, 1) or m.padding_mode != "zeros":
+        raise _Unsupported(f"groups={m.groups}, dilation={m.dilation}, "
+                           f"padding_mode={m.padding_mode!r}; only groups=1, dilation=1 and "
+                           "zero padding have a rule")
+    if len(shape) != 3 or shape[0] != m.in_channels:
+        raise _ShapeMismatch(f"expects (C={m.in_channels}, H, W) inputs, gets {shape}")
+    kernel = _pair(m.kernel_size)
+    if isinstance(m.padding, str):
+        if m.padding == "valid":
+            padding = (0, 0)
+        elif all(k % 2 == 1 for k in kernel):  # 'same' with odd kernels pads symmetrically
+            padding = (kernel[0] // 2, kernel[1] // 2)
+        else:
+            raise _Unsupported("padding='same' with an even kernel pads asymmetrically")
+    else:
+        padding = _pair(m.padding)
+    stride = _pair(m.stride)
+    h, w = ((shape[1 + i] + 2 * padding[i] - kernel[i]) // stride[i] + 1 for i in range(2))
+    if h < 1 or w < 1:
+        raise _ShapeMismatch(f"input {shape} is smaller than the kernel {kernel}")
+    return ConvOp(m.weight, m.bias, stride, padding, shape, (m.out_channels, h, w))
+
+
+def _convert_normalize(m: Normalize, shape: Shape) -> Op:
+    if len(shape) != 3 or m.mean.shape[0] != shape[0]:
+        raise _ShapeMismatch(f"normalizes {m.mean.shape[0]} channels, gets inputs {shape}")
+    return ScaleShiftOp(1.0 / m.std, -m.mean / m.std, shape, shape)
+
+
+def _convert_batch_norm(m: nn.BatchNorm2d, shape: Shape) -> Op:
+    if m.running_mean is None or m.running_var is None:
+        raise _Unsupported("track_running_stats=False (no running statistics to bound with)")
+    if len(shape) != 3 or shape[0] != m.num_features:
+        raise _ShapeMismatch(f"expects (C={m.num_features}, H, W) inputs, gets {shape}")
+    scale = torch.rsqrt(m.running_var + m.eps)
+    if m.weight is not None:
+        scale = scale * m.weight
+    shift = -m.running_mean * scale
+    if m.bias is not None:
+        shift = shift + m.bias
+    return ScaleShiftOp(scale.view(-1, 1, 1), shift.view(-1, 1, 1), shape, shape)
+
+
+def _convert_avg_pool(m: nn.AvgPool2d, shape: Shape) -> Op:
+    if len(shape) != 3:
+        raise _ShapeMismatch(f"expects (C, H, W) inputs, gets {shape}")
+    kernel, stride, padding = _pair(m.kernel_size), _pair(m.stride or m.kernel_size), \
+        _pair(m.padding)
+    op = AvgPoolOp(kernel, stride, padding, bool(m.ceil_mode), bool(m.count_include_pad),
+                   m.divisor_override, shape, shape)
+    try:
+        out = RULES[AvgPoolOp].forward(op, torch.empty(1, *shape, device="meta"))
+    except RuntimeError as e:
+        raise _ShapeMismatch(str(e).splitlines()[0]) from None
+    return replace(op, out_shape=tuple(out.shape[1:]))
+
+
+def _convert_flatten(m: nn.Flatten, shape: Shape) -> Op:
+    if m.start_dim != 1 or m.end_dim != -1:
+        raise _Unsupported(f"start_dim={m.start_dim}, end_dim={m.end_dim}; only Flatten(1, -1) "
+                           "has a rule")
+    return FlattenOp(shape, (math.prod(shape),))
+
+
+def _convert_relu(m: nn.ReLU, shape: Shape) -> Op:
+    return ReluOp(shape, shape)
+
+
+def _skip(m: nn.Module, shape: Shape) -> None:
+    return None  # identity in eval mode
+
+
+CONVERTERS: dict[type[nn.Module], Converter] = {
+    nn.Linear: _convert_linear,
+    nn.Conv2d: _convert_conv,
+    nn.ReLU: _convert_relu,
+    nn.Flatten: _convert_flatten,
+    Normalize: _convert_normalize,
+    nn.BatchNorm2d: _convert_batch_norm,
+    nn.AvgPool2d: _convert_avg_pool,
+    nn.Dropout: _skip,
+    nn.Identity: _skip,
+}
+SUPPORTED = ("Linear, Conv2d, ReLU, Flatten, Normalize, BatchNorm2d (eval statistics), AvgPool2d, "
+             "Dropout and Identity (identity), nested Sequential")
+
+
+class _Unsupported(Exception):
+    """A supported layer type with an unsupported configuration (turned into a CertifyError)."""
+
+
+class _ShapeMismatch(Exception):
+    """A layer that does not fit the shape it receives (turned into a SpecError)."""
+
+
+def _modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    if type(model) is nn.Sequential:
+        for name, child in model.named_children():
+            yield from _modules(child, f"{prefix}.{name}" if prefix else name)
+    else:
+        yield prefix or type(model).__name__, model
+
+
+def to_network(model: nn.Module | Network, input_shape: Shape | torch.Size) -> Network:
+    """Convert a model into the bound engine's :class:`Network`.
+
+    Args:
+        model: An ``nn.Sequential`` (nested ones are flattened) of supported layers, a single
+            supported layer, or a Network (returned as is after a shape check).
+        input_shape: The per-sample input shape, e.g. `(3, 32, 32)`.
+
+    Returns:
+        The network, with eval-mode BatchNorm folded into the preceding convolution.
+
+    Raises:
+        UnsupportedLayerError: naming the first layer without a rule, and the supported ones.
+        SpecError: if the layers do not fit `input_shape`.
+    """
+    shape = tuple(int(s) for s in input_shape)
+    if isinstance(model, Network):
+        if model.input_shape != shape:
+            raise SpecError(f"the network takes inputs of shape {model.input_shape}, got "
+                            f"{shape}.")
+        return model
+    layers: list[Op] = []
+    names: list[str] = []
+    for index, (name, module) in enumerate(_modules(model)):
+        label = f"layer {index} '{name}' ({type(module).__name__})"
+        converter = CONVERTERS.get(type(module))
+        if converter is None:
+            raise UnsupportedLayerError(
+                f"{label} has no bound rule; supported: {SUPPORTED}. Add a rule in "
+                "certify/bounds/layers.py or change the architecture.")
+        try:
+            op = converter(module, shape)
+        except _Unsupported as e:
+            raise UnsupportedLayerError(f"{label} is not supported with {e}.") from None
+        except _ShapeMismatch as e:
+            raise SpecError(f"{label} does not fit its input: it {e}. Check the input shape "
+                            f"(the network gets {tuple(int(s) for s in input_shape)}).") from None
+        if op is None:
+            continue
+        layers.append(op)
+        names.append(name)
+        shape = op.out_shape
+    layers, names = _fold_scale_shift(layers, names)
+    return Network(tuple(layers), tuple(int(s) for s in input_shape), tuple(names))
+
+
+def _fold_scale_shift(layers: list[Op], names: list[str]) -> tuple[list[Op], list[str]]:
+    """Fold a per-channel scale-shift (eval BatchNorm) into the convolution right before it."""
+    out_layers: list[Op] = []
+    out_names: list[str] = []
+    for op, name in zip(layers, names, strict=True):
+        prev = out_layers[-1] if out_layers else None
+        if (isinstance(op, ScaleShiftOp) and isinstance(prev, ConvOp)
+                and op.scale.shape == op.shift.shape == (prev.out_shape[0], 1, 1)):
+            scale = op.scale.flatten()
+            bias = prev.bias if prev.bias is not None else torch.zeros_like(scale)
+            out_layers[-1] = replace(prev, weight=prev.weight * scale.view(-1, 1, 1, 1),
+                                     bias=bias * scale + op.shift.flatten())
+            out_names[-1] = f"{out_names[-1]}+{name}"
+            continue
+        out_layers.append(op)
+        out_names.append(name)
+    return out_layers, out_names
+
+
+def fold_spec(net: Network, spec: Tensor) -> Network:
+    """The network whose output is `spec @ net(x)`, the spec folded into the last Linear.
+
+    Args:
+        spec: `(N, S, K)`, `K` the network's (flat) output size.
+
+    Returns:
+        A network ending in a :class:`SpecLinearOp` with per-sample weights `(N, S, I)`.
+    """
+    layers = list(net.layers)
+    names = list(net.names)
+    last = layers[-1] if layers else None
+    if isinstance(last, LinearOp):
+        weight = torch.matmul(spec, last.weight)
+        bias = spec @ last.bias if last.bias is not None else spec.new_zeros(spec.shape[:2])
+        layers[-1] = SpecLinearOp(weight, bias, last.in_shape, (spec.shape[1],))
+        names[-1] = f"{names[-1]}+spec"
+        return replace(net, layers=tuple(layers), names=tuple(names))
+    if len(net.output_shape) != 1:
+        layers.append(FlattenOp(net.output_shape, (math.prod(net.output_shape),)))
+        names.append("flatten")
+    flat = layers[-1].out_shape if layers else (math.prod(net.input_shape),)
+    if not layers:
+        layers.append(FlattenOp(net.input_shape, flat))
+        names.append("flatten")
+    layers.append(SpecLinearOp(spec, spec.new_zeros(spec.shape[:2]), flat, (spec.shape[1],)))
+    names.append("spec")
+    return replace(net, layers=tuple(layers), names=tuple(names))

@@ -1,0 +1,550 @@
+"""The propagation engine shared by every method: intervals and linear bounds.
+
+Notation (see :mod:`certify.types`): a :class:`Propagator` holds one batch of boxes
+`[x_lo, x_hi]` `(N, *in_shape)`, a network (usually with the specification folded into its last
+layer) and the ReLU relaxations found so far.
+
+* **Backward** (CROWN): rows ``A`` of a linear function of some layer's output are pushed back
+  through the network, substituting the relaxation of each ReLU, down to the input, where the
+  box is concretized. Rows come in blocks `(B, R)`: `B` samples with `R` rows each (zero rows
+  pad a sample with fewer), so per-sample relaxations broadcast. Any set of (sample, neuron)
+  pairs can be bounded -- in particular only the *unstable* neurons of a layer. The rows of a
+  convolutional neuron are zero outside its receptive field, so they are propagated as a
+  spatial *window* of each feature map (exact; ops without a window rule densify first).
+  Rows are independent, so they are processed in blocks that fit a memory budget; the block
+  size never changes a bound.
+* **Forward** (forward-mode linear bound propagation): lower and upper linear functions of the
+  input are pushed forward for every neuron at once; its cost grows with the input size `D`
+  instead of the number of neurons. The input dimensions are processed in chunks (the
+  concretization is a sum over them).
+* **Intervals** (IBP): centers and radii, restarted after every ReLU from the tightest bounds
+  known so far.
+
+Intermediate (pre-activation) bounds are computed layer by layer. A layer reached through at
+most one mixing op (Linear, Conv2d, AvgPool2d) and no ReLU is bounded exactly by intervals.
+Every other layer gets its interval bound intersected with the linear bound of its unstable
+neurons (both are sound, so their intersection is). The linear bound comes from backward mode,
+or from forward mode where the two are provably equal and forward is cheaper
+(``intermediate_mode="auto"``, the default; see :func:`forward_is_exact`), or always from
+forward mode (``"forward"``: sound, faster on big layers, but looser beyond the second ReLU
+layer because it chooses the lower or upper line per path instead of per neuron -- about ten
+times looser margins on a random ``wk-large``). The choice depends only on the sample and the
+network, so a batch gives the bounds of its samples one by one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from certify.bounds.base import Bounds
+from certify.bounds.layers import (
+    RULES,
+    ConvOp,
+    Op,
+    ReluOp,
+    SpecLinearOp,
+    interval_affine,
+    is_mixing,
+    numel,
+)
+from certify.bounds.network import Network
+from certify.bounds.relaxations import Relaxation, backward_relu, forward_relu, relax
+
+__all__ = ["EngineOptions", "Propagator", "forward_is_exact"]
+
+MB = 2**20
+# Working memory per element of the widest tensor a row passes, in element sizes: the rows,
+# their positive part, the products and the convolution's output (with slack).
+BACKWARD_FACTOR = 10
+FORWARD_FACTOR = 12
+Window = tuple[int, int]  # top-left corner of a window in a (C, H, W) feature map
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Options of the propagation engine, shared by the CROWN-family methods."""
+
+    memory_budget_mb: float = 2048
+    chunk_size: int | None = None
+    intermediate_mode: str = "auto"
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def _groups(counts: list[int], budget: int) -> Iterator[tuple[list[int], int, int]]:
+    """Blocks `(samples, first_row, rows)` covering `counts[s]` rows of every sample `s`.
+
+    Samples in decreasing order of rows; a block holds at most `budget` rows including the
+    padding of samples with fewer rows than the block's first, and pads no sample to more
+    than twice its rows. A sample with more than `budget` rows gets blocks of its own.
+    """
+    order = sorted((s for s, c in enumerate(counts) if c > 0), key=lambda s: -counts[s])
+    group: list[int] = []
+    width = 0
+    for s in order:
+        c = counts[s]
+        if c > budget:
+            for first in range(0, c, budget):
+                yield [s], first, min(budget, c - first)
+            continue
+        if group and ((len(group) + 1) * width > budget or 2 * c < width):
+            yield group, 0, width
+            group = []
+        if not group:
+            width = c
+        group.append(s)
+    if group:
+        yield group, 0, width
+
+
+def _window_of(t: Tensor, window: Window, h: int, w: int) -> Tensor:
+    top, left = window
+    return t[..., top:top + h, left:left + w]
+
+
+def _densify(a: Tensor, window: Window, shape: tuple[int, ...]) -> Tensor:
+    full = a.new_zeros(a.shape[0], *shape)
+    top, left = window
+    full[:, :, top:top + a.shape[2], left:left + a.shape[3]] = a
+    return full
+
+
+def forward_is_exact(layers: tuple[Op, ...], pos: int) -> bool:
+    """Whether forward mode bounds the input of ``layers[pos]`` exactly as backward mode does.
+
+    True when no ReLU lies below it (both are the exact range of an affine map), or one ReLU
+    layer with at most one mixing op after it (each neuron's lower/upper line is then chosen
+    by the sign of a single weight in both modes). Elementwise ops anywhere keep this.
+    """
+    relus = [j for j in range(pos) if isinstance(layers[j], ReluOp)]
+    if not relus:
+        return True
+    return len(relus) == 1 and sum(is_mixing(op) for op in layers[relus[0]:pos]) <= 1
+
+
+class Propagator:
+    """Bounds of one batch of boxes through one network.
+
+    Args:
+        net: The network; its last op may be a folded specification.
+        x_lo, x_hi: The boxes `(N, *net.input_shape)`.
+        options: Memory budget, chunk size and intermediate mode.
+    """
+
+    def __init__(self, net: Network, x_lo: Tensor, x_hi: Tensor,
+                 options: EngineOptions) -> None:
+        self.net = net
+        self.layers = net.layers
+        self.x_lo, self.x_hi = x_lo, x_hi
+        self.center = (x_hi + x_lo) / 2
+        self.radius = (x_hi - x_lo) / 2
+        self.options = options
+        self.relaxations: dict[int, Relaxation] = {}
+        self.pre_bounds: dict[int, tuple[Tensor, Tensor]] = {}
+        self.itemsize = x_lo.element_size()
+        # Samples with a non-finite pre-activation bound (overflow): their relaxations are
+        # meaningless, so their final bounds are reported as (-inf, inf).
+        self.nonfinite = torch.zeros(self.n, dtype=torch.bool, device=x_lo.device)
+
+    @property
+    def n(self) -> int:
+        return int(self.x_lo.shape[0])
+
+    # --- intervals ---------------------------------------------------------------------------
+
+    def interval(self) -> tuple[Tensor, Tensor]:
+        """Interval bounds of the network's output; ReLU inputs are intersected with the
+        pre-activation bounds already known."""
+        lo, hi = self.x_lo, self.x_hi
+        for i, op in enumerate(self.layers):
+            if isinstance(op, ReluOp):
+                if i in self.pre_bounds:
+                    known_lo, known_hi = self.pre_bounds[i]
+                    lo, hi = torch.maximum(lo, known_lo), torch.minimum(hi, known_hi)
+                lo, hi = lo.clamp(min=0), hi.clamp(min=0)
+            else:
+                lo, hi = interval_affine(op, lo, hi)
+        return lo, hi
+
+    # --- intermediate bounds -----------------------------------------------------------------
+
+    def set_intermediate(self, bounds: tuple[Bounds, ...], rule: str) -> None:
+        """Use given pre-activation bounds (one per ReLU, in order) and relax them."""
+        for pos, b in zip(self.net.relu_positions, bounds, strict=True):
+            self._store(pos, b.lower, b.upper, rule)
+
+    def _store(self, pos: int, lo: Tensor, hi: Tensor, rule: str) -> None:
+        self.pre_bounds[pos] = (lo, hi)
+        self.relaxations[pos] = relax(lo, hi, rule)
+        finite = torch.isfinite(lo).flatten(1).all(1) & torch.isfinite(hi).flatten(1).all(1)
+        self.nonfinite |= ~finite
+
+    def finish(self, lower: Tensor, upper: Tensor) -> Bounds:
+        """Final bounds `(N, ...)`, with (-inf, inf) wherever a bound is NaN or a sample had a
+        non-finite intermediate bound (never a finite number from overflowed arithmetic)."""
+        bad = self.nonfinite.view(-1, *([1] * (lower.ndim - 1)))
+        lower = torch.where(bad | torch.isnan(lower), float("-inf"), lower)
+        upper = torch.where(bad | torch.isnan(upper), float("inf"), upper)
+        return Bounds(lower, upper)
+
+    def compute_intermediate(self, rule: str, *, linear: bool) -> None:
+        """Bound every ReLU's input, layer by layer, and relax it with `rule`.
+
+        Args:
+            rule: The slope rule of the relaxations (``"adaptive"`` or ``"parallel"``).
+            linear: Tighten interval bounds by linear (CROWN-style) bounds; False gives IBP.
+        """
+        lo, hi = self.x_lo, self.x_hi
+        exact = True  # no ReLU and at most one mixing op so far: intervals are exact
+        mixing = 0
+        for i, op in enumerate(self.layers):
+            if isinstance(op, SpecLinearOp):
+                break
+            if isinstance(op, ReluOp):
+                if linear and not exact:
+                    lo, hi = self._tighten(i, lo, hi)
+                self._store(i, lo, hi, rule)
+                lo, hi = lo.clamp(min=0), hi.clamp(min=0)
+                exact = False
+            else:
+                lo, hi = interval_affine(op, lo, hi)
+                mixing += is_mixing(op)
+                exact = exact and mixing <= 1
+
+    def intermediate_bounds(self) -> tuple[Bounds, ...]:
+        return tuple(Bounds(*self.pre_bounds[p]) for p in self.net.relu_positions)
+
+    def _tighten(self, pos: int, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        """Intersect interval bounds of layer `pos`'s input with linear bounds."""
+        n = self.n
+        unstable = (lo < 0) & (hi > 0)
+        use_forward = self._use_forward(pos, unstable.reshape(n, -1).sum(1))
+        lo_flat, hi_flat = lo.reshape(n, -1), hi.reshape(n, -1)
+        backward_mask = unstable & ~use_forward.view(-1, *([1] * (unstable.ndim - 1)))
+        if backward_mask.any():
+            sample, neuron, lin_lo, lin_hi = self.backward_neurons(pos, backward_mask)
+            index = (sample, neuron)
+            lo_flat = lo_flat.index_put(index, torch.maximum(lo_flat[index], lin_lo))
+            hi_flat = hi_flat.index_put(index, torch.minimum(hi_flat[index], lin_hi))
+        if use_forward.any():
+            samples = use_forward.nonzero(as_tuple=True)[0]
+            fwd_lo, fwd_hi = self.forward_linear(pos, samples)
+            keep = ~unstable.reshape(n, -1)[samples]  # stable neurons keep the interval bound
+            old_lo, old_hi = lo_flat[samples], hi_flat[samples]
+            fwd_lo = torch.where(keep, old_lo, torch.maximum(old_lo, fwd_lo))
+            fwd_hi = torch.where(keep, old_hi, torch.minimum(old_hi, fwd_hi))
+            lo_flat = lo_flat.index_put((samples,), fwd_lo)
+            hi_flat = hi_flat.index_put((samples,), fwd_hi)
+        return lo_flat.reshape(lo.shape), hi_flat.reshape(hi.shape)
+
+    def _use_forward(self, pos: int, unstable_counts: Tensor) -> Tensor:
+        """Per sample, whether layer `pos` is bounded by forward mode (see module docstring)."""
+        mode = self.options.intermediate_mode
+        if mode == "forward":
+            return unstable_counts > 0
+        if mode == "backward" or not forward_is_exact(self.layers, pos):
+            return torch.zeros_like(unstable_counts, dtype=torch.bool)
+        forward_cost, backward_row_cost = self.intermediate_cost(pos)
+        return unstable_counts.to(torch.float64) * backward_row_cost > forward_cost
+
+    def intermediate_cost(self, pos: int) -> tuple[float, float]:
+        """Estimated multiply-adds of bounding the input of ``layers[pos]`` for one sample.
+
+        Returns:
+            `(forward, backward_per_row)`: forward mode pushes `D + 1` rows (twice the work
+            after the first ReLU, where lower and upper functions differ); backward mode pushes
+            each unstable neuron as two rows (lower and upper; one shared up to the first ReLU)
+            through the windows of everything below it.
+        """
+        layers = self.layers
+        costs = [RULES[type(op)].cost(op) for op in layers[:pos]]
+        relus = [j for j in range(pos) if isinstance(layers[j], ReluOp)]
+        first = relus[0] if relus else pos
+        forward = (numel(self.net.input_shape) + 1) * (sum(costs[:first])
+                                                       + 2 * sum(costs[first:pos]))
+        fractions = self._window_fractions(pos)
+        last = relus[-1] if relus else 0
+        backward_row = sum(c * f * (1 if j >= last else 2)
+                           for j, (c, f) in enumerate(zip(costs, fractions, strict=True)))
+        return float(forward), float(backward_row)
+
+    def _windows(self, pos: int) -> list[tuple[int, int] | None]:
+        """Window sizes of the rows of a 1x1 window at the input of ``layers[pos]``.
+
+        Entry `j` is the `(h, w)` window at the input of ``layers[j]`` (`j = 0..pos`), None once
+        the rows are dense (a flat layer, or an op without a window rule).
+        """
+        windows: list[tuple[int, int] | None] = [None] * (pos + 1)
+        shape = self.layers[pos].in_shape if pos < len(self.layers) else ()
+        if len(shape) != 3:
+            return windows
+        size: tuple[int, int] | None = (1, 1)
+        windows[pos] = size
+        for j in range(pos - 1, -1, -1):
+            op = self.layers[j]
+            rules = RULES[type(op)]
+            if size is not None and not isinstance(op, ReluOp):
+                size = (rules.window(op, *size) if rules.window is not None
+                        and len(op.in_shape) == 3 else None)
+            windows[j] = size
+        return windows
+
+    def _window_fractions(self, pos: int) -> list[float]:
+        """For each op below `pos`: the fraction of its output that a 1x1 window touches."""
+        windows = self._windows(pos)
+        fractions = []
+        for j in range(pos):
+            out, size = self.layers[j].out_shape, windows[j + 1]
+            fractions.append(1.0 if size is None else size[0] * size[1] / (out[1] * out[2]))
+        return fractions
+
+    def _widest(self, start: int, windowed: bool) -> int:
+        """Elements of the largest tensor one row holds on its way down from `start`."""
+        windows = self._windows(start) if windowed else [None] * (start + 1)
+        shapes = [op.in_shape for op in self.layers[:start]] + (
+            [self.layers[start].in_shape] if start < len(self.layers) else [self.net.output_shape])
+        return max(numel(shape) if size is None else shape[0] * size[0] * size[1]
+                   for shape, size in zip(shapes, windows, strict=True))
+
+    def rows_per_chunk(self, start: int, both: bool, windowed: bool = False) -> int:
+        """How many rows of a backward pass from `start` fit the memory budget."""
+        if self.options.chunk_size is not None:
+            return self.options.chunk_size
+        per_row = (self._widest(start, windowed) * BACKWARD_FACTOR * (2 if both else 1)
+                   * self.itemsize)
+        return max(1, int(self.options.memory_budget_mb * MB // per_row))
+
+    def backward_neurons(self, pos: int, mask: Tensor
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Lower and upper bounds of the neurons `mask` `(N, *shape)` of layer `pos`'s input.
+
+        Returns:
+            `(sample, neuron, lower, upper)`, each `(P,)`: flat neuron indices and bounds.
+        """
+        shape = self.layers[pos].in_shape
+        if len(shape) == 3 and any(isinstance(op, ConvOp) for op in self.layers[:pos]):
+            return self._backward_conv_neurons(pos, mask)
+        return self._backward_flat_neurons(pos, mask.reshape(self.n, -1))
+
+    def _backward_flat_neurons(self, pos: int, mask: Tensor
+                               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Blocks of samples sorted by their number of rows (see :func:`_groups`)."""
+        shape = self.layers[pos].in_shape
+        sample, neuron = mask.nonzero(as_tuple=True)
+        counts = torch.bincount(sample, minlength=self.n)
+        offsets = torch.cumsum(counts, 0) - counts
+        budget = self.rows_per_chunk(pos, both=True)
+        parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+        for samples, first, rows in _groups(counts.tolist(), budget):
+            samples_t = torch.tensor(samples, device=sample.device)
+            rank = first + torch.arange(rows, device=sample.device)
+            valid = rank[None, :] < counts[samples_t][:, None]  # (B, R)
+            where = (offsets[samples_t][:, None] + rank[None, :]).clamp(max=neuron.numel() - 1)
+            idx = neuron[where]
+            one_hot = self.x_lo.new_zeros(len(samples), rows, mask.shape[1])
+            one_hot.scatter_(2, idx.unsqueeze(2), valid.unsqueeze(2).to(one_hot.dtype))
+            lower, upper = self.backward_chunk(
+                pos, one_hot.reshape(len(samples), rows, *shape),
+                self.x_lo.new_zeros(len(samples), rows), samples_t, both=True)
+            assert upper is not None
+            rows_sample = samples_t[:, None].expand_as(valid)
+            parts.append((rows_sample[valid], idx[valid], lower[valid], upper[valid]))
+        return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
+
+    def _backward_conv_neurons(self, pos: int, mask: Tensor
+                               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One block per spatial position: its samples times their unstable channels there,
+        each row a 1x1 window."""
+        c, h, w = self.layers[pos].in_shape
+        per_position = mask.reshape(self.n, c, h * w).permute(2, 0, 1)  # (HW, N, C)
+        counts = per_position.sum(2)  # (HW, N)
+        budget = self.rows_per_chunk(pos, both=True, windowed=True)
+        parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+        for q in counts.any(1).nonzero(as_tuple=True)[0].tolist():
+            samples = counts[q].nonzero(as_tuple=True)[0]
+            sample_counts = counts[q, samples]
+            rows = int(sample_counts.max())
+            order = torch.sort(per_position[q, samples].to(torch.int8), dim=1, descending=True,
+                               stable=True).indices[:, :rows]  # unstable channels first
+            valid = torch.arange(rows, device=mask.device)[None, :] < sample_counts[:, None]
+            row_step = min(rows, budget)
+            for ssl in _chunks(samples.shape[0], max(1, budget // rows)):
+                for rsl in _chunks(rows, row_step):
+                    ch, ok = order[ssl, rsl], valid[ssl, rsl]
+                    b, r = ch.shape
+                    one_hot = self.x_lo.new_zeros(b, r, c)
+                    one_hot.scatter_(2, ch.unsqueeze(2), ok.unsqueeze(2).to(one_hot.dtype))
+                    lower, upper = self.backward_chunk(
+                        pos, one_hot.reshape(b, r, c, 1, 1), self.x_lo.new_zeros(b, r),
+                        samples[ssl], both=True, window=(q // w, q % w))
+                    assert upper is not None
+                    rows_sample = samples[ssl][:, None].expand_as(ok)
+                    parts.append((rows_sample[ok], ch[ok] * (h * w) + q, lower[ok], upper[ok]))
+        return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
+
+    def backward_uniform(self, start: int, rows: Tensor, const: Tensor, *, both: bool
+                         ) -> tuple[Tensor, Tensor | None]:
+        """Bounds of `R` rows per sample, `rows` `(N, R, *shape)` and `const` `(N, R)`.
+
+        Returns `(lower, upper)`, each `(N, R)` (upper None unless `both`).
+        """
+        n, r = rows.shape[:2]
+        budget = self.rows_per_chunk(start, both)
+        row_step = min(r, budget)
+        lowers, uppers = [], []
+        for ssl in _chunks(n, max(1, budget // r)):
+            samples = torch.arange(ssl.start, ssl.stop, device=rows.device)
+            parts = [self.backward_chunk(start, rows[ssl, rsl], const[ssl, rsl], samples,
+                                         both=both) for rsl in _chunks(r, row_step)]
+            lowers.append(torch.cat([p[0] for p in parts], 1))
+            if both:
+                uppers.append(torch.cat([p[1] for p in parts], 1))  # type: ignore[misc]
+        return torch.cat(lowers), (torch.cat(uppers) if both else None)
+
+    def backward_chunk(self, start: int, a: Tensor, const: Tensor, samples: Tensor, *,
+                       both: bool, alphas: dict[int, Tensor] | None = None,
+                       window: Window | None = None) -> tuple[Tensor, Tensor | None]:
+        """Lower (and upper) bounds of linear functions of the input of ``layers[start]``.
+
+        Args:
+            start: Rows are functions of the output of ``layers[start - 1]``.
+            a: Rows `(B, R, *shape)`, `R` per sample (zero rows are padding).
+            const: Their constants `(B, R)`.
+            samples: `(B,)` the sample of each block of rows.
+            both: Also the upper bound, as minus the lower bound of the negated rows (which
+                share the work up to the first ReLU).
+            alphas: Optional free lower slopes per ReLU position, `(B, R, *shape)` each
+                (only with ``both=False`` and no window).
+            window: If given, `a` is `(B, R, C, h, w)`: the window of the `(C, H, W)` map with
+                this top-left corner, the rows being zero outside it.
+
+        Returns:
+            `(lower, upper)`, each `(B, R)`; `upper` is None unless `both`.
+        """
+        assert alphas is None or (not both and window is None)
+        b, r = a.shape[:2]
+        a = a.reshape(b * r, *a.shape[2:])
+        split = False
+        for j in range(start - 1, -1, -1):
+            op = self.layers[j]
+            if isinstance(op, ReluOp):
+                a3 = a.reshape(b, -1, *a.shape[1:])
+                if both and not split:
+                    a3, const, split = torch.cat([a3, -a3], 1), torch.cat([const, -const], 1), True
+                relaxation = self.relaxations[j]
+                if window is not None:
+                    relaxation = Relaxation(*(_window_of(t, window, *a.shape[2:]) for t in (
+                        relaxation.lower, relaxation.upper, relaxation.upper_bias,
+                        relaxation.unstable)))
+                a3, c = backward_relu(a3, relaxation, samples,
+                                      None if alphas is None else alphas.get(j))
+                const = const + c
+                a = a3.reshape(-1, *a3.shape[2:])
+                continue
+            rules = RULES[type(op)]
+            if window is not None and rules.backward_window is not None:
+                a, c, *corner = rules.backward_window(op, a, *window)
+                window = (corner[0], corner[1])
+            else:
+                if window is not None:
+                    a, window = _densify(a, window, op.out_shape), None
+                a, c = rules.backward(op, a)  # type: ignore[misc]
+            if c is not None:
+                const = const + c.reshape(b, -1)
+        center, radius = self.center, self.radius
+        if window is not None:
+            center = _window_of(center, window, *a.shape[2:])
+            radius = _window_of(radius, window, *a.shape[2:])
+        flat = a.reshape(b, -1, a[0].numel())
+        center = center.index_select(0, samples).reshape(b, -1, 1)
+        radius = radius.index_select(0, samples).reshape(b, -1, 1)
+        linear = torch.bmm(flat, center).reshape(b, -1)
+        spread = torch.bmm(flat.abs(), radius).reshape(b, -1)
+        lower = const + linear - spread
+        if not both:
+            return lower, None
+        if split:
+            return lower[:, :r], -lower[:, r:]
+        return lower, const + linear + spread
+
+    # --- forward mode ------------------------------------------------------------------------
+
+    def forward_linear(self, pos: int, samples: Tensor) -> tuple[Tensor, Tensor]:
+        """Forward-mode linear bounds of the input of ``layers[pos]`` for some samples.
+
+        Args:
+            pos: The layer whose input is bounded.
+            samples: `(B,)` sample indices.
+
+        Returns:
+            `(lower, upper)`, each `(B, n)` with `n` the layer's (flattened) input size.
+        """
+        d = numel(self.net.input_shape)
+        shape = self.net.input_shape
+        widest = max([d] + [numel(op.out_shape) for op in self.layers[:pos]])
+        if self.options.chunk_size is not None:
+            rows_budget = self.options.chunk_size
+        else:
+            rows_budget = max(1, int(self.options.memory_budget_mb * MB
+                                     // (widest * FORWARD_FACTOR * self.itemsize)))
+        sample_chunk = max(1, min(samples.shape[0], rows_budget))
+        dim_chunk = max(1, rows_budget // sample_chunk)
+        lowers, uppers = [], []
+        for ssl in _chunks(samples.shape[0], sample_chunk):
+            idx = samples[ssl]
+            b = idx.shape[0]
+            zero = self.x_lo.new_zeros(b, 1, *shape)
+            mid, half = self._forward_rows(pos, zero, idx, with_bias=True)
+            lower = (mid if half is None else mid - half).flatten(2).sum(1)
+            upper = (mid if half is None else mid + half).flatten(2).sum(1)
+            center = self.center.index_select(0, idx).reshape(b, d)
+            radius = self.radius.index_select(0, idx).reshape(b, d)
+            for dsl in _chunks(d, dim_chunk):
+                k = dsl.stop - dsl.start
+                basis = self.x_lo.new_zeros(b, k, d)
+                basis[:, torch.arange(k), torch.arange(dsl.start, dsl.stop)] = 1.0
+                mid, half = self._forward_rows(pos, basis.reshape(b, k, *shape), idx,
+                                               with_bias=False)
+                mid, half = mid.flatten(2), (None if half is None else half.flatten(2))
+                c, r = center[:, dsl, None], radius[:, dsl, None]
+                lo_coef = mid if half is None else mid - half
+                hi_coef = mid if half is None else mid + half
+                lower = lower + (lo_coef * c - lo_coef.abs() * r).sum(1)
+                upper = upper + (hi_coef * c + hi_coef.abs() * r).sum(1)
+            lowers.append(lower)
+            uppers.append(upper)
+        return torch.cat(lowers), torch.cat(uppers)
+
+    def _forward_rows(self, pos: int, rows: Tensor, samples: Tensor,
+                      with_bias: bool) -> tuple[Tensor, Tensor | None]:
+        """Push `(B, R, *in_shape)` coefficient rows (or the constant row) through ops < pos.
+
+        Returns the middle and half width of the lower/upper linear functions at the input of
+        ``layers[pos]``, `(B, R, *shape)`; the half width is None while it is exactly zero.
+        """
+        b, r = rows.shape[:2]
+        mid: Tensor = rows.reshape(b * r, *rows.shape[2:])
+        half: Tensor | None = None
+        for j in range(pos):
+            op = self.layers[j]
+            if isinstance(op, ReluOp):
+                m3 = mid.reshape(b, r, *op.in_shape)
+                h3 = torch.zeros_like(m3) if half is None else half.reshape(m3.shape)
+                m3, h3 = forward_relu(m3, h3, self.relaxations[j], samples, with_bias)
+                mid, half = m3.reshape(b * r, *op.out_shape), h3.reshape(b * r, *op.out_shape)
+            else:
+                rules = RULES[type(op)]
+                mid = rules.forward(op, mid) if with_bias else rules.linear(op, mid)  # type: ignore[misc]
+                if half is not None:
+                    half = rules.abs_linear(op, half)  # type: ignore[misc]
+        out_shape = self.layers[pos - 1].out_shape if pos else self.net.input_shape
+        return (mid.reshape(b, r, *out_shape),
+                None if half is None else half.reshape(b, r, *out_shape))
+

@@ -1,0 +1,137 @@
+"""Linear relaxations of ReLU: the slope rules shared by CROWN, Wong-Kolter and alpha-CROWN.
+
+For a pre-activation ``z`` with sound bounds ``l <= z <= u`` the ReLU is sandwiched between
+two lines,
+
+    ``alpha * z  <=  relu(z)  <=  s * z + t``,
+
+exactly (``alpha = s = 1, t = 0``) for a stable active neuron (``l >= 0``) and
+(``alpha = s = t = 0``) for a stable inactive one (``u <= 0``). For an unstable neuron
+(``l < 0 < u``) the upper line is the chord ``s = u / (u - l)``, ``t = -s * l`` and the lower
+slope is any ``alpha`` in ``[0, 1]``; the rules are
+
+``adaptive``  (CROWN, Zhang et al. 2018)
+    ``alpha = 1 if u > -l else 0``: the lower line with the smaller area.
+``parallel``  (Fast-Lin, Weng et al. 2018; Wong & Kolter 2018's dual network)
+    ``alpha = u / (u - l)``, parallel to the chord.
+``optimized``  (alpha-CROWN, Xu et al. 2021)
+    free ``alpha`` in ``[0, 1]``, one per specification row, chosen by gradient ascent.
+
+Every line is valid on ``[l, u]`` whatever ``alpha`` in ``[0, 1]`` is, so every rule is sound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SLOPE_RULES",
+    "Relaxation",
+    "backward_relu",
+    "forward_relu",
+    "optimizable_alpha",
+    "relax",
+]
+
+SLOPE_RULES = ("adaptive", "parallel")
+
+
+@dataclass(frozen=True, eq=False)
+class Relaxation:
+    """The two lines of one ReLU layer, per sample.
+
+    Attributes:
+        lower: Lower slopes ``alpha`` `(N, *shape)`.
+        upper: Upper slopes ``s`` `(N, *shape)`.
+        upper_bias: Upper intercepts ``t`` `(N, *shape)`.
+        unstable: `(N, *shape)` bool, where ``l < 0 < u`` (where ``alpha`` is free).
+    """
+
+    lower: Tensor
+    upper: Tensor
+    upper_bias: Tensor
+    unstable: Tensor
+
+
+def relax(lower: Tensor, upper: Tensor, rule: str) -> Relaxation:
+    """The relaxation of ``relu`` over pre-activation bounds `lower <= z <= upper`.
+
+    Args:
+        lower, upper: Sound pre-activation bounds `(N, *shape)`.
+        rule: ``"adaptive"`` or ``"parallel"`` (see the module docstring).
+    """
+    if rule not in SLOPE_RULES:
+        raise ValueError(f"unknown slope rule {rule!r}; expected one of {SLOPE_RULES}")
+    active = lower >= 0
+    unstable = (lower < 0) & (upper > 0)
+    # Guard the division: off the unstable set the chord is never used.
+    width = torch.where(unstable, upper - lower, torch.ones_like(upper))
+    chord = torch.where(unstable, upper / width, active.to(upper.dtype))
+    upper_bias = torch.where(unstable, -chord * lower, torch.zeros_like(lower))
+    if rule == "adaptive":
+        alpha = torch.where(unstable, (upper > -lower).to(upper.dtype), active.to(upper.dtype))
+    else:
+        alpha = chord
+    return Relaxation(alpha, chord, upper_bias, unstable)
+
+
+def optimizable_alpha(relaxation: Relaxation, samples: Tensor, rows: int) -> Tensor:
+    """Initial free lower slopes, one set per row: the relaxation's own, `(B, R, *shape)`."""
+    lower = relaxation.lower.index_select(0, samples).unsqueeze(1)
+    return lower.expand(-1, rows, *lower.shape[2:]).clone()
+
+
+def backward_relu(a: Tensor, relaxation: Relaxation, samples: Tensor,
+                  alpha: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Substitute the relaxation into rows ``a · relu(z)`` to lower-bound them.
+
+    ``a · relu(z) >= a+ · (alpha z) + a- · (s z + t)``, since ``a+ >= 0`` multiplies the
+    lower line and ``a- <= 0`` the upper one; computed as ``a s + a+ (alpha - s)`` and
+    ``a- · t``.
+
+    Args:
+        a: Rows `(B, R, *shape)` of the linear function of the ReLU's output; `B` samples with
+            `R` rows each.
+        relaxation: The layer's relaxation, per sample `(N, *shape)`.
+        samples: `(B,)` the samples of the rows.
+        alpha: Optional per-row lower slopes `(B, R, *shape)` (alpha-CROWN), used on unstable
+            neurons only (clamped to [0, 1]).
+
+    Returns:
+        Rows `(B, R, *shape)` on the ReLU's input and the constants `(B, R)`.
+    """
+    b, r = a.shape[:2]
+    upper = relaxation.upper.index_select(0, samples).unsqueeze(1)
+    bias = relaxation.upper_bias.index_select(0, samples).reshape(b, -1, 1)
+    lower = relaxation.lower.index_select(0, samples).unsqueeze(1)
+    if alpha is not None:
+        unstable = relaxation.unstable.index_select(0, samples).unsqueeze(1)
+        lower = torch.where(unstable, alpha.clamp(0.0, 1.0), lower)
+    pos = a.clamp(min=0)
+    const = torch.bmm((a - pos).reshape(b, r, -1), bias).reshape(b, r)  # a - a+ = a- exactly
+    return torch.addcmul(a * upper, pos, lower - upper), const
+
+
+def forward_relu(mid: Tensor, half_width: Tensor, relaxation: Relaxation, sample: Tensor,
+                 with_bias: bool) -> tuple[Tensor, Tensor]:
+    """Push forward-mode linear bounds through the relaxation.
+
+    The pre-activation's lower and upper linear bounds are ``mid - half_width`` and
+    ``mid + half_width`` (rows of coefficients of the input, or the constant row). The output's
+    are ``alpha (mid - half_width)`` (``alpha >= 0``) and ``s (mid + half_width) [+ t]``.
+
+    Args:
+        mid, half_width: `(B, R, *shape)`, `B` samples with `R` rows each.
+        relaxation: Per sample `(N, *shape)`; `sample` `(B,)` picks the rows' samples.
+        with_bias: Add the upper intercept ``t`` (only for the constant row).
+    """
+    alpha = relaxation.lower.index_select(0, sample).unsqueeze(1)
+    slope = relaxation.upper.index_select(0, sample).unsqueeze(1)
+    lo = alpha * (mid - half_width)
+    hi = slope * (mid + half_width)
+    if with_bias:
+        hi = hi + relaxation.upper_bias.index_select(0, sample).unsqueeze(1)
+    return (hi + lo) / 2, (hi - lo) / 2
