@@ -324,14 +324,13 @@ def _attack(model: nn.Module, prop: VnnlibProperty, rows: _Rows, shape: Sequence
         box = _inward_box(prop, shape, dtype, device)
         assert box is not None
     lower, upper = box
-    width = upper - lower
     per_chunk = max(1, 512 // max(restarts, 1))
     best: tuple[float, Tensor, Tensor] | None = None
     for first in range(0, rows.count, per_chunk):
         keep = torch.zeros(rows.count, dtype=torch.bool)
         keep[first:first + per_chunk] = True
         chunk = rows.subset(keep)
-        found = _pgd(model, prop, chunk, lower, width, steps=steps, restarts=restarts,
+        found = _pgd(model, prop, chunk, lower, upper, steps=steps, restarts=restarts,
                      generator=generator, deadline=deadline)
         if found is not None and (best is None or found[0] > best[0]):
             best = found
@@ -349,10 +348,11 @@ def _attack(model: nn.Module, prop: VnnlibProperty, rows: _Rows, shape: Sequence
     return x.detach().to(torch.float64).cpu(), y[0].detach().to(torch.float64).cpu()
 
 
-def _pgd(model: nn.Module, prop: VnnlibProperty, rows: _Rows, lower: Tensor, width: Tensor, *,
+def _pgd(model: nn.Module, prop: VnnlibProperty, rows: _Rows, lower: Tensor, upper: Tensor, *,
          steps: int, restarts: int, generator: torch.Generator,
          deadline: float) -> tuple[float, Tensor, Tensor] | None:
-    """Sign-gradient ascent on the smallest slack, `restarts` points per conjunction.
+    """Sign-gradient ascent on the smallest slack, `restarts` points per conjunction, in the
+    box ``[lower, upper]`` (``(1, *shape)``).
 
     Returns ``(slack, x, y)`` of the validated point with the largest smallest slack, or None.
     """
@@ -368,7 +368,8 @@ def _pgd(model: nn.Module, prop: VnnlibProperty, rows: _Rows, lower: Tensor, wid
     matrix[rows.owner, slot] = rows.matrix
     bound[rows.owner, slot] = rows.bound
     matrix, bound = matrix.to(lower.dtype), bound.to(lower.dtype)
-    x = _starts(model, lower, width, matrix, bound, restarts=restarts, generator=generator)
+    width = upper - lower
+    x = _starts(model, lower, upper, matrix, bound, restarts=restarts, generator=generator)
     matrix = matrix.repeat_interleave(restarts, 0)
     bound = bound.repeat_interleave(restarts, 0)
     best: tuple[float, Tensor, Tensor] | None = None
@@ -388,11 +389,11 @@ def _pgd(model: nn.Module, prop: VnnlibProperty, rows: _Rows, lower: Tensor, wid
             break
         (grad,) = torch.autograd.grad(objective.clamp(max=1e30).sum(), x)
         size = width * (0.5 * (1 - step / steps) + 0.02)
-        x = torch.minimum(torch.maximum(x + size * grad.sign(), lower), lower + width)
+        x = torch.minimum(torch.maximum(x + size * grad.sign(), lower), upper)
     return best
 
 
-def _starts(model: nn.Module, lower: Tensor, width: Tensor, matrix: Tensor, bound: Tensor, *,
+def _starts(model: nn.Module, lower: Tensor, upper: Tensor, matrix: Tensor, bound: Tensor, *,
             restarts: int, generator: torch.Generator, samples: int = 1024) -> Tensor:
     """PGD starting points ``(P * restarts, *shape)``: per conjunction the box's centre and the
     best of `samples` random points (uniform, and box corners) by smallest slack."""
@@ -400,13 +401,14 @@ def _starts(model: nn.Module, lower: Tensor, width: Tensor, matrix: Tensor, boun
     half = samples // 2
     noise = torch.rand((samples, *shape), generator=generator, dtype=torch.float64)
     noise[half:] = noise[half:].round()  # random corners: the extremes of a ReLU network
-    pool = lower + width * noise.to(device=lower.device, dtype=lower.dtype)
+    noise = noise.to(device=lower.device, dtype=lower.dtype)
+    pool = torch.minimum(lower + (upper - lower) * noise, upper)
     with torch.no_grad():
         y = torch.cat([model(chunk) for chunk in pool.split(256)])
         slack = bound.unsqueeze(0) - torch.einsum("prk,nk->npr", matrix, y)
         score = slack.min(dim=2).values  # (samples, P)
     top = score.topk(min(restarts - 1, samples), dim=0).indices.T  # (P, restarts - 1)
-    centre = (lower + 0.5 * width).expand(matrix.shape[0], 1, *shape)
+    centre = (lower + 0.5 * (upper - lower)).expand(matrix.shape[0], 1, *shape)
     x = torch.cat([centre, pool[top]], dim=1)  # (P, restarts, *shape)
     return x.reshape(-1, *shape)
 

@@ -219,6 +219,24 @@ def test_unsat_needs_every_disjunct_ruled_out() -> None:
     assert verdict.result == "sat" and verdict.counterexample[0].item() >= 0.5  # type: ignore[index]
 
 
+def test_counterexample_on_the_edge_of_the_box() -> None:
+    """The only unsafe inputs are the box's upper corner (as float32 can hold it)."""
+    model = nn.Sequential(nn.Linear(2, 1)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 1.0]]))
+        model[0].bias.zero_()
+    edge = torch.nextafter(torch.tensor(0.85, dtype=torch.float32), torch.tensor(0.0)).item()
+    assert edge < 0.85 < torch.tensor(0.85, dtype=torch.float32).item()
+    text = ("(declare-const X_0 Real)\n(declare-const X_1 Real)\n(declare-const Y_0 Real)\n"
+            "(assert (>= X_0 0.1))\n(assert (<= X_0 0.85))\n"
+            "(assert (>= X_1 0))\n(assert (<= X_1 0))\n"
+            f"(assert (>= Y_0 {edge!r}))\n")  # y = x_0 + 0 exactly in float32
+    prop = parse_vnnlib(text)
+    verdict = verify(model, prop, timeout=10)
+    assert verdict.result == "sat"
+    assert verdict.counterexample[0].tolist() == [edge, 0.0]  # type: ignore[index]
+
+
 def test_timeout_is_reported() -> None:
     model = mlp()
     x = torch.full((1, 1, 4, 4), 0.5)
