@@ -136,6 +136,18 @@ def test_user_errors_are_one_line(bench: dict[str, Path], tmp_path: Path) -> Non
     result = runner.invoke(main, ["verify", str(bench["net"]), str(bench["robust"]),
                                   "--input-shape", "4,4"])
     assert result.exit_code == 1 and "C,H,W" in result.output
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["a"], name="r"),
+         helper.make_node("LeakyRelu", ["a"], ["y"], name="leaky_1")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])])
+    onnx.save(helper.make_model(graph), str(tmp_path / "leaky.onnx"))
+    result = runner.invoke(main, ["verify", str(tmp_path / "leaky.onnx"), str(bench["robust"])])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert "'leaky_1' (op LeakyRelu" in result.output
 
 
 def test_checkpoint_models_work_too(tiny_checkpoint: Path, tmp_path: Path) -> None:

@@ -147,12 +147,16 @@ def test_tighter_method_needed(tmp_path: Path) -> None:
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(widths=st.lists(st.integers(2, 8), min_size=1, max_size=3), seed=st.integers(0, 10_000),
-       eps=st.sampled_from([0.01, 0.05, 0.2, 0.6]), k=st.integers(2, 4))
+       eps=st.sampled_from([0.01, 0.05, 0.2, 0.6]), k=st.integers(2, 4),
+       conv=st.integers(0, 3))
 def test_never_unsat_when_sampling_finds_a_counterexample(widths: list[int], seed: int,
-                                                          eps: float, k: int) -> None:
+                                                          eps: float, k: int, conv: int) -> None:
     torch.manual_seed(seed)
     layers: list[nn.Module] = [nn.Flatten()]
     features = 6
+    if conv:  # a conv layer first: (1, 2, 3) -> (conv, 1, 2)
+        layers = [nn.Conv2d(1, conv, 2), nn.ReLU(), nn.Flatten()]
+        features = 2 * conv
     for w in widths:
         layers += [nn.Linear(features, w), nn.ReLU()]
         features = w
