@@ -576,6 +576,9 @@ def run_instances(
     methods: Sequence[str] = ("ibp", "crown", "alpha-crown"),
     use_milp: bool | Literal["auto"] = "auto",
     timeout: float | None = None,
+    input_shape: Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
     resume: bool = True,
@@ -591,6 +594,7 @@ def run_instances(
         instances: The benchmark's ``instances.csv``.
         results: The results CSV to write.
         timeout: Seconds per instance instead of the csv's.
+        input_shape, mean, std: For every network, as in :func:`certify.model_io.load_model`.
         on_result: Called after each instance (for progress output).
     Returns:
         The results, in the order of `instances`.
@@ -625,7 +629,9 @@ def run_instances(
         try:
             if instance.onnx_path not in models:  # each network is loaded once
                 try:
-                    models[instance.onnx_path] = load_model(instance.onnx_path, device=device)
+                    models[instance.onnx_path] = load_model(
+                        instance.onnx_path, device=device, input_shape=input_shape, mean=mean,
+                        std=std)
                 except CertifyError as e:
                     models[instance.onnx_path] = e
             loaded = models[instance.onnx_path]

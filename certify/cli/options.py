@@ -59,11 +59,14 @@ def _number_list(kind: type, what: str) -> Callable[[click.Context, click.Parame
 
 def model_input_options(f: F) -> F:
     """``--input-shape``, ``--mean`` and ``--std`` for models (ONNX) whose file does not say."""
-    f = click.option("--std", callback=_number_list(float, "comma-separated numbers"),
-                     help="Per-channel std of the normalization an ONNX network expects (it is "
-                     "added as the first layer), e.g. 0.3081.")(f)
-    f = click.option("--mean", callback=_number_list(float, "comma-separated numbers"),
-                     help="Per-channel mean of that normalization, e.g. 0.1307.")(f)
-    return click.option("--input-shape", callback=_number_list(int, "C,H,W"),
-                        help="Input shape C,H,W of an ONNX network whose file does not say "
-                        "(or to read a flat input as an image).")(f)
+    f = click.option("--std", metavar="S[,S...]",
+                     callback=_number_list(float, "comma-separated numbers"),
+                     help="Per-channel std of that normalization, e.g. 0.3081.")(f)
+    f = click.option("--mean", metavar="M[,M...]",
+                     callback=_number_list(float, "comma-separated numbers"),
+                     help="Per-channel mean of the input normalization an ONNX network expects "
+                     "(added as its first layer), e.g. 0.1307.")(f)
+    return click.option("--input-shape", metavar="C,H,W",
+                        callback=_number_list(int, "C,H,W"),
+                        help="Input shape of an ONNX network whose file does not say (or to "
+                        "read a flat input as an image).")(f)

@@ -57,6 +57,8 @@ def verify(net: str | None, spec: str | None, instances: str | None, timeout: fl
     use_milp: bool | Literal["auto"] = "auto" if milp == "auto" else milp == "always"
     methods = methods or DEFAULT_METHODS
     torch_device = resolve_device(device)
+    if input_shape is not None and len(input_shape) != 3:
+        raise SpecError(f"--input-shape must be C,H,W (three sizes), got {input_shape}.")
     if instances is not None:
         if net is not None or spec is not None:
             raise click.UsageError("give either NET SPEC or --instances, not both.")
@@ -70,7 +72,8 @@ def verify(net: str | None, spec: str | None, instances: str | None, timeout: fl
                            + (f"  ({item.method})" if item.result == "error" else ""), err=True)
 
         rows = run_instances(instances, out, methods=methods, use_milp=use_milp,
-                             timeout=timeout, device=torch_device, seed=seed,
+                             timeout=timeout, input_shape=input_shape, mean=mean, std=std,
+                             device=torch_device, seed=seed,
                              resume=not no_resume, on_result=report)
         counts = {r: sum(1 for x in rows if x.result == r)
                   for r in ("sat", "unsat", "unknown", "timeout", "error")}
@@ -85,8 +88,6 @@ def verify(net: str | None, spec: str | None, instances: str | None, timeout: fl
     if net is None or spec is None:
         raise click.UsageError("give NET and SPEC (a network and a .vnnlib property), or "
                                "--instances CSV.")
-    if input_shape is not None and len(input_shape) != 3:
-        raise SpecError(f"--input-shape must be C,H,W (three sizes), got {input_shape}.")
     verdict = verify_files(net, spec, timeout=timeout or 60.0, methods=methods,
                            use_milp=use_milp, input_shape=input_shape, mean=mean,
                            std=std, device=torch_device, seed=seed)
