@@ -37,7 +37,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +45,9 @@ from torch import Tensor, nn
 from certify.attacks import eval_mode, margins
 from certify.errors import SoundnessError, SpecError, unknown_name
 from certify.report.results import SampleRow
+
+if TYPE_CHECKING:
+    from certify.bounds import BoundMethod, Network
 
 BoundFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 """``bound_fn(x (n, C, H, W), y (n,), eps (n,)) -> (n,)`` lower bound on the smallest margin."""
@@ -84,16 +87,16 @@ class CertResult:
                f"{self.seconds:.3g}s)"
 
 
-def margin_lower_bound(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, *,
-                       method: str = "crown", **options: Any) -> Tensor:
+def margin_lower_bound(model: nn.Module | Network, x: Tensor, y: Tensor, eps: Tensor, *,
+                       method: str | BoundMethod = "crown", **options: Any) -> Tensor:
     """The method's lower bound on ``min_j (f_y - f_j)`` over ``clip(x +- eps, 0, 1)``.
 
     Args:
-        model: Classifier on `(N, C, H, W)` pixels.
+        model: Classifier on `(N, C, H, W)` pixels, or the engine's ``Network`` of it.
         x: `(N, C, H, W)` inputs in [0, 1].
         y: `(N,)` labels.
         eps: `(N,)` radii.
-        method: Bound method name, see ``certify.bounds.list_methods()``.
+        method: Bound method name (``certify.bounds.list_methods()``) or a configured method.
         **options: The method's options.
     Returns:
         `(N,)`; robustness is proven where it is > 0.
@@ -504,12 +507,13 @@ def certified_radii(model: nn.Module, x: Tensor, y: Tensor, method: str = "crown
     if index.shape != (n,):
         raise SpecError(f"index must have one entry per sample ({n}), got {tuple(index.shape)}")
     if bound_fn is None:
-        from certify.bounds import get_method
+        from certify.bounds import get_method, to_network
 
-        get_method(method, **method_options)  # unknown names and options fail before any work
+        configured = get_method(method, **method_options)  # bad names/options fail up front
+        net = to_network(model, tuple(x.shape[1:]))  # once, not per step
 
         def bound_fn(xs: Tensor, ys: Tensor, eps: Tensor) -> Tensor:
-            return margin_lower_bound(model, xs, ys, eps, method=method, **method_options)
+            return margin_lower_bound(net, xs, ys, eps, method=configured)
     elif method_options:
         raise SpecError(f"method options {sorted(method_options)} have no effect with bound_fn; "
                         "pass them to your bound_fn instead")

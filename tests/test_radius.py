@@ -2,8 +2,8 @@
 
 A linear classifier ``f(x) = W x + b`` over an *unclipped* box has the exact margin lower bound
 ``m(eps) = min_j [(w_y - w_j).x + b_y - b_j - eps ||w_y - w_j||_1]``, so its exact certified
-radius is ``min_j margin_j / ||w_y - w_j||_1``. Tests with the real bound engine live in
-tests/test_radius_engine.py.
+radius is ``min_j margin_j / ||w_y - w_j||_1``. The last part runs the search on the real bound
+engine (tiny random networks and a quickly trained digits MLP).
 """
 
 from __future__ import annotations
@@ -392,3 +392,116 @@ def test_linear_radius_accounts_for_clipping():
     x2 = torch.tensor([0.3], dtype=torch.float64).view(1, 1, 1, 1)
     lin.bias.data[1] = -0.7  # margin 2x + 0.7 > 0 on all of [0, 1]: never reaches 0
     assert math.isinf(float(linear_radius(model, x2, y[:1])[0]))
+
+
+# --------------------------------------------------------------------- with the bound engine
+
+
+def _trained_digits_mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A digits MLP trained for a few epochs with plain torch (float64), and 48 test points."""
+    from certify.data import load_dataset
+    from certify.nets import create_arch
+
+    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    torch.manual_seed(0)
+    model = create_arch("mlp-32-16", (1, 8, 8), 10, mean=[0.3052], std=[0.376]).double()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        for xb, yb in train.batches(64, shuffle=True, generator=g):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xb.double()), yb).backward()
+            opt.step()
+    x, y = test.take(slice(0, 48))
+    return model.eval(), x.double(), y
+
+
+@pytest.fixture(scope="module")
+def digits_mlp():
+    pytest.importorskip("certify.bounds")
+    return _trained_digits_mlp()
+
+
+def _random_net_batch(net: nn.Module, shape: tuple[int, ...], n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    net = net.double().eval()
+    x = torch.rand(n, *shape, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    y[:2] = (y[:2] + 1) % net(x[:1]).shape[1]  # two misclassified samples
+    return net, x, y
+
+
+def _engine_cases(tiny_mlp, tiny_cnn, digits_mlp):
+    return {"tiny_mlp": lambda: _random_net_batch(tiny_mlp, (1, 4, 4), 24, 0),
+            "tiny_cnn": lambda: _random_net_batch(tiny_cnn, (1, 8, 8), 16, 1),
+            "digits": lambda: digits_mlp}
+
+
+def _margin(model, x, y, eps, method):
+    from certify.bounds import margin_bounds
+
+    return margin_bounds(model, x, y, eps, method=method).lower.amin(dim=1)
+
+
+@pytest.mark.parametrize("method", ["crown", "ibp"])
+@pytest.mark.parametrize("case", ["tiny_mlp", "tiny_cnn", "digits"])
+def test_engine_radius_reverifies_and_upper_end_fails(case, method, tiny_mlp, tiny_cnn,
+                                                      digits_mlp):
+    model, x, y = _engine_cases(tiny_mlp, tiny_cnn, digits_mlp)[case]()
+    res = certified_radii(model, x, y, method, eps_max=0.5, tol=TOL)
+    ok = res.pred == res.label
+    assert (res.certified_eps[~ok] == 0).all()
+    pos = res.certified_eps > 0
+    if pos.any():
+        assert (_margin(model, x[pos], y[pos], res.certified_eps[pos], method) > 0).all()
+    ends = res.search_upper[ok]
+    failed = _margin(model, x[ok], y[ok], ends, method) <= 0
+    assert (failed | (ends == 0.5)).all()
+    assert (ends - res.certified_eps[ok] <= TOL).all()
+
+
+def test_engine_certified_never_exceeds_real_pgd(digits_mlp, tiny_cnn):
+    from certify.attacks import minimal_adversarial
+
+    for model, x, y in (digits_mlp, _random_net_batch(tiny_cnn, (1, 8, 8), 16, 2)):
+        attack = minimal_adversarial(model, x, y, eps_max=0.5, tol=1e-3, steps=20,
+                                     generator=torch.Generator().manual_seed(0))
+        for method in ("crown", "ibp"):
+            res = certified_radii(model, x, y, method, attack_eps=attack.eps, tol=TOL)
+            assert (res.certified_eps <= attack.eps).all()
+            assert torch.equal(res.attack_eps, attack.eps)
+
+
+@pytest.mark.parametrize("method", ["crown", "ibp"])
+def test_engine_fast_equals_bisection_where_the_bound_is_monotone(method, digits_mlp):
+    model, x, y = digits_mlp
+    fast = certified_radii(model, x, y, method, search="fast", tol=TOL)
+    bis = certified_radii(model, x, y, method, search="bisection", tol=TOL)
+    ok = fast.pred == fast.label
+    diff = (fast.certified_eps - bis.certified_eps).abs()
+    for i in torch.nonzero(diff > TOL).flatten().tolist():
+        # both are valid; they can only differ where the bound is provably not monotone:
+        # one search failed at an eps below one where the other one succeeded
+        lo_a, lo_b = fast.certified_eps[i], bis.certified_eps[i]
+        hi_low = fast.search_upper[i] if lo_a < lo_b else bis.search_upper[i]
+        assert hi_low < max(lo_a, lo_b), f"sample {i}: differ by {float(diff[i])} on a monotone run"
+    if method == "ibp":  # interval arithmetic is monotone in eps: always equal within tol
+        assert (diff <= TOL).all()
+    evals_fast = fast.evaluations[ok].double().mean()
+    evals_bis = bis.evaluations[ok].double().mean()
+    assert evals_bis >= 12 and evals_fast <= 6 and evals_fast < evals_bis / 2
+
+
+def test_engine_options_and_unknown_method(digits_mlp):
+    model, x, y = digits_mlp
+    with pytest.raises(UnknownNameError, match="alpha-crown"):
+        certified_radii(model, x[:4], y[:4], "alpha_crown")
+    res = certified_radii(model, x[:6], y[:6], "alpha-crown", steps=3, tol=1e-3)
+    pos = res.certified_eps > 0
+    assert (_margin(model, x[:6][pos], y[:6][pos], res.certified_eps[pos], "alpha-crown") > 0).all()
+    # alpha-CROWN is at least as tight as CROWN pointwise: it proves CROWN's radii too
+    crown = certified_radii(model, x[:6], y[:6], "crown", tol=1e-3)
+    pos = crown.certified_eps > 0
+    assert (_margin(model, x[:6][pos], y[:6][pos], crown.certified_eps[pos], "alpha-crown")
+            > 0).all()

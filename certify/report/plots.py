@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -58,6 +59,34 @@ def _certified(rows: Sequence[SampleRow]) -> np.ndarray:
     return np.array([r.certified_eps if r.correct else 0.0 for r in rows], dtype=np.float64)
 
 
+def _attack_curves(runs: Runs, colors: Sequence[Any]) -> list[tuple[str, Any, np.ndarray]]:
+    """``(label, colour, attack eps of correct samples or -inf)`` per distinct attack curve.
+
+    Runs of one model with several bound methods share their attack eps: that curve is drawn
+    once, in black, labelled by the runs' common name (``"model (ibp)"``, ``"model (crown)"``
+    give ``"model"``).
+    """
+    groups: list[tuple[list[str], Any, np.ndarray]] = []
+    for (label, rows), color in zip(runs.items(), colors, strict=True):
+        values = np.array([r.attack_eps if r.correct else -math.inf for r in rows])
+        if not np.isfinite(values).any():
+            continue
+        for labels, _, other in groups:
+            if other.shape == values.shape and np.array_equal(other, values):
+                labels.append(label)
+                break
+        else:
+            groups.append(([label], color, values))
+    out = []
+    for labels, color, values in groups:
+        if len(labels) == 1:
+            out.append((labels[0], color, values))
+        else:
+            common = os.path.commonprefix(labels).rstrip(" ([").strip() or "shared"
+            out.append((common, "black", values))
+    return out
+
+
 def plot_sorted_eps(runs: Runs, ax: Axes | None = None, *,
                     title: str = "Per-sample certified and attack ε") -> Axes:
     """The thesis's sorted-eps curves: every test point's eps in increasing order.
@@ -73,15 +102,17 @@ def plot_sorted_eps(runs: Runs, ax: Axes | None = None, *,
         The axes.
     """
     ax = ax if ax is not None else _new_axes()
-    for (label, rows), color in zip(runs.items(), _colors(len(runs)), strict=True):
+    colors = _colors(len(runs))
+    for (label, rows), color in zip(runs.items(), colors, strict=True):
         cert = np.sort(_certified(rows))
         ax.plot(np.arange(1, len(cert) + 1), cert, color=color, linewidth=1.8,
                 label=f"{label}: certified")
-        attack = np.sort(np.array([r.attack_eps for r in rows], dtype=np.float64))
+    for label, color, values in _attack_curves(runs, colors):
+        # misclassified samples have attack eps 0 (the clean point is adversarial)
+        attack = np.sort(np.where(values == -math.inf, 0.0, values))
         finite = attack[np.isfinite(attack)]
-        if finite.size:
-            ax.plot(np.arange(1, finite.size + 1), finite, color=color, linewidth=1.4,
-                    linestyle="--", label=f"{label}: attack")
+        ax.plot(np.arange(1, finite.size + 1), finite, color=color, linewidth=1.4,
+                linestyle="--", label=f"{label}: attack")
     ax.set_xlim(left=0)
     ax.set_ylim(bottom=0)
     _style(ax, xlabel="test points (sorted)", ylabel=EPS_LABEL, title=title)
@@ -115,20 +146,19 @@ def plot_certified_accuracy(runs: Runs, ax: Axes | None = None, *,
     """
     ax = ax if ax is not None else _new_axes()
     top = 0.0
-    for (label, rows), color in zip(runs.items(), _colors(len(runs)), strict=True):
-        n = len(rows)
-        if n == 0:
+    colors = _colors(len(runs))
+    for (label, rows), color in zip(runs.items(), colors, strict=True):
+        if not rows:
             continue
         cert = np.array([r.certified_eps if r.correct else -math.inf for r in rows])
-        xs, fr = _step_curve(cert, n, strict=False)
+        xs, fr = _step_curve(cert, len(rows), strict=False)
         ax.step(xs, fr, where="post", color=color, linewidth=1.8, label=f"{label}: certified")
         top = max(top, float(xs.max()))
-        attack = np.array([r.attack_eps if r.correct else -math.inf for r in rows])
-        if np.isfinite(attack[attack > -math.inf]).any():
-            xs_a, fr_a = _step_curve(attack, n, strict=True)
-            ax.step(xs_a, fr_a, where="post", color=color, linewidth=1.4, linestyle="--",
-                    label=f"{label}: attack")
-            top = max(top, float(xs_a.max()))
+    for label, color, attack in _attack_curves(runs, colors):
+        xs_a, fr_a = _step_curve(attack, len(attack), strict=True)
+        ax.step(xs_a, fr_a, where="post", color=color, linewidth=1.4, linestyle="--",
+                label=f"{label}: attack")
+        top = max(top, float(xs_a.max()))
     ax.set_xlim(0, top * 1.05 if top > 0 else 1.0)
     ax.set_ylim(0, 1.02)
     _style(ax, xlabel=EPS_LABEL, ylabel="accuracy", title=title)
@@ -149,3 +179,59 @@ def runs_from_rows(rows: Sequence[SampleRow], name: str) -> dict[str, list[Sampl
     for r in rows:
         out.setdefault(f"{name} ({r.method})", []).append(r)
     return out
+
+
+KINDS = ("sorted-eps", "certified-accuracy")
+
+
+def plot_runs(run_dirs: Sequence[str | os.PathLike[str]], *,
+              out: str | os.PathLike[str] | None = None, kind: str = "sorted-eps",
+              methods: Sequence[str] | None = None, title: str | None = None) -> Path:
+    """Redraw a figure of saved ``certify area`` runs (what ``certify plot`` does).
+
+    Each run is labelled by its model's file stem, with the method appended when the runs show
+    more than one method, and the run folder's name when two labels would coincide.
+
+    Args:
+        run_dirs: Run folders written by ``certify area``.
+        out: Output PNG; default ``<kind file>`` in the run folder (one run) or in the current
+            folder (several).
+        kind: ``sorted-eps`` or ``certified-accuracy``.
+        methods: Only these methods (default: all of each run).
+        title: Figure title (default: the plot's own).
+    Returns:
+        The written path.
+    Raises:
+        ReportError: a folder that is not a run, or no rows for the requested methods.
+    """
+    from certify.errors import ReportError, unknown_name
+    from certify.report.area import ACCURACY_FIGURE, SORTED_FIGURE, read_run
+
+    if kind not in KINDS:
+        raise unknown_name("plot kind", kind, KINDS)
+    runs = [read_run(d) for d in run_dirs]
+    selected: list[tuple[str, Path, str, list[SampleRow]]] = []
+    for run in runs:
+        for method in dict.fromkeys(r.method for r in run.rows):
+            if methods is None or method in methods:
+                selected.append((run.label, run.run_dir, method, run.rows_of(method)))
+    if not selected:
+        wanted = ", ".join(methods) if methods else "any method"
+        raise ReportError(f"no per-sample rows for {wanted} in {', '.join(map(str, run_dirs))}")
+    several_methods = len({m for _, _, m, _ in selected}) > 1
+    labels = [f"{stem} ({m})" if several_methods else stem for stem, _, m, _ in selected]
+    curves: dict[str, Sequence[SampleRow]] = {}
+    for label, (_, run_dir, _, rows) in zip(labels, selected, strict=True):
+        key = label if labels.count(label) == 1 else f"{label} [{run_dir.name}]"
+        curves[key] = rows
+    kwargs = {"title": title} if title else {}
+    if kind == "sorted-eps":
+        ax = plot_sorted_eps(curves, **kwargs)
+        name = SORTED_FIGURE
+    else:
+        ax = plot_certified_accuracy(curves, **kwargs)
+        name = ACCURACY_FIGURE
+    target = Path(out) if out is not None else (
+        Path(run_dirs[0]) / name if len(run_dirs) == 1 else Path(name))
+    save_figure(ax, target)
+    return target

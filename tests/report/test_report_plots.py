@@ -19,14 +19,17 @@ def rows(scale: float, method: str = "crown") -> list[SampleRow]:
     out = []
     for i in range(20):
         cert = scale * (i % 7) / 100
-        attack = math.inf if i == 3 else cert * 1.5 + 0.001
+        attack = math.inf if i == 3 else (i % 7) / 100 * 1.5 + 0.001  # the model's, not scaled
         pred = 9 if i == 5 else i % 10
         out.append(SampleRow(i, i % 10, pred, method, cert, attack, 4, 0.01, cert + 1e-4))
     return out
 
 
 def test_sorted_eps_figure(tmp_path):
-    runs = {"teacher (crown)": rows(1.0), "student (crown)": rows(0.5)}
+    student = [SampleRow(r.index, r.label, r.prediction, r.method, r.certified_eps,
+                         r.attack_eps * 0.8, r.evaluations, r.seconds, r.search_upper)
+               for r in rows(0.5)]
+    runs = {"teacher (crown)": rows(1.0), "student (crown)": student}
     ax = plot_sorted_eps(runs)
     assert ax.get_xlabel() == "test points (sorted)"
     assert ax.get_ylabel() == "ε (L∞, pixel scale)"
@@ -38,10 +41,13 @@ def test_sorted_eps_figure(tmp_path):
     assert styles["teacher (crown): attack"][1] == "--"
     assert styles["teacher (crown): certified"][0] == styles["teacher (crown): attack"][0]
     assert styles["teacher (crown): certified"][0] != styles["student (crown): certified"][0]
-    cert_y = lines[0].get_ydata()
+    by_label = {line.get_label(): line for line in lines}
+    cert_y = by_label["teacher (crown): certified"].get_ydata()
     assert list(cert_y) == sorted(cert_y)  # increasing order
     assert cert_y[0] == 0.0  # the misclassified sample counts 0
-    assert len(lines[1].get_ydata()) == 19  # the inf attack eps is left off
+    attack_y = by_label["teacher (crown): attack"].get_ydata()
+    assert len(attack_y) == 19  # the inf attack eps is left off
+    assert list(attack_y) == sorted(attack_y) and attack_y[0] == 0.0
     assert ax.get_legend() is not None
     save_figure(ax, tmp_path / "sorted_eps.png")
     data = (tmp_path / "sorted_eps.png").read_bytes()
@@ -60,6 +66,15 @@ def test_certified_accuracy_figure(tmp_path):
     assert (tmp_path / "acc.png").read_bytes().startswith(PNG)
 
 
+def test_one_model_several_methods_share_one_black_attack_curve():
+    runs = runs_from_rows(rows(1.0) + rows(0.5, method="ibp"), "net")
+    for plot in (plot_sorted_eps, plot_certified_accuracy):
+        lines = plot(runs).get_lines()
+        labels = [line.get_label() for line in lines]
+        assert labels == ["net (crown): certified", "net (ibp): certified", "net: attack"]
+        assert lines[2].get_color() == "black" and lines[2].get_linestyle() == "--"
+
+
 def test_draws_on_a_given_axes_and_splits_methods():
     from matplotlib.figure import Figure
 
@@ -67,7 +82,7 @@ def test_draws_on_a_given_axes_and_splits_methods():
     split = runs_from_rows(rows(1.0) + rows(0.5, method="ibp"), "net")
     assert list(split) == ["net (crown)", "net (ibp)"]
     assert plot_sorted_eps(split, ax) is ax
-    assert len(ax.get_lines()) == 4
+    assert len(ax.get_lines()) == 3
 
 
 def test_plots_do_not_touch_pyplot_state():

@@ -1,0 +1,129 @@
+"""``certify area``: per-sample maximal certified eps, attack eps and the certification area."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from certify.cli.options import (
+    data_dir_option,
+    dataset_option,
+    device_option,
+    dtype_option,
+    quiet_option,
+    seed_option,
+)
+
+
+class _MethodName(click.ParamType):
+    """A bound method name, checked against the engine's registry (loaded only when needed)."""
+
+    name = "method"
+
+    @staticmethod
+    def _names() -> list[str]:
+        from certify.bounds import list_methods
+
+        return list_methods()
+
+    def get_metavar(self, *args: Any, **kwargs: Any) -> str:
+        return "[" + "|".join(self._names()) + "]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from certify.errors import unknown_name
+
+        names = self._names()
+        if value not in names:
+            self.fail(str(unknown_name("method", str(value), names)), param, ctx)
+        return str(value)
+
+
+def _indices(ctx: click.Context, param: click.Parameter, value: str | None
+             ) -> tuple[int, ...] | None:
+    """``0,5,10`` and ranges ``100:200`` (end excluded), mixed: ``0:10,50``."""
+    if value is None:
+        return None
+    out: list[int] = []
+    try:
+        for part in value.split(","):
+            part = part.strip()
+            if ":" in part:
+                a, b = part.split(":")
+                out.extend(range(int(a), int(b)))
+            elif part:
+                out.append(int(part))
+    except ValueError:
+        raise click.BadParameter(f"expected positions like 0,5,10 or 0:100, got {value!r}",
+                                 ctx=ctx, param=param) from None
+    return tuple(out)
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@dataset_option(required=True)
+@click.option("--split", default="test", show_default=True, help="Dataset split.")
+@click.option("--n", "n", type=int, default=None,
+              help="Certify the first N samples of the split [default: all].")
+@click.option("--indices", callback=_indices, default=None,
+              help="Certify these sample positions instead: 0,5,10 or ranges 0:100.")
+@click.option("--method", "methods", type=_MethodName(), multiple=True,
+              help="Bound method; repeat for several [default: crown].")
+@click.option("--attack", type=click.Choice(["pgd", "none"]), default="pgd", show_default=True,
+              help="Per-sample minimal adversarial eps by PGD (an upper bound), or none.")
+@click.option("--eps-max", type=float, default=0.5, show_default=True,
+              help="Largest eps searched (pixel units, > 0).")
+@click.option("--tol", type=float, default=1e-4, show_default=True,
+              help="Precision of each certified eps (> 0).")
+@click.option("--search", type=click.Choice(["fast", "bisection"]), default="fast",
+              show_default=True, help="Radius search: margin-interpolating, or plain bisection.")
+@click.option("--batch-size", type=int, default=100, show_default=True,
+              help="Samples per batch (partial results are saved after each).")
+@device_option
+@dtype_option
+@seed_option
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Run folder [default: reports/area/<YYYYmmdd-HHMMSS>-<model>].")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run (in -o DIR, or the newest matching one).")
+@data_dir_option
+@quiet_option
+@click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout.")
+def area(model: str, dataset: str, split: str, n: int | None, indices: tuple[int, ...] | None,
+         methods: tuple[str, ...], attack: str, eps_max: float, tol: float, search: str,
+         batch_size: int, device: str, dtype: str, seed: int, out_dir: str | None, resume: bool,
+         data_dir: str | None, quiet: bool, as_json: bool) -> None:
+    """Largest certified eps of every test point, next to the smallest attack eps.
+
+    For each sample and bound method: the largest L-inf eps (pixel units) at which the method
+    proves the prediction robust, and the smallest eps at which PGD finds an adversarial
+    example. Writes per_sample.csv, results.json, sorted_eps.png, certified_accuracy.png and
+    summary.md into the run folder; prints a summary.
+
+    \b
+    Example:
+      certify area models/teacher.pt --dataset svhn --n 500
+      certify area models/m.pt --dataset digits --method ibp --method crown -o reports/m
+      certify area models/m.pt --dataset digits -o reports/m --resume
+    """
+    from certify.report.area import AreaConfig, run_area
+    from certify.report.results import read_json
+    from certify.report.summary import summary_table
+
+    config = AreaConfig(model=model, dataset=dataset, split=split, n=n, indices=indices,
+                        methods=methods or ("crown",), attack=attack, eps_max=eps_max, tol=tol,
+                        batch_size=batch_size, device=device, dtype=dtype, seed=seed,
+                        search=search, data_dir=data_dir)
+    try:
+        result = run_area(config, out_dir=out_dir, resume=resume, quiet=quiet)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: the results saved so far are valid; continue with --resume "
+                   "(and the same options, -o pointing at the run folder).", err=True)
+        sys.exit(130)
+    if as_json:
+        click.echo(json.dumps(read_json(result.run_dir / "results.json"), indent=2))
+        return
+    click.echo(summary_table(result.summaries))
+    click.echo(f"results in {result.run_dir}")

@@ -1,0 +1,496 @@
+"""``certify area`` as a library: per-sample certified and attack eps over a dataset split.
+
+:func:`run_area` loads a model and a dataset, and for every selected sample and every bound
+method finds the largest certified eps (:func:`certify.radius.certified_radii`) next to the
+smallest eps at which PGD found an adversarial example
+(:func:`certify.attacks.minimal_adversarial`). It writes a run directory::
+
+    config.json            every resolved option, the model's sha256, versions, git SHA
+    per_sample.csv         one row per sample and method (see certify.report.results)
+    results.json           status, settings, versions and the summary per method
+    sorted_eps.png         certified eps of every sample in increasing order, attack eps dashed
+    certified_accuracy.png certified accuracy (solid) and attack accuracy (dashed) vs eps
+    summary.md             the tables and links to the figures
+
+``per_sample.csv`` and ``results.json`` are rewritten atomically after every batch and method,
+so an interrupted run (a crash, Ctrl-C) leaves valid files, and ``resume=True`` continues it. The
+result is the same as an uninterrupted run: batches are fixed by the options, each batch's
+attack has its own seeded generator, and the fast search's first guesses depend only on the
+rows of earlier batches.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from certify._io import atomic_write_json
+from certify.errors import ReportError, SpecError, unknown_name
+from certify.report.results import (
+    SampleRow,
+    json_safe,
+    read_json,
+    read_sample_csv,
+    write_sample_csv,
+)
+from certify.report.summary import (
+    MethodSummary,
+    default_eps_grid,
+    summarize,
+    write_summary_md,
+)
+
+ATTACKS = ("pgd", "none")
+CONFIG_FILE = "config.json"
+SAMPLES_FILE = "per_sample.csv"
+RESULTS_FILE = "results.json"
+SORTED_FIGURE = "sorted_eps.png"
+ACCURACY_FIGURE = "certified_accuracy.png"
+SUMMARY_FILE = "summary.md"
+
+# Settings that change the numbers: a run is only resumed with the same values.
+RESULT_KEYS = ("model_sha256", "dataset", "split", "indices", "methods", "method_options",
+               "attack", "attack_steps", "attack_restarts", "attack_tol", "eps_max", "tol",
+               "search", "batch_size", "device", "dtype", "seed")
+MIN_RATIO_SAMPLES = 8  # earlier samples needed before their median ratio steers the first guess
+
+
+@dataclass(frozen=True)
+class AreaConfig:
+    """Everything that defines a ``certify area`` run.
+
+    Attributes:
+        model: Model file (certify checkpoint ``.pt`` or ``.onnx``).
+        dataset: Dataset name, e.g. ``digits``.
+        split: Dataset split.
+        n: The first `n` samples of the split (None: all); exclusive with `indices`.
+        indices: Explicit sample positions in the split.
+        methods: Bound methods, each searched separately.
+        attack: ``pgd`` (minimal adversarial eps per sample) or ``none``.
+        eps_max: Upper end of both searches (> 0).
+        tol: Width of the certified search's final bracket (> 0).
+        batch_size: Samples per batch.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        dtype: ``float32`` or ``float64`` for the model, the attack and the bounds.
+        seed: Seeds every batch's attack generator.
+        search: ``fast`` or ``bisection``.
+        attack_steps, attack_restarts: PGD settings of every attack probe.
+        attack_tol: Bracket width of the attack's bisection (default: `tol`).
+        data_dir: Folder with the dataset files (default ``$CERTIFY_DATA`` or ``./data``).
+        method_options: Per-method options, e.g. ``{"alpha-crown": {"steps": 50}}``.
+        eps_grid: Radii for the certified accuracy in the summary (default: a round grid).
+    """
+
+    model: str
+    dataset: str
+    split: str = "test"
+    n: int | None = None
+    indices: tuple[int, ...] | None = None
+    methods: tuple[str, ...] = ("crown",)
+    attack: str = "pgd"
+    eps_max: float = 0.5
+    tol: float = 1e-4
+    batch_size: int = 100
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+    search: str = "fast"
+    attack_steps: int = 40
+    attack_restarts: int = 1
+    attack_tol: float | None = None
+    data_dir: str | None = None
+    method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    eps_grid: tuple[float, ...] | None = None
+
+    def validate(self) -> None:
+        """Check every option; raise a one-line :class:`SpecError` naming the bad one."""
+        from certify.bounds import list_methods
+        from certify.radius import SEARCHES
+
+        if not (isinstance(self.tol, (int, float)) and math.isfinite(self.tol) and self.tol > 0):
+            raise SpecError(f"--tol must be a number > 0, got {self.tol}; e.g. --tol 1e-4")
+        if not (isinstance(self.eps_max, (int, float)) and math.isfinite(self.eps_max)
+                and self.eps_max > 0):
+            raise SpecError(f"--eps-max must be a number > 0, got {self.eps_max}; e.g. "
+                            "--eps-max 0.5")
+        if self.attack_tol is not None and not (math.isfinite(self.attack_tol)
+                                                and self.attack_tol > 0):
+            raise SpecError(f"attack_tol must be > 0, got {self.attack_tol}")
+        if self.n is not None and self.indices is not None:
+            raise SpecError("give --n (the first N samples) or --indices, not both")
+        if self.n is not None and self.n < 1:
+            raise SpecError(f"--n must be >= 1, got {self.n}")
+        if self.batch_size < 1:
+            raise SpecError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.attack_steps < 1 or self.attack_restarts < 1:
+            raise SpecError("attack steps and restarts must be >= 1, got "
+                            f"{self.attack_steps} and {self.attack_restarts}")
+        if not self.methods:
+            raise SpecError("give at least one --method")
+        if len(set(self.methods)) != len(self.methods):
+            raise SpecError(f"each --method once, got {', '.join(self.methods)}")
+        available = list_methods()
+        for m in self.methods:
+            if m not in available:
+                raise unknown_name("method", m, available)
+        for m in self.method_options:
+            if m not in self.methods:
+                raise SpecError(f"options given for method '{m}', which is not run; methods: "
+                                f"{', '.join(self.methods)}")
+        if self.attack not in ATTACKS:
+            raise unknown_name("attack", self.attack, ATTACKS)
+        if self.search not in SEARCHES:
+            raise unknown_name("search", self.search, SEARCHES)
+        if self.dtype not in ("float32", "float64"):
+            raise SpecError(f"--dtype must be float32 or float64, got {self.dtype}")
+        if self.eps_grid is not None and any(not (e >= 0 and math.isfinite(e))
+                                             for e in self.eps_grid):
+            raise SpecError(f"eps_grid must hold finite eps >= 0, got {list(self.eps_grid)}")
+
+
+@dataclass(frozen=True)
+class AreaRun:
+    """A run directory's content.
+
+    Attributes:
+        run_dir: The folder.
+        settings: The resolved settings (``config.json``'s ``settings``).
+        rows: Per-sample rows, ordered by sample position then method.
+        summaries: Per-method aggregates.
+        complete: Whether every selected sample has a row for every method.
+    """
+
+    run_dir: Path
+    settings: dict[str, Any]
+    rows: tuple[SampleRow, ...]
+    summaries: dict[str, MethodSummary]
+    complete: bool
+
+    @property
+    def label(self) -> str:
+        """The model's file stem, for legends."""
+        return Path(str(self.settings.get("model", self.run_dir.name))).stem
+
+    def rows_of(self, method: str) -> list[SampleRow]:
+        return [r for r in self.rows if r.method == method]
+
+
+# -------------------------------------------------------------------------------- helpers
+
+
+def _git_sha() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and len(sha) == 40 else None
+
+
+def _versions() -> dict[str, Any]:
+    from certify import __version__
+
+    return {"certify": __version__, "torch": torch.__version__,
+            "python": platform.python_version(), "git_sha": _git_sha()}
+
+
+def _select(config: AreaConfig, size: int, where: str) -> list[int]:
+    if config.indices is not None:
+        idx = [int(i) for i in config.indices]
+        if not idx:
+            raise SpecError("--indices is empty; give positions like 0,5,10 or 0:100")
+        bad = [i for i in idx if not 0 <= i < size]
+        if bad:
+            raise SpecError(f"--indices {bad[0]} is out of range for {where} ({size} samples: "
+                            f"0..{size - 1})")
+        if len(set(idx)) != len(idx):
+            raise SpecError("--indices lists a sample twice; give each position once")
+        return idx
+    if config.n is not None:
+        if config.n > size:
+            raise SpecError(f"--n {config.n} but {where} has only {size} samples; use "
+                            f"--n {size} or less")
+        return list(range(config.n))
+    return list(range(size))
+
+
+def _new_run_dir(root: Path, stem: str) -> Path:
+    base = root / "area" / f"{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{stem}"
+    path, k = base, 2
+    while path.exists():
+        path = base.with_name(f"{base.name}-{k}")
+        k += 1
+    return path
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    out = []
+    for k in RESULT_KEYS:
+        a, b = old.get(k), new.get(k)
+        if json_safe(a) != json_safe(b):
+            shown_a = "<list>" if isinstance(a, list) and len(a) > 8 else a
+            shown_b = "<list>" if isinstance(b, list) and len(b) > 8 else b
+            out.append(f"{k}={shown_a!r} (now {shown_b!r})")
+    return out
+
+
+def _find_resumable(root: Path, stem: str, settings: Mapping[str, Any]) -> Path:
+    area = root / "area"
+    candidates = sorted(area.glob(f"*-{stem}*"), reverse=True) if area.is_dir() else []
+    for path in candidates:
+        try:
+            old = read_json(path / CONFIG_FILE).get("settings", {})
+        except ReportError:
+            continue
+        if not _differences(old, settings):
+            return path
+    raise ReportError(f"nothing to resume for {stem} under {area} with these options; run "
+                      "without --resume, or pass the run's folder with -o DIR")
+
+
+def _guess(previous: Sequence[SampleRow], attack_eps: torch.Tensor | None) -> torch.Tensor | None:
+    """First guesses from earlier batches: their median certified/attack ratio times attack eps."""
+    if attack_eps is None:
+        return None
+    ratios = [r.certified_eps / r.attack_eps for r in previous
+              if r.correct and r.certified_eps > 0 and 0 < r.attack_eps < math.inf]
+    if len(ratios) < MIN_RATIO_SAMPLES:
+        return None
+    return attack_eps * statistics.median(ratios)
+
+
+def _batch_generator(seed: int, batch: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + batch) % (2**63))
+
+
+# ---------------------------------------------------------------------------------- running
+
+
+def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = None,
+             resume: bool = False, quiet: bool = False,
+             reports_root: str | os.PathLike[str] = "reports") -> AreaRun:
+    """Run ``certify area``: per-sample certified eps (per method) and attack eps, into a folder.
+
+    Args:
+        config: The run's options (validated here).
+        out_dir: The run folder; default ``<reports_root>/area/<YYYYmmdd-HHMMSS>-<model stem>``.
+        resume: Continue the run in `out_dir` (or the newest matching run under
+            `reports_root`) instead of starting a new one; its settings must match.
+        quiet: No progress bar.
+        reports_root: Where default run folders go.
+    Returns:
+        :class:`AreaRun` of the finished run.
+    Raises:
+        SpecError: bad options; resuming with different settings.
+        CheckpointError: a missing or unreadable model file.
+        DatasetError: missing data, or a dataset the model does not fit.
+        ReportError: `out_dir` already holds a run (without `resume`), or nothing to resume.
+        SoundnessError: a certified eps above an attack eps (a bug; never caught).
+    """
+    from certify import attacks, radius
+    from certify.compat import check_compatible
+    from certify.data import get_dataset_info, load_dataset
+    from certify.model_io import load_model
+    from certify.utils import progress, resolve_device, resolve_dtype
+
+    config.validate()
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype)
+    model_path = Path(config.model)
+    info = get_dataset_info(config.dataset)
+    model, meta = load_model(model_path, device=device, dataset=config.dataset)
+    check_compatible(meta, info, model_name=model_path.name, strict=True)
+    data = load_dataset(config.dataset, config.split, root=config.data_dir)
+    positions = _select(config, len(data), f"{config.dataset}/{config.split}")
+    model = model.to(dtype=dtype).eval()
+
+    from certify._io import sha256_file
+
+    settings: dict[str, Any] = {
+        "model": str(model_path),
+        "model_sha256": sha256_file(model_path),
+        "dataset": config.dataset,
+        "split": config.split,
+        "n": len(positions),
+        "indices": positions,
+        "methods": list(config.methods),
+        "method_options": {k: dict(v) for k, v in config.method_options.items()},
+        "attack": config.attack,
+        "attack_steps": config.attack_steps,
+        "attack_restarts": config.attack_restarts,
+        "attack_tol": config.attack_tol if config.attack_tol is not None else config.tol,
+        "eps_max": float(config.eps_max),
+        "tol": float(config.tol),
+        "search": config.search,
+        "batch_size": config.batch_size,
+        "device": str(device),
+        "dtype": config.dtype,
+        "seed": config.seed,
+        "data_dir": config.data_dir,
+        "eps_grid": list(config.eps_grid) if config.eps_grid is not None else None,
+    }
+    root = Path(reports_root)
+    stem = model_path.name.split(".")[0] or "model"
+    if resume:
+        run_dir = Path(out_dir) if out_dir is not None else _find_resumable(root, stem, settings)
+        if not (run_dir / CONFIG_FILE).is_file():
+            raise ReportError(f"no run to resume in {run_dir} (no {CONFIG_FILE}); run without "
+                              "--resume to start one there")
+        old = read_json(run_dir / CONFIG_FILE).get("settings", {})
+        diff = _differences(old, settings)
+        if diff:
+            raise SpecError(f"cannot resume {run_dir}: it was run with {'; '.join(diff[:3])}. "
+                            "Resume with the same options, or start a new run")
+        rows = read_sample_csv(run_dir / SAMPLES_FILE) if (run_dir / SAMPLES_FILE).is_file() \
+            else []
+    else:
+        run_dir = Path(out_dir) if out_dir is not None else _new_run_dir(root, stem)
+        if (run_dir / CONFIG_FILE).exists() or (run_dir / SAMPLES_FILE).exists():
+            raise ReportError(f"{run_dir} already holds a run; continue it with --resume, or "
+                              "pick another folder with -o")
+        rows = []
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / CONFIG_FILE, json_safe({
+            "command": "area", "settings": settings, "versions": _versions(),
+            "created": _dt.datetime.now().isoformat(timespec="seconds")}))
+
+    wanted = set(positions)
+    done: dict[tuple[int, str], SampleRow] = {
+        (r.index, r.method): r for r in rows if r.index in wanted and r.method in config.methods}
+    order = {p: k for k, p in enumerate(positions)}
+    method_order = {m: k for k, m in enumerate(config.methods)}
+
+    def ordered() -> list[SampleRow]:
+        return sorted(done.values(), key=lambda r: (order[r.index], method_order[r.method]))
+
+    total = len(positions) * len(config.methods)
+    attack_seconds = 0.0
+    start = time.perf_counter()
+    bar = progress(total=total, initial=len(done), quiet=quiet, unit="cert",
+                   desc=f"area {stem}")
+    try:
+        for b, first in enumerate(range(0, len(positions), config.batch_size)):
+            batch = positions[first:first + config.batch_size]
+            todo = [m for m in config.methods if any((p, m) not in done for p in batch)]
+            if not todo:
+                continue
+            x, y = data.take(torch.tensor(batch))
+            x, y = x.to(device=device, dtype=dtype), y.to(device)
+            attack_eps = None
+            if config.attack == "pgd":
+                t0 = time.perf_counter()
+                adv = attacks.minimal_adversarial(
+                    model, x, y, eps_max=config.eps_max, tol=settings["attack_tol"],
+                    steps=config.attack_steps, restarts=config.attack_restarts,
+                    generator=_batch_generator(config.seed, b))
+                attack_eps = adv.eps
+                attack_seconds += time.perf_counter() - t0
+            earlier = set(positions[:first])
+            for m in todo:
+                previous = [r for (p, meth), r in done.items() if meth == m and p in earlier]
+                result = radius.certified_radii(
+                    model, x, y, m, eps_max=config.eps_max, tol=config.tol,
+                    attack_eps=attack_eps, guess=_guess(previous, attack_eps),
+                    search=config.search, index=torch.tensor(batch),
+                    **dict(config.method_options.get(m, {})))
+                for row in result.rows():
+                    done[(row.index, row.method)] = row
+                current = ordered()
+                write_sample_csv(run_dir / SAMPLES_FILE, current)
+                _write_results(run_dir, settings, current, config,
+                               complete=len(done) == total,
+                               wall=time.perf_counter() - start, attack_seconds=attack_seconds)
+                bar.update(len(batch))
+    finally:
+        bar.close()
+
+    final = ordered()
+    write_sample_csv(run_dir / SAMPLES_FILE, final)
+    summaries = _write_results(run_dir, settings, final, config, complete=True,
+                               wall=time.perf_counter() - start, attack_seconds=attack_seconds)
+    write_figures(run_dir, final, label=stem)
+    write_summary_md(run_dir / SUMMARY_FILE, title=f"certify area: {model_path.name} on "
+                     f"{config.dataset}/{config.split}", summaries=summaries,
+                     settings=_md_settings(settings), figures={
+                         "Sorted certified ε (solid) and attack ε (dashed)": SORTED_FIGURE,
+                         "Certified accuracy (solid) and attack accuracy (dashed)":
+                             ACCURACY_FIGURE})
+    return AreaRun(run_dir, settings, tuple(final), summaries, True)
+
+
+def _md_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("model", "dataset", "split", "n", "methods", "attack", "eps_max", "tol", "search",
+            "dtype", "seed")
+    return {k: ", ".join(map(str, settings[k])) if isinstance(settings[k], list) else settings[k]
+            for k in keys}
+
+
+def _write_results(run_dir: Path, settings: Mapping[str, Any], rows: Sequence[SampleRow],
+                   config: AreaConfig, *, complete: bool, wall: float,
+                   attack_seconds: float) -> dict[str, MethodSummary]:
+    grid = config.eps_grid if config.eps_grid is not None else default_eps_grid(rows)
+    summaries = summarize(rows, eps_grid=grid) if rows else {}
+    atomic_write_json(run_dir / RESULTS_FILE, json_safe({
+        "status": "complete" if complete else "partial",
+        "n_done": len({r.index for r in rows}),
+        "n_total": len(settings["indices"]),
+        "settings": {k: v for k, v in settings.items() if k != "indices"},
+        "versions": _versions(),
+        "eps_grid": list(grid),
+        "summary": {m: s.as_dict() for m, s in summaries.items()},
+        "attack_seconds": attack_seconds,
+        "wall_seconds_this_session": wall,
+    }))
+    return summaries
+
+
+def write_figures(run_dir: str | os.PathLike[str], rows: Sequence[SampleRow], *,
+                  label: str) -> None:
+    """Write ``sorted_eps.png`` and ``certified_accuracy.png`` of one run's rows."""
+    from certify.report.plots import (
+        plot_certified_accuracy,
+        plot_sorted_eps,
+        runs_from_rows,
+        save_figure,
+    )
+
+    runs = runs_from_rows(rows, label)
+    run_dir = Path(run_dir)
+    save_figure(plot_sorted_eps(runs), run_dir / SORTED_FIGURE)
+    save_figure(plot_certified_accuracy(runs), run_dir / ACCURACY_FIGURE)
+
+
+def read_run(run_dir: str | os.PathLike[str]) -> AreaRun:
+    """Read a run folder written by :func:`run_area` (complete or not), without recomputing.
+
+    Raises:
+        ReportError: not a run folder, or malformed files.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"run folder not found: {run_dir}. Pass a folder written by "
+                          "`certify area` (reports/area/...)")
+    config = read_json(run_dir / CONFIG_FILE)
+    settings = config.get("settings") if isinstance(config, dict) else None
+    if not isinstance(settings, dict):
+        raise ReportError(f"{run_dir / CONFIG_FILE} has no 'settings'; was it written by "
+                          "`certify area`?")
+    rows = read_sample_csv(run_dir / SAMPLES_FILE)
+    methods = settings.get("methods") or sorted({r.method for r in rows})
+    grid = settings.get("eps_grid")
+    summaries = summarize(rows, eps_grid=grid) if rows else {}
+    complete = len(rows) == len(settings.get("indices", [])) * len(methods)
+    return AreaRun(run_dir, settings, tuple(rows), summaries, complete)
