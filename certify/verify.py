@@ -168,7 +168,8 @@ def verify(
         for name in cascade:
             if time.perf_counter() >= deadline:
                 return done("timeout", None)
-            open_rows &= ~_ruled_out(bound_model, box, rows, open_rows, name)
+            left = deadline - time.perf_counter()
+            open_rows &= ~_ruled_out(bound_model, box, rows, open_rows, name, seconds=left)
             if not open_rows.any():
                 return done("unsat", name)
         remaining = deadline - time.perf_counter()
@@ -276,8 +277,12 @@ def _use_milp(use_milp: bool | str, model: nn.Module, x: Tensor, available: Sequ
 
 
 def _ruled_out(model: nn.Module, box: tuple[Tensor, Tensor], rows: _Rows, open_rows: Tensor,
-               method: str) -> Tensor:
-    """``(P,)`` bool: conjunctions with a row proven violated by `method` (only open ones)."""
+               method: str, *, seconds: float) -> Tensor:
+    """``(P,)`` bool: conjunctions with a row proven violated by `method` (only open ones).
+
+    The MILP gets the `seconds` left as its time limit, shared by its problems (one per row);
+    a problem that runs out falls back to a sound bound inside the engine.
+    """
     from certify.bounds import compute_bounds
 
     active = open_rows.to(rows.owner.device)[rows.owner]
@@ -286,7 +291,10 @@ def _ruled_out(model: nn.Module, box: tuple[Tensor, Tensor], rows: _Rows, open_r
         return out
     lower, upper = box
     spec = rows.matrix[active].to(lower.dtype).unsqueeze(0)
-    bounds = compute_bounds(model, lower, upper, method, spec)
+    options: dict[str, float] = {}
+    if method == "milp":
+        options["time_limit"] = max(seconds / int(active.sum()), 1.0)
+    bounds = compute_bounds(model, lower, upper, method, spec, **options)
     # proven violated: the smallest value of (matrix @ y)_r over the box exceeds bound_r
     violated = (bounds.lower[0].to(torch.float64) - rows.bound[active]) > 0
     owners = rows.owner[active][violated].cpu()
