@@ -15,6 +15,7 @@ from certify.errors import (
     UnknownNameError,
     UnsupportedLayerError,
 )
+from certify.model_io import load_model
 from certify.nets import count_parameters, create_arch
 
 __all__ = [
@@ -31,5 +32,6 @@ __all__ = [
     "create_arch",
     "load_checkpoint",
     "load_dataset",
+    "load_model",
     "save_checkpoint",
 ]

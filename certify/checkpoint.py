@@ -60,8 +60,14 @@ class ModelMeta:
 
 def build_model(meta: ModelMeta) -> nn.Sequential:
     """A freshly initialised model of the architecture `meta` describes."""
-    return create_arch(meta.arch, meta.input_shape, meta.num_classes, mean=meta.mean,
-                       std=meta.std, **meta.arch_kwargs)
+    return create_arch(
+        meta.arch,
+        meta.input_shape,
+        meta.num_classes,
+        mean=meta.mean,
+        std=meta.std,
+        **meta.arch_kwargs,
+    )
 
 
 def _plain(obj: Any) -> Any:
@@ -82,7 +88,17 @@ def _plain(obj: Any) -> Any:
 
 
 def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: ModelMeta) -> None:
-    """Write `model` and `meta` to `path` atomically (temporary file, then rename)."""
+    """Write `model` and `meta` to `path` atomically (temporary file, then rename).
+
+    Under ``torchrun`` only rank 0 writes; every rank returns once the file is written (and
+    raises if rank 0 could not write it).
+    """
+    from certify import distributed
+
+    distributed.run_on_main(lambda: _write_checkpoint(path, model, meta))
+
+
+def _write_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: ModelMeta) -> None:
     from certify import __version__
     from certify._io import atomic_open
 
@@ -100,32 +116,51 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The raw payload, loaded safely; every failure is a one-line :class:`CheckpointError`."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}. Check the path, or train one with `certify train`.")
+        raise CheckpointError(
+            f"checkpoint not found: {path}. Check the path, or train one with `certify train`."
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "GLOBAL" in str(e) or "Unsupported global" in str(e):
             raise CheckpointError(
-                f"{path} contains pickled code or objects and was refused (it could run code on load). "
-                "Only certify checkpoints with plain data are loaded; re-save the model with save_checkpoint."
+                f"{path} contains pickled code or objects and was refused (it could run code "
+                "on load). Only certify checkpoints with plain data are loaded; re-save the "
+                "model with save_checkpoint."
             ) from None
         raise _unreadable(path) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError,
-            AttributeError, TypeError, struct.error):
+    except (
+        RuntimeError,
+        EOFError,
+        zipfile.BadZipFile,
+        OSError,
+        ValueError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        TypeError,
+        struct.error,
+    ):
         raise _unreadable(path) from None
     if not isinstance(payload, dict) or "meta" not in payload or "state_dict" not in payload:
-        raise CheckpointError(f"{path} is a torch file but not a certify checkpoint (no 'meta'/'state_dict'). "
-                              "Save models with certify.save_checkpoint.")
+        raise CheckpointError(
+            f"{path} is a torch file but not a certify checkpoint (no 'meta'/'state_dict'). "
+            "Save models with certify.save_checkpoint."
+        )
     version = payload.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(f"{path} was saved with format_version {version}; this certify understands "
-                              f"<= {FORMAT_VERSION}. Upgrade certify.")
+        raise CheckpointError(
+            f"{path} was saved with format_version {version}; this certify understands "
+            f"<= {FORMAT_VERSION}. Upgrade certify."
+        )
     return payload
 
 
 def _unreadable(path: Path) -> CheckpointError:
-    return CheckpointError(f"{path} is not a readable checkpoint (corrupt, truncated, or not a torch "
-                           "file). Re-create it with `certify train` or save_checkpoint.")
+    return CheckpointError(
+        f"{path} is not a readable checkpoint (corrupt, truncated, or not a torch "
+        "file). Re-create it with `certify train` or save_checkpoint."
+    )
 
 
 def _first_line(e: BaseException) -> str:
@@ -150,11 +185,14 @@ def meta_from_dict(d: dict[str, Any], path: str | os.PathLike[str] = "checkpoint
             format_version=int(d.get("format_version", FORMAT_VERSION)),
         )
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: metadata is incomplete or malformed ({e!r}). Re-save the checkpoint.") from None
+        raise CheckpointError(
+            f"{path}: metadata is incomplete or malformed ({e!r}). Re-save the checkpoint."
+        ) from None
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
-                    ) -> tuple[nn.Sequential, ModelMeta]:
+def load_checkpoint(
+    path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
+) -> tuple[nn.Sequential, ModelMeta]:
     """Load a checkpoint safely and rebuild its model in eval mode.
 
     Returns:
@@ -172,8 +210,10 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
     try:
         model.load_state_dict(payload["state_dict"])
     except (RuntimeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: weights do not fit architecture '{meta.arch}' "
-                              f"{meta.arch_kwargs}: {_first_line(e)}") from None
+        raise CheckpointError(
+            f"{path}: weights do not fit architecture '{meta.arch}' "
+            f"{meta.arch_kwargs}: {_first_line(e)}"
+        ) from None
     return model.to(device).eval(), meta
 
 

@@ -50,10 +50,12 @@ def unknown_name(kind: str, name: str, available: Iterable[str]) -> UnknownNameE
     available = list(available)
     close = difflib.get_close_matches(name, available, n=1, cutoff=0.5)
     hint = f" did you mean '{close[0]}'?" if close else ""
-    return UnknownNameError(
-        f"unknown {kind} '{name}';{hint} Available: {', '.join(available)}."
-    )
+    return UnknownNameError(f"unknown {kind} '{name}';{hint} Available: {', '.join(available)}.")
 
 
 class ReportError(CertifyError):
     """A missing or malformed run directory or result file (per_sample.csv, results.json)."""
+
+
+class DistributedError(CertifyError):
+    """A multi-process (torchrun) run failed on some rank; the message names the rank."""

@@ -21,7 +21,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     except RuntimeError:
         raise SpecError(f"unknown device '{name}'; use cpu, cuda, cuda:N or auto.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SpecError(f"device '{name}' requested but no CUDA GPU is available; use --device cpu.")
+        raise SpecError(
+            f"device '{name}' requested but no CUDA GPU is available; use --device cpu."
+        )
     return device
 
 
@@ -45,5 +47,6 @@ def progress(iterable=None, *, quiet: bool = False, **kwargs):  # type: ignore[n
 
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, disable=True if quiet else None, file=sys.stderr, dynamic_ncols=True,
-                **kwargs)
+    return tqdm(
+        iterable, disable=True if quiet else None, file=sys.stderr, dynamic_ncols=True, **kwargs
+    )

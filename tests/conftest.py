@@ -20,14 +20,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def make_meta(arch: str, model: torch.nn.Module, dataset: str = "digits",
-              input_shape: tuple[int, int, int] = (1, 8, 8), num_classes: int = 10) -> ModelMeta:
+def make_meta(
+    arch: str,
+    model: torch.nn.Module,
+    dataset: str = "digits",
+    input_shape: tuple[int, int, int] = (1, 8, 8),
+    num_classes: int = 10,
+) -> ModelMeta:
     from certify.nets import arch_kwargs_of, parse_arch
 
     base, _ = parse_arch(arch)
     norm = model.norm
-    return ModelMeta(base, arch_kwargs_of(model), dataset, input_shape, num_classes,
-                     tuple(norm.mean.flatten().tolist()), tuple(norm.std.flatten().tolist()))
+    return ModelMeta(
+        base,
+        arch_kwargs_of(model),
+        dataset,
+        input_shape,
+        num_classes,
+        tuple(norm.mean.flatten().tolist()),
+        tuple(norm.std.flatten().tolist()),
+    )
 
 
 @pytest.fixture

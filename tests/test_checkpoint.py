@@ -15,8 +15,9 @@ from tests.conftest import make_meta
 
 def test_round_trip_gives_identical_logits(tiny_cnn, tmp_path: Path) -> None:
     path = tmp_path / "m.pt"
-    meta = make_meta("scn", tiny_cnn).with_updates(metrics={"test_accuracy": 0.5},
-                                                    training={"command": "train", "seed": 3})
+    meta = make_meta("scn", tiny_cnn).with_updates(
+        metrics={"test_accuracy": 0.5}, training={"command": "train", "seed": 3}
+    )
     save_checkpoint(path, tiny_cnn, meta)
     model, loaded = load_checkpoint(path)
     x = torch.rand(5, 1, 8, 8)
@@ -89,7 +90,9 @@ def test_weights_that_do_not_fit_the_architecture(tiny_checkpoint: Path, tmp_pat
         load_checkpoint(bad)
 
 
-def test_failed_save_leaves_previous_file_intact(tiny_cnn, tiny_checkpoint: Path, monkeypatch) -> None:
+def test_failed_save_leaves_previous_file_intact(
+    tiny_cnn, tiny_checkpoint: Path, monkeypatch
+) -> None:
     before = tiny_checkpoint.read_bytes()
 
     def boom(*args, **kwargs):  # type: ignore[no-untyped-def]

@@ -53,7 +53,9 @@ class CertifyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except CertifyError as e:
-            raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+            raise click.ClickException(
+                str(e).splitlines()[0] if str(e) else type(e).__name__
+            ) from None
 
 
 def _importable(target: str) -> bool:
@@ -71,4 +73,3 @@ def main() -> None:
       certify demo                       # the whole study on bundled digits data
       certify area model.pt --dataset svhn
     """
-

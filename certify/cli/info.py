@@ -32,8 +32,9 @@ def info(model: str, as_json: bool) -> None:
     click.echo(f"file:         {model}")
     click.echo(f"architecture: {meta.arch} ({widths})")
     click.echo(f"parameters:   {params:,}")
-    click.echo(f"dataset:      {meta.dataset}  input {tuple(meta.input_shape)}, "
-               f"{meta.num_classes} classes")
+    click.echo(
+        f"dataset:      {meta.dataset}  input {tuple(meta.input_shape)}, {meta.num_classes} classes"
+    )
     click.echo(f"normalize:    mean={list(meta.mean)} std={list(meta.std)}")
     if meta.parent:
         click.echo(f"parent:       {meta.parent[:16]}…")

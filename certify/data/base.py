@@ -35,9 +35,14 @@ class ImageDataset(Dataset[tuple[Tensor, Tensor]]):
 
     def __init__(self, images: Tensor, labels: Tensor, info: DatasetInfo, split: str) -> None:
         if images.ndim != 4:
-            raise DatasetError(f"{info.name}/{split}: images must be (N, C, H, W), got {tuple(images.shape)}")
+            raise DatasetError(
+                f"{info.name}/{split}: images must be (N, C, H, W), got {tuple(images.shape)}"
+            )
         if labels.shape != (images.shape[0],):
-            raise DatasetError(f"{info.name}/{split}: {images.shape[0]} images but labels of shape {tuple(labels.shape)}")
+            raise DatasetError(
+                f"{info.name}/{split}: {images.shape[0]} images but labels of shape "
+                f"{tuple(labels.shape)}"
+            )
         self.images = images
         self.labels = labels.to(torch.int64)
         self.info = info
@@ -62,16 +67,18 @@ class ImageDataset(Dataset[tuple[Tensor, Tensor]]):
         """All images as float32 in [0, 1], and all labels."""
         return self.take(slice(None))
 
-    def batches(self, batch_size: int, *, shuffle: bool = False,
-                generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    def batches(
+        self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[Tensor, Tensor]]:
         """Iterate over `(x, y)` batches by slicing (much faster than a DataLoader here)."""
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         for start in range(0, n, batch_size):
-            yield self.take(order[start:start + batch_size])
+            yield self.take(order[start : start + batch_size])
 
     def __repr__(self) -> str:
-        return f"ImageDataset({self.info.name}/{self.split}, n={len(self)}, shape={tuple(self.images.shape[1:])})"
+        shape = tuple(self.images.shape[1:])
+        return f"ImageDataset({self.info.name}/{self.split}, n={len(self)}, shape={shape})"
 
 
 Loader = Callable[[str, Path, bool], ImageDataset]
@@ -100,8 +107,12 @@ def default_root() -> Path:
     return Path(os.environ.get("CERTIFY_DATA", "data"))
 
 
-def load_dataset(name: str, split: str = "test", root: str | os.PathLike[str] | None = None,
-                 download: bool = False) -> ImageDataset:
+def load_dataset(
+    name: str,
+    split: str = "test",
+    root: str | os.PathLike[str] | None = None,
+    download: bool = False,
+) -> ImageDataset:
     """Load a dataset split as images in [0, 1], NCHW, and int64 labels.
 
     Args:
@@ -116,5 +127,7 @@ def load_dataset(name: str, split: str = "test", root: str | os.PathLike[str] | 
     """
     info = get_dataset_info(name)
     if split not in info.splits:
-        raise DatasetError(f"dataset '{name}' has no split '{split}'; available: {', '.join(info.splits)}.")
+        raise DatasetError(
+            f"dataset '{name}' has no split '{split}'; available: {', '.join(info.splits)}."
+        )
     return _LOADERS[name](split, Path(root) if root is not None else default_root(), download)

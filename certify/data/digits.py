@@ -11,7 +11,9 @@ import torch
 from certify.data.base import DatasetInfo, ImageDataset, register_dataset
 
 # Computed on the train split below (pixels / 16).
-DIGITS = DatasetInfo("digits", 10, (1, 8, 8), mean=(0.3052,), std=(0.3760,), splits=("train", "test"))
+DIGITS = DatasetInfo(
+    "digits", 10, (1, 8, 8), mean=(0.3052,), std=(0.3760,), splits=("train", "test")
+)
 TEST_FRACTION = 0.25
 SPLIT_SEED = 0
 
@@ -24,7 +26,9 @@ def _split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     data = load_digits()
     x = (data.images / 16.0).astype(np.float32)[:, None, :, :]
     y = data.target.astype(np.int64)
-    return tuple(train_test_split(x, y, test_size=TEST_FRACTION, stratify=y, random_state=SPLIT_SEED))
+    return tuple(
+        train_test_split(x, y, test_size=TEST_FRACTION, stratify=y, random_state=SPLIT_SEED)
+    )
 
 
 @register_dataset(DIGITS)

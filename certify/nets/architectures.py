@@ -42,10 +42,13 @@ def conv_net(
     if not (len(channels) == len(kernels) == len(strides) == len(paddings)):
         raise ValueError("channels, kernels, strides and paddings need one entry per conv layer")
     if any(int(w) < 1 for w in [*channels, *hidden]):
-        raise ValueError(f"every width must be >= 1, got channels={list(channels)} hidden={list(hidden)}")
+        raise ValueError(
+            f"every width must be >= 1, got channels={list(channels)} hidden={list(hidden)}"
+        )
     c, h, w = input_shape
     layers: OrderedDict[str, nn.Module] = OrderedDict(norm=Normalize(mean, std))
-    for i, (out_c, k, s, p) in enumerate(zip(channels, kernels, strides, paddings), start=1):
+    convs = zip(channels, kernels, strides, paddings, strict=True)
+    for i, (out_c, k, s, p) in enumerate(convs, start=1):
         layers[f"conv{i}"] = nn.Conv2d(c, int(out_c), k, stride=s, padding=p)
         if batch_norm:
             layers[f"bn{i}"] = nn.BatchNorm2d(int(out_c))
@@ -64,55 +67,141 @@ def conv_net(
 
 
 @register_arch("mlp", positional="hidden")
-def mlp(input_shape: Shape, num_classes: int, mean: Sequence[float], std: Sequence[float], *,
-        hidden: Sequence[int] = (100, 100), channels: Sequence[int] = ()) -> nn.Sequential:
+def mlp(
+    input_shape: Shape,
+    num_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    hidden: Sequence[int] = (100, 100),
+    channels: Sequence[int] = (),
+) -> nn.Sequential:
     """Fully connected ReLU network (``mlp-200-100``: two hidden layers of 200 and 100)."""
     if len(channels):
         raise ValueError("mlp has no conv layers; channels must be empty")
-    return conv_net(input_shape, num_classes, mean, std, channels=(), kernels=(), strides=(),
-                    paddings=(), hidden=hidden)
+    return conv_net(
+        input_shape,
+        num_classes,
+        mean,
+        std,
+        channels=(),
+        kernels=(),
+        strides=(),
+        paddings=(),
+        hidden=hidden,
+    )
 
 
 @register_arch("wk-small")
-def wk_small(input_shape: Shape, num_classes: int, mean: Sequence[float], std: Sequence[float], *,
-             channels: Sequence[int] = (16, 32), hidden: Sequence[int] = (100,)) -> nn.Sequential:
+def wk_small(
+    input_shape: Shape,
+    num_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    channels: Sequence[int] = (16, 32),
+    hidden: Sequence[int] = (100,),
+) -> nn.Sequential:
     """Wong et al. (2018) small: two 4x4 stride-2 convs, one dense layer of 100."""
-    return conv_net(input_shape, num_classes, mean, std, channels=channels, kernels=(4, 4),
-                    strides=(2, 2), paddings=(1, 1), hidden=hidden)
+    return conv_net(
+        input_shape,
+        num_classes,
+        mean,
+        std,
+        channels=channels,
+        kernels=(4, 4),
+        strides=(2, 2),
+        paddings=(1, 1),
+        hidden=hidden,
+    )
 
 
 @register_arch("wk-large")
-def wk_large(input_shape: Shape, num_classes: int, mean: Sequence[float], std: Sequence[float], *,
-             channels: Sequence[int] = (32, 32, 64, 64),
-             hidden: Sequence[int] = (512, 512)) -> nn.Sequential:
+def wk_large(
+    input_shape: Shape,
+    num_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    channels: Sequence[int] = (32, 32, 64, 64),
+    hidden: Sequence[int] = (512, 512),
+) -> nn.Sequential:
     """Wong et al. (2018) large: four convs (3x3/1, 4x4/2, 3x3/1, 4x4/2), two dense of 512."""
-    return conv_net(input_shape, num_classes, mean, std, channels=channels, kernels=(3, 4, 3, 4),
-                    strides=(1, 2, 1, 2), paddings=(1, 1, 1, 1), hidden=hidden)
+    return conv_net(
+        input_shape,
+        num_classes,
+        mean,
+        std,
+        channels=channels,
+        kernels=(3, 4, 3, 4),
+        strides=(1, 2, 1, 2),
+        paddings=(1, 1, 1, 1),
+        hidden=hidden,
+    )
 
 
 @register_arch("svhn-teacher")
-def svhn_teacher(input_shape: Shape, num_classes: int, mean: Sequence[float],
-                 std: Sequence[float], *, channels: Sequence[int] = (32, 64, 128, 128),
-                 hidden: Sequence[int] = (256,), batch_norm: bool = True) -> nn.Sequential:
+def svhn_teacher(
+    input_shape: Shape,
+    num_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    channels: Sequence[int] = (32, 64, 128, 128),
+    hidden: Sequence[int] = (256,),
+    batch_norm: bool = True,
+) -> nn.Sequential:
     """The thesis's SVHN teacher: four conv layers with batch norm, one dense layer."""
-    return conv_net(input_shape, num_classes, mean, std, channels=channels, kernels=(3, 4, 3, 4),
-                    strides=(1, 2, 1, 2), paddings=(1, 1, 1, 1), hidden=hidden,
-                    batch_norm=batch_norm)
+    return conv_net(
+        input_shape,
+        num_classes,
+        mean,
+        std,
+        channels=channels,
+        kernels=(3, 4, 3, 4),
+        strides=(1, 2, 1, 2),
+        paddings=(1, 1, 1, 1),
+        hidden=hidden,
+        batch_norm=batch_norm,
+    )
 
 
 @register_arch("cifar-teacher")
-def cifar_teacher(input_shape: Shape, num_classes: int, mean: Sequence[float],
-                  std: Sequence[float], *, channels: Sequence[int] = (32, 32, 64, 64, 128, 128),
-                  hidden: Sequence[int] = (256,), batch_norm: bool = True) -> nn.Sequential:
+def cifar_teacher(
+    input_shape: Shape,
+    num_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    channels: Sequence[int] = (32, 32, 64, 64, 128, 128),
+    hidden: Sequence[int] = (256,),
+    batch_norm: bool = True,
+) -> nn.Sequential:
     """The thesis's CIFAR-10 teacher: six conv layers with batch norm, one dense layer."""
-    return conv_net(input_shape, num_classes, mean, std, channels=channels,
-                    kernels=(3, 4, 3, 4, 3, 4), strides=(1, 2, 1, 2, 1, 2),
-                    paddings=(1, 1, 1, 1, 1, 1), hidden=hidden, batch_norm=batch_norm)
+    return conv_net(
+        input_shape,
+        num_classes,
+        mean,
+        std,
+        channels=channels,
+        kernels=(3, 4, 3, 4, 3, 4),
+        strides=(1, 2, 1, 2, 1, 2),
+        paddings=(1, 1, 1, 1, 1, 1),
+        hidden=hidden,
+        batch_norm=batch_norm,
+    )
 
 
 @register_arch("scn", positional="channels")
-def scn(input_shape: Shape, num_classes: int, mean: Sequence[float], std: Sequence[float], *,
-        channels: Sequence[int] = (32, 32), hidden: Sequence[int] = (100,)) -> nn.Sequential:
+def scn(
+    input_shape: Shape,
+    num_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    channels: Sequence[int] = (32, 32),
+    hidden: Sequence[int] = (100,),
+) -> nn.Sequential:
     """Shallow convolutional student (the thesis's SCN): two 4x4 stride-2 convs, one dense.
 
     ``scn-64-128`` has 64 and 128 filters; on 32x32x3 inputs ``scn-32-32`` has about 220k
@@ -120,5 +209,14 @@ def scn(input_shape: Shape, num_classes: int, mean: Sequence[float], std: Sequen
     """
     if len(channels) != 2:
         raise ValueError(f"scn has exactly two conv layers, got channels={list(channels)}")
-    return conv_net(input_shape, num_classes, mean, std, channels=channels, kernels=(4, 4),
-                    strides=(2, 2), paddings=(1, 1), hidden=hidden)
+    return conv_net(
+        input_shape,
+        num_classes,
+        mean,
+        std,
+        channels=channels,
+        kernels=(4, 4),
+        strides=(2, 2),
+        paddings=(1, 1),
+        hidden=hidden,
+    )

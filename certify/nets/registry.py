@@ -54,9 +54,15 @@ def parse_arch(spec: str) -> tuple[str, dict[str, Any]]:
     raise unknown_name("architecture", spec, names)
 
 
-def create_arch(name: str, input_shape: Sequence[int], num_classes: int, *,
-                mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                **kwargs: Any) -> nn.Sequential:
+def create_arch(
+    name: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    **kwargs: Any,
+) -> nn.Sequential:
     """Build architecture `name` (a registered name or ``scn-32-32`` form) for the given input.
 
     Args:
@@ -87,8 +93,9 @@ def create_arch(name: str, input_shape: Sequence[int], num_classes: int, *,
 def arch_kwargs_of(model: nn.Sequential) -> dict[str, list[int]]:
     """Read the widths (``channels``, ``hidden``) off a built model, e.g. after pruning."""
     channels = [m.out_channels for n, m in model.named_children() if isinstance(m, nn.Conv2d)]
-    hidden = [m.out_features for n, m in model.named_children()
-              if isinstance(m, nn.Linear) and n != "out"]
+    hidden = [
+        m.out_features for n, m in model.named_children() if isinstance(m, nn.Linear) and n != "out"
+    ]
     return {"channels": channels, "hidden": hidden}
 
 

@@ -5,22 +5,35 @@ import torch
 from torch import nn
 
 from certify.errors import SpecError, UnknownNameError
-from certify.nets import Normalize, arch_kwargs_of, count_parameters, create_arch, list_archs, parse_arch
+from certify.nets import (
+    Normalize,
+    arch_kwargs_of,
+    count_parameters,
+    create_arch,
+    list_archs,
+    parse_arch,
+)
 
 SHAPES = [(1, 8, 8), (3, 32, 32), (1, 28, 28)]
 
 
-@pytest.mark.parametrize("name", ["mlp", "wk-small", "wk-large", "svhn-teacher", "cifar-teacher", "scn-32-32"])
+@pytest.mark.parametrize(
+    "name", ["mlp", "wk-small", "wk-large", "svhn-teacher", "cifar-teacher", "scn-32-32"]
+)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_every_arch_builds_and_runs(name: str, shape: tuple[int, int, int]) -> None:
     model = create_arch(name, shape, 10).eval()
     out = model(torch.rand(2, *shape))
     assert out.shape == (2, 10)
-    assert isinstance(next(iter(model.children())), Normalize), "models take [0,1] pixels: Normalize first"
+    assert isinstance(next(iter(model.children())), Normalize), (
+        "models take [0,1] pixels: Normalize first"
+    )
 
 
 def test_registry_lists_the_zoo() -> None:
-    assert {"mlp", "wk-small", "wk-large", "svhn-teacher", "cifar-teacher", "scn"} <= set(list_archs())
+    assert {"mlp", "wk-small", "wk-large", "svhn-teacher", "cifar-teacher", "scn"} <= set(
+        list_archs()
+    )
 
 
 def test_width_names_parse_into_kwargs() -> None:
@@ -50,13 +63,17 @@ def test_widths_read_back_rebuild_the_same_shapes() -> None:
     kwargs = arch_kwargs_of(model)
     assert kwargs == {"channels": [8, 9, 10, 11], "hidden": [13]}
     again = create_arch("svhn-teacher", (3, 32, 32), 10, **kwargs)
-    assert [p.shape for p in model.state_dict().values()] == [p.shape for p in again.state_dict().values()]
+    assert [p.shape for p in model.state_dict().values()] == [
+        p.shape for p in again.state_dict().values()
+    ]
 
 
 def test_normalize_is_per_channel_affine() -> None:
     norm = Normalize([0.1, 0.2, 0.3], [0.5, 0.25, 2.0])
     x = torch.rand(4, 3, 5, 5)
-    expected = (x - torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.5, 0.25, 2.0]).view(1, 3, 1, 1)
+    expected = (x - torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)) / torch.tensor(
+        [0.5, 0.25, 2.0]
+    ).view(1, 3, 1, 1)
     torch.testing.assert_close(norm(x), expected)
 
 
@@ -79,5 +96,15 @@ def test_normalization_channel_mismatch() -> None:
 def test_models_are_flat_sequentials_of_named_layers() -> None:
     model = create_arch("wk-small", (1, 8, 8), 10)
     names = [n for n, _ in model.named_children()]
-    assert names == ["norm", "conv1", "relu1", "conv2", "relu2", "flatten", "fc1", "relu_fc1", "out"]
+    assert names == [
+        "norm",
+        "conv1",
+        "relu1",
+        "conv2",
+        "relu2",
+        "flatten",
+        "fc1",
+        "relu_fc1",
+        "out",
+    ]
     assert all(not isinstance(m, nn.Sequential) for m in model.children())
