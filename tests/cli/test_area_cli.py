@@ -103,13 +103,22 @@ def _strip_seconds(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
 
+RESUME_ARGS = ["--dataset", "digits", "--n", "20", "--batch-size", "8", "--method", "ibp",
+               "--method", "crown", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(digits_ckpt, tmp_path_factory) -> Path:
+    full = tmp_path_factory.mktemp("full") / "run"
+    assert area(str(digits_ckpt), *RESUME_ARGS, "-o", str(full)).exit_code == 0
+    return full
+
+
 @pytest.mark.parametrize("failure", [KeyboardInterrupt, RuntimeError])
-def test_resume_after_a_kill_equals_an_uninterrupted_run(digits_ckpt, tmp_path, monkeypatch,
-                                                         failure):
-    args = [str(digits_ckpt), "--dataset", "digits", "--n", "20", "--batch-size", "8",
-            "--method", "ibp", "--method", "crown", "--quiet"]
-    full = tmp_path / "full"
-    assert area(*args, "-o", str(full)).exit_code == 0
+def test_resume_after_a_kill_equals_an_uninterrupted_run(digits_ckpt, uninterrupted, tmp_path,
+                                                         monkeypatch, failure):
+    args = [str(digits_ckpt), *RESUME_ARGS]
+    full = uninterrupted
 
     import certify.radius as radius
 
