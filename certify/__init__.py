@@ -17,6 +17,7 @@ from certify.errors import (
 )
 from certify.model_io import load_model
 from certify.nets import count_parameters, create_arch
+from certify.radius import certified_radii
 
 __all__ = [
     "CertifyError",
@@ -28,6 +29,7 @@ __all__ = [
     "UnknownNameError",
     "UnsupportedLayerError",
     "__version__",
+    "certified_radii",
     "count_parameters",
     "create_arch",
     "load_checkpoint",

@@ -106,3 +106,9 @@ def test_failed_save_leaves_previous_file_intact(
     with zipfile.ZipFile(tiny_checkpoint):
         pass
     assert pickle  # imported for the crafted-file helpers above
+
+
+def test_saved_files_have_ordinary_permissions(tiny_checkpoint: Path) -> None:
+    mask = os.umask(0)
+    os.umask(mask)
+    assert tiny_checkpoint.stat().st_mode & 0o777 == 0o666 & ~mask
