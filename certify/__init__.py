@@ -1,39 +1,50 @@
-"""certify: provable robustness of image classifiers, and how shallow waters change it."""
+"""certify: provable robustness of image classifiers, and how shallow waters change it.
+
+The public API is imported lazily, so ``certify --help`` does not pay for torch::
+
+    from certify import load_model, load_dataset, certified_radii
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from certify.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
-from certify.data import load_dataset
-from certify.errors import (
-    CertifyError,
-    CheckpointError,
-    DatasetError,
-    SoundnessError,
-    SpecError,
-    UnknownNameError,
-    UnsupportedLayerError,
-)
-from certify.model_io import load_model
-from certify.nets import count_parameters, create_arch
-from certify.radius import certified_radii
+_EXPORTS = {
+    "CertifyError": "certify.errors",
+    "CheckpointError": "certify.errors",
+    "DatasetError": "certify.errors",
+    "SoundnessError": "certify.errors",
+    "SpecError": "certify.errors",
+    "UnknownNameError": "certify.errors",
+    "UnsupportedLayerError": "certify.errors",
+    "ModelMeta": "certify.checkpoint",
+    "load_checkpoint": "certify.checkpoint",
+    "save_checkpoint": "certify.checkpoint",
+    "load_dataset": "certify.data",
+    "load_model": "certify.model_io",
+    "count_parameters": "certify.nets",
+    "create_arch": "certify.nets",
+    "certified_radii": "certify.radius",
+    "compute_bounds": "certify.bounds",
+    "margin_bounds": "certify.bounds",
+    "LinfBall": "certify.spec",
+    "pgd": "certify.attacks",
+}
 
-__all__ = [
-    "CertifyError",
-    "CheckpointError",
-    "DatasetError",
-    "ModelMeta",
-    "SoundnessError",
-    "SpecError",
-    "UnknownNameError",
-    "UnsupportedLayerError",
-    "__version__",
-    "certified_radii",
-    "count_parameters",
-    "create_arch",
-    "load_checkpoint",
-    "load_dataset",
-    "load_model",
-    "save_checkpoint",
-]
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'certify' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
