@@ -45,3 +45,16 @@ def test_info_bad_files_one_line_error(tmp_path: Path, content: bytes | None) ->
     lines = [ln for ln in result.output.strip().splitlines() if ln]
     assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
     assert "Traceback" not in result.output
+
+
+def test_help_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from click.testing import CliRunner; from certify.cli import main; "
+        "r = CliRunner().invoke(main, ['--help']); assert r.exit_code == 0, r.output; "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", "certify --help should stay fast: torch was imported"
