@@ -235,3 +235,56 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike[str]], *,
         Path(run_dirs[0]) / name if len(run_dirs) == 1 else Path(name))
     save_figure(ax, target)
     return target
+
+
+# ------------------------------------------------------------------ study figures (additive)
+
+ATTACK_ACCURACY_LABEL = "accuracy under attack (%)"
+
+
+def plot_attack_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+                       ax: Axes | None = None, *,
+                       title: str = "Accuracy under PGD attack") -> Axes:
+    """Accuracy under attack vs eps, one curve (with markers) per model (Figs 8.19/8.22).
+
+    Args:
+        curves: Label -> ``(eps grid, accuracy as fractions)``.
+        ax: Axes to draw on; default a new figure.
+        title: Axes title.
+    Returns:
+        The axes.
+    """
+    ax = ax if ax is not None else _new_axes()
+    markers = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+    top = 0.0
+    for k, ((label, (eps, acc)), color) in enumerate(zip(curves.items(), _colors(len(curves)),
+                                                         strict=True)):
+        xs = np.asarray(eps, dtype=np.float64)
+        ys = 100.0 * np.asarray(acc, dtype=np.float64)
+        ax.plot(xs, ys, color=color, linewidth=1.8, marker=markers[k % len(markers)],
+                markersize=4, label=label)
+        top = max(top, float(xs.max()) if xs.size else 0.0)
+    ax.set_xlim(0, top * 1.02 if top > 0 else 1.0)
+    ax.set_ylim(0, 101)
+    _style(ax, xlabel=EPS_LABEL, ylabel=ATTACK_ACCURACY_LABEL, title=title)
+    return ax
+
+
+def plot_area_bars(areas: Mapping[str, float], ax: Axes | None = None, *,
+                   title: str = "Certification area") -> Axes:
+    """Horizontal bars of each model's certification area (mean certified eps)."""
+    ax = ax if ax is not None else _new_axes()
+    labels = list(areas)
+    values = np.array([areas[k] for k in labels], dtype=np.float64)
+    ax.barh(np.arange(len(labels)), values, color=_colors(len(labels)))
+    ax.set_yticks(np.arange(len(labels)), labels)
+    ax.invert_yaxis()
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:.4f}", va="center", fontsize=9)
+    ax.set_xlim(0, float(values.max()) * 1.25 if values.size and values.max() > 0 else 1.0)
+    ax.set_xlabel(f"certification area: mean certified {EPS_LABEL}", fontsize=11)
+    ax.set_title(title, fontsize=12)
+    ax.tick_params(labelsize=10)
+    ax.grid(True, axis="x", alpha=0.3, linewidth=0.6)
+    ax.figure.tight_layout()
+    return ax

@@ -1,0 +1,60 @@
+"""``certify attack``: accuracy under attack over an eps grid, one curve per model."""
+
+from __future__ import annotations
+
+import click
+
+from certify.cli.options import (
+    data_dir_option,
+    dataset_option,
+    device_option,
+    quiet_option,
+    seed_option,
+)
+
+
+@click.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@dataset_option(required=True)
+@click.option("--eps", "eps", default="0:0.014:15", show_default=True,
+              help="eps grid (pixel units): start:stop:count, start:stop (11 points) or a list "
+              "0,0.005,0.01.")
+@click.option("--attack", type=click.Choice(["pgd", "fgsm", "autoattack"]), default="pgd",
+              show_default=True, help="autoattack: worst case of APGD-CE, APGD-DLR, FAB and "
+              "Square (needs `pip install --no-deps torchattacks`).")
+@click.option("--n", "n", type=int, default=500, show_default=True,
+              help="Attack the first N test samples.")
+@click.option("--steps", type=int, default=40, show_default=True, help="PGD steps.")
+@click.option("--restarts", type=int, default=1, show_default=True, help="PGD restarts.")
+@click.option("--label", "labels", multiple=True,
+              help="Legend name per model, in order (default: file stems).")
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False),
+              default="reports/attack", show_default=True, help="Output folder.")
+@device_option
+@seed_option
+@data_dir_option
+@quiet_option
+def attack(models: tuple[str, ...], dataset: str, eps: str, attack: str, n: int, steps: int,
+           restarts: int, labels: tuple[str, ...], out_dir: str, device: str, seed: int,
+           data_dir: str | None, quiet: bool) -> None:
+    """Accuracy under attack over an eps grid for every model, in one figure.
+
+    Writes attack_curves.png (one curve per model), attack_curves.csv and attack_curves.json
+    into the output folder, and prints the table.
+
+    \b
+    Example:
+      certify attack models/teacher.pt models/student-pruned.pt --dataset svhn --eps 0:0.014:15
+      certify attack models/*.pt --dataset digits --eps 0:0.2:11 --attack autoattack -o reports/aa
+    """
+    from certify.study.attack_curves import parse_eps_grid, run_attack_curves
+
+    grid = parse_eps_grid(eps)
+    result = run_attack_curves(list(models), dataset, grid, out_dir=out_dir, attack=attack,
+                               n=n, steps=steps, restarts=restarts, labels=labels or None,
+                               seed=seed, device=device, data_dir=data_dir, quiet=quiet)
+    width = max(len(c.label) for c in result.curves)
+    click.echo(f"{'eps':>{width}}  " + "  ".join(f"{e:>7.4g}" for e in result.curves[0].eps))
+    for c in result.curves:
+        click.echo(f"{c.label:>{width}}  " + "  ".join(f"{100 * a:>6.2f}%" for a in c.accuracy))
+    click.echo(f"results in {out_dir}")

@@ -1,0 +1,230 @@
+"""The experiment's report: ``study.json`` (every number), figures, and ``summary.md``.
+
+Everything here is read from the stage records and run folders the earlier stages wrote; the
+claim table is computed from those numbers by :func:`certify.study.claims.compute_claims`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from certify.errors import ReportError
+from certify.study import claims as C
+
+STUDY_FILE = "study.json"
+SUMMARY_FILE = "summary.md"
+FIGURES = {
+    "attack_all": "attack/attack_curves.png",
+    "attack_pair": "attack/teacher-vs-pruned/attack_curves.png",
+    "sorted_normal": "figures/sorted_eps_teacher_vs_students.png",
+    "sorted_robust": "figures/sorted_eps_robust_teacher_vs_student.png",
+    "sorted_retrained": "figures/sorted_eps_retrained_vs_scratch.png",
+    "sorted_all": "figures/sorted_eps_all.png",
+    "certified_accuracy": "figures/certified_accuracy_all.png",
+    "areas": "figures/certification_area.png",
+}
+
+
+def _steps(out: Path, stage: str) -> dict[str, Any]:
+    path = out / "stages" / f"{stage}.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise ReportError(f"stage record {path} is missing or unreadable; rerun the experiment "
+                          f"with --from {stage}") from None
+    return {k: v.get("result") for k, v in data.get("steps", {}).items()}
+
+
+def collect(config: Any, out: Path) -> dict[str, Any]:
+    """Gather every number of the run into one JSON-able dict (``study.json``)."""
+    from certify.checkpoint import load_checkpoint
+    from certify.nets import count_parameters
+    from certify.report.area import read_run
+    from certify.report.summary import summarize_method
+    from certify.study.experiment import MODEL_LABELS, MODEL_ORDER
+
+    attack = _steps(out, "attack")
+    certified = _steps(out, "certify")
+    method = config.certify.method
+    eps_table = config.certify.eps if config.certify.eps >= 0 else None
+    if eps_table is None:
+        grid = [e for e in next(iter(attack.values()))["eps"] if e > 0]
+        eps_table = grid[len(grid) // 3] if grid else 0.0
+    models: dict[str, Any] = {}
+    for label in MODEL_ORDER:
+        model, meta = load_checkpoint(out / "models" / f"{label}.pt")
+        run = read_run(out / "certify" / label)
+        s = summarize_method(run.rows_of(method), [eps_table])
+        curve = attack.get(label) or {}
+        pgd_at = None
+        if curve:
+            k = min(range(len(curve["eps"])), key=lambda i: abs(curve["eps"][i] - eps_table))
+            pgd_at = curve["accuracy"][k]
+        models[label] = {
+            "name": MODEL_LABELS[label], "arch": meta.arch, "parameters": count_parameters(model),
+            "test_accuracy": meta.metrics.get("test_accuracy"),
+            "clean_accuracy": s.clean_accuracy, "certification_area": s.certification_area,
+            "median_certified_eps": s.median_certified_eps,
+            "certified_accuracy_at_eps": s.certified_accuracy[0][1],
+            "pgd_accuracy_at_eps": pgd_at, "mean_ratio": s.mean_ratio,
+            "certified_samples": s.n, "certify_seconds": certified.get(label, {}).get("seconds"),
+        }
+    distill = _steps(out, "distill")
+    prune = _steps(out, "prune")
+    return {"name": config.name, "dataset": config.experiment.dataset, "method": method,
+            "table_eps": eps_table, "models": models,
+            "attack": {k: {"eps": v["eps"], "accuracy": v["accuracy"], "n": v["n"]}
+                       for k, v in attack.items()},
+            "sweep": distill.get("sweep") or {}, "prune": prune.get(C.PRUNED) or {}}
+
+
+def _pct(v: Any) -> str:
+    return f"{100 * v:.2f}%" if isinstance(v, (int, float)) and math.isfinite(v) else "–"
+
+
+def _num(v: Any, spec: str = ".5f") -> str:
+    return format(v, spec) if isinstance(v, (int, float)) and math.isfinite(v) else "–"
+
+
+def _figures(study: dict[str, Any], out: Path) -> None:
+    from certify.report.area import read_run
+    from certify.report.plots import (
+        plot_area_bars,
+        plot_certified_accuracy,
+        plot_sorted_eps,
+        save_figure,
+    )
+    from certify.study.experiment import MODEL_LABELS, MODEL_ORDER
+
+    method = study["method"]
+    rows = {label: read_run(out / "certify" / label).rows_of(method) for label in MODEL_ORDER}
+
+    def runs(*labels: str) -> dict[str, Any]:
+        return {MODEL_LABELS[k]: rows[k] for k in labels}
+
+    (out / "figures").mkdir(exist_ok=True)
+    m = method.upper() if method in ("crown", "ibp", "lp", "milp") else method
+    save_figure(plot_sorted_eps(runs(C.TEACHER, C.STUDENT, C.PRUNED),
+                                title=f"Teacher vs distilled students ({m}; cf. Figs 8.30/8.31)"),
+                out / FIGURES["sorted_normal"])
+    save_figure(plot_sorted_eps(runs(C.ROBUST_TEACHER, C.ROBUST_STUDENT),
+                                title=f"Robust teacher vs robust-distilled ({m}; cf. Fig 8.47)"),
+                out / FIGURES["sorted_robust"])
+    save_figure(plot_sorted_eps(runs(C.RETRAINED, C.ROBUST_SHALLOW),
+                                title=f"Re-trained distilled vs robust scratch ({m}; Fig 8.48)"),
+                out / FIGURES["sorted_retrained"])
+    save_figure(plot_sorted_eps(runs(*MODEL_ORDER), title=f"Sorted certified ε, all models "
+                                f"({m})"), out / FIGURES["sorted_all"])
+    save_figure(plot_certified_accuracy(runs(*MODEL_ORDER),
+                                        title=f"Certified ({m}) and PGD accuracy vs ε"),
+                out / FIGURES["certified_accuracy"])
+    save_figure(plot_area_bars({MODEL_LABELS[k]: study["models"][k]["certification_area"]
+                                for k in MODEL_ORDER},
+                               title=f"Certification area per model ({m})"),
+                out / FIGURES["areas"])
+
+
+def models_table(study: dict[str, Any]) -> str:
+    """The per-model table in markdown."""
+    e = study["table_eps"]
+    lines = [f"| model | architecture | parameters | test accuracy | PGD accuracy at ε={e:g} | "
+             f"certification area | certified accuracy at ε={e:g} | mean certified/attack |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for m in study["models"].values():
+        lines.append(f"| {m['name']} | {m['arch']} | {m['parameters']:,} | "
+                     f"{_pct(m['test_accuracy'])} | {_pct(m['pgd_accuracy_at_eps'])} | "
+                     f"{_num(m['certification_area'])} | {_pct(m['certified_accuracy_at_eps'])}"
+                     f" | {_num(m['mean_ratio'], '.3f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _sweep_table(study: dict[str, Any]) -> str:
+    sw = study.get("sweep") or {}
+    temps = sw.get("temperature") or {}
+    if not temps:
+        return "(no sweep)\n"
+    lines = ["| temperature | temperature-trained accuracy | logit-matched accuracy |",
+             "|---:|---:|---:|"]
+    for t, acc in temps.items():
+        best = " (selected)" if sw.get("selected", "").endswith(f"T{t}") else ""
+        lines.append(f"| {t}{best} | {_pct(acc)} | {_pct(sw.get('logits'))} |")
+    lines.append(f"\nTeacher test accuracy: {_pct(sw.get('teacher_accuracy'))}; student "
+                 f"parameters: {sw.get('parameters', 0):,}. Logit matching does not use T.")
+    return "\n".join(lines) + "\n"
+
+
+def _prune_table(study: dict[str, Any]) -> str:
+    rows = (study.get("prune") or {}).get("rows") or []
+    if not rows:
+        return "(no pruning)\n"
+    lines = ["| model | parameters | conv parameters | test accuracy |", "|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['parameters']:,} | {r['conv_parameters']:,} | "
+                     f"{_pct(r['test_accuracy'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(config: Any, out: Path) -> dict[str, Path]:
+    """Write ``study.json``, the figures and ``summary.md``; return their paths."""
+    from certify._io import atomic_write_json, atomic_write_text
+    from certify.report.results import json_safe
+
+    study = collect(config, out)
+    claims = C.compute_claims(study, prune_tolerance=config.claims.prune_tolerance,
+                              small_eps=config.claims.small_eps if config.claims.small_eps >= 0
+                              else None)
+    study["claims"] = [{"key": c.key, "statement": c.statement, "supported": c.supported,
+                        "evidence": c.evidence} for c in claims]
+    atomic_write_json(out / STUDY_FILE, json_safe(study))
+    _figures(study, out)
+    a = config.attack
+    cert = config.certify
+    md = [
+        f"# Shallow waters: {config.name}", "",
+        "Does taking a network into shallow waters (distilling, pruning, robustly re-training) "
+        "enlarge the region in which its predictions are certified? Reproduction of the thesis "
+        "study on the `" + study["dataset"] + "` dataset. ε is the L∞ radius in pixel units of a "
+        "[0, 1] image.", "",
+        "## Models", "", models_table(study),
+        f"Test accuracy on the whole test split; the other columns on the first {cert.n} test "
+        f"points (certified by `{cert.method}`, certified ε within {cert.tol:g}; attack ε by "
+        f"PGD with {cert.attack_steps} steps). Certification area = mean certified ε "
+        "(misclassified points count 0).", "",
+        f"![certification area]({FIGURES['areas']})", "",
+        "## Distillation: temperature sweep (cf. Tables 8.7/8.8)", "",
+        f"Students `{config.distill.student}` distilled from the teacher "
+        f"`{config.teacher.arch}` with `{config.distill.method}` at each temperature, and once by "
+        "logit matching.", "", _sweep_table(study),
+        "## Filter pruning (cf. Table 8.10)", "", _prune_table(study),
+        f"## Accuracy under {a.attack.upper()} (cf. Figs 8.19/8.22)", "",
+        f"{a.n} test points, {a.steps} steps, {a.restarts} restart(s), ε grid `{a.eps}`.", "",
+        f"![teacher vs pruned]({FIGURES['attack_pair']})", "",
+        f"![all models]({FIGURES['attack_all']})", "",
+        "## Certification: sorted maximal certified ε per test point", "",
+        "Solid: certified ε (a proof); dashed: the smallest ε at which PGD found an adversarial "
+        "example (an upper bound on the true distance).", "",
+        f"![teacher vs students]({FIGURES['sorted_normal']})", "",
+        f"![robust teacher vs robust-distilled]({FIGURES['sorted_robust']})", "",
+        f"![re-trained vs scratch]({FIGURES['sorted_retrained']})", "",
+        f"![all]({FIGURES['sorted_all']})", "",
+        f"![certified accuracy]({FIGURES['certified_accuracy']})", "",
+        "## Does this run support the thesis?", "",
+        "Each verdict is computed from the numbers above (`study.json`).", "",
+        C.claims_markdown(claims),
+    ]
+    atomic_write_text(out / SUMMARY_FILE, "\n".join(md))
+    paths = {"study": out / STUDY_FILE, "summary": out / SUMMARY_FILE}
+    paths.update({k: out / v for k, v in FIGURES.items()})
+    return paths
+
+
+def read_claims(out: str | Path) -> list[C.Claim]:
+    """The claims stored in ``study.json`` of an experiment folder."""
+    from certify.report.results import read_json
+
+    data = read_json(Path(out) / STUDY_FILE)
+    return [C.Claim(c["key"], c["statement"], c["supported"], c["evidence"])
+            for c in data.get("claims", [])]
