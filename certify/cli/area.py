@@ -107,6 +107,10 @@ def area(model: str, dataset: str, split: str, n: int | None, indices: tuple[int
       certify area models/teacher.pt --dataset svhn --n 500
       certify area models/m.pt --dataset digits --method ibp --method crown -o reports/m
       certify area models/m.pt --dataset digits -o reports/m --resume
+      torchrun --nproc_per_node=4 -m certify area models/m.pt --dataset svhn -o reports/m
+
+    Under torchrun the samples' batches are sharded over the processes and rank 0 writes the
+    same report a single process would.
     """
     from certify.report.area import AreaConfig, run_area
     from certify.report.results import read_json
@@ -122,6 +126,10 @@ def area(model: str, dataset: str, split: str, n: int | None, indices: tuple[int
         click.echo("\ninterrupted: the results saved so far are valid; continue with --resume "
                    "(and the same options, -o pointing at the run folder).", err=True)
         sys.exit(130)
+    from certify.distributed import is_main
+
+    if not is_main():  # under torchrun, rank 0 prints the gathered result
+        return
     if as_json:
         click.echo(json.dumps(read_json(result.run_dir / "results.json"), indent=2))
         return

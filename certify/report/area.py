@@ -16,7 +16,16 @@ smallest eps at which PGD found an adversarial example
 so an interrupted run (a crash, Ctrl-C) leaves valid files, and ``resume=True`` continues it. The
 result is the same as an uninterrupted run: batches are fixed by the options, each batch's
 attack has its own seeded generator, and the fast search's first guesses depend only on the
-rows of earlier batches.
+rows of the first batches (see ``GUESS_SAMPLES``).
+
+Under ``torchrun`` (see :mod:`certify.distributed`) the batches are sharded over the ranks:
+every rank computes the guess-learning first batches itself (only rank 0 keeps them), then its
+share of the others, balanced by the work left in each batch. Each rank saves its rows in
+``shards/rank-<r>/per_sample.csv`` after every batch; rank 0 gathers all rows into the same
+files a single process writes (the same rows in the same order: a batch's attack seed and first
+guesses do not depend on which rank runs it) and removes ``shards/``. A failed rank fails the
+run on every rank; the finished batches stay in ``shards/`` for ``resume``, with any number of
+processes.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import datetime as _dt
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import time
@@ -64,6 +74,10 @@ RESULT_KEYS = ("model_sha256", "dataset", "split", "indices", "methods", "method
                "attack", "attack_steps", "attack_restarts", "attack_tol", "eps_max", "tol",
                "search", "batch_size", "device", "dtype", "seed")
 MIN_RATIO_SAMPLES = 8  # earlier samples needed before their median ratio steers the first guess
+# First guesses learn from the batches that hold the first GUESS_SAMPLES samples (whole batches):
+# a fixed prefix, so that the later batches are independent and can run on any rank in any order.
+GUESS_SAMPLES = 32
+SHARDS_DIR = "shards"
 
 
 @dataclass(frozen=True)
@@ -272,6 +286,27 @@ def _guess(previous: Sequence[SampleRow], attack_eps: torch.Tensor | None) -> to
     return attack_eps * statistics.median(ratios)
 
 
+def _guess_batches(batch_size: int) -> int:
+    """How many first batches the later batches' first guesses learn from."""
+    return max(1, math.ceil(GUESS_SAMPLES / batch_size))
+
+
+def _shard_file(run_dir: Path, rank: int) -> Path:
+    return run_dir / SHARDS_DIR / f"rank-{rank}" / SAMPLES_FILE
+
+
+def _saved_rows(run_dir: Path) -> list[SampleRow]:
+    """Rows of ``per_sample.csv`` and of every shard's partial file (later files win)."""
+    files = [run_dir / SAMPLES_FILE] if (run_dir / SAMPLES_FILE).is_file() else []
+    shards = run_dir / SHARDS_DIR
+    if shards.is_dir():
+        files += sorted(shards.glob(f"rank-*/{SAMPLES_FILE}"))
+    rows: list[SampleRow] = []
+    for path in files:
+        rows.extend(read_sample_csv(path))
+    return rows
+
+
 def _batch_generator(seed: int, batch: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + batch) % (2**63))
 
@@ -300,14 +335,16 @@ def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = Non
         ReportError: `out_dir` already holds a run (without `resume`), or nothing to resume.
         SoundnessError: a certified eps above an attack eps (a bug; never caught).
     """
-    from certify import attacks, radius
+    from certify import attacks, distributed, radius
     from certify.compat import check_compatible
     from certify.data import get_dataset_info, load_dataset
     from certify.model_io import load_model
     from certify.utils import progress, resolve_device, resolve_dtype
 
     config.validate()
-    device = resolve_device(config.device)
+    ctx = distributed.init_from_env()
+    base_device = resolve_device(config.device)
+    device = ctx.device_for(base_device)
     dtype = resolve_dtype(config.dtype)
     model_path = Path(config.model)
     info = get_dataset_info(config.dataset)
@@ -336,7 +373,7 @@ def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = Non
         "tol": float(config.tol),
         "search": config.search,
         "batch_size": config.batch_size,
-        "device": str(device),
+        "device": str(base_device),
         "dtype": config.dtype,
         "seed": config.seed,
         "data_dir": config.data_dir,
@@ -344,28 +381,33 @@ def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = Non
     }
     root = Path(reports_root)
     stem = model_path.name.split(".")[0] or "model"
-    if resume:
-        run_dir = Path(out_dir) if out_dir is not None else _find_resumable(root, stem, settings)
-        if not (run_dir / CONFIG_FILE).is_file():
-            raise ReportError(f"no run to resume in {run_dir} (no {CONFIG_FILE}); run without "
-                              "--resume to start one there")
-        old = read_json(run_dir / CONFIG_FILE).get("settings", {})
-        diff = _differences(old, settings)
-        if diff:
-            raise SpecError(f"cannot resume {run_dir}: it was run with {'; '.join(diff[:3])}. "
-                            "Resume with the same options, or start a new run")
-        rows = read_sample_csv(run_dir / SAMPLES_FILE) if (run_dir / SAMPLES_FILE).is_file() \
-            else []
-    else:
+
+    def open_run() -> tuple[Path, list[SampleRow]]:
+        if resume:
+            run_dir = Path(out_dir) if out_dir is not None else _find_resumable(root, stem,
+                                                                                 settings)
+            if not (run_dir / CONFIG_FILE).is_file():
+                raise ReportError(f"no run to resume in {run_dir} (no {CONFIG_FILE}); run "
+                                  "without --resume to start one there")
+            old = read_json(run_dir / CONFIG_FILE).get("settings", {})
+            diff = _differences(old, settings)
+            if diff:
+                raise SpecError(f"cannot resume {run_dir}: it was run with "
+                                f"{'; '.join(diff[:3])}. Resume with the same options, or start "
+                                "a new run")
+            return run_dir, _saved_rows(run_dir)
         run_dir = Path(out_dir) if out_dir is not None else _new_run_dir(root, stem)
         if (run_dir / CONFIG_FILE).exists() or (run_dir / SAMPLES_FILE).exists():
             raise ReportError(f"{run_dir} already holds a run; continue it with --resume, or "
                               "pick another folder with -o")
-        rows = []
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / CONFIG_FILE, json_safe({
             "command": "area", "settings": settings, "versions": _versions(),
             "created": _dt.datetime.now().isoformat(timespec="seconds")}))
+        return run_dir, []
+
+    # rank 0 picks (or creates) the run folder and reads what is saved; every rank gets both
+    run_dir, rows = distributed.run_on_main(open_run)
 
     wanted = set(positions)
     done: dict[tuple[int, str], SampleRow] = {
@@ -377,16 +419,38 @@ def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = Non
         return sorted(done.values(), key=lambda r: (order[r.index], method_order[r.method]))
 
     total = len(positions) * len(config.methods)
+    n_batches = math.ceil(len(positions) / config.batch_size)
+    prefix = min(n_batches, _guess_batches(config.batch_size))
+    starts = [b * config.batch_size for b in range(n_batches)]
+    if ctx.is_distributed:
+        # every rank runs the guess-learning prefix (rank 0 keeps it), then its share of the rest
+        rest = list(range(prefix, n_batches))
+        left = [sum((p, m) not in done for p in positions[starts[b]:starts[b] + config.batch_size]
+                    for m in config.methods) for b in rest]
+        mine = distributed.shard(rest, ctx.rank, ctx.world_size, costs=left)
+        batches = list(range(prefix)) + mine
+        kept = set(mine) | (set(range(prefix)) if ctx.is_main else set())
+    else:
+        batches = list(range(n_batches))
+        kept = set(batches)
+    own: dict[tuple[int, str], SampleRow] = {}
+    shard_file = _shard_file(run_dir, ctx.rank)
     attack_seconds = 0.0
     start = time.perf_counter()
-    bar = progress(total=total, initial=len(done), quiet=quiet, unit="cert",
+    bar = progress(total=total, initial=len(done), quiet=quiet or not ctx.is_main, unit="cert",
                    desc=f"area {stem}")
+    computed = 0
+    failure: Exception | None = None
     try:
-        for b, first in enumerate(range(0, len(positions), config.batch_size)):
+        for b in batches:
+            first = starts[b]
             batch = positions[first:first + config.batch_size]
             todo = [m for m in config.methods if any((p, m) not in done for p in batch)]
             if not todo:
                 continue
+            if ctx.is_distributed and b in kept:  # tests only: fail after `computed` batches
+                distributed.maybe_fail_for_test(computed)
+                computed += 1
             x, y = data.take(torch.tensor(batch))
             x, y = x.to(device=device, dtype=dtype), y.to(device)
             attack_eps = None
@@ -398,7 +462,7 @@ def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = Non
                     generator=_batch_generator(config.seed, b))
                 attack_eps = adv.eps
                 attack_seconds += time.perf_counter() - t0
-            earlier = set(positions[:first])
+            earlier = set(positions[:min(first, prefix * config.batch_size)])
             for m in todo:
                 previous = [r for (p, meth), r in done.items() if meth == m and p in earlier]
                 result = radius.certified_radii(
@@ -408,26 +472,59 @@ def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = Non
                     **dict(config.method_options.get(m, {})))
                 for row in result.rows():
                     done[(row.index, row.method)] = row
-                current = ordered()
-                write_sample_csv(run_dir / SAMPLES_FILE, current)
-                _write_results(run_dir, settings, current, config,
-                               complete=len(done) == total,
-                               wall=time.perf_counter() - start, attack_seconds=attack_seconds)
+                    if b in kept:
+                        own[(row.index, row.method)] = row
+                if ctx.is_distributed:
+                    if b in kept:
+                        shard_file.parent.mkdir(parents=True, exist_ok=True)
+                        write_sample_csv(shard_file, sorted(
+                            own.values(), key=lambda r: (order[r.index], method_order[r.method])))
+                else:
+                    current = ordered()
+                    write_sample_csv(run_dir / SAMPLES_FILE, current)
+                    _write_results(run_dir, settings, current, config,
+                                   complete=len(done) == total,
+                                   wall=time.perf_counter() - start,
+                                   attack_seconds=attack_seconds)
                 bar.update(len(batch))
+    except Exception as e:  # in a distributed run every rank learns of it below
+        if not ctx.is_distributed:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        failure = e
     finally:
         bar.close()
 
+    if ctx.is_distributed:
+        distributed.exchange_status(failure, hint=(
+            f"finished shards are kept in {run_dir / SHARDS_DIR}; rerun with --resume (the same "
+            f"options and -o {run_dir})"))
+        gathered = distributed.all_gather_objects((list(own.values()), attack_seconds))
+        for part, _ in gathered:
+            done.update({(r.index, r.method): r for r in part})
+        attack_seconds = sum(seconds for _, seconds in gathered)
+
     final = ordered()
-    write_sample_csv(run_dir / SAMPLES_FILE, final)
-    summaries = _write_results(run_dir, settings, final, config, complete=True,
-                               wall=time.perf_counter() - start, attack_seconds=attack_seconds)
-    write_figures(run_dir, final, label=stem)
-    write_summary_md(run_dir / SUMMARY_FILE, title=f"certify area: {model_path.name} on "
-                     f"{config.dataset}/{config.split}", summaries=summaries,
-                     settings=_md_settings(settings), figures={
-                         "Sorted certified ε (solid) and attack ε (dashed)": SORTED_FIGURE,
-                         "Certified accuracy (solid) and attack accuracy (dashed)":
-                             ACCURACY_FIGURE})
+    wall = time.perf_counter() - start
+
+    def write_final() -> dict[str, MethodSummary]:
+        write_sample_csv(run_dir / SAMPLES_FILE, final)
+        summaries = _write_results(run_dir, settings, final, config, complete=True, wall=wall,
+                                   attack_seconds=attack_seconds)
+        write_figures(run_dir, final, label=stem)
+        write_summary_md(run_dir / SUMMARY_FILE, title=f"certify area: {model_path.name} on "
+                         f"{config.dataset}/{config.split}", summaries=summaries,
+                         settings=_md_settings(settings), figures={
+                             "Sorted certified ε (solid) and attack ε (dashed)": SORTED_FIGURE,
+                             "Certified accuracy (solid) and attack accuracy (dashed)":
+                                 ACCURACY_FIGURE})
+        if (run_dir / SHARDS_DIR).is_dir():  # merged into per_sample.csv
+            shutil.rmtree(run_dir / SHARDS_DIR)
+        return summaries
+
+    summaries = distributed.run_on_main(write_final)
     return AreaRun(run_dir, settings, tuple(final), summaries, True)
 
 

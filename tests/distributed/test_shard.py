@@ -1,0 +1,72 @@
+"""certify.distributed helpers in one process: sharding, single-process no-ops, test hook."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from certify import distributed
+from certify.errors import DistributedError, SpecError
+
+
+@given(st.lists(st.floats(0, 100), max_size=40), st.integers(1, 5))
+def test_shard_partitions_items_in_order(costs, world):
+    items = list(range(len(costs)))
+    for weighted in (None, costs):
+        parts = [distributed.shard(items, r, world, costs=weighted) for r in range(world)]
+        assert sorted(i for p in parts for i in p) == items  # each item exactly once
+        assert all(p == sorted(p) for p in parts)  # original order kept
+        assert parts == [distributed.shard(items, r, world, costs=weighted)
+                         for r in range(world)]  # deterministic
+
+
+@given(st.lists(st.floats(0, 100), min_size=1, max_size=40), st.integers(1, 5))
+def test_lpt_load_is_within_graham_bound(costs, world):
+    items = list(range(len(costs)))
+    loads = [sum(costs[i] for i in distributed.shard(items, r, world, costs=costs))
+             for r in range(world)]
+    lower = max(sum(costs) / world, max(costs))  # no split can beat this
+    assert max(loads) <= 4 / 3 * lower + 1e-9
+
+
+def test_lpt_balances_unequal_costs():
+    costs = [10, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+    parts = [distributed.shard(list(range(11)), r, 2, costs=costs) for r in range(2)]
+    assert parts == [[0], list(range(1, 11))]
+
+
+def test_shard_rejects_bad_arguments():
+    with pytest.raises(SpecError, match="rank 2 of world 2"):
+        distributed.shard([1, 2], 2, 2)
+    with pytest.raises(SpecError, match="3 costs for 2 items"):
+        distributed.shard([1, 2], 0, 2, costs=[1, 2, 3])
+    with pytest.raises(SpecError, match="finite"):
+        distributed.shard([1], 0, 1, costs=[float("inf")])
+
+
+def test_single_process_helpers_are_no_ops(monkeypatch):
+    ctx = distributed.context()
+    assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.is_distributed) == (0, 1, True, False)
+    assert distributed.all_gather_objects({"a": 1}) == [{"a": 1}]
+    assert distributed.broadcast_object(3) == 3
+    assert distributed.run_on_main(lambda: 5) == 5
+    assert distributed.all_reduce_sum([1, 2.5]) == [1.0, 2.5]
+    distributed.exchange_status(None)
+    with pytest.raises(ValueError, match="boom"):
+        distributed.exchange_status(ValueError("boom"))
+
+
+def test_failure_hook(monkeypatch):
+    monkeypatch.setenv(distributed.TEST_FAIL_ENV, "0:2")
+    distributed.maybe_fail_for_test(1)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        distributed.maybe_fail_for_test(2)
+    monkeypatch.setenv(distributed.TEST_FAIL_ENV, "1")
+    distributed.maybe_fail_for_test(5)  # another rank's failure
+
+
+def test_describe_names_unexpected_errors():
+    assert distributed.describe(SpecError("bad eps")) == "bad eps"
+    assert distributed.describe(ZeroDivisionError("x")) == "ZeroDivisionError: x"
+    assert issubclass(DistributedError, Exception)
