@@ -1,4 +1,4 @@
-"""Training recipes on one shared loop: standard, distillation, L1 filter pruning.
+"""Training recipes on one shared loop: standard, robust, distillation, L1 filter pruning.
 
 A recipe is a loss function plugged into :func:`train` (see :mod:`certify.train.loops`); every
 recipe writes a checkpoint whose ``ModelMeta.training`` and ``parent`` record its provenance.
@@ -29,6 +29,16 @@ from certify.train.prune import (
     prune_filters,
     sensitivity_scan,
 )
+from certify.train.robust import (
+    RobustConfig,
+    RobustEval,
+    RobustLoss,
+    evaluate_robust,
+    retrain_checkpoint,
+    robust_cross_entropy,
+    robust_fit,
+    train_robust,
+)
 from certify.train.schedules import EpsSchedule
 from certify.train.standard import TrainedModel, evaluate_checkpoint, init_model, train_standard
 
@@ -36,6 +46,9 @@ __all__ = [
     "DistillLoss",
     "EpochRecord",
     "EpsSchedule",
+    "RobustConfig",
+    "RobustEval",
+    "RobustLoss",
     "Step",
     "TemperatureCrossEntropy",
     "TrainConfig",
@@ -46,6 +59,7 @@ __all__ = [
     "distill_sweep",
     "evaluate",
     "evaluate_checkpoint",
+    "evaluate_robust",
     "hinton_loss",
     "init_model",
     "l1_filter_ranking",
@@ -53,8 +67,12 @@ __all__ = [
     "predict_logits",
     "prune_checkpoint",
     "prune_filters",
+    "retrain_checkpoint",
+    "robust_cross_entropy",
+    "robust_fit",
     "sensitivity_scan",
     "soft_target_loss",
     "train",
+    "train_robust",
     "train_standard",
 ]

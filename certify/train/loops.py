@@ -30,7 +30,7 @@ import sys
 import time
 import zipfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -184,7 +184,12 @@ class TemperatureCrossEntropy:
 
 @dataclass(frozen=True)
 class EpochRecord:
-    """One finished epoch. Accuracies are fractions in [0, 1]; ``None`` where not measured."""
+    """One finished epoch. Accuracies are fractions in [0, 1]; ``None`` where not measured.
+
+    ``metrics`` holds what the ``epoch_metrics`` hook of :func:`train` measured after the
+    epoch (e.g. robust and certified accuracy), numbers only; it is kept in the resume state,
+    so a resumed run's history still has them.
+    """
 
     epoch: int
     lr: float
@@ -192,6 +197,7 @@ class EpochRecord:
     train_accuracy: float | None
     test_accuracy: float | None
     seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -220,6 +226,8 @@ class Batchable(Protocol):
 
 
 EpochCallback = Callable[[EpochRecord], None]
+EpochMetrics = Callable[[nn.Module, int], dict[str, float]]
+"""``epoch_metrics(model, epoch) -> {name: number}`` after each epoch (1-based `epoch`)."""
 
 
 def partial_path(output: str | os.PathLike[str], tag: str = "") -> Path:
@@ -387,7 +395,8 @@ def _restore(path: Path, payload: dict[str, Any], model: nn.Module,
 def train(model: nn.Module, train_set: Batchable, test_set: Batchable | None,
           config: TrainConfig, loss_fn: LossFn = cross_entropy_loss, *,
           on_epoch: EpochCallback | None = None, state_path: str | os.PathLike[str] | None = None,
-          resume: bool = False, tag: str = "", quiet: bool = False) -> TrainResult:
+          resume: bool = False, tag: str = "", quiet: bool = False,
+          epoch_metrics: EpochMetrics | None = None) -> TrainResult:
     """Train `model` in place on `train_set` with `loss_fn`; evaluate on `test_set` each epoch.
 
     Args:
@@ -402,6 +411,10 @@ def train(model: nn.Module, train_set: Batchable, test_set: Batchable | None,
         resume: Continue from ``state_path`` if it exists (else start from scratch).
         tag: Names the run inside the state file, so a file of another run is not resumed.
         quiet: No progress bar and no per-epoch lines on stderr.
+        epoch_metrics: Called with the model (eval mode, on the training device) and the
+            1-based epoch after each epoch's evaluation; its numbers go into the record's
+            ``metrics`` (and the stderr line) before the state is saved. It must not draw
+            from the global RNG (use its own generator) so that it leaves training unchanged.
     Returns:
         The :class:`TrainResult`; the same seed and settings give bit-identical weights on CPU,
         with or without an interruption and ``resume``.
@@ -435,6 +448,9 @@ def train(model: nn.Module, train_set: Batchable, test_set: Batchable | None,
         for epoch in range(start_epoch, config.epochs):
             record = _run_epoch(model, train_set, test_set, config, loss_fn, optimizer,
                                 generator, epoch, batches, device, quiet)
+            if epoch_metrics is not None:
+                record = replace(record, metrics=_epoch_metrics(epoch_metrics, model,
+                                                                epoch + 1))
             history.append(record)
             if state_path is not None:
                 save_train_state(state_path, model=model, optimizer=optimizer, epoch=epoch + 1,
@@ -492,12 +508,25 @@ def _run_epoch(model: nn.Module, train_set: Batchable, test_set: Batchable | Non
                        test_acc, time.perf_counter() - t0)
 
 
+def _epoch_metrics(fn: EpochMetrics, model: nn.Module, epoch: int) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    try:
+        values = fn(model, epoch)
+    finally:
+        model.train(was_training)
+    return {str(k): float(v) for k, v in values.items()}
+
+
 def _describe(r: EpochRecord, epochs: int) -> str:
     parts = [f"epoch {r.epoch}/{epochs}", f"lr {r.lr:.2e}", f"loss {r.train_loss:.4f}"]
     if r.train_accuracy is not None:
         parts.append(f"train acc {100 * r.train_accuracy:.2f}%")
     if r.test_accuracy is not None:
         parts.append(f"test acc {100 * r.test_accuracy:.2f}%")
+    for name, value in r.metrics.items():
+        shown = f"{100 * value:.2f}%" if name.endswith("accuracy") else f"{value:.4g}"
+        parts.append(f"{name.replace('_', ' ')} {shown}")
     parts.append(f"{r.seconds:.1f}s")
     return "  ".join(parts)
 

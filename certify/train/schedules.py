@@ -56,6 +56,21 @@ class EpsSchedule:
             return self.final
         return self.start + (self.final - self.start) * t / self.ramp_epochs
 
+    def fraction(self, epochs_done: float) -> float:
+        """How far the ramp is after `epochs_done` epochs: 0 before it, 1 after it, linear in
+        between (e.g. to move another weight, such as CROWN-IBP's kappa, along with eps)."""
+        t = epochs_done - self.warmup_epochs
+        if t < 0:
+            return 0.0
+        if self.ramp_epochs == 0 or t >= self.ramp_epochs:
+            return 1.0
+        return t / self.ramp_epochs
+
+    def to_dict(self) -> dict[str, float]:
+        """The schedule as plain data, for checkpoint provenance."""
+        return {"eps": self.final, "eps_start": self.start, "eps_ramp_epochs": self.ramp_epochs,
+                "eps_warmup_epochs": self.warmup_epochs}
+
     def at(self, step: Step) -> float:
         """The eps for the loop's current `step`."""
         return self.value(step.epoch_progress)
