@@ -24,7 +24,7 @@ from torch import Tensor
 from certify.bounds.base import Bounds, register_method
 from certify.bounds.crown import LinearRelaxationMethod, output_rows
 from certify.bounds.layers import numel
-from certify.bounds.network import Network
+from certify.bounds.network import Network, identity_spec
 from certify.bounds.propagation import BACKWARD_FACTOR, MB, Propagator
 from certify.bounds.relaxations import optimizable_alpha
 from certify.errors import SpecError
@@ -63,9 +63,9 @@ class AlphaCrown(LinearRelaxationMethod):
 
     def bound(self, net: Network, x_lo: Tensor, x_hi: Tensor, spec: Tensor | None = None, *,
               intermediate: tuple[Bounds, ...] | None = None) -> Bounds:
-        """Bounds of `spec @ net(x)` over `[x_lo, x_hi]`; see :func:`compute_bounds`."""
-        if spec is None:
-            raise ValueError("pass a specification; compute_bounds supplies the identity")
+        """Bounds of `spec @ net(x)` over `[x_lo, x_hi]` (inputs as validated by
+        :func:`compute_bounds`); `(N, S)`, or the flattened outputs `(N, K)` without a spec."""
+        spec = identity_spec(net, x_lo) if spec is None else spec
         with torch.no_grad():
             if intermediate is not None:
                 intermediate = tuple(Bounds(b.lower.detach(), b.upper.detach())

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from certify.bounds.base import BoundMethod, Bounds, get_method, with_options
-from certify.bounds.network import Network, to_network
+from certify.bounds.network import Network, identity_spec, to_network
 from certify.errors import SpecError
 from certify.spec import LinfBall, margin_spec
 
@@ -110,8 +110,7 @@ def compute_bounds(model: nn.Module | Network, x_lo: Tensor, x_hi: Tensor,
     out_shape = net.output_shape
     k = math.prod(out_shape)
     if spec is None:
-        eye = torch.eye(k, dtype=x_lo.dtype, device=x_lo.device)
-        spec_t = eye.expand(n, k, k)
+        spec_t = identity_spec(net, x_lo)
     else:
         spec_t = _check_spec(spec, n, k, x_lo)
     if intermediate is not None:

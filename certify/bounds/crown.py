@@ -20,7 +20,7 @@ from torch import Tensor
 
 from certify.bounds.base import Bounds, MethodBase, register_method
 from certify.bounds.layers import SpecLinearOp
-from certify.bounds.network import Network, fold_spec
+from certify.bounds.network import Network, fold_spec, identity_spec
 from certify.bounds.propagation import EngineOptions, Propagator
 
 __all__ = ["Crown", "CrownIBP", "LinearRelaxationMethod", "output_rows"]
@@ -74,9 +74,9 @@ class LinearRelaxationMethod(MethodBase):
 
     def bound(self, net: Network, x_lo: Tensor, x_hi: Tensor, spec: Tensor | None = None, *,
               intermediate: tuple[Bounds, ...] | None = None) -> Bounds:
-        """Bounds of `spec @ net(x)` over `[x_lo, x_hi]`; see :func:`compute_bounds`."""
-        if spec is None:
-            raise ValueError("pass a specification; compute_bounds supplies the identity")
+        """Bounds of `spec @ net(x)` over `[x_lo, x_hi]` (inputs as validated by
+        :func:`compute_bounds`); `(N, S)`, or the flattened outputs `(N, K)` without a spec."""
+        spec = identity_spec(net, x_lo) if spec is None else spec
         return crown_output(self.propagator(net, x_lo, x_hi, spec, intermediate))
 
     def intermediate(self, net: Network, x_lo: Tensor, x_hi: Tensor) -> tuple[Bounds, ...]:
@@ -90,10 +90,12 @@ class Crown(LinearRelaxationMethod):
     """CROWN: adaptive lower slopes (``alpha = 1 if u > -l else 0``), linear intermediate bounds.
 
     Options:
-        intermediate_mode: ``"auto"`` (default: per sample and layer, the cheaper of backward
-            propagation of the unstable neurons and forward-mode propagation), ``"backward"``
-            (always backward: the textbook CROWN bound, as auto_LiRPA's ``method="CROWN"``) or
-            ``"forward"``. All are sound; forward mode can be looser on deep layers.
+        intermediate_mode: How intermediate layers get their linear bounds. ``"auto"``
+            (default): backward propagation of the unstable neurons, or forward-mode
+            propagation where it gives the same bound and is cheaper (per sample and layer);
+            the textbook CROWN bound (auto_LiRPA's ``method="CROWN"``). ``"backward"``: always
+            backward (the same bound). ``"forward"``: always forward mode -- sound, but looser
+            beyond the second ReLU layer.
         memory_budget_mb: Working memory for one chunk of rows (not counting what autograd
             keeps when gradients are needed).
         chunk_size: Rows per chunk, overriding the budget; bounds never depend on it.

@@ -15,7 +15,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from certify.bounds.base import Bounds, MethodBase, register_method
-from certify.bounds.network import Network, fold_spec
+from certify.bounds.network import Network, fold_spec, identity_spec
 from certify.bounds.propagation import EngineOptions, Propagator
 
 __all__ = ["IBP"]
@@ -30,11 +30,12 @@ class IBP(MethodBase):
 
     def bound(self, net: Network, x_lo: Tensor, x_hi: Tensor, spec: Tensor | None = None, *,
               intermediate: tuple[Bounds, ...] | None = None) -> Bounds:
-        """Bounds of `spec @ net(x)` over `[x_lo, x_hi]`; see :func:`compute_bounds`.
+        """Bounds of `spec @ net(x)` over `[x_lo, x_hi]` (inputs as validated by
+        :func:`compute_bounds`); `(N, S)`, or the flattened outputs `(N, K)` without a spec.
 
         Given `intermediate` bounds, each ReLU input is intersected with them.
         """
-        folded = fold_spec(net, spec) if spec is not None else net
+        folded = fold_spec(net, identity_spec(net, x_lo) if spec is None else spec)
         prop = Propagator(folded, x_lo, x_hi, EngineOptions())
         if intermediate is not None:
             prop.set_intermediate(intermediate, "adaptive")

@@ -337,11 +337,6 @@ def abs_linear_spec_linear(op: SpecLinearOp, x: Tensor) -> Tensor:
     return torch.einsum("nsi,ni->ns", op.weight.abs(), x)
 
 
-def backward_spec_linear(op: SpecLinearOp, a: Tensor) -> tuple[Tensor, Tensor | None]:
-    raise AssertionError("the folded specification starts a backward pass; it is never "
-                         "propagated through")  # pragma: no cover
-
-
 def cost_spec_linear(op: SpecLinearOp) -> int:
     return numel(tuple(op.weight.shape[1:]))
 
@@ -380,8 +375,9 @@ RULES: dict[type, OpRules] = {
                        cost_avg_pool),
     FlattenOp: OpRules(forward_flatten, forward_flatten, forward_flatten, backward_flatten,
                        cost_elementwise),
-    SpecLinearOp: OpRules(forward_spec_linear, linear_spec_linear, abs_linear_spec_linear,
-                          backward_spec_linear, cost_spec_linear),
+    # The folded specification starts backward passes; it is never propagated through.
+    SpecLinearOp: OpRules(forward_spec_linear, linear_spec_linear, abs_linear_spec_linear, None,
+                          cost_spec_linear),
     ReluOp: OpRules(forward_relu, None, None, None, cost_elementwise),
 }
 

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from certify.bounds.base import Bounds, MethodBase, get_method, register_method
 from certify.bounds.layers import RULES, Op, ReluOp, SpecLinearOp, numel
-from certify.bounds.network import Network, fold_spec
+from certify.bounds.network import Network, fold_spec, identity_spec
 from certify.errors import SpecError
 
 if TYPE_CHECKING:
@@ -89,14 +89,14 @@ class LP(MethodBase):
 
     def bound(self, net: Network, x_lo: Tensor, x_hi: Tensor, spec: Tensor | None = None, *,
               intermediate: tuple[Bounds, ...] | None = None) -> Bounds:
-        """Bounds of `spec @ net(x)` over `[x_lo, x_hi]`; see :func:`compute_bounds`."""
+        """Bounds of `spec @ net(x)` over `[x_lo, x_hi]` (inputs as validated by
+        :func:`compute_bounds`); `(N, S)`, or the flattened outputs `(N, K)` without a spec."""
         import cvxpy as cp
 
         if self.solver not in cp.installed_solvers():
             raise SpecError(f"lp: solver {self.solver!r} is not installed; installed: "
                             f"{', '.join(cp.installed_solvers())}.")
-        if spec is None:
-            raise ValueError("pass a specification; compute_bounds supplies the identity")
+        spec = identity_spec(net, x_lo) if spec is None else spec
         if intermediate is None:
             intermediate = self.intermediate(net, x_lo, x_hi)
         with torch.no_grad():

@@ -42,7 +42,7 @@ from certify.bounds.layers import (
 from certify.errors import SpecError, UnsupportedLayerError
 from certify.nets.layers import Normalize
 
-__all__ = ["CONVERTERS", "Network", "fold_spec", "to_network"]
+__all__ = ["CONVERTERS", "Network", "fold_spec", "identity_spec", "to_network"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -291,6 +291,13 @@ def _fold_scale_shift(layers: list[Op], names: list[str]) -> tuple[list[Op], lis
         out_layers.append(op)
         out_names.append(name)
     return out_layers, out_names
+
+
+def identity_spec(net: Network, like: Tensor) -> Tensor:
+    """The specification `(N, K, K)` that bounds the (flattened) outputs themselves."""
+    k = math.prod(net.output_shape)
+    eye = torch.eye(k, dtype=like.dtype, device=like.device)
+    return eye.expand(like.shape[0], k, k)
 
 
 def fold_spec(net: Network, spec: Tensor) -> Network:
