@@ -27,7 +27,7 @@ class LinfBall:
     Args:
         center: Images `(N, C, H, W)` inside `domain`.
         eps: Radius, a float or a tensor `(N,)`, all >= 0; stored as `(N,)` with the dtype and
-            device of `center`.
+            device of `center` (rounded up when that dtype is narrower).
         domain: The box every image lives in, `(0.0, 1.0)` for pixel space.
 
     Raises:
@@ -52,15 +52,19 @@ class LinfBall:
                 f"LinfBall center must lie in the domain [{lo}, {hi}], got values in "
                 f"[{float(center.min())}, {float(center.max())}]; models take [0, 1] pixels.")
         n = center.shape[0]
-        eps = torch.as_tensor(self.eps, dtype=center.dtype, device=center.device)
+        eps = self.eps if isinstance(self.eps, Tensor) else torch.as_tensor(self.eps,
+                                                                              dtype=torch.float64)
+        eps = eps.to(center.device)
         if eps.ndim == 0:
-            eps = eps.expand(n).clone()
+            eps = eps.expand(n)
         if eps.shape != (n,):
             raise SpecError(f"eps must be a float or a tensor of shape ({n},), "
                             f"got shape {tuple(eps.shape)}.")
+        if not eps.is_floating_point():
+            eps = eps.to(torch.float64)
         if torch.isnan(eps).any() or (eps < 0).any():
             raise SpecError(f"eps must be >= 0, got min {float(eps.min())}.")
-        object.__setattr__(self, "eps", eps)
+        object.__setattr__(self, "eps", _round_up(eps, center.dtype))
         object.__setattr__(self, "domain", (lo, hi))
 
     def __repr__(self) -> str:
@@ -73,12 +77,20 @@ class LinfBall:
     def box(self) -> tuple[Tensor, Tensor]:
         """The region as a box: `clip(center - eps, domain)`, `clip(center + eps, domain)`.
 
+        Rounded outward: `eps` was converted to the center's dtype rounding up, and each end is
+        moved one unit in the last place outward (more than the rounding error of the sum), so
+        the box contains the exact real-valued ball (clipped) -- float rounding never shrinks
+        the region a bound is proven for.
+
         Returns:
             `(x_lo, x_hi)`, each `(N, C, H, W)`.
         """
         eps = self.eps.view(-1, 1, 1, 1)
         lo, hi = self.domain
-        return (self.center - eps).clamp(lo, hi), (self.center + eps).clamp(lo, hi)
+        down = torch.full_like(self.center, float("-inf"))
+        x_lo = torch.nextafter(self.center - eps, down).clamp(lo, hi)
+        x_hi = torch.nextafter(self.center + eps, -down).clamp(lo, hi)
+        return x_lo, x_hi
 
     def sample(self, n: int, *, generator: torch.Generator | None = None,
                corners: bool = False) -> Tensor:
@@ -101,6 +113,16 @@ class LinfBall:
             return torch.where(u < 0.5, x_lo, x_hi)
         # lo + u * (hi - lo) can round above hi; clamping keeps every point inside the box.
         return torch.minimum(torch.maximum(x_lo + u * (x_hi - x_lo), x_lo), x_hi)
+
+
+def _round_up(values: Tensor, dtype: torch.dtype) -> Tensor:
+    """`values` in `dtype`, rounded up (never below the exact value)."""
+    cast = values.to(dtype)
+    if values.dtype == torch.float64 and dtype != torch.float64:
+        below = cast.to(torch.float64) < values
+        cast = torch.where(below, torch.nextafter(cast, torch.full_like(cast, float("inf"))),
+                           cast)
+    return cast
 
 
 def margin_spec(labels: Tensor, num_classes: int) -> Tensor:

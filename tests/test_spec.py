@@ -17,9 +17,23 @@ def test_eps_is_broadcast_and_the_box_clipped():  # type: ignore[no-untyped-def]
     torch.testing.assert_close(lo[0, 0, 0], torch.tensor([0.0, 0.3, 0.8]))
     torch.testing.assert_close(hi[0, 0, 0], torch.tensor([0.2, 0.7, 1.0]))
     per_sample = LinfBall(x, torch.tensor([0.0, 0.1]))
-    lo, hi = per_sample.box()
-    assert torch.equal(lo[0], x[0]) and torch.equal(hi[0], x[0])
+    lo, hi = per_sample.box()  # eps = 0: the point, widened by at most one ulp, inside [0, 1]
+    assert (lo[0] <= x[0]).all() and (hi[0] >= x[0]).all()
+    assert ((x[0] - lo[0]) <= 6e-8).all() and ((hi[0] - x[0]) <= 6e-8).all()
+    assert lo.min() >= 0 and hi.max() <= 1
     assert "eps=[0, 0.1]" in repr(per_sample) and "eps=0.2" in repr(ball)
+
+
+@pytest.mark.parametrize("eps", [0.01, 1 / 3, 0.003,
+                                 torch.tensor([0.01, 0.2], dtype=torch.float64)])
+def test_float32_box_contains_the_exact_ball(eps):  # type: ignore[no-untyped-def]
+    """Rounding (of eps to float32, and of x ± eps) never shrinks the region."""
+    x = torch.tensor([[0.0101, 0.5, 0.999, 0.0, 0.3, 0.2001]] * 2).view(2, 1, 1, 6)
+    lo, hi = LinfBall(x, eps).box()
+    exact = (eps if isinstance(eps, torch.Tensor) else torch.tensor([eps, eps])).view(2, 1, 1, 1)
+    assert (lo.double() <= (x.double() - exact).clamp(0, 1)).all()
+    assert (hi.double() >= (x.double() + exact).clamp(0, 1)).all()
+    assert (LinfBall(x, eps).eps.double() >= exact.flatten()).all()
 
 
 def test_samples_and_corners_lie_in_the_box():  # type: ignore[no-untyped-def]
