@@ -38,24 +38,22 @@ class AlphaCrown(LinearRelaxationMethod):
     """alpha-CROWN with CROWN intermediate bounds.
 
     Options:
-        steps: Gradient steps (0 gives CROWN's bound).
-        lr: Adam learning rate for the slopes.
-        intermediate_mode, memory_budget_mb, chunk_size: As for ``crown``; the budget also
+        memory_budget_mb, chunk_size, intermediate_mode: As for ``crown``; the budget also
             sets how many samples are optimized at once (their slopes, gradients and Adam
             state are held in memory together).
+        steps: Gradient steps (0 gives CROWN's bound).
+        lr: Adam learning rate for the slopes.
     """
 
     steps: int = 20
     lr: float = 0.1
     intermediate_mode: str = "auto"
-    memory_budget_mb: float = 2048
-    chunk_size: int | None = None
     name: ClassVar[str] = "alpha-crown"
     slope_rule: ClassVar[str] = "adaptive"
     linear_intermediate: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        self._check_options()
+        super().__post_init__()
         if not (isinstance(self.steps, int) and self.steps >= 0):
             raise SpecError(f"alpha-crown: steps must be an int >= 0, got {self.steps!r}.")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):

@@ -44,18 +44,27 @@ def crown_output(prop: Propagator) -> Bounds:
     return prop.finish(lower, upper)
 
 
+@dataclass(frozen=True)
 class LinearRelaxationMethod(MethodBase):
-    """Shared body of the methods that end with one backward pass of the specification.
+    """Shared body and options of the methods that end with a backward pass of the spec.
 
     Subclasses set `slope_rule` (see :mod:`certify.bounds.relaxations`) and
-    `linear_intermediate` (False: interval intermediate bounds).
+    `linear_intermediate` (False: interval intermediate bounds), and may add the option
+    `intermediate_mode`.
+
+    Options:
+        memory_budget_mb: Working memory for one chunk of rows (not counting what autograd
+            keeps when gradients are needed).
+        chunk_size: Rows per chunk, overriding the budget; bounds never depend on it.
     """
 
+    memory_budget_mb: float = 2048
+    chunk_size: int | None = None
     slope_rule: ClassVar[str]
     linear_intermediate: ClassVar[bool]
-    memory_budget_mb: float
-    chunk_size: int | None
-    intermediate_mode: str
+
+    def __post_init__(self) -> None:
+        self._check_options()
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(self.memory_budget_mb, self.chunk_size,
@@ -90,26 +99,19 @@ class Crown(LinearRelaxationMethod):
     """CROWN: adaptive lower slopes (``alpha = 1 if u > -l else 0``), linear intermediate bounds.
 
     Options:
+        memory_budget_mb, chunk_size: See :class:`LinearRelaxationMethod`.
         intermediate_mode: How intermediate layers get their linear bounds. ``"auto"``
             (default): backward propagation of the unstable neurons, or forward-mode
             propagation where it gives the same bound and is cheaper (per sample and layer);
             the textbook CROWN bound (auto_LiRPA's ``method="CROWN"``). ``"backward"``: always
             backward (the same bound). ``"forward"``: always forward mode -- sound, but looser
             beyond the second ReLU layer.
-        memory_budget_mb: Working memory for one chunk of rows (not counting what autograd
-            keeps when gradients are needed).
-        chunk_size: Rows per chunk, overriding the budget; bounds never depend on it.
     """
 
     intermediate_mode: str = "auto"
-    memory_budget_mb: float = 2048
-    chunk_size: int | None = None
     name: ClassVar[str] = "crown"
     slope_rule: ClassVar[str] = "adaptive"
     linear_intermediate: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        self._check_options()
 
 
 @register_method("crown-ibp")
@@ -118,14 +120,9 @@ class CrownIBP(LinearRelaxationMethod):
     """CROWN-IBP: interval bounds for intermediate layers, CROWN (adaptive slopes) for the output.
 
     Options:
-        memory_budget_mb, chunk_size: As for ``crown``.
+        memory_budget_mb, chunk_size: See :class:`LinearRelaxationMethod`.
     """
 
-    memory_budget_mb: float = 2048
-    chunk_size: int | None = None
     name: ClassVar[str] = "crown-ibp"
     slope_rule: ClassVar[str] = "adaptive"
     linear_intermediate: ClassVar[bool] = False
-
-    def __post_init__(self) -> None:
-        self._check_options()

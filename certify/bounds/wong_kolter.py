@@ -28,15 +28,10 @@ class WongKolter(LinearRelaxationMethod):
     """Wong-Kolter dual bound: parallel lower slope ``u / (u - l)``, linear intermediate bounds.
 
     Options:
-        intermediate_mode, memory_budget_mb, chunk_size: As for ``crown``.
+        memory_budget_mb, chunk_size, intermediate_mode: As for ``crown``.
     """
 
     intermediate_mode: str = "auto"
-    memory_budget_mb: float = 2048
-    chunk_size: int | None = None
     name: ClassVar[str] = "wong-kolter"
     slope_rule: ClassVar[str] = "parallel"
     linear_intermediate: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        self._check_options()

@@ -109,7 +109,7 @@ def test_unknown_method_and_options():  # type: ignore[no-untyped-def]
     with pytest.raises(UnknownNameError, match="'crow'; did you mean 'crown'"):
         compute_bounds(model, x, x, "crow")
     with pytest.raises(SpecError, match="unknown option 'stepz' for method 'alpha-crown'; its "
-                                        "options are: steps, lr"):
+                                        "options are: memory_budget_mb, chunk_size, steps, lr"):
         get_method("alpha-crown", stepz=3)
     with pytest.raises(SpecError, match="unknown option 'steps' for method 'crown'"):
         compute_bounds(model, x, x, "crown", steps=3)
