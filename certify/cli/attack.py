@@ -22,10 +22,14 @@ from certify.cli.options import (
 @click.option("--attack", type=click.Choice(["pgd", "fgsm", "autoattack"]), default="pgd",
               show_default=True, help="autoattack: worst case of APGD-CE, APGD-DLR, FAB and "
               "Square (needs `pip install --no-deps torchattacks`).")
-@click.option("--n", "n", type=int, default=500, show_default=True,
-              help="Attack the first N test samples.")
+@click.option("--n", "--num-samples", "n", type=int, default=500, show_default=True,
+              help="Attack the first N test samples (under torchrun write --num-samples: "
+              "torchrun rejects --n as ambiguous).")
 @click.option("--steps", type=int, default=40, show_default=True, help="PGD steps.")
 @click.option("--restarts", type=int, default=1, show_default=True, help="PGD restarts.")
+@click.option("--batch-size", type=int, default=256, show_default=True,
+              help="Samples per attack batch (each batch seeded by its number; under torchrun "
+              "the batches are split over the processes).")
 @click.option("--label", "labels", multiple=True,
               help="Legend name per model, in order (default: file stems).")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False),
@@ -35,8 +39,8 @@ from certify.cli.options import (
 @data_dir_option
 @quiet_option
 def attack(models: tuple[str, ...], dataset: str, eps: str, attack: str, n: int, steps: int,
-           restarts: int, labels: tuple[str, ...], out_dir: str, device: str, seed: int,
-           data_dir: str | None, quiet: bool) -> None:
+           restarts: int, batch_size: int, labels: tuple[str, ...], out_dir: str, device: str,
+           seed: int, data_dir: str | None, quiet: bool) -> None:
     """Accuracy under attack over an eps grid for every model, in one figure.
 
     Writes attack_curves.png (one curve per model), attack_curves.csv and attack_curves.json
@@ -46,13 +50,19 @@ def attack(models: tuple[str, ...], dataset: str, eps: str, attack: str, n: int,
     Example:
       certify attack models/teacher.pt models/student-pruned.pt --dataset svhn --eps 0:0.014:15
       certify attack models/*.pt --dataset digits --eps 0:0.2:11 --attack autoattack -o reports/aa
+      torchrun --nproc_per_node=2 -m certify attack models/teacher.pt --dataset svhn \\
+          --num-samples 10000
     """
+    from certify.distributed import is_main
     from certify.study.attack_curves import parse_eps_grid, run_attack_curves
 
     grid = parse_eps_grid(eps)
     result = run_attack_curves(list(models), dataset, grid, out_dir=out_dir, attack=attack,
                                n=n, steps=steps, restarts=restarts, labels=labels or None,
-                               seed=seed, device=device, data_dir=data_dir, quiet=quiet)
+                               seed=seed, batch_size=batch_size, device=device,
+                               data_dir=data_dir, quiet=quiet)
+    if not is_main():  # under torchrun, rank 0 prints the gathered result
+        return
     width = max(len(c.label) for c in result.curves)
     click.echo(f"{'eps':>{width}}  " + "  ".join(f"{e:>7.4g}" for e in result.curves[0].eps))
     for c in result.curves:

@@ -17,8 +17,9 @@ from certify.cli.options import (
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @dataset_option(required=True)
 @click.option("--method", default="crown", show_default=True, help="Bound method.")
-@click.option("--n", "n", type=int, default=200, show_default=True,
-              help="Certify the first N test samples.")
+@click.option("--n", "--num-samples", "n", type=int, default=200, show_default=True,
+              help="Certify the first N test samples (under torchrun write --num-samples: "
+              "torchrun rejects --n as ambiguous).")
 @click.option("--eps", "eps", type=float, default=None,
               help="eps of the 'at eps' table columns [default: from the attacks].")
 @click.option("--eps-grid", default=None,
@@ -50,7 +51,9 @@ def compare(models: tuple[str, ...], dataset: str, method: str, n: int, eps: flo
     Example:
       certify compare models/teacher.pt models/student.pt --dataset svhn -o reports/svhn
       certify compare reports/demo/models/*.pt --dataset digits --n 100
+      torchrun --nproc_per_node=2 -m certify compare a.pt b.pt --dataset digits --num-samples 100
     """
+    from certify.distributed import is_main
     from certify.study.attack_curves import parse_eps_grid
     from certify.study.compare import compare_models, table_markdown
 
@@ -59,5 +62,7 @@ def compare(models: tuple[str, ...], dataset: str, method: str, n: int, eps: flo
                             eps=eps, eps_grid=grid, eps_max=eps_max, tol=tol, seed=seed,
                             device=device, data_dir=data_dir, cache_dir=cache_dir,
                             out_dir=out_dir, quiet=quiet)
+    if not is_main():  # under torchrun, rank 0 prints the gathered result
+        return
     click.echo(table_markdown(result.rows, method=method), nl=False)
     click.echo(f"report in {out_dir}")

@@ -3,14 +3,17 @@
 :func:`run_attack_curves` attacks the first `n` test points of every model at every eps of a
 grid and writes, into one folder::
 
-    attack_curves.csv   model,attack,eps,accuracy,robust,n   (one row per model and eps)
-    attack_curves.json  settings, versions and the curves
+    attack_curves.csv   model,attack,eps,accuracy,n   (one row per model and eps)
+    attack_curves.json  the settings and the curves
     attack_curves.png   accuracy under attack (%) vs eps, one curve per model
 
 Attacks: ``pgd`` and ``fgsm`` (:func:`certify.attacks.accuracy_under_attack`, every adversarial
 example re-checked), and ``autoattack``: the worst case per sample over APGD-CE, APGD-DLR, FAB
 and Square from the optional `torchattacks` package. Its examples are re-checked here too
 (inside the ball and [0, 1], misclassified) before a sample counts as broken.
+
+The samples are attacked batch by batch, each batch seeded by its number, so under ``torchrun``
+the batches are sharded over the ranks and rank 0 writes the same files as one process.
 """
 
 from __future__ import annotations
@@ -178,19 +181,24 @@ def autoattack_robust(model: nn.Module, x: Tensor, y: Tensor, eps: float, *,
     return robust
 
 
-def _curve(model: nn.Module, x: Tensor, y: Tensor, grid: Sequence[float], attack: str, *,
-           steps: int, restarts: int, seed: int, batch_size: int) -> list[float]:
+def batch_seed(seed: int, batch: int) -> int:
+    """Seed of batch number `batch`'s attacks: fixed by the batch, not by who runs it."""
+    return (seed * 1_000_003 + batch) % (2**63)
+
+
+def _batch_robust(model: nn.Module, x: Tensor, y: Tensor, grid: Sequence[float], attack: str, *,
+                  steps: int, restarts: int, seed: int) -> Tensor:
+    """`(E, B)` bool on the CPU: sample still robust at each eps of `grid` (monotone in eps)."""
     from certify.attacks import accuracy_under_attack
 
     if attack == "autoattack":
-        robust = torch.stack([autoattack_robust(model, x, y, e, seed=seed, batch_size=batch_size)
-                              for e in grid])
-        robust = robust.cummin(dim=0).values   # broken at a small eps: broken at larger ones
-        return robust.double().mean(dim=1).tolist()
+        robust = torch.stack([autoattack_robust(model, x, y, e, seed=seed, batch_size=x.shape[0])
+                              for e in grid]).cpu()
+        return robust.cummin(dim=0).values   # broken at a small eps: broken at larger ones
     gen = torch.Generator(device=x.device).manual_seed(seed)
     res = accuracy_under_attack(model, x, y, list(grid), attack, steps=steps, restarts=restarts,
-                                batch_size=batch_size, generator=gen)
-    return res.accuracy.tolist()
+                                batch_size=x.shape[0], generator=gen)
+    return res.robust.cpu()
 
 
 def attack_curves(models: Sequence[str | os.PathLike[str]], dataset: str, eps_grid: Sequence[float],
@@ -201,6 +209,11 @@ def attack_curves(models: Sequence[str | os.PathLike[str]], dataset: str, eps_gr
                   quiet: bool = False) -> list[ModelCurve]:
     """Accuracy under `attack` at every eps of `eps_grid` for each model (nothing written).
 
+    The samples are cut into batches of `batch_size`; batch ``b`` is attacked with seed
+    :func:`batch_seed` ``(seed, b)``. Under ``torchrun`` (see :mod:`certify.distributed`) the
+    batches are sharded over the ranks and the per-sample results gathered on every rank, so
+    the curves equal a single-process run's whatever the number of processes.
+
     Args:
         models: Model files (certify ``.pt`` or ``.onnx``).
         dataset: Dataset name; its test split is attacked.
@@ -210,16 +223,18 @@ def attack_curves(models: Sequence[str | os.PathLike[str]], dataset: str, eps_gr
         steps, restarts: PGD settings.
         labels: Legend names, one per model (default: file stems).
         seed: Seeds the attacks.
-        batch_size: Samples per attack call.
-        device: Where to run.
+        batch_size: Samples per batch; batch ``b``'s attacks are seeded by ``(seed, b)``.
+        device: Where to run (``cuda`` is ``cuda:LOCAL_RANK`` under torchrun).
         data_dir: Dataset folder.
         quiet: No progress output.
     Returns:
-        One :class:`ModelCurve` per model, in order.
+        One :class:`ModelCurve` per model, in order (on every rank under torchrun).
     Raises:
         SpecError: bad options; torchattacks missing for ``autoattack``.
         CheckpointError, DatasetError: missing model, data, or a model for another dataset.
+        DistributedError: under torchrun, when any rank failed (naming it).
     """
+    from certify import distributed
     from certify.compat import check_compatible
     from certify.data import get_dataset_info, load_dataset
     from certify.model_io import load_model
@@ -238,8 +253,11 @@ def attack_curves(models: Sequence[str | os.PathLike[str]], dataset: str, eps_gr
         raise SpecError(f"eps grid must hold finite eps >= 0, got {grid}")
     if attack == "autoattack":
         _import_torchattacks()
+    if batch_size < 1:
+        raise SpecError(f"--batch-size must be >= 1, got {batch_size}")
     names = model_labels(models, labels)
-    dev = resolve_device(device)
+    ctx = distributed.init_from_env()
+    dev = ctx.device_for(resolve_device(device))
     info = get_dataset_info(dataset)
     loaded = []
     for path in models:
@@ -250,13 +268,45 @@ def attack_curves(models: Sequence[str | os.PathLike[str]], dataset: str, eps_gr
     x, y = data.tensors()
     if n is not None:
         x, y = x[:n], y[:n]
-    x, y = x.to(dev), y.to(dev)
+    total = int(x.shape[0])
+    n_batches = math.ceil(total / batch_size)
+    sizes = [min(batch_size, total - b * batch_size) for b in range(n_batches)]
+    mine = distributed.shard(list(range(n_batches)), ctx.rank, ctx.world_size, costs=sizes)
+    # batch number -> per model the (E, B) robust mask; each batch seeded by its number
+    robust: dict[int, list[Tensor]] = {}
+    bar = progress(total=len(mine) * len(loaded), quiet=quiet or not ctx.is_main,
+                   desc=f"{attack} curves", unit="batch")
+    failure: Exception | None = None
+    try:
+        for k, b in enumerate(mine):
+            if ctx.is_distributed:  # tests only: fail after `k` batches
+                distributed.maybe_fail_for_test(k)
+            sl = slice(b * batch_size, (b + 1) * batch_size)
+            xb, yb = x[sl].to(dev), y[sl].to(dev)
+            masks = []
+            for model in loaded:
+                masks.append(_batch_robust(model, xb, yb, grid, attack, steps=steps,
+                                           restarts=restarts, seed=batch_seed(seed, b)))
+                bar.update(1)
+            robust[b] = masks
+    except Exception as e:  # in a distributed run every rank learns of it below
+        if not ctx.is_distributed:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        failure = e
+    finally:
+        bar.close()
+    if ctx.is_distributed:
+        distributed.exchange_status(failure, hint="nothing was written; rerun the command")
+        for part in distributed.all_gather_objects(robust):
+            robust.update(part)
     out = []
-    for label, path, model in progress(list(zip(names, models, loaded, strict=True)),
-                                       quiet=quiet, desc=f"{attack} curves", unit="model"):
-        acc = _curve(model, x, y, grid, attack, steps=steps, restarts=restarts, seed=seed,
-                     batch_size=batch_size)
-        out.append(ModelCurve(label, str(path), tuple(grid), tuple(acc), int(x.shape[0])))
+    for m, (label, path) in enumerate(zip(names, models, strict=True)):
+        mask = torch.cat([robust[b][m] for b in range(n_batches)], dim=1)
+        acc = mask.double().mean(dim=1).tolist()
+        out.append(ModelCurve(label, str(path), tuple(grid), tuple(acc), total))
     return out
 
 
@@ -310,13 +360,18 @@ def run_attack_curves(models: Sequence[str | os.PathLike[str]], dataset: str,
                       batch_size: int = 256, device: str = "cpu",
                       data_dir: str | os.PathLike[str] | None = None,
                       quiet: bool = False) -> AttackCurves:
-    """:func:`attack_curves`, then :func:`write_attack_curves` into `out_dir`."""
+    """:func:`attack_curves`, then :func:`write_attack_curves` into `out_dir` (by rank 0 only
+    under ``torchrun``; every rank returns the gathered curves)."""
+    from certify import distributed
+
     curves = attack_curves(models, dataset, eps_grid, attack=attack, n=n, steps=steps,
                            restarts=restarts, labels=labels, seed=seed, batch_size=batch_size,
                            device=device, data_dir=data_dir, quiet=quiet)
     settings = {"dataset": dataset, "attack": attack, "n": curves[0].n, "steps": steps,
-                "restarts": restarts, "seed": seed, "eps_grid": list(curves[0].eps)}
-    write_attack_curves(out_dir, curves, attack=attack, settings=settings)
+                "restarts": restarts, "seed": seed, "batch_size": batch_size,
+                "eps_grid": list(curves[0].eps)}
+    distributed.run_on_main(lambda: write_attack_curves(out_dir, curves, attack=attack,
+                                                        settings=settings))
     return AttackCurves(tuple(curves), attack, Path(out_dir))
 
 

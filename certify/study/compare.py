@@ -12,6 +12,10 @@ resumed). Then it writes one report folder::
                                per model (the thesis's Figs 8.30/8.31, 8.47/8.48)
     certified_accuracy.png     certified (solid) and attack (dashed) accuracy vs eps
     compare.json               the table as numbers, the settings and the run folders
+
+Under ``torchrun`` each area run is sharded over the ranks (see :mod:`certify.report.area`);
+rank 0 alone looks up and clears the cache and writes the report, and tells the other ranks what
+it found, so ``torchrun --nproc_per_node=N -m certify compare ...`` writes what one process does.
 """
 
 from __future__ import annotations
@@ -94,27 +98,48 @@ def cached_area(config: Any, *, cache_dir: str | os.PathLike[str] = DEFAULT_CACH
     """`run_area(config)` in a cache folder keyed by model sha256 and settings; reuse if there.
 
     A complete run with identical settings is read back without recomputing; a partial one is
-    resumed; a folder whose settings do not match (e.g. an older format) is replaced.
+    resumed; a folder whose settings do not match (e.g. an older format) is replaced. Under
+    ``torchrun`` rank 0 makes these decisions and tells the others, every rank takes part in
+    the (sharded) area run, and every rank returns the same run.
 
     Returns:
         The :class:`certify.report.area.AreaRun`.
     """
+    from certify import distributed
     from certify._io import sha256_file
-    from certify.errors import CheckpointError
+    from certify.errors import CheckpointError, DistributedError
     from certify.report.area import CONFIG_FILE, read_run, run_area
 
     path = Path(config.model)
     if not path.is_file():
         raise CheckpointError(f"model file not found: {path}. Pass an existing .pt or .onnx file")
     run_dir = Path(cache_dir) / settings_key(config, sha256_file(path))
-    if (run_dir / CONFIG_FILE).is_file():
+
+    def look_up() -> tuple[str, Any]:
+        if not (run_dir / CONFIG_FILE).is_file():
+            return "new", None
         try:
             run = read_run(run_dir)
-            if run.complete and run.settings.get("model_sha256") == sha256_file(path):
-                return run
-            return run_area(config, out_dir=run_dir, resume=True, quiet=quiet)
-        except (ReportError, SpecError):
+        except ReportError:
             shutil.rmtree(run_dir)
+            return "new", None
+        if run.complete and run.settings.get("model_sha256") == sha256_file(path):
+            return "reuse", run
+        return "resume", None
+
+    decision, cached = distributed.run_on_main(look_up)
+    if decision == "reuse":
+        return cached
+    if decision == "resume":
+        try:
+            return run_area(config, out_dir=run_dir, resume=True, quiet=quiet)
+        except (ReportError, SpecError, DistributedError) as e:
+            # rank 0 raised the cache folder's own error (the others hear of it as a
+            # DistributedError): the folder is stale; any other failure is the run's own
+            if not distributed.broadcast_object(isinstance(e, (ReportError, SpecError))):
+                raise
+            if distributed.is_main():
+                shutil.rmtree(run_dir)
     return run_area(config, out_dir=run_dir, quiet=quiet)
 
 
@@ -168,10 +193,13 @@ def compare_models(models: Sequence[str | os.PathLike[str]], dataset: str, *,
         title: Title prefix of the figures.
         quiet: No progress output.
     Returns:
-        :class:`Comparison`.
+        :class:`Comparison` (on every rank under torchrun: the area runs are sharded over the
+        ranks, the cache and the report are handled by rank 0).
     Raises:
         SpecError, CheckpointError, DatasetError: bad options, a missing model, another dataset.
+        DistributedError: under torchrun, when any rank failed (naming it).
     """
+    from certify import distributed
     from certify.report.area import AreaConfig
     from certify.study.attack_curves import model_labels
 
@@ -189,14 +217,17 @@ def compare_models(models: Sequence[str | os.PathLike[str]], dataset: str, *,
         config = replace(base, model=str(path))
         config.validate()
         runs.append(cached_area(config, cache_dir=cache_dir, quiet=quiet))
-    if eps is None:
-        eps = _default_eps(runs, method)
-    rows = tuple(_row(r, lab, str(p), method, eps) for r, lab, p in
-                 zip(runs, names, models, strict=True))
-    result = Comparison(rows, tuple(runs), Path(out_dir) if out_dir is not None else None)
-    if out_dir is not None:
-        write_comparison(out_dir, result, method=method, title=title)
-    return result
+
+    def report() -> Comparison:
+        at = eps if eps is not None else _default_eps(runs, method)
+        rows = tuple(_row(r, lab, str(p), method, at) for r, lab, p in
+                     zip(runs, names, models, strict=True))
+        result = Comparison(rows, tuple(runs), Path(out_dir) if out_dir is not None else None)
+        if out_dir is not None:
+            write_comparison(out_dir, result, method=method, title=title)
+        return result
+
+    return distributed.run_on_main(report)  # under torchrun: written by rank 0, given to all
 
 
 def _default_eps(runs: Sequence[Any], method: str) -> float:

@@ -1,0 +1,70 @@
+"""Run several ``certify`` commands in one torchrun launch (tests only).
+
+``python -m torch.distributed.run --nproc_per_node=N tests/distributed/torchrun_driver.py PLAN``
+reads PLAN (JSON: ``{"out": folder, "steps": [{"name", "args", "env"}]}``) and runs each step's
+``certify ARGS`` in turn in the same process group, as the command line would (user errors:
+one line on stderr and exit code 1), with `env` set for that step only. A step
+``{"name", "copy": [src, dst]}`` instead has rank 0 copy the folder `src` to `dst` (e.g. a
+failed run's shards before ``--resume`` merges them) while the other ranks wait. Each rank writes
+``<out>/rank-<r>.json``: per step its exit code, stdout and stderr. One launch instead of one
+per command saves the start-up of torchrun, Python and torch for every command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import sys
+import traceback
+from pathlib import Path
+
+
+def run_step(args: list[str], env: dict[str, str]) -> dict[str, object]:
+    """``certify ARGS`` in this process, with `env` added to the environment meanwhile."""
+    from certify.cli import main
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main.main(args, prog_name="certify", standalone_mode=True)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except Exception:  # a bug, not a user error: keep the traceback
+                traceback.print_exc()
+                code = 1
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return {"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()}
+
+
+def copy_step(src: str, dst: str) -> dict[str, object]:
+    """Rank 0 copies the folder `src` to `dst`; every rank waits until it is done."""
+    from certify import distributed
+
+    if distributed.is_main():
+        shutil.copytree(src, dst)
+    distributed.barrier()
+    return {"code": 0, "stdout": "", "stderr": ""}
+
+
+def main() -> None:
+    plan = json.loads(Path(sys.argv[1]).read_text())
+    rank = int(os.environ.get("RANK", "0"))
+    record = {step["name"]: copy_step(*step["copy"]) if "copy" in step
+              else run_step(step["args"], step.get("env", {})) for step in plan["steps"]}
+    Path(plan["out"], f"rank-{rank}.json").write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
