@@ -243,12 +243,13 @@ def to_network(model: nn.Module | Network, input_shape: Shape | torch.Size) -> N
         UnsupportedLayerError: naming the first layer without a rule, and the supported ones.
         SpecError: if the layers do not fit `input_shape`.
     """
-    shape = tuple(int(s) for s in input_shape)
+    given = tuple(int(s) for s in input_shape)
     if isinstance(model, Network):
-        if model.input_shape != shape:
+        if model.input_shape != given:
             raise SpecError(f"the network takes inputs of shape {model.input_shape}, got "
-                            f"{shape}.")
+                            f"{given}.")
         return model
+    shape = given
     layers: list[Op] = []
     names: list[str] = []
     for index, (name, module) in enumerate(_modules(model)):
@@ -264,14 +265,14 @@ def to_network(model: nn.Module | Network, input_shape: Shape | torch.Size) -> N
             raise UnsupportedLayerError(f"{label} is not supported with {e}.") from None
         except _ShapeMismatch as e:
             raise SpecError(f"{label} does not fit its input: it {e}. Check the input shape "
-                            f"(the network gets {tuple(int(s) for s in input_shape)}).") from None
+                            f"(the network gets {given}).") from None
         if op is None:
             continue
         layers.append(op)
         names.append(name)
         shape = op.out_shape
     layers, names = _fold_scale_shift(layers, names)
-    return Network(tuple(layers), tuple(int(s) for s in input_shape), tuple(names))
+    return Network(tuple(layers), given, tuple(names))
 
 
 def _fold_scale_shift(layers: list[Op], names: list[str]) -> tuple[list[Op], list[str]]:

@@ -26,10 +26,10 @@ Every other layer gets its interval bound intersected with the linear bound of i
 neurons (both are sound, so their intersection is). The linear bound comes from backward mode,
 or from forward mode where the two are provably equal and forward is cheaper
 (``intermediate_mode="auto"``, the default; see :func:`forward_is_exact`), or always from
-forward mode (``"forward"``: sound, faster on big layers, but looser beyond the second ReLU
-layer because it chooses the lower or upper line per path instead of per neuron -- about ten
-times looser margins on a random ``wk-large``). The choice depends only on the sample and the
-network, so a batch gives the bounds of its samples one by one.
+forward mode (``"forward"``: sound, but looser beyond the second ReLU layer because it chooses
+the lower or upper line per path instead of per neuron -- on a random ``wk-large`` at eps 0.01
+the mean margin lower bound was -472 against -13.8 in backward mode). The choice depends only
+on the sample and the network, so a batch gives the bounds of its samples one by one.
 """
 
 from __future__ import annotations
