@@ -3,8 +3,9 @@
 Each (setup, method) runs in its own subprocess, so its peak resident memory (``ru_maxrss``; on
 CUDA ``torch.cuda.max_memory_allocated``) is its own. A run trains with the method's loss
 (:class:`certify.train.robust.RobustLoss`) at a constant eps (the cost after the ramp) with Adam
-and batch 64, for one epoch or for ``--max-steps`` steps; seconds per epoch are the measured
-seconds per step times the steps of an epoch (marked "extrapolated" when not all steps ran).
+and batch 64, for one epoch or for ``--max-steps`` steps; seconds per epoch (wall clock, and the
+process's CPU time) are the measured seconds per step times the steps of an epoch (marked
+"extrapolated" when not all steps ran).
 
 Setups:
     digits    mlp-64-64 on the digits training split (1347 images 1x8x8), eps 0.1.
@@ -90,7 +91,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for i in range(steps):
         sl = slice(i * args.batch_size, (i + 1) * args.batch_size)
         xb, yb = x[sl].to(device), y[sl].to(device)
@@ -102,11 +103,14 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start
     result = {"setup": args.setup, "arch": setup["arch"], "method": args.method,
               "eps": setup["eps"], "samples": n, "batch_size": args.batch_size,
               "steps": steps, "steps_per_epoch": batches,
               "seconds_per_step": seconds / steps,
               "seconds_per_epoch": seconds / steps * batches,
+              "cpu_seconds_per_step": cpu_seconds / steps,
+              "cpu_seconds_per_epoch": cpu_seconds / steps * batches,
               "extrapolated": steps < batches, "threads": args.threads,
               "device": str(device), "bound_batch_size": args.bound_batch_size,
               "bound_memory_mb": args.bound_memory_mb, "micro_batch": micro,
@@ -140,8 +144,8 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
     rows = []
-    print(f"{'setup':9s} {'method':12s} {'s/step':>9s} {'s/epoch':>10s} {'steps':>7s} "
-          f"{'micro':>6s} {'peak MB':>9s} {'(+ over import)':>15s}")
+    print(f"{'setup':9s} {'method':12s} {'s/step':>9s} {'s/epoch':>10s} {'cpu s/epoch':>12s} "
+          f"{'steps':>7s} {'micro':>6s} {'peak MB':>9s} {'(+ over import)':>15s}")
     for setup in args.setups.split(","):
         if setup not in SETUPS:
             sys.exit(f"unknown setup {setup!r}; use {', '.join(SETUPS)}")
@@ -167,12 +171,15 @@ def main() -> None:
             mark = "*" if r["extrapolated"] else ""
             steps = f"{r['steps']}/{r['steps_per_epoch']}"
             micro = str(r["micro_batch"] or "-")
+            cpu = r["cpu_seconds_per_epoch"]
             print(f"{setup:9s} {method:12s} {r['seconds_per_step']:9.3f} "
-                  f"{r['seconds_per_epoch']:9.2f}{mark:1s} {steps:>7s} {micro:>6s} "
-                  f"{peak:9.0f} {extra:>15s}", flush=True)
+                  f"{r['seconds_per_epoch']:9.2f}{mark:1s} {cpu:11.2f}{mark:1s} "
+                  f"{steps:>7s} {micro:>6s} {peak:9.0f} {extra:>15s}", flush=True)
     if any(r["extrapolated"] for r in rows):
         print("* extrapolated from the steps run (seconds per step x steps per epoch)")
     print("micro: samples per checkpointed bound computation (the batch when it is all of it)")
+    print("s: wall-clock seconds; cpu s: CPU time of the process (the better figure on a busy "
+          "machine when --threads is 1)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -66,5 +66,5 @@ def retrain(model: str, robust: str, eps: float, eps_start: float,
     seed_everything(seed)
     trained = retrain_checkpoint(model, recipe, config, dataset=dataset, data_dir=data_dir,
                                  output=out, resume=resume, quiet=quiet)
-    click.echo(f"{out}: {describe_result(trained)} ({robust} at eps {eps:g}, {epochs} epochs "
-               f"from {model})")
+    click.echo(f"{out}: {describe_result(trained)} ({robust} at eps {eps:g}, {epochs} "
+               f"epoch{'s' if epochs != 1 else ''} from {model})")

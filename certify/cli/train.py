@@ -228,7 +228,7 @@ def train(dataset: str, arch: str, epochs: int, batch_size: int, lr: float, opti
         trained = train_robust(arch, dataset, config, recipe, output=out, data_dir=data_dir,
                                resume=resume, quiet=quiet)
         click.echo(f"{out}: {describe_result(trained)} ({arch} on {dataset}, {robust} at eps "
-                   f"{eps:g}, {epochs} epochs)")
+                   f"{eps:g}, {epochs} epoch{'s' if epochs != 1 else ''})")
         return
     out = out or f"models/{arch}-{dataset}.pt"
     trained = train_standard(arch, dataset, config, output=out, temperature=temperature,
