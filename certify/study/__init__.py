@@ -1,6 +1,6 @@
 """The thesis's study in one command: attack curves, comparisons, experiments, the demo."""
 
-from certify.study.attack_curves import attack_curves, parse_eps_grid, run_attack_curves
+from certify.study.attack_curves import parse_eps_grid, run_attack_curves
 from certify.study.claims import Claim, compute_claims
 from certify.study.compare import compare_models
 from certify.study.experiment import ExperimentConfig, load_config, run_experiment
@@ -8,7 +8,6 @@ from certify.study.experiment import ExperimentConfig, load_config, run_experime
 __all__ = [
     "Claim",
     "ExperimentConfig",
-    "attack_curves",
     "compare_models",
     "compute_claims",
     "load_config",

@@ -31,7 +31,7 @@ def test_shipped_configs_parse_and_validate(name: str) -> None:
 def test_unknown_key_is_named() -> None:
     data = _tiny()
     data["distill"]["temperture"] = 2.0
-    with pytest.raises(CertifyError, match="temperture.*did you mean 'temperature'"):
+    with pytest.raises(CertifyError, match="temperture.*did you mean 'temperatures'"):
         parse_config(data, source="x.toml")
 
 
