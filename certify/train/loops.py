@@ -18,6 +18,14 @@ in a forked RNG seeded from the config, so the same seed gives bit-identical wei
 With ``state_path`` the loop writes its state after every epoch (atomically, plain data,
 loadable with ``weights_only=True``); ``resume=True`` continues from it and ends with exactly
 the weights an uninterrupted run would have.
+
+Under ``torchrun`` (see :mod:`certify.distributed`) the loop is data-parallel: every rank takes
+its slice ``batch[rank::world]`` of each batch of the epoch's seeded permutation, and the
+gradients are summed over the ranks weighted by slice size (one all-reduce per step, as
+``DistributedDataParallel`` does, but on the bare module so that losses which bound the model
+layer by layer work unchanged): each step is the single-process step on the same batch, up to
+floating-point summation order. Test accuracy is counted on a shard per rank and summed. Only
+rank 0 reads and writes the state file; the other ranks receive its content.
 """
 
 from __future__ import annotations
@@ -422,14 +430,18 @@ def train(model: nn.Module, train_set: Batchable, test_set: Batchable | None,
         SpecError: an empty training set or an unusable device.
         CheckpointError: a state file that cannot be resumed with these settings.
     """
+    from certify import distributed
     from certify.utils import resolve_device
 
     n = len(train_set)
     if n == 0:
         raise SpecError("the training set is empty; check the dataset and split.")
-    device = resolve_device(config.device)
+    ctx = distributed.init_from_env()
+    device = ctx.device_for(resolve_device(config.device))
+    quiet = quiet or not ctx.is_main
     started = time.perf_counter()
     model.to(device)
+    distributed.broadcast_module(model)  # every rank starts from rank 0's weights
     optimizer = _make_optimizer(model, config)
     generator = torch.Generator().manual_seed(config.seed)
     batches = math.ceil(n / config.batch_size)
@@ -440,8 +452,13 @@ def train(model: nn.Module, train_set: Batchable, test_set: Batchable | None,
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(config.seed)
         start_epoch, history = 0, list[EpochRecord]()
-        if resume and state_path is not None and state_path.exists():
-            payload = load_train_state(state_path)
+        payload = None
+        if resume and state_path is not None:
+            path = state_path
+            # rank 0 reads the state file; every rank restores from its content
+            payload = distributed.run_on_main(
+                lambda: load_train_state(path) if path.exists() else None)
+        if payload is not None and state_path is not None:
             start_epoch, history = _restore(state_path, payload, model, optimizer, config, tag,
                                             generator)
             _log(quiet, f"resuming from {state_path} after epoch {start_epoch}/{config.epochs}")
@@ -452,7 +469,7 @@ def train(model: nn.Module, train_set: Batchable, test_set: Batchable | None,
                 record = replace(record, metrics=_epoch_metrics(epoch_metrics, model,
                                                                 epoch + 1))
             history.append(record)
-            if state_path is not None:
+            if state_path is not None and ctx.is_main:
                 save_train_state(state_path, model=model, optimizer=optimizer, epoch=epoch + 1,
                                  config=config, generator=generator, history=history, tag=tag)
             _log(quiet, _describe(record, config.epochs))
@@ -467,6 +484,7 @@ def _run_epoch(model: nn.Module, train_set: Batchable, test_set: Batchable | Non
                config: TrainConfig, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
                generator: torch.Generator, epoch: int, batches: int, device: torch.device,
                quiet: bool) -> EpochRecord:
+    from certify import distributed
     from certify.utils import progress
 
     t0 = time.perf_counter()
@@ -478,34 +496,116 @@ def _run_epoch(model: nn.Module, train_set: Batchable, test_set: Batchable | Non
     loss_sum, seen, correct, counted = 0.0, 0, 0, 0
     bar = progress(range(batches), quiet=quiet, desc=f"epoch {epoch + 1}/{config.epochs}",
                    leave=False)
+    ctx = distributed.context()
     for index in bar:
         idx = order[index * config.batch_size:(index + 1) * config.batch_size]
-        x, y = train_set.take(idx)
-        x, y = x.to(device), y.to(device)
         step = Step(epoch, index, batches, config.epochs, idx)
-        out = loss_fn(model, x, y, epoch, step)
-        loss, logits = out if isinstance(out, tuple) else (out, None)
-        if not torch.isfinite(loss):
-            raise SpecError(f"the training loss became {loss.item()} at epoch {epoch + 1}, batch "
+        if ctx.is_distributed:
+            loss_value, hits, scored = _distributed_step(model, train_set, loss_fn, optimizer,
+                                                         step, device)
+        else:
+            x, y = train_set.take(idx)
+            x, y = x.to(device), y.to(device)
+            out = loss_fn(model, x, y, epoch, step)
+            loss, logits = out if isinstance(out, tuple) else (out, None)
+            loss_value = loss.item()
+            if math.isfinite(loss_value):
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            hits = int((logits.detach().argmax(1) == y).sum()) if logits is not None else 0
+            scored = len(idx) if logits is not None else 0
+        if not math.isfinite(loss_value):
+            raise SpecError(f"the training loss became {loss_value} at epoch {epoch + 1}, batch "
                             f"{index + 1}; lower the learning rate (now {lr:g}) or set grad_clip.")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         if config.grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
-        loss_sum += float(loss.detach()) * len(idx)
+        loss_sum += loss_value * len(idx)
         seen += len(idx)
-        if logits is not None:
-            correct += int((logits.detach().argmax(1) == y).sum())
-            counted += len(idx)
+        correct += hits
+        counted += scored
         postfix = {"loss": f"{loss_sum / seen:.4f}"}
         if counted:
             postfix["acc"] = f"{correct / counted:.3f}"
         bar.set_postfix(postfix, refresh=False)
     bar.close()
-    test_acc = evaluate(model, test_set, device=device) if test_set is not None else None
+    if ctx.is_distributed:
+        distributed.broadcast_module(model)  # BatchNorm statistics: rank 0's, as DDP keeps them
+        test_acc = _sharded_accuracy(model, test_set, device) if test_set is not None else None
+    else:
+        test_acc = evaluate(model, test_set, device=device) if test_set is not None else None
     return EpochRecord(epoch + 1, lr, loss_sum / seen, correct / counted if counted else None,
                        test_acc, time.perf_counter() - t0)
+
+
+def _distributed_step(model: nn.Module, train_set: Batchable, loss_fn: LossFn,
+                      optimizer: torch.optim.Optimizer, step: Step,
+                      device: torch.device) -> tuple[float, int, int]:
+    """One data-parallel step on this rank's slice ``step.indices[rank::world]``.
+
+    Leaves the global batch's mean-loss gradient in the model (the slices' gradients weighted
+    by slice size and summed over the ranks in one all-reduce, with the loss sum and the
+    correct counts riding along).
+
+    Returns:
+        ``(mean loss, correct, scored)`` over the global batch; ``scored`` counts the samples
+        whose logits the loss returned (0 for a loss that returns only a scalar).
+    """
+    from certify import distributed
+
+    ctx = distributed.context()
+    full = step.indices
+    idx = full[ctx.rank::ctx.world_size]
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum, hits, scored = 0.0, 0.0, 0.0
+    if len(idx):
+        x, y = train_set.take(idx)
+        x, y = x.to(device), y.to(device)
+        out = loss_fn(model, x, y, step.epoch, replace(step, indices=idx))
+        loss, logits = out if isinstance(out, tuple) else (out, None)
+        loss.backward()
+        loss_sum = loss.item() * len(idx)
+        if logits is not None:
+            hits = float((logits.detach().argmax(1) == y).sum())
+            scored = float(len(idx))
+    extra = torch.tensor([loss_sum, hits, scored], dtype=torch.float64)
+    total = distributed.sync_gradients(model, weight=len(idx) / len(full), extra=extra)
+    assert total is not None
+    return float(total[0]) / len(full), int(round(float(total[1]))), int(round(float(total[2])))
+
+
+class _Shard:
+    """Every `world`-th sample of a dataset, from `rank` on (for sharded evaluation)."""
+
+    def __init__(self, data: Batchable, rank: int, world: int) -> None:
+        self.data = data
+        self.positions = torch.arange(rank, len(data), world)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def take(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        return self.data.take(self.positions[indices])
+
+
+def _sharded_accuracy(model: nn.Module, data: Batchable, device: torch.device) -> float:
+    """Accuracy on `data`, each rank counting its shard, summed over the ranks."""
+    from certify import distributed
+
+    if len(data) == 0:
+        raise SpecError("cannot evaluate on an empty dataset.")
+    ctx = distributed.context()
+    part = _Shard(data, ctx.rank, ctx.world_size)
+    correct = count_correct(model, part, device=device) if len(part) else 0
+    (total,) = distributed.all_reduce_sum([correct], device=_reduce_device(device))
+    return total / len(data)
+
+
+def _reduce_device(device: torch.device) -> torch.device | None:
+    """Where collective tensors must live: the GPU for nccl, the CPU for gloo."""
+    from certify import distributed
+
+    return device if distributed.context().backend == "nccl" else None
 
 
 def _epoch_metrics(fn: EpochMetrics, model: nn.Module, epoch: int) -> dict[str, float]:

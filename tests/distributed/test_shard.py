@@ -21,13 +21,27 @@ def test_shard_partitions_items_in_order(costs, world):
                          for r in range(world)]  # deterministic
 
 
-@given(st.lists(st.floats(0, 100), min_size=1, max_size=40), st.integers(1, 5))
+def _optimal_makespan(costs: list[float], world: int) -> float:
+    """Brute force over every assignment of items to workers (small inputs only)."""
+    import itertools
+
+    best = float("inf")
+    for assignment in itertools.product(range(world), repeat=len(costs)):
+        loads = [0.0] * world
+        for cost, worker in zip(costs, assignment, strict=True):
+            loads[worker] += cost
+        best = min(best, max(loads))
+    return best
+
+
+@given(st.lists(st.floats(0, 100), min_size=1, max_size=7), st.integers(1, 3))
 def test_lpt_load_is_within_graham_bound(costs, world):
+    # Graham (1969): longest-processing-time-first is within 4/3 - 1/(3m) of the optimum.
     items = list(range(len(costs)))
     loads = [sum(costs[i] for i in distributed.shard(items, r, world, costs=costs))
              for r in range(world)]
-    lower = max(sum(costs) / world, max(costs))  # no split can beat this
-    assert max(loads) <= 4 / 3 * lower + 1e-9
+    optimum = _optimal_makespan(costs, world)
+    assert max(loads) <= (4 / 3 - 1 / (3 * world)) * optimum + 1e-9
 
 
 def test_lpt_balances_unequal_costs():
