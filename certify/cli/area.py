@@ -71,6 +71,10 @@ def _indices(ctx: click.Context, param: click.Parameter, value: str | None
               help="Certify these sample positions instead: 0,5,10 or ranges 0:100.")
 @click.option("--method", "methods", type=_MethodName(), multiple=True,
               help="Bound method; repeat for several [default: crown].")
+@click.option("--engine", type=click.Choice(["native", "auto-lirpa"]), default="native",
+              show_default=True,
+              help="Bound engine: native, or auto-lirpa (optional; install it from its "
+                   "repository).")
 @click.option("--attack", type=click.Choice(["pgd", "none"]), default="pgd", show_default=True,
               help="Per-sample minimal adversarial eps by PGD (an upper bound), or none.")
 @click.option("--eps-max", type=float, default=0.5, show_default=True,
@@ -92,9 +96,9 @@ def _indices(ctx: click.Context, param: click.Parameter, value: str | None
 @quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout.")
 def area(model: str, dataset: str, split: str, n: int | None, indices: tuple[int, ...] | None,
-         methods: tuple[str, ...], attack: str, eps_max: float, tol: float, search: str,
-         batch_size: int, device: str, dtype: str, seed: int, out_dir: str | None, resume: bool,
-         data_dir: str | None, quiet: bool, as_json: bool) -> None:
+         methods: tuple[str, ...], engine: str, attack: str, eps_max: float, tol: float,
+         search: str, batch_size: int, device: str, dtype: str, seed: int, out_dir: str | None,
+         resume: bool, data_dir: str | None, quiet: bool, as_json: bool) -> None:
     """Largest certified eps of every test point, next to the smallest attack eps.
 
     For each sample and bound method: the largest L-inf eps (pixel units) at which the method
@@ -107,6 +111,7 @@ def area(model: str, dataset: str, split: str, n: int | None, indices: tuple[int
       certify area models/teacher.pt --dataset svhn --n 500
       certify area models/m.pt --dataset digits --method ibp --method crown -o reports/m
       certify area models/m.pt --dataset digits -o reports/m --resume
+      certify area models/m.pt --dataset digits --engine auto-lirpa --method alpha-crown
       torchrun --nproc_per_node=4 -m certify area models/m.pt --dataset svhn -o reports/m
 
     Under torchrun the samples' batches are sharded over the processes and rank 0 writes the
@@ -119,7 +124,7 @@ def area(model: str, dataset: str, split: str, n: int | None, indices: tuple[int
     config = AreaConfig(model=model, dataset=dataset, split=split, n=n, indices=indices,
                         methods=methods or ("crown",), attack=attack, eps_max=eps_max, tol=tol,
                         batch_size=batch_size, device=device, dtype=dtype, seed=seed,
-                        search=search, data_dir=data_dir)
+                        search=search, data_dir=data_dir, engine=engine)
     try:
         result = run_area(config, out_dir=out_dir, resume=resume, quiet=quiet)
     except KeyboardInterrupt:

@@ -38,12 +38,13 @@ import shutil
 import statistics
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from certify._io import atomic_write_json
 from certify.errors import ReportError, SpecError, unknown_name
@@ -72,7 +73,9 @@ SUMMARY_FILE = "summary.md"
 # Settings that change the numbers: a run is only resumed with the same values.
 RESULT_KEYS = ("model_sha256", "dataset", "split", "indices", "methods", "method_options",
                "attack", "attack_steps", "attack_restarts", "attack_tol", "eps_max", "tol",
-               "search", "batch_size", "device", "dtype", "seed")
+               "search", "batch_size", "device", "dtype", "seed", "engine")
+# Settings added after runs were first written: a saved run without one used this value.
+_SETTING_DEFAULTS = {"engine": "native"}
 MIN_RATIO_SAMPLES = 8  # earlier samples needed before their median ratio steers the first guess
 # First guesses learn from the batches that hold the first GUESS_SAMPLES samples (whole batches):
 # a fixed prefix, so that the later batches are independent and can run on any rank in any order.
@@ -104,6 +107,8 @@ class AreaConfig:
         data_dir: Folder with the dataset files (default ``$CERTIFY_DATA`` or ``./data``).
         method_options: Per-method options, e.g. ``{"alpha-crown": {"steps": 50}}``.
         eps_grid: Radii for the certified accuracy in the summary (default: a round grid).
+        engine: Bound engine, ``native`` (default) or ``auto-lirpa`` (optional; see
+            :mod:`certify.engines`).
     """
 
     model: str
@@ -126,10 +131,11 @@ class AreaConfig:
     data_dir: str | None = None
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     eps_grid: tuple[float, ...] | None = None
+    engine: str = "native"
 
     def validate(self) -> None:
         """Check every option; raise a one-line :class:`SpecError` naming the bad one."""
-        from certify.bounds import list_methods
+        from certify.engines import get_margin_bound_fn, list_engine_methods
         from certify.radius import SEARCHES
 
         if not (isinstance(self.tol, (int, float)) and math.isfinite(self.tol) and self.tol > 0):
@@ -154,10 +160,13 @@ class AreaConfig:
             raise SpecError("give at least one --method")
         if len(set(self.methods)) != len(self.methods):
             raise SpecError(f"each --method once, got {', '.join(self.methods)}")
-        available = list_methods()
+        available = list_engine_methods(self.engine)  # also rejects an unknown engine
         for m in self.methods:
             if m not in available:
-                raise unknown_name("method", m, available)
+                kind = "method" if self.engine == "native" else f"{self.engine} method"
+                raise unknown_name(kind, m, available)
+            if self.engine != "native":  # options, and that the engine is installed, now
+                get_margin_bound_fn(self.engine, m, **dict(self.method_options.get(m, {})))
         for m in self.method_options:
             if m not in self.methods:
                 raise SpecError(f"options given for method '{m}', which is not run; methods: "
@@ -214,11 +223,28 @@ def _git_sha() -> str | None:
     return sha if out.returncode == 0 and len(sha) == 40 else None
 
 
-def _versions() -> dict[str, Any]:
+def _versions(engine: str = "native") -> dict[str, Any]:
     from certify import __version__
 
-    return {"certify": __version__, "torch": torch.__version__,
-            "python": platform.python_version(), "git_sha": _git_sha()}
+    versions = {"certify": __version__, "torch": torch.__version__,
+                "python": platform.python_version(), "git_sha": _git_sha()}
+    if engine != "native":
+        from certify.engines import get_engine_info
+
+        versions[engine] = get_engine_info(engine)["version"]
+    return versions
+
+
+def _engine_bound_fn(config: AreaConfig, method: str,
+                     model: torch.nn.Module) -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
+    """The radius search's bound for a non-native engine (None: the native engine's own)."""
+    if config.engine == "native":
+        return None
+    from certify.engines import get_margin_bound_fn
+
+    bound = get_margin_bound_fn(config.engine, method,
+                                **dict(config.method_options.get(method, {})))
+    return lambda x, y, eps: bound(model, x, y, eps).lower.amin(1)
 
 
 def _select(config: AreaConfig, size: int, where: str) -> list[int]:
@@ -253,7 +279,7 @@ def _new_run_dir(root: Path, stem: str) -> Path:
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     out = []
     for k in RESULT_KEYS:
-        a, b = old.get(k), new.get(k)
+        a, b = old.get(k, _SETTING_DEFAULTS.get(k)), new.get(k)
         if json_safe(a) != json_safe(b):
             shown_a = "<list>" if isinstance(a, list) and len(a) > 8 else a
             shown_b = "<list>" if isinstance(b, list) and len(b) > 8 else b
@@ -378,6 +404,7 @@ def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = Non
         "seed": config.seed,
         "data_dir": config.data_dir,
         "eps_grid": list(config.eps_grid) if config.eps_grid is not None else None,
+        "engine": config.engine,
     }
     root = Path(reports_root)
     stem = model_path.name.split(".")[0] or "model"
@@ -402,7 +429,7 @@ def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = Non
                               "pick another folder with -o")
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / CONFIG_FILE, json_safe({
-            "command": "area", "settings": settings, "versions": _versions(),
+            "command": "area", "settings": settings, "versions": _versions(config.engine),
             "created": _dt.datetime.now().isoformat(timespec="seconds")}))
         return run_dir, []
 
@@ -469,7 +496,9 @@ def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = Non
                     model, x, y, m, eps_max=config.eps_max, tol=config.tol,
                     attack_eps=attack_eps, guess=_guess(previous, attack_eps),
                     search=config.search, index=torch.tensor(batch),
-                    **dict(config.method_options.get(m, {})))
+                    bound_fn=_engine_bound_fn(config, m, model),
+                    **({} if config.engine != "native"
+                       else dict(config.method_options.get(m, {}))))
                 for row in result.rows():
                     done[(row.index, row.method)] = row
                     if b in kept:
@@ -545,7 +574,7 @@ def _write_results(run_dir: Path, settings: Mapping[str, Any], rows: Sequence[Sa
         "n_done": len({r.index for r in rows}),
         "n_total": len(settings["indices"]),
         "settings": {k: v for k, v in settings.items() if k != "indices"},
-        "versions": _versions(),
+        "versions": _versions(config.engine),
         "eps_grid": list(grid),
         "summary": {m: s.as_dict() for m, s in summaries.items()},
         "attack_seconds": attack_seconds,

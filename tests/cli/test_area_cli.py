@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,16 +53,33 @@ def read_rows(run: Path) -> list[dict[str, str]]:
 
 def test_area_end_to_end_json(digits_ckpt, tmp_path):
     out = tmp_path / "run"
-    result = area(str(digits_ckpt), "--dataset", "digits", "--n", "16", "--batch-size", "8",
-                  "-o", str(out), "--quiet", "--json")
+    result = area(
+        str(digits_ckpt),
+        "--dataset",
+        "digits",
+        "--n",
+        "16",
+        "--batch-size",
+        "8",
+        "-o",
+        str(out),
+        "--quiet",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["status"] == "complete" and data["n_done"] == 16
     crown = data["summary"]["crown"]
     assert crown["n"] == 16 and 0.5 < crown["clean_accuracy"] <= 1
     assert crown["certification_area"] > 0
-    for name in ("config.json", "per_sample.csv", "results.json", "sorted_eps.png",
-                 "certified_accuracy.png", "summary.md"):
+    for name in (
+        "config.json",
+        "per_sample.csv",
+        "results.json",
+        "sorted_eps.png",
+        "certified_accuracy.png",
+        "summary.md",
+    ):
         assert (out / name).is_file(), name
     rows = read_rows(out)
     assert len(rows) == 16 and [int(r["index"]) for r in rows] == list(range(16))
@@ -80,9 +99,22 @@ def test_area_end_to_end_json(digits_ckpt, tmp_path):
 
 def test_area_table_and_several_methods(digits_ckpt, tmp_path):
     out = tmp_path / "run"
-    result = area(str(digits_ckpt), "--dataset", "digits", "--indices", "5,0:4,40",
-                  "--method", "ibp", "--method", "crown", "--attack", "none", "-o", str(out),
-                  "--quiet")
+    result = area(
+        str(digits_ckpt),
+        "--dataset",
+        "digits",
+        "--indices",
+        "5,0:4,40",
+        "--method",
+        "ibp",
+        "--method",
+        "crown",
+        "--attack",
+        "none",
+        "-o",
+        str(out),
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[0].split()[0] == "method"
     assert f"results in {out}" in result.stdout
@@ -93,8 +125,9 @@ def test_area_table_and_several_methods(digits_ckpt, tmp_path):
 
 
 def test_area_duplicate_indices_is_an_error(digits_ckpt, tmp_path):
-    result = area(str(digits_ckpt), "--dataset", "digits", "--indices", "3,0:5",
-                  "-o", str(tmp_path / "r"))
+    result = area(
+        str(digits_ckpt), "--dataset", "digits", "--indices", "3,0:5", "-o", str(tmp_path / "r")
+    )
     assert result.exit_code == 1
     assert "twice" in result.output
 
@@ -103,8 +136,19 @@ def _strip_seconds(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
 
-RESUME_ARGS = ["--dataset", "digits", "--n", "20", "--batch-size", "8", "--method", "ibp",
-               "--method", "crown", "--quiet"]
+RESUME_ARGS = [
+    "--dataset",
+    "digits",
+    "--n",
+    "20",
+    "--batch-size",
+    "8",
+    "--method",
+    "ibp",
+    "--method",
+    "crown",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +159,9 @@ def uninterrupted(digits_ckpt, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("failure", [KeyboardInterrupt, RuntimeError])
-def test_resume_after_a_kill_equals_an_uninterrupted_run(digits_ckpt, uninterrupted, tmp_path,
-                                                         monkeypatch, failure):
+def test_resume_after_a_kill_equals_an_uninterrupted_run(
+    digits_ckpt, uninterrupted, tmp_path, monkeypatch, failure
+):
     args = [str(digits_ckpt), *RESUME_ARGS]
     full = uninterrupted
 
@@ -149,14 +194,25 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(digits_ckpt, uninterrup
     full_summary = json.loads((full / "results.json").read_text())["summary"]
     part_summary = json.loads((part / "results.json").read_text())["summary"]
     for method in ("ibp", "crown"):
-        assert part_summary[method]["certification_area"] == \
-            full_summary[method]["certification_area"]
+        assert (
+            part_summary[method]["certification_area"] == full_summary[method]["certification_area"]
+        )
 
 
 def test_resume_finds_the_newest_matching_run(digits_ckpt, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = [str(digits_ckpt), "--dataset", "digits", "--n", "4", "--attack", "none",
-            "--method", "ibp", "--quiet"]
+    args = [
+        str(digits_ckpt),
+        "--dataset",
+        "digits",
+        "--n",
+        "4",
+        "--attack",
+        "none",
+        "--method",
+        "ibp",
+        "--quiet",
+    ]
     assert area(*args).exit_code == 0
     runs = list((tmp_path / "reports" / "area").iterdir())
     assert len(runs) == 1 and runs[0].name.endswith("-digits-mlp")
@@ -169,8 +225,20 @@ def test_resume_finds_the_newest_matching_run(digits_ckpt, tmp_path, monkeypatch
 
 def test_resume_with_other_options_is_refused(digits_ckpt, tmp_path):
     out = tmp_path / "run"
-    base = [str(digits_ckpt), "--dataset", "digits", "--n", "4", "--attack", "none",
-            "--method", "ibp", "-o", str(out), "--quiet"]
+    base = [
+        str(digits_ckpt),
+        "--dataset",
+        "digits",
+        "--n",
+        "4",
+        "--attack",
+        "none",
+        "--method",
+        "ibp",
+        "-o",
+        str(out),
+        "--quiet",
+    ]
     assert area(*base).exit_code == 0
     again = area(*base)
     assert again.exit_code == 1 and "already holds a run" in again.output
@@ -179,15 +247,18 @@ def test_resume_with_other_options_is_refused(digits_ckpt, tmp_path):
     assert "cannot resume" in changed.output and "tol" in changed.output
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--tol", "0"], "--tol must be a number > 0"),
-    (["--eps-max", "-0.1"], "--eps-max must be a number > 0"),
-    (["--n", "0"], "--n must be >= 1"),
-    (["--n", "5000"], "has only 450 samples"),
-    (["--n", "3", "--indices", "1,2"], "not both"),
-    (["--indices", "999"], "out of range"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--tol", "0"], "--tol must be a number > 0"),
+        (["--eps-max", "-0.1"], "--eps-max must be a number > 0"),
+        (["--n", "0"], "--n must be >= 1"),
+        (["--n", "5000"], "has only 450 samples"),
+        (["--n", "3", "--indices", "1,2"], "not both"),
+        (["--indices", "999"], "out of range"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+    ],
+)
 def test_bad_options_are_one_line_errors(digits_ckpt, tmp_path, args, message):
     result = area(str(digits_ckpt), "--dataset", "digits", "-o", str(tmp_path / "r"), *args)
     assert result.exit_code == 1, result.output
@@ -211,8 +282,23 @@ def test_plot_redraws_several_runs(digits_ckpt, tmp_path):
     runs = []
     for k, method in enumerate(["ibp", "crown"]):
         out = tmp_path / f"run{k}"
-        assert area(str(digits_ckpt), "--dataset", "digits", "--n", "6", "--method", method,
-                    "--attack", "none", "-o", str(out), "--quiet").exit_code == 0
+        assert (
+            area(
+                str(digits_ckpt),
+                "--dataset",
+                "digits",
+                "--n",
+                "6",
+                "--method",
+                method,
+                "--attack",
+                "none",
+                "-o",
+                str(out),
+                "--quiet",
+            ).exit_code
+            == 0
+        )
         runs.append(str(out))
     target = tmp_path / "figs" / "both.png"
     result = CliRunner().invoke(main, ["plot", *runs, "-o", str(target)])
@@ -229,10 +315,115 @@ def test_plot_redraws_several_runs(digits_ckpt, tmp_path):
 def test_library_run_matches_cli(digits_ckpt, tmp_path):
     from certify.report.area import AreaConfig, read_run, run_area
 
-    run = run_area(AreaConfig(model=str(digits_ckpt), dataset="digits", n=5, attack="none",
-                              methods=("ibp",)), out_dir=tmp_path / "lib", quiet=True)
+    run = run_area(
+        AreaConfig(model=str(digits_ckpt), dataset="digits", n=5, attack="none", methods=("ibp",)),
+        out_dir=tmp_path / "lib",
+        quiet=True,
+    )
     assert run.complete and len(run.rows) == 5 and run.label == "digits-mlp"
     again = read_run(tmp_path / "lib")
     assert again.rows == run.rows
-    assert again.summaries["ibp"].certification_area == \
-        pytest.approx(run.summaries["ibp"].certification_area)
+    assert again.summaries["ibp"].certification_area == pytest.approx(
+        run.summaries["ibp"].certification_area
+    )
+
+
+# --engine: the optional auto_LiRPA engine next to the native one
+
+HAS_AUTO_LIRPA = importlib.util.find_spec("auto_LiRPA") is not None
+
+
+def _certified(run: Path) -> dict[int, float]:
+    with open(run / "per_sample.csv", newline="") as f:
+        return {int(r["index"]): float(r["certified_eps"]) for r in csv.DictReader(f)}
+
+
+def test_missing_auto_lirpa_is_one_line_with_the_install_command(
+    digits_ckpt,
+    tmp_path,
+    monkeypatch,
+):
+    monkeypatch.setitem(sys.modules, "auto_LiRPA", None)  # as if not installed
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        main,
+        [
+            "area",
+            str(digits_ckpt),
+            "--dataset",
+            "digits",
+            "--n",
+            "4",
+            "--engine",
+            "auto-lirpa",
+            "-o",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert (
+        len(lines) == 1 and "auto_LiRPA is not installed" in lines[0] and "pip install" in lines[0]
+    )
+    assert not out.exists(), "nothing may be written before the engine is known to work"
+
+
+def test_a_method_the_engine_lacks_is_a_clear_error(digits_ckpt, tmp_path):
+    result = CliRunner().invoke(
+        main,
+        [
+            "area",
+            str(digits_ckpt),
+            "--dataset",
+            "digits",
+            "--n",
+            "4",
+            "--engine",
+            "auto-lirpa",
+            "--method",
+            "lp",
+            "-o",
+            str(tmp_path / "run"),
+        ],
+    )
+    assert result.exit_code == 1
+    assert (
+        "auto-lirpa method 'lp'" in result.output or "auto_LiRPA is not installed" in result.output
+    )
+
+
+@pytest.mark.skipif(
+    not HAS_AUTO_LIRPA,
+    reason="auto_LiRPA not installed: this test compares "
+    "the two engines (see README, 'Using auto_LiRPA')",
+)
+def test_auto_lirpa_engine_certifies_soundly_and_records_its_version(digits_ckpt, tmp_path):
+    common = [
+        "area",
+        str(digits_ckpt),
+        "--dataset",
+        "digits",
+        "--n",
+        "12",
+        "--method",
+        "crown",
+        "--dtype",
+        "float64",
+        "--tol",
+        "1e-4",
+        "--quiet",
+    ]
+    ours = CliRunner().invoke(main, [*common, "-o", str(tmp_path / "native")])
+    theirs = CliRunner().invoke(
+        main, [*common, "--engine", "auto-lirpa", "-o", str(tmp_path / "al")]
+    )
+    assert ours.exit_code == 0, ours.output
+    assert theirs.exit_code == 0, theirs.output
+    native, other = _certified(tmp_path / "native"), _certified(tmp_path / "al")
+    assert native.keys() == other.keys()
+    # auto_LiRPA's CROWN also intersects the output with IBP, so it can only be as tight or
+    # tighter; both radii are searched to within tol, so they differ by at least -tol.
+    assert all(other[i] >= native[i] - 1e-4 for i in native)
+    results = json.loads((tmp_path / "al" / "results.json").read_text())
+    assert results["settings"]["engine"] == "auto-lirpa"
+    assert results["versions"]["auto-lirpa"]
