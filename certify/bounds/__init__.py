@@ -10,6 +10,7 @@ One entry point, :func:`compute_bounds` (and :func:`margin_bounds` for the margi
 ``wong-kolter``  Wong & Kolter's dual network (lower slope parallel to the upper chord)
 ``alpha-crown``  CROWN with lower slopes optimized per specification row
 ``lp``         the exact LP of the triangle relaxation (cvxpy), small networks
+``milp``       exact big-M mixed-integer program (cvxpy + HiGHS), small networks
 =============  ======================================================================
 
 Example::

@@ -1,0 +1,201 @@
+"""Exact minimal adversarial eps by MILP: equal to a brute-force enumeration on 2-D networks,
+between every certified eps and the attack eps, and honest about time limits."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from brute_force import make_net2d, min_adv_eps, regions
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from certify.attacks import min_adversarial_eps
+from certify.errors import SoundnessError, SpecError
+from certify.radius import certified_radii
+
+pytest.importorskip("cvxpy")
+
+import certify.bounds.milp as milp_module  # noqa: E402
+from certify.exact import STATUSES, ExactResult, check_sandwich, exact_radii  # noqa: E402
+
+pytestmark = pytest.mark.solver
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():  # type: ignore[no-untyped-def]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _points(seed: int, n: int) -> torch.Tensor:
+    return torch.rand(n, 1, 1, 2, dtype=F64, generator=torch.Generator().manual_seed(seed))
+
+
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**16), widths=st.sampled_from([[6, 3], [8], [5, 4], [4, 3, 3]]))
+def test_exact_eps_matches_the_brute_force_enumeration(seed, widths):  # type: ignore[no-untyped-def]
+    model = make_net2d(seed, widths)
+    x = _points(seed, 3)
+    y = model(x).argmax(1)
+    y[2] = (y[2] + 1) % 3  # one misclassified sample
+    eps_max = 0.6
+    result = exact_radii(model, x, y, eps_max=eps_max, tol=1e-7)
+    parts = regions(model, np.zeros(2), np.ones(2))
+    assert result.status[2] == "optimal" and result.reason[2] == "misclassified"
+    assert float(result.exact_eps[2]) == 0.0
+    for i in range(2):
+        truth = min_adv_eps(parts, x[i].flatten().numpy(), int(y[i]))
+        lo, hi = float(result.exact_lo[i]), float(result.exact_hi[i])
+        assert lo <= truth + 1e-9, "exact_lo above the true radius"
+        if truth > eps_max:
+            assert result.status[i] == "above_max" and math.isinf(result.exact_eps[i])
+            continue
+        assert result.status[i] == "optimal", result.reason[i]
+        assert truth <= hi + 1e-9, "exact_hi below the true radius"
+        assert abs(float(result.exact_eps[i]) - truth) <= 1e-7 + float(result.tolerance[i])
+
+
+@settings(max_examples=3, deadline=None)
+@given(seed=st.integers(0, 2**16), widths=st.sampled_from([[8, 8], [6, 4], [10]]))
+def test_certified_below_exact_below_attack_on_random_nets(seed, widths):  # type: ignore[no-untyped-def]
+    model = make_net2d(seed, widths)
+    x = _points(seed + 1, 4)
+    y = model(x).argmax(1)
+    attack = min_adversarial_eps(model, x, y, eps_max=0.5, tol=1e-5,
+                                 generator=torch.Generator().manual_seed(seed))
+    exact = exact_radii(model, x, y, eps_max=0.5, attack_eps=attack)
+    assert all(s in STATUSES for s in exact.status)
+    known = exact.known
+    for method in ("ibp", "crown", "milp"):
+        cert = certified_radii(model, x, y, method, eps_max=0.5, tol=1e-5, attack_eps=attack)
+        check_sandwich(exact, certified_eps=cert.certified_eps, attack_eps=attack,
+                       method=method)
+        slack = exact.tolerance + 1e-9
+        assert (cert.certified_eps[known] <= exact.exact_eps[known] + slack[known]).all()
+        if method == "milp":  # the MILP-driven search converges to the exact radius
+            gap = exact.exact_eps[known] - cert.certified_eps[known]
+            assert (gap <= 1e-5 + 2 * slack[known]).all() or not bool(known.any())
+    found = torch.isfinite(attack) & known
+    assert (exact.exact_eps[found] <= attack[found] + exact.tolerance[found] + 1e-6).all()
+
+
+@pytest.fixture(scope="module")
+def digits_mlp():  # type: ignore[no-untyped-def]
+    """mlp-16-16 trained for 5 epochs on digits (a few seconds), and 6 test points."""
+    from certify.data import get_dataset_info, load_dataset
+    from certify.nets import create_arch
+
+    info = get_dataset_info("digits")
+    x, y = load_dataset("digits", "train").tensors()
+    xt, yt = load_dataset("digits", "test").tensors()
+    torch.manual_seed(0)
+    model = create_arch("mlp-16-16", info.input_shape, info.num_classes,
+                        mean=list(info.mean), std=list(info.std))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), 64):
+            idx = perm[i:i + 64]
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        assert (model(xt).argmax(1) == yt).float().mean() > 0.8
+    return model, xt[:6], yt[:6]
+
+
+def test_certified_below_exact_below_attack_on_a_digits_mlp(digits_mlp):  # type: ignore[no-untyped-def]
+    model, x, y = digits_mlp
+    attack = min_adversarial_eps(model, x, y, eps_max=0.3, tol=1e-4,
+                                 generator=torch.Generator().manual_seed(0))
+    exact = exact_radii(model, x, y, eps_max=0.3, attack_eps=attack, time_limit=30)
+    assert all(s in STATUSES for s in exact.status)
+    assert bool(exact.known.any())
+    for method in ("crown", "lp"):
+        cert = certified_radii(model, x, y, method, eps_max=0.3, tol=1e-4, attack_eps=attack)
+        check_sandwich(exact, certified_eps=cert.certified_eps, attack_eps=attack, method=method)
+        k = exact.known
+        assert (cert.certified_eps[k] <= exact.exact_eps[k] + exact.tolerance[k] + 1e-6).all()
+    k = exact.known & torch.isfinite(attack)
+    assert (exact.exact_lo[k] <= attack[k] + exact.tolerance[k] + 1e-6).all()
+
+
+# ------------------------------------------------------------------------ time limits
+
+
+def test_a_time_limit_makes_the_sample_unknown(monkeypatch):  # type: ignore[no-untyped-def]
+    def timed_out(problem, time_limit, variables, options=None):  # type: ignore[no-untyped-def]
+        return milp_module._Outcome("time_limit", 0.01, math.inf, None, time_limit)
+
+    model = make_net2d(5, [8, 8])
+    x = _points(3, 3)
+    y = model(x).argmax(1)
+    honest = exact_radii(model, x, y, eps_max=0.6)
+    monkeypatch.setattr(milp_module, "_solve", timed_out)
+    result = exact_radii(model, x, y, eps_max=0.6)
+    for i in range(3):
+        if honest.status[i] == "above_max" and "time limit" not in result.reason[i]:
+            continue  # every class was ruled out by the LP before any MILP
+        assert result.status[i] == "unknown"
+        assert "time limit" in result.reason[i]
+        assert math.isnan(result.exact_eps[i])
+        assert float(result.exact_lo[i]) <= float(honest.exact_lo[i]) + 1e-12
+    assert not result.known.all()
+
+
+def test_a_real_tiny_time_limit_is_unknown_not_exact():  # type: ignore[no-untyped-def]
+    model = make_net2d(8, [30, 30, 30])
+    x = _points(8, 1)
+    y = model(x).argmax(1)
+    result = exact_radii(model, x, y, eps_max=0.8, time_limit=1e-3, intermediate_method="crown")
+    if result.problems[0] > 0:  # some class needed a MILP: it cannot finish in 1 ms
+        assert result.status[0] == "unknown" and "time limit" in result.reason[0]
+        assert float(result.exact_lo[0]) <= float(result.exact_hi[0])
+
+
+# ---------------------------------------------------------------------- the check itself
+
+
+def _result(lo: float, hi: float, tolerance: float = 0.0) -> ExactResult:
+    one = torch.tensor([0])
+    return ExactResult(one, one, one, torch.tensor([hi], dtype=F64),
+                       torch.tensor([lo], dtype=F64), torch.tensor([hi], dtype=F64),
+                       ("optimal",), ("",), one, one, torch.tensor([tolerance], dtype=F64),
+                       torch.zeros(1, dtype=F64))
+
+
+def test_check_sandwich_raises_on_violations():  # type: ignore[no-untyped-def]
+    r = _result(0.10, 0.1001, tolerance=1e-6)
+    check_sandwich(r, certified_eps=torch.tensor([0.1001]), attack_eps=torch.tensor([0.1]))
+    with pytest.raises(SoundnessError, match="certified eps .*crown.* > exact eps"):
+        check_sandwich(r, certified_eps=torch.tensor([0.1002]), method="crown")
+    with pytest.raises(SoundnessError, match="> attack eps"):
+        check_sandwich(r, attack_eps=torch.tensor([0.0999]))
+    check_sandwich(r, attack_eps=torch.tensor([math.inf]))
+
+
+def test_bad_arguments_are_one_line_errors():  # type: ignore[no-untyped-def]
+    model = make_net2d(0, [4])
+    x = _points(0, 2)
+    y = torch.tensor([0, 1])
+    with pytest.raises(SpecError, match="eps_max must be a finite number > 0"):
+        exact_radii(model, x, y, eps_max=0)
+    with pytest.raises(SpecError, match="time_limit must be a finite number > 0"):
+        exact_radii(model, x, y, time_limit=-1)
+    with pytest.raises(SpecError, match="attack_eps must be >= 0"):
+        exact_radii(model, x, y, attack_eps=torch.tensor([-1.0, 0.1]))
+    with pytest.raises(SpecError, match=r"y must be integer labels of shape \(2,\)"):
+        exact_radii(model, x, torch.tensor([0]))
+    with pytest.raises(SpecError, match=r"x must lie in \[0, 1\]"):
+        exact_radii(model, x + 2, y)
+    with pytest.raises(SpecError, match="intermediate_method must be one of"):
+        exact_radii(model, x, y, intermediate_method="exact")
