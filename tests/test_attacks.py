@@ -218,7 +218,8 @@ def test_fgsm_is_checked_too(tiny_cnn):
 
 
 def test_accepts_a_linf_ball(tiny_cnn):
-    spec = pytest.importorskip("certify.spec")
+    from certify import spec
+
     x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     y = tiny_cnn(x).argmax(1)
     a = pgd(tiny_cnn, spec.LinfBall(x, 0.2), y, generator=torch.Generator().manual_seed(0))

@@ -418,7 +418,6 @@ def _trained_digits_mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def digits_mlp():
-    pytest.importorskip("certify.bounds")
     return _trained_digits_mlp()
 
 

@@ -173,7 +173,6 @@ def _cli_area(model: Path, out: Path) -> float:
 
 
 def test_certify_area_grows_with_robust_retraining(normal, retrained, tmp_path):  # type: ignore[no-untyped-def]
-    pytest.importorskip("certify.report.area")
     out, result = retrained
     assert result.exit_code == 0, result.output
     assert _cli_area(out, tmp_path / "retrained") > _cli_area(normal, tmp_path / "normal")

@@ -16,8 +16,6 @@ from torch import nn
 from certify.cli import main
 from certify.nets import Normalize
 
-pytest.importorskip("onnx")
-
 
 def _export(model: nn.Module, path: Path, example: torch.Tensor) -> Path:
     f = io.BytesIO()

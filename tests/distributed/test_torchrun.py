@@ -24,8 +24,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-pytest.importorskip("certify.bounds")
-
 TIMING = {"seconds", "samples_per_second"}  # columns and summary keys that may differ
 DRIVER = Path(__file__).with_name("torchrun_driver.py")
 # (--indices and --num-samples, not --n: torchrun's parser rejects "--n" as ambiguous)

@@ -7,14 +7,11 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pytest
+import onnx
+import onnxruntime as ort
 import torch
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
-
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from certify.nets import Normalize  # noqa: E402
 
