@@ -14,10 +14,13 @@ not bisection on the MILP verdict. ``min eps`` subject to the network's big-M en
 ``f_j(x') >= f_y(x')`` gives the radius itself (to the solver's gap `tol`) with at most ``K - 1``
 MILPs, where bisection needs ``(K - 1) * log2(eps_max / tol)`` verification MILPs of the same size
 and ends with a bracket, not a value; and each class after the first only searches below the best
-eps found so far, so most are pruned quickly. The price: the big-M constants must hold for every
-eps the MILP may take, so the intermediate bounds are computed once for the box of radius
-``cap = min(attack eps, eps_max)`` (the attack eps is an upper bound on eps*, so nothing is lost),
-which is looser than at eps* itself.
+eps found so far, so most are pruned quickly (and classes whose margin CROWN or the LP proves
+positive on the whole box need no MILP at all). The price: the big-M constants must hold for
+every eps the MILP may take, so the intermediate bounds are computed for the box of radius
+``cap = min(attack eps, eps_max)`` (the attack eps is an upper bound on eps*, so nothing is
+lost), which is looser than at eps* itself; once a class's MILP finds an example well inside the
+box (below 0.9 times its radius), the box, its bounds and the MILP are rebuilt at that eps for
+the classes still to solve. A stronger attack (a smaller cap) makes the MILPs much easier.
 
 **Tolerance, stated and used conservatively.** HiGHS works to feasibility tolerances ``TAU =
 1e-9`` (see :mod:`certify.bounds.milp`), so its numbers are reported as an interval:
@@ -255,9 +258,16 @@ def exact_radii(model: nn.Module | Network, x: Tensor, y: Tensor, *, eps_max: fl
         for r, i in enumerate(rows.tolist()):
             t1 = time.perf_counter()
             label = int(y[i])
-            out = solve_min_eps(net, x64[i:i + 1], label, box_lo[r:r + 1], box_hi[r:r + 1],
+            xi = x64[i:i + 1]
+
+            def rebound(c: float, xi: Tensor = xi) -> tuple[Tensor, Tensor, tuple[Bounds, ...]]:
+                lo_c, hi_c = _ball_box(xi, torch.tensor([c], dtype=f64))
+                return lo_c, hi_c, method.intermediate(net, lo_c, hi_c)
+
+            out = solve_min_eps(net, xi, label, box_lo[r:r + 1], box_hi[r:r + 1],
                                 [Bounds(b.lower[r:r + 1], b.upper[r:r + 1]) for b in inter],
-                                cap=float(cap[i]), time_limit=time_limit, gap=tol)
+                                cap=float(cap[i]), time_limit=time_limit, gap=tol,
+                                rebound=rebound)
             problems[i], tolerance[i] = out.problems, out.tolerance
             lo[i] = out.lower
             found = None

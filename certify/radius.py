@@ -485,7 +485,13 @@ def certified_radii(model: nn.Module, x: Tensor, y: Tensor, method: str = "crown
             other verifiers). Default: ``margin_bounds(model, x, y, eps, method, **options)
             .lower.amin(1)``.
         index: `(N,)` sample positions for the result (default ``0..N-1``).
-        **method_options: Options of the bound method, e.g. ``steps=20`` for alpha-crown.
+        **method_options: Options of the bound method, e.g. ``steps=20`` for alpha-crown. For
+            ``milp`` the search only needs the sign of each margin, so ``threshold=0`` is the
+            default here (each MILP stops once its row is decided; see
+            :class:`certify.bounds.milp.MILP`) and the search is bisection (a decided margin is
+            a verdict, not a value to interpolate; pass ``threshold=None`` for exact margins
+            and the `search` asked for); a MILP that hits its time limit is ``unknown`` and its
+            row keeps a sound fallback bound, so it never counts as proven.
     Returns:
         :class:`RadiusResult`.
     Raises:
@@ -496,6 +502,12 @@ def certified_radii(model: nn.Module, x: Tensor, y: Tensor, method: str = "crown
     n = _validate(x, y, eps_max, tol, max_iter)
     if search not in SEARCHES:
         raise unknown_name("search", search, SEARCHES)
+    if method == "milp" and bound_fn is None:
+        # the search needs the sign of each margin, not its minimum; a decided margin is a
+        # verdict, not a distance to interpolate on, so the search bisects
+        method_options = {"threshold": 0.0, **method_options}
+        if method_options["threshold"] is not None:
+            search = "bisection"
     dev = x.device
     y = y.to(dev)
     attack = _per_sample(attack_eps, n, "attack_eps", fill=math.inf)

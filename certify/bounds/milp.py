@@ -57,7 +57,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -533,19 +533,75 @@ class MinEpsOutcome:
     seconds: float
 
 
+class _EpsModel:
+    """The minimal-eps MILP of one sample over one box (see :func:`solve_min_eps`)."""
+
+    def __init__(self, net: Network, x: Tensor, spec: Tensor, targets: list[int], x_lo: Tensor,
+                 x_hi: Tensor, intermediate: Sequence[Bounds], cap: float) -> None:
+        import cvxpy as cp
+        import scipy.sparse as sp
+
+        f64, cpu = torch.float64, torch.device("cpu")
+        folded = fold_spec(net, spec)
+        blocks = _affine_blocks(folded)
+        pre = [_widen(Bounds(b.lower.detach().to(cpu, f64), b.upper.detach().to(cpu, f64)),
+                      b.lower.dtype) for b in intermediate]
+        pre0 = [(lo[0], hi[0]) for lo, hi in pre]
+        lo64 = x_lo.detach().to(cpu, f64).flatten(1).numpy()[0]
+        hi64 = x_hi.detach().to(cpu, f64).flatten(1).numpy()[0]
+        x0 = x.flatten().numpy()
+        problem = _build(blocks, folded.layers[-1], 0, lo64, hi64, pre0)
+        data = _MipData.of(problem, pre0)
+        n, d = problem.lo.shape[0], x0.shape[0]
+        self.v = cp.Variable(n, bounds=[problem.lo, problem.hi])
+        eps = cp.Variable(bounds=[0.0, float(cap)])
+        a = cp.Variable(data.n_bin, boolean=True) if data.n_bin else None
+        self.row = cp.Parameter(n)
+        self.rhs = cp.Parameter()
+        self.limit = cp.Parameter(nonneg=True)
+        pick = sp.hstack([sp.identity(d), sp.csr_matrix((d, n - d))], format="csr")  # x' = pick v
+        constraints = [pick @ self.v - eps <= x0, -(pick @ self.v) - eps <= -x0,
+                       self.row @ self.v <= self.rhs, eps <= self.limit]
+        if data.a_ub.shape[0]:
+            constraints.append(data.a_ub @ self.v + (data.a_ub_bin @ a if a is not None else 0)
+                               <= data.b_ub)
+        if problem.a_eq.shape[0]:
+            constraints.append(problem.a_eq @ self.v == problem.b_eq)
+        self.milp = cp.Problem(cp.Minimize(eps), constraints)
+        self.problem = problem
+        self.cap = float(cap)
+        self.d = d
+        self.tolerance = SAFETY * (TAU * (data.width + cap) + TAU)
+        # classes whose margin row is > 0 on the whole box: no example of theirs up to cap
+        self.ruled_out = _ruled_out(net, x_lo, x_hi, spec, intermediate, problem, targets)
+
+    def solve(self, s: int, limit: float, time_limit: float, gap: float) -> _Outcome:
+        """``min eps`` with ``f_j >= f_y`` for spec row `s` (``(e_y - e_j) . f <= 0``)."""
+        self.row.value = self.problem.objectives[s]
+        self.rhs.value = -self.problem.constants[s]
+        self.limit.value = limit
+        return _solve(self.milp, time_limit, self.v, {"mip_abs_gap": gap, "mip_rel_gap": 0.0})
+
+
 def solve_min_eps(net: Network, x: Tensor, label: int, x_lo: Tensor, x_hi: Tensor,
                   intermediate: Sequence[Bounds], *, cap: float, time_limit: float,
-                  gap: float = 1e-6, order: Sequence[int] | None = None) -> MinEpsOutcome:
+                  gap: float = 1e-6, order: Sequence[int] | None = None,
+                  rebound: Callable[[float], tuple[Tensor, Tensor, Sequence[Bounds]]] | None = None,
+                  shrink: float = 0.9) -> MinEpsOutcome:
     """Smallest L-inf radius at which some class ``j != label`` reaches the label's logit.
 
     One MILP per target class: ``min eps`` s.t. ``|x' - x| <= eps``, ``x'`` in the box
     ``[x_lo, x_hi]`` (which must contain the ball of radius `cap`, clipped to [0, 1]), the
     network encoded as in the module docstring with `intermediate` (valid on the box), and
-    ``f_j(x') - f_label(x') >= 0``, with ``eps <= cap``. After each class the cap drops to the
-    best eps found, so later classes only search below it (an infeasible class is above it).
+    ``f_j(x') - f_label(x') >= 0``, with ``eps <= cap``. Classes whose margin is proven positive
+    on the whole box (CROWN, then the LP) need no MILP. After each class the cap drops to the
+    best eps found, so later classes only search below it (an infeasible class is above it);
+    with `rebound`, once the best eps is below ``shrink`` times the box's radius, the box, its
+    intermediate bounds (``rebound(new_cap)``) and the MILP are rebuilt at the best eps:
+    fewer unstable ReLUs and smaller big-M constants for the classes still to solve.
 
-    Tolerance: ``tolerance = SAFETY * (TAU * sum_j (hi_j - lo_j) + TAU)`` is subtracted from every
-    dual bound (and from the cap of an infeasible class); see the module docstring.
+    Tolerance: ``tolerance = SAFETY * (TAU * (sum_j (hi_j - lo_j) + cap) + TAU)`` is subtracted
+    from every dual bound (and from the cap of an infeasible class); see the module docstring.
 
     Args:
         net: The network (any dtype; used in float64).
@@ -557,12 +613,12 @@ def solve_min_eps(net: Network, x: Tensor, label: int, x_lo: Tensor, x_hi: Tenso
         time_limit: Seconds per MILP.
         gap: HiGHS stops a problem once its best eps is within `gap` of its dual bound.
         order: Target classes in the order to solve them (default: by decreasing logit).
+        rebound: ``rebound(c) -> (x_lo, x_hi, intermediate)`` for the ball of radius ``c``.
+        shrink: Rebuild when the best eps is below ``shrink`` times the box's radius.
 
     Returns:
-        :class:`MinEpsOutcome`.
+        :class:`MinEpsOutcome` (its `tolerance` is the largest of the models used).
     """
-    import cvxpy as cp
-
     from certify.spec import margin_spec
 
     _check_solver()
@@ -572,38 +628,9 @@ def solve_min_eps(net: Network, x: Tensor, label: int, x_lo: Tensor, x_hi: Tenso
     k = int(math.prod(net64.output_shape))
     spec = margin_spec(torch.tensor([label]), k).to(f64)  # rows e_y - e_j, j != y
     targets = [j for j in range(k) if j != label]
-    folded = fold_spec(net64, spec)
-    blocks = _affine_blocks(folded)
-    pre = [_widen(Bounds(b.lower.detach().to(cpu, f64), b.upper.detach().to(cpu, f64)),
-                  b.lower.dtype) for b in intermediate]
-    pre0 = [(lo[0], hi[0]) for lo, hi in pre]
-    lo64 = x_lo.detach().to(cpu, f64).flatten(1).numpy()[0]
-    hi64 = x_hi.detach().to(cpu, f64).flatten(1).numpy()[0]
-    x0 = x64.flatten().numpy()
-    problem = _build(blocks, folded.layers[-1], 0, lo64, hi64, pre0)
-    data = _MipData.of(problem, pre0)
-
-    import scipy.sparse as sp
-
-    n = problem.lo.shape[0]
-    d = x0.shape[0]
-    v = cp.Variable(n, bounds=[problem.lo, problem.hi])
-    eps = cp.Variable(bounds=[0.0, float(cap)])
-    a = cp.Variable(data.n_bin, boolean=True) if data.n_bin else None
-    row = cp.Parameter(n)
-    rhs = cp.Parameter()
-    limit = cp.Parameter(nonneg=True)
-    pick = sp.hstack([sp.identity(d), sp.csr_matrix((d, n - d))], format="csr")  # x' = pick v
-    ub = data.a_ub @ v + (data.a_ub_bin @ a if a is not None else 0)
-    constraints = [pick @ v - eps <= x0, -(pick @ v) - eps <= -x0, row @ v <= rhs,
-                   eps <= limit]
-    if data.a_ub.shape[0]:
-        constraints.append(ub <= data.b_ub)
-    if problem.a_eq.shape[0]:
-        constraints.append(problem.a_eq @ v == problem.b_eq)
-    milp = cp.Problem(cp.Minimize(eps), constraints)
-    tolerance = SAFETY * (TAU * (data.width + cap) + TAU)
-
+    start = time.perf_counter()
+    model = _EpsModel(net64, x64, spec, targets, x_lo, x_hi, intermediate, cap)
+    tolerance = model.tolerance
     with torch.no_grad():
         logits = net64(x64).flatten()
     if order is None:
@@ -612,33 +639,34 @@ def solve_min_eps(net: Network, x: Tensor, label: int, x_lo: Tensor, x_hi: Tenso
     current = float(cap)
     lowers: dict[int, float] = {}
     unsolved: dict[int, str] = {}
-    start = time.perf_counter()
-    ruled_out = _ruled_out(net64, x_lo, x_hi, spec, intermediate, problem, targets)
-    seconds = time.perf_counter() - start
-    for j in ruled_out:
-        lowers[j] = float(cap)  # f_y > f_j on the whole box: no example of class j up to cap
     solved = 0
+    seconds = time.perf_counter() - start
     for j in order:
-        if j in ruled_out:
+        if j in lowers:
+            continue
+        if j in model.ruled_out:
+            lowers[j] = model.cap  # f_y > f_j on the whole box: no example up to its radius
             continue
         solved += 1
-        s = targets.index(j)
-        # (e_y - e_j) . f <= 0  <=>  f_j >= f_y
-        row.value = problem.objectives[s]
-        rhs.value = -problem.constants[s]
-        limit.value = current
-        out = _solve(milp, time_limit, v, {"mip_abs_gap": gap, "mip_rel_gap": 0.0})
+        out = model.solve(targets.index(j), current, time_limit, gap)
         seconds += out.seconds
         if out.status == "infeasible":
-            lowers[j] = current - tolerance
+            lowers[j] = current - model.tolerance
             continue
-        lowers[j] = out.dual - tolerance
+        lowers[j] = out.dual - model.tolerance
         if out.status != OPTIMAL:
             reason = f"time limit {time_limit:g}s" if out.status == "time_limit" else out.status
             unsolved[j] = f"class {j}: {reason}"
         if out.point is not None and out.value < best_value:
-            best_value, best_point, best_target = out.value, out.point[:d], j
+            best_value, best_point, best_target = out.value, out.point[:model.d], j
             current = min(current, best_value)
+            if rebound is not None and 0 < current < shrink * model.cap and \
+                    any(t not in lowers for t in targets):
+                t0 = time.perf_counter()
+                # the ball of radius `current` holds every example still of interest
+                model = _EpsModel(net64, x64, spec, targets, *rebound(current), current)
+                tolerance = max(tolerance, model.tolerance)
+                seconds += time.perf_counter() - t0
     lower = max(0.0, min(lowers.values())) if lowers else 0.0
     open_reasons = [r for j, r in unsolved.items() if lowers[j] < best_value]
     return MinEpsOutcome(lower, best_value, best_point, best_target, not open_reasons,

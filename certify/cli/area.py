@@ -83,6 +83,11 @@ def _indices(ctx: click.Context, param: click.Parameter, value: str | None
               help="Precision of each certified eps (> 0).")
 @click.option("--search", type=click.Choice(["fast", "bisection"]), default="fast",
               show_default=True, help="Radius search: margin-interpolating, or plain bisection.")
+@click.option("--exact", is_flag=True,
+              help="Also the exact minimal adversarial eps of every sample, by MILP (small "
+                   "networks): an exact_eps column, the exact curve, certified/exact ratios.")
+@click.option("--exact-time-limit", type=float, default=60.0, show_default=True,
+              help="Seconds per MILP of --exact; a sample that hits it is 'unknown'.")
 @click.option("--batch-size", type=int, default=100, show_default=True,
               help="Samples per batch (partial results are saved after each).")
 @device_option
@@ -97,14 +102,16 @@ def _indices(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout.")
 def area(model: str, dataset: str, split: str, n: int | None, indices: tuple[int, ...] | None,
          methods: tuple[str, ...], engine: str, attack: str, eps_max: float, tol: float,
-         search: str, batch_size: int, device: str, dtype: str, seed: int, out_dir: str | None,
-         resume: bool, data_dir: str | None, quiet: bool, as_json: bool) -> None:
+         search: str, exact: bool, exact_time_limit: float, batch_size: int, device: str,
+         dtype: str, seed: int, out_dir: str | None, resume: bool, data_dir: str | None,
+         quiet: bool, as_json: bool) -> None:
     """Largest certified eps of every test point, next to the smallest attack eps.
 
     For each sample and bound method: the largest L-inf eps (pixel units) at which the method
     proves the prediction robust, and the smallest eps at which PGD finds an adversarial
     example. Writes per_sample.csv, results.json, sorted_eps.png, certified_accuracy.png and
-    summary.md into the run folder; prints a summary.
+    summary.md into the run folder; prints a summary. With --exact, also the exact distance to
+    the decision boundary from a MILP (certified <= exact <= attack is checked per sample).
 
     \b
     Example:
@@ -112,6 +119,7 @@ def area(model: str, dataset: str, split: str, n: int | None, indices: tuple[int
       certify area models/m.pt --dataset digits --method ibp --method crown -o reports/m
       certify area models/m.pt --dataset digits -o reports/m --resume
       certify area models/m.pt --dataset digits --engine auto-lirpa --method alpha-crown
+      certify area models/mlp.pt --dataset digits --n 20 --method crown --method milp --exact
       torchrun --nproc_per_node=4 -m certify area models/m.pt --dataset svhn -o reports/m
 
     Under torchrun the samples' batches are sharded over the processes and rank 0 writes the
@@ -124,7 +132,8 @@ def area(model: str, dataset: str, split: str, n: int | None, indices: tuple[int
     config = AreaConfig(model=model, dataset=dataset, split=split, n=n, indices=indices,
                         methods=methods or ("crown",), attack=attack, eps_max=eps_max, tol=tol,
                         batch_size=batch_size, device=device, dtype=dtype, seed=seed,
-                        search=search, data_dir=data_dir, engine=engine)
+                        search=search, data_dir=data_dir, engine=engine, exact=exact,
+                        exact_time_limit=exact_time_limit)
     try:
         result = run_area(config, out_dir=out_dir, resume=resume, quiet=quiet)
     except KeyboardInterrupt:

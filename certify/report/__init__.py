@@ -4,6 +4,7 @@
 """
 
 from certify.report.results import (
+    EXACT_COLUMNS,
     SAMPLE_COLUMNS,
     SampleRow,
     read_sample_csv,
@@ -23,6 +24,7 @@ from certify.report.summary import (
 )
 
 __all__ = [
+    "EXACT_COLUMNS",
     "SAMPLE_COLUMNS",
     "MethodSummary",
     "SampleRow",

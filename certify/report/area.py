@@ -9,6 +9,7 @@ smallest eps at which PGD found an adversarial example
     per_sample.csv         one row per sample and method (see certify.report.results)
     results.json           status, settings, versions and the summary per method
     sorted_eps.png         certified eps of every sample in increasing order, attack eps dashed
+                           (and with ``exact``, the exact eps dotted)
     certified_accuracy.png certified accuracy (solid) and attack accuracy (dashed) vs eps
     summary.md             the tables and links to the figures
 
@@ -17,6 +18,13 @@ so an interrupted run (a crash, Ctrl-C) leaves valid files, and ``resume=True`` 
 result is the same as an uninterrupted run: batches are fixed by the options, each batch's
 attack has its own seeded generator, and the fast search's first guesses depend only on the
 rows of the first batches (see ``GUESS_SAMPLES``).
+
+With ``exact=True`` every sample also gets its exact minimal adversarial eps
+(:func:`certify.exact.exact_radii`, a MILP per target class, capped by the attack eps): an
+``exact_eps`` / ``exact_status`` column next to every method's row, the exact curve in the
+sorted-eps figure, and each method's certified/exact ratio in the summary. Every row is checked:
+``certified <= exact <= attack`` within the MILP's stated tolerance
+(:func:`certify.exact.check_sandwich`; a violation raises ``SoundnessError``).
 
 Under ``torchrun`` (see :mod:`certify.distributed`) the batches are sharded over the ranks:
 every rank computes the guess-learning first batches itself (only rank 0 keeps them), then its
@@ -73,9 +81,10 @@ SUMMARY_FILE = "summary.md"
 # Settings that change the numbers: a run is only resumed with the same values.
 RESULT_KEYS = ("model_sha256", "dataset", "split", "indices", "methods", "method_options",
                "attack", "attack_steps", "attack_restarts", "attack_tol", "eps_max", "tol",
-               "search", "batch_size", "device", "dtype", "seed", "engine")
+               "search", "batch_size", "device", "dtype", "seed", "engine", "exact",
+               "exact_time_limit")
 # Settings added after runs were first written: a saved run without one used this value.
-_SETTING_DEFAULTS = {"engine": "native"}
+_SETTING_DEFAULTS: dict[str, Any] = {"engine": "native", "exact": False, "exact_time_limit": None}
 MIN_RATIO_SAMPLES = 8  # earlier samples needed before their median ratio steers the first guess
 # First guesses learn from the batches that hold the first GUESS_SAMPLES samples (whole batches):
 # a fixed prefix, so that the later batches are independent and can run on any rank in any order.
@@ -109,6 +118,10 @@ class AreaConfig:
         eps_grid: Radii for the certified accuracy in the summary (default: a round grid).
         engine: Bound engine, ``native`` (default) or ``auto-lirpa`` (optional; see
             :mod:`certify.engines`).
+        exact: Also compute every sample's exact minimal adversarial eps by MILP (small
+            networks; see :mod:`certify.exact`).
+        exact_time_limit: Seconds per MILP of the exact eps; a sample whose MILP hits it is
+            ``unknown`` (with the reason).
     """
 
     model: str
@@ -132,6 +145,8 @@ class AreaConfig:
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     eps_grid: tuple[float, ...] | None = None
     engine: str = "native"
+    exact: bool = False
+    exact_time_limit: float = 60.0
 
     def validate(self) -> None:
         """Check every option; raise a one-line :class:`SpecError` naming the bad one."""
@@ -180,6 +195,10 @@ class AreaConfig:
         if self.eps_grid is not None and any(not (e >= 0 and math.isfinite(e))
                                              for e in self.eps_grid):
             raise SpecError(f"eps_grid must hold finite eps >= 0, got {list(self.eps_grid)}")
+        if not (isinstance(self.exact_time_limit, (int, float))
+                and math.isfinite(self.exact_time_limit) and self.exact_time_limit > 0):
+            raise SpecError(f"--exact-time-limit must be a number of seconds > 0, got "
+                            f"{self.exact_time_limit}; e.g. --exact-time-limit 60")
 
 
 @dataclass(frozen=True)
@@ -361,7 +380,7 @@ def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = Non
         ReportError: `out_dir` already holds a run (without `resume`), or nothing to resume.
         SoundnessError: a certified eps above an attack eps (a bug; never caught).
     """
-    from certify import attacks, distributed, radius
+    from certify import attacks, distributed, exact, radius
     from certify.compat import check_compatible
     from certify.data import get_dataset_info, load_dataset
     from certify.model_io import load_model
@@ -405,6 +424,8 @@ def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = Non
         "data_dir": config.data_dir,
         "eps_grid": list(config.eps_grid) if config.eps_grid is not None else None,
         "engine": config.engine,
+        "exact": bool(config.exact),
+        "exact_time_limit": float(config.exact_time_limit) if config.exact else None,
     }
     root = Path(reports_root)
     stem = model_path.name.split(".")[0] or "model"
@@ -463,6 +484,7 @@ def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = Non
     own: dict[tuple[int, str], SampleRow] = {}
     shard_file = _shard_file(run_dir, ctx.rank)
     attack_seconds = 0.0
+    exact_seconds = 0.0
     start = time.perf_counter()
     bar = progress(total=total, initial=len(done), quiet=quiet or not ctx.is_main, unit="cert",
                    desc=f"area {stem}")
@@ -489,6 +511,13 @@ def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = Non
                     generator=_batch_generator(config.seed, b))
                 attack_eps = adv.eps
                 attack_seconds += time.perf_counter() - t0
+            exact_result = None
+            if config.exact:
+                t0 = time.perf_counter()
+                exact_result = exact.exact_radii(
+                    model, x, y, eps_max=config.eps_max, attack_eps=attack_eps,
+                    time_limit=config.exact_time_limit, index=torch.tensor(batch))
+                exact_seconds += time.perf_counter() - t0
             earlier = set(positions[:min(first, prefix * config.batch_size)])
             for m in todo:
                 previous = [r for (p, meth), r in done.items() if meth == m and p in earlier]
@@ -499,7 +528,12 @@ def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = Non
                     bound_fn=_engine_bound_fn(config, m, model),
                     **({} if config.engine != "native"
                        else dict(config.method_options.get(m, {}))))
-                for row in result.rows():
+                result_rows = result.rows()
+                if exact_result is not None:
+                    exact.check_sandwich(exact_result, certified_eps=result.certified_eps,
+                                         attack_eps=attack_eps, method=m)
+                    result_rows = _with_exact(result_rows, exact_result)
+                for row in result_rows:
                     done[(row.index, row.method)] = row
                     if b in kept:
                         own[(row.index, row.method)] = row
@@ -514,7 +548,7 @@ def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = Non
                     _write_results(run_dir, settings, current, config,
                                    complete=len(done) == total,
                                    wall=time.perf_counter() - start,
-                                   attack_seconds=attack_seconds)
+                                   attack_seconds=attack_seconds, exact_seconds=exact_seconds)
                 bar.update(len(batch))
     except Exception as e:  # in a distributed run every rank learns of it below
         if not ctx.is_distributed:
@@ -530,10 +564,12 @@ def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = Non
         distributed.exchange_status(failure, hint=(
             f"finished shards are kept in {run_dir / SHARDS_DIR}; rerun with --resume (the same "
             f"options and -o {run_dir})"))
-        gathered = distributed.all_gather_objects((list(own.values()), attack_seconds))
-        for part, _ in gathered:
+        gathered = distributed.all_gather_objects((list(own.values()), attack_seconds,
+                                                   exact_seconds))
+        for part, _, _ in gathered:
             done.update({(r.index, r.method): r for r in part})
-        attack_seconds = sum(seconds for _, seconds in gathered)
+        attack_seconds = sum(seconds for _, seconds, _ in gathered)
+        exact_seconds = sum(seconds for _, _, seconds in gathered)
 
     final = ordered()
     wall = time.perf_counter() - start
@@ -541,12 +577,14 @@ def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = Non
     def write_final() -> dict[str, MethodSummary]:
         write_sample_csv(run_dir / SAMPLES_FILE, final)
         summaries = _write_results(run_dir, settings, final, config, complete=True, wall=wall,
-                                   attack_seconds=attack_seconds)
+                                   attack_seconds=attack_seconds, exact_seconds=exact_seconds)
         write_figures(run_dir, final, label=stem)
+        sorted_caption = ("Sorted certified ε (solid), exact ε (dotted) and attack ε (dashed)"
+                          if config.exact else "Sorted certified ε (solid) and attack ε (dashed)")
         write_summary_md(run_dir / SUMMARY_FILE, title=f"certify area: {model_path.name} on "
                          f"{config.dataset}/{config.split}", summaries=summaries,
                          settings=_md_settings(settings), figures={
-                             "Sorted certified ε (solid) and attack ε (dashed)": SORTED_FIGURE,
+                             sorted_caption: SORTED_FIGURE,
                              "Certified accuracy (solid) and attack accuracy (dashed)":
                                  ACCURACY_FIGURE})
         if (run_dir / SHARDS_DIR).is_dir():  # merged into per_sample.csv
@@ -557,16 +595,32 @@ def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = Non
     return AreaRun(run_dir, settings, tuple(final), summaries, True)
 
 
+def _with_exact(rows: list[SampleRow], result: Any) -> list[SampleRow]:
+    """`rows` with the exact eps and status of `result` (an ExactResult of the same samples)."""
+    from dataclasses import replace
+
+    position = {int(i): k for k, i in enumerate(result.index.tolist())}
+    out = []
+    for row in rows:
+        k = position[row.index]
+        status = result.status[k]
+        value = float(result.exact_eps[k])
+        out.append(replace(row, exact_eps=None if math.isnan(value) else value,
+                           exact_status=status if status != "unknown"
+                           else f"unknown: {result.reason[k]}"))
+    return out
+
+
 def _md_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     keys = ("model", "dataset", "split", "n", "methods", "attack", "eps_max", "tol", "search",
-            "dtype", "seed")
+            "dtype", "seed") + (("exact", "exact_time_limit") if settings.get("exact") else ())
     return {k: ", ".join(map(str, settings[k])) if isinstance(settings[k], list) else settings[k]
             for k in keys}
 
 
 def _write_results(run_dir: Path, settings: Mapping[str, Any], rows: Sequence[SampleRow],
                    config: AreaConfig, *, complete: bool, wall: float,
-                   attack_seconds: float) -> dict[str, MethodSummary]:
+                   attack_seconds: float, exact_seconds: float = 0.0) -> dict[str, MethodSummary]:
     grid = config.eps_grid if config.eps_grid is not None else default_eps_grid(rows)
     summaries = summarize(rows, eps_grid=grid) if rows else {}
     atomic_write_json(run_dir / RESULTS_FILE, json_safe({
@@ -578,6 +632,7 @@ def _write_results(run_dir: Path, settings: Mapping[str, Any], rows: Sequence[Sa
         "eps_grid": list(grid),
         "summary": {m: s.as_dict() for m, s in summaries.items()},
         "attack_seconds": attack_seconds,
+        **({"exact_seconds": exact_seconds} if config.exact else {}),
         "wall_seconds_this_session": wall,
     }))
     return summaries

@@ -66,13 +66,34 @@ def _attack_curves(runs: Runs, colors: Sequence[Any]) -> list[tuple[str, Any, np
     once, in black, labelled by the runs' common name (``"model (ibp)"``, ``"model (crown)"``
     give ``"model"``).
     """
+    return _shared_curves(runs, colors, lambda r: r.attack_eps if r.correct else -math.inf)
+
+
+def _exact_eps(row: SampleRow) -> float:
+    """A row's exact eps for the figure: -inf if misclassified, NaN if unknown or not computed,
+    ``inf`` above eps_max."""
+    if not row.correct:
+        return -math.inf
+    if row.exact_status in ("optimal", "above_max") and row.exact_eps is not None:
+        return row.exact_eps
+    return math.nan
+
+
+def _exact_curves(runs: Runs, colors: Sequence[Any]) -> list[tuple[str, Any, np.ndarray]]:
+    """Like :func:`_attack_curves` for the exact eps (``certify area --exact``)."""
+    return _shared_curves(runs, colors, _exact_eps)
+
+
+def _shared_curves(runs: Runs, colors: Sequence[Any], value: Any
+                   ) -> list[tuple[str, Any, np.ndarray]]:
+    """Distinct per-run curves of ``value(row)``; identical ones merged (see _attack_curves)."""
     groups: list[tuple[list[str], Any, np.ndarray]] = []
     for (label, rows), color in zip(runs.items(), colors, strict=True):
-        values = np.array([r.attack_eps if r.correct else -math.inf for r in rows])
+        values = np.array([value(r) for r in rows], dtype=np.float64)
         if not np.isfinite(values).any():
             continue
         for labels, _, other in groups:
-            if other.shape == values.shape and np.array_equal(other, values):
+            if other.shape == values.shape and np.array_equal(other, values, equal_nan=True):
                 labels.append(label)
                 break
         else:
@@ -92,7 +113,9 @@ def plot_sorted_eps(runs: Runs, ax: Axes | None = None, *,
     """The thesis's sorted-eps curves: every test point's eps in increasing order.
 
     Certified eps (misclassified at 0) solid, attack eps dashed, one colour per run. Samples
-    without an adversarial example (attack eps ``inf``) are left off the dashed curve.
+    without an adversarial example (attack eps ``inf``) are left off the dashed curve. Runs with
+    exact eps (``certify area --exact``) also get the exact curve, dotted, between the two;
+    samples whose exact eps is unknown or above eps_max are left off it.
 
     Args:
         runs: Label -> rows of one method.
@@ -113,6 +136,11 @@ def plot_sorted_eps(runs: Runs, ax: Axes | None = None, *,
         finite = attack[np.isfinite(attack)]
         ax.plot(np.arange(1, finite.size + 1), finite, color=color, linewidth=1.4,
                 linestyle="--", label=f"{label}: attack")
+    for label, color, values in _exact_curves(runs, colors):
+        exact = np.sort(np.where(values == -math.inf, 0.0, values)[~np.isnan(values)])
+        finite = exact[np.isfinite(exact)]
+        ax.plot(np.arange(1, finite.size + 1), finite, color=color, linewidth=1.6,
+                linestyle=":", label=f"{label}: exact")
     ax.set_xlim(left=0)
     ax.set_ylim(bottom=0)
     _style(ax, xlabel="test points (sorted)", ylabel=EPS_LABEL, title=title)

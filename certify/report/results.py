@@ -18,7 +18,15 @@ CSV columns (``per_sample.csv``)::
     search_upper   upper end of the final search bracket: an eps where the proof failed,
                    or eps_max, or the attack eps
 
-In JSON, a non-finite ``attack_eps`` is written as ``null``.
+With ``certify area --exact`` two more columns (:data:`EXACT_COLUMNS`; absent otherwise, and
+read as "not computed" when absent)::
+
+    exact_eps      the exact minimal adversarial eps from the MILP (certify.exact); empty
+                   where unknown, inf where above eps_max, 0 if misclassified
+    exact_status   optimal, above_max, or "unknown: <reason>" (e.g. a time limit)
+
+In JSON, a non-finite ``attack_eps`` is written as ``null``; ``exact_eps`` is ``null`` where
+unknown and where above eps_max (``exact_status`` tells which).
 """
 
 from __future__ import annotations
@@ -50,6 +58,8 @@ class SampleRow:
     evaluations: int
     seconds: float
     search_upper: float
+    exact_eps: float | None = None
+    exact_status: str = ""
 
     @property
     def correct(self) -> bool:
@@ -60,7 +70,10 @@ class SampleRow:
         return asdict(self)
 
 
-SAMPLE_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(SampleRow))
+#: Optional columns, written only when some row has an exact eps (``certify area --exact``).
+EXACT_COLUMNS: tuple[str, ...] = ("exact_eps", "exact_status")
+SAMPLE_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(SampleRow)
+                                        if f.name not in EXACT_COLUMNS)
 _TYPES = {f.name: f.type for f in fields(SampleRow)}
 
 
@@ -70,7 +83,19 @@ def _parse(name: str, text: Any) -> Any:
         return int(text)
     if kind == "float":
         return math.inf if text is None else float(text)
+    if kind == "float | None":
+        return None if text is None or text == "" else float(text)
     return str(text)
+
+
+def _parse_exact(d: dict[str, Any]) -> dict[str, Any]:
+    """The exact columns of a CSV/JSON mapping (defaults where absent)."""
+    status = d.get("exact_status")
+    status = "" if status is None else str(status)
+    value = _parse("exact_eps", d.get("exact_eps"))
+    if value is None and status == "above_max":  # JSON writes inf as null
+        value = math.inf
+    return {"exact_eps": value, "exact_status": status}
 
 
 def row_from_dict(d: dict[str, Any], *, source: str = "row") -> SampleRow:
@@ -84,23 +109,27 @@ def row_from_dict(d: dict[str, Any], *, source: str = "row") -> SampleRow:
         raise ReportError(f"{source}: missing column(s) {', '.join(missing)}; expected "
                           f"{', '.join(SAMPLE_COLUMNS)}. Was it written by `certify area`?")
     try:
-        return SampleRow(**{c: _parse(c, d[c]) for c in SAMPLE_COLUMNS})
+        return SampleRow(**{c: _parse(c, d[c]) for c in SAMPLE_COLUMNS}, **_parse_exact(d))
     except (TypeError, ValueError) as e:
         raise ReportError(f"{source}: malformed value ({e}); re-create the file with "
                           "`certify area`.") from None
 
 
 def rows_to_csv_text(rows: Iterable[SampleRow]) -> str:
-    """The CSV text of `rows` with a header line."""
+    """The CSV text of `rows` with a header line (and the exact columns when any row has one)."""
+    rows = list(rows)
+    columns = SAMPLE_COLUMNS + (EXACT_COLUMNS if any(r.exact_status for r in rows) else ())
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(SAMPLE_COLUMNS)
+    writer.writerow(columns)
     for row in rows:
-        writer.writerow([_format(getattr(row, c)) for c in SAMPLE_COLUMNS])
+        writer.writerow([_format(getattr(row, c)) for c in columns])
     return buf.getvalue()
 
 
 def _format(value: Any) -> str:
+    if value is None:
+        return ""
     if isinstance(value, float):
         return repr(value)  # shortest round-trip form; 'inf' and 'nan' read back with float()
     return str(value)

@@ -10,7 +10,11 @@ Definitions (all over the samples of one method):
   adversarial example was found at eps);
 - **certified/attack ratio**: ``certified_eps / attack_eps`` over correctly classified samples
   with a finite attack eps > 0; its mean and median say how tight the certificate is;
-- **throughput**: samples per second of search time.
+- **throughput**: samples per second of search time;
+- **certified/exact ratio** (runs with exact eps, ``certify area --exact``): ``certified_eps /
+  exact_eps`` over correctly classified samples whose exact eps is known (status ``optimal``)
+  and finite and > 0 -- the honest tightness of a relaxation (the attack eps is only an upper
+  bound on the truth); samples whose exact eps is ``unknown`` are counted, not used.
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ class MethodSummary:
         evaluations_per_sample: Mean bound evaluations over correctly classified samples.
         seconds: Total search time.
         samples_per_second: ``n / seconds``.
+        mean_exact_ratio, median_exact_ratio: certified/exact eps over correctly classified
+            samples with a known, finite exact eps > 0 (nan if none).
+        n_exact: How many samples the exact ratio is taken over.
+        n_exact_unknown: Correctly classified samples whose exact eps is ``unknown``.
     """
 
     method: str
@@ -61,6 +69,10 @@ class MethodSummary:
     evaluations_per_sample: float
     seconds: float
     samples_per_second: float
+    mean_exact_ratio: float = math.nan
+    median_exact_ratio: float = math.nan
+    n_exact: int = 0
+    n_exact_unknown: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready dict (numbers stay numbers; nan/inf become null)."""
@@ -81,6 +93,10 @@ class MethodSummary:
             "seconds": self.seconds,
             "samples_per_second": self.samples_per_second,
         }
+        if self.n_exact or self.n_exact_unknown:
+            d.update({"mean_exact_ratio": self.mean_exact_ratio,
+                      "median_exact_ratio": self.median_exact_ratio,
+                      "n_exact": self.n_exact, "n_exact_unknown": self.n_exact_unknown})
         return json_safe(d)
 
 
@@ -132,6 +148,9 @@ def summarize_method(rows: Sequence[SampleRow], eps_grid: Sequence[float]) -> Me
     ratios = [r.certified_eps / r.attack_eps for r in correct
               if math.isfinite(r.attack_eps) and r.attack_eps > 0]
     seconds = sum(r.seconds for r in rows)
+    exact_ratios = [r.certified_eps / r.exact_eps for r in correct
+                    if r.exact_status == "optimal" and r.exact_eps is not None
+                    and 0 < r.exact_eps < math.inf]
     return MethodSummary(
         method=rows[0].method,
         n=n,
@@ -148,6 +167,10 @@ def summarize_method(rows: Sequence[SampleRow], eps_grid: Sequence[float]) -> Me
                                 if correct else 0.0),
         seconds=seconds,
         samples_per_second=n / seconds if seconds > 0 else math.inf,
+        mean_exact_ratio=statistics.fmean(exact_ratios) if exact_ratios else math.nan,
+        median_exact_ratio=statistics.median(exact_ratios) if exact_ratios else math.nan,
+        n_exact=len(exact_ratios),
+        n_exact_unknown=sum(r.exact_status.startswith("unknown") for r in correct),
     )
 
 
@@ -174,15 +197,25 @@ def _fmt(value: float, spec: str = ".4g") -> str:
 
 def summary_table(summaries: Mapping[str, MethodSummary]) -> str:
     """A plain-text table, one line per method (what ``certify area`` prints)."""
+    exact = _has_exact(summaries)
     head = (f"{'method':<12} {'n':>6} {'clean acc':>9} {'area':>9} {'median eps':>10} "
             f"{'cert/attack':>11} {'evals/sample':>12} {'samples/s':>9}")
+    if exact:  # mean certified/exact over the samples with a known exact eps
+        head += f" {'cert/exact':>10}"
     lines = [head]
     for s in summaries.values():
-        lines.append(
+        line = (
             f"{s.method:<12} {s.n:>6} {s.clean_accuracy:>9.4f} {_fmt(s.certification_area):>9} "
             f"{_fmt(s.median_certified_eps):>10} {_fmt(s.median_ratio, '.3f'):>11} "
             f"{s.evaluations_per_sample:>12.2f} {_fmt(s.samples_per_second, '.1f'):>9}")
+        if exact:
+            line += f" {_fmt(s.mean_exact_ratio, '.3f'):>10}"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def _has_exact(summaries: Mapping[str, MethodSummary]) -> bool:
+    return any(s.n_exact or s.n_exact_unknown for s in summaries.values())
 
 
 def summary_markdown(*, title: str, summaries: Mapping[str, MethodSummary],
@@ -198,15 +231,26 @@ def summary_markdown(*, title: str, summaries: Mapping[str, MethodSummary],
     out = [f"# {title}", ""]
     for k, v in settings.items():
         out.append(f"- **{k}**: {v}")
+    exact = _has_exact(summaries)
     out += ["", "| method | n | clean accuracy | certification area | median certified ε | "
-            "mean / median certified÷attack | bound evaluations / sample | samples / s |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            "mean / median certified÷attack | bound evaluations / sample | samples / s |"
+            + (" mean / median certified÷exact |" if exact else ""),
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+            + (" ---: |" if exact else "")]
     for s in summaries.values():
         out.append(f"| {s.method} | {s.n} | {s.clean_accuracy:.4f} | "
                    f"{_fmt(s.certification_area, '.5g')} | {_fmt(s.median_certified_eps, '.5g')} | "
                    f"{_fmt(s.mean_ratio, '.3f')} / {_fmt(s.median_ratio, '.3f')} "
                    f"(n={s.n_ratio}) | {s.evaluations_per_sample:.2f} | "
-                   f"{_fmt(s.samples_per_second, '.1f')} |")
+                   f"{_fmt(s.samples_per_second, '.1f')} |"
+                   + (f" {_fmt(s.mean_exact_ratio, '.3f')} / {_fmt(s.median_exact_ratio, '.3f')}"
+                      f" (n={s.n_exact}) |" if exact else ""))
+    if exact:
+        unknown = max(s.n_exact_unknown for s in summaries.values())
+        out += ["", "certified÷exact is the honest tightness of each method: the exact ε is the "
+                "MILP's minimal adversarial ε (certify.exact)"
+                + (f"; it is unknown (time limit) for {unknown} correctly classified sample(s), "
+                   "left out of the ratio." if unknown else ".")]
     first = next(iter(summaries.values()), None)
     if first is not None:
         grid = [e for e, _ in first.certified_accuracy]

@@ -179,7 +179,7 @@ def test_the_radius_search_does_not_count_unknown_rows(monkeypatch):  # type: ig
     from certify.radius import certified_radii
 
     model = make_net2d(4, [8, 8])
-    x = torch.rand(6, 1, 1, 2, dtype=F64, generator=torch.Generator().manual_seed(2))
+    x = torch.rand(4, 1, 1, 2, dtype=F64, generator=torch.Generator().manual_seed(2))
     y = model(x).argmax(1)
     exact = certified_radii(model, x, y, "milp", eps_max=0.5, tol=1e-4)
     monkeypatch.setattr(milp_module, "_solve", _timed_out)

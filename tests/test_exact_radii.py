@@ -199,3 +199,58 @@ def test_bad_arguments_are_one_line_errors():  # type: ignore[no-untyped-def]
         exact_radii(model, x + 2, y)
     with pytest.raises(SpecError, match="intermediate_method must be one of"):
         exact_radii(model, x, y, intermediate_method="exact")
+
+
+# ------------------------------------------------------------------ certify area --exact
+
+
+def test_area_with_milp_and_exact_end_to_end(digits_mlp, tmp_path):  # type: ignore[no-untyped-def]
+    """``certify area --method crown --method milp --exact``: the exact column, the sandwich,
+    the milp radius at the exact eps, the ratio in the summary, the figure, and resume."""
+    import csv
+    import json
+
+    from click.testing import CliRunner
+
+    from certify.checkpoint import ModelMeta, save_checkpoint
+    from certify.cli import main
+    from certify.nets import arch_kwargs_of
+    from certify.report.plots import plot_runs
+
+    model, _, _ = digits_mlp
+    ckpt = tmp_path / "mlp.pt"
+    save_checkpoint(ckpt, model, ModelMeta("mlp", arch_kwargs_of(model), "digits", (1, 8, 8),
+                                           10, (0.3052,), (0.376,)))
+    out = tmp_path / "run"
+    args = ["area", str(ckpt), "--dataset", "digits", "--n", "4", "--batch-size", "2",
+            "--method", "crown", "--method", "milp", "--exact", "--eps-max", "0.2",
+            "--tol", "1e-3", "-o", str(out), "--quiet"]
+    result = CliRunner().invoke(main, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)["summary"]
+    with open(out / "per_sample.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and {"exact_eps", "exact_status"} <= set(rows[0])
+    for r in rows:
+        status = r["exact_status"]
+        assert status in ("optimal", "above_max") or status.startswith("unknown: ")
+        if status != "optimal" or r["label"] != r["prediction"]:
+            continue
+        exact_eps, cert = float(r["exact_eps"]), float(r["certified_eps"])
+        assert cert <= exact_eps + 1e-5 <= float(r["attack_eps"]) + 2e-5
+        if r["method"] == "milp":  # the MILP-driven search ends within tol of the exact eps
+            assert exact_eps - cert <= 1e-3 + 1e-5
+    assert summary["milp"]["n_exact"] >= 1
+    assert summary["milp"]["mean_exact_ratio"] > 0.95
+    assert summary["crown"]["mean_exact_ratio"] <= summary["milp"]["mean_exact_ratio"] + 1e-9
+    assert "certified÷exact" in (out / "summary.md").read_text()
+    assert (out / "sorted_eps.png").stat().st_size > 0
+    assert plot_runs([out]).is_file()
+    # a finished run resumes to the same rows; other exact settings are refused
+    again = CliRunner().invoke(main, [*args, "--resume"])
+    assert again.exit_code == 0, again.output
+    with open(out / "per_sample.csv", newline="") as f:
+        assert list(csv.DictReader(f)) == rows
+    other = CliRunner().invoke(main, [*args[:-3], "--exact-time-limit", "5", "-o", str(out),
+                                      "--quiet", "--resume"])
+    assert other.exit_code != 0 and "exact_time_limit" in other.output
