@@ -85,7 +85,8 @@ class ExactResult:
         exact_eps: `(N,)` float64: the exact radius (``exact_hi``) where status is ``optimal``
             (0 where misclassified), ``inf`` for ``above_max``, NaN for ``unknown``.
         exact_lo: `(N,)` float64, a lower bound (within `tolerance`) on the radius.
-        exact_hi: `(N,)` float64, the eps of a re-checked adversarial example (``inf`` if none).
+        exact_hi: `(N,)` float64, the eps of a re-checked adversarial example: the MILP's, or
+            else the attack's (``inf`` if neither).
         status: One of :data:`STATUSES` per sample.
         reason: Why a sample is not ``optimal`` (or ``"misclassified"``), else ``""``.
         target: `(N,)` int64, the class of the closest adversarial example found (-1 if none).

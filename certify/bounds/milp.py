@@ -573,7 +573,10 @@ class _EpsModel:
         self.d = d
         self.tolerance = SAFETY * (TAU * (data.width + cap) + TAU)
         # classes whose margin row is > 0 on the whole box: no example of theirs up to cap
-        self.ruled_out = _ruled_out(net, x_lo, x_hi, spec, intermediate, problem, targets)
+        widened = tuple(Bounds(torch.from_numpy(lo).reshape(b.lower.shape),
+                               torch.from_numpy(hi).reshape(b.upper.shape))
+                        for (lo, hi), b in zip(pre, intermediate, strict=True))
+        self.ruled_out = _ruled_out(net, x_lo, x_hi, spec, widened, problem, targets)
 
     def solve(self, s: int, limit: float, time_limit: float, gap: float) -> _Outcome:
         """``min eps`` with ``f_j >= f_y`` for spec row `s` (``(e_y - e_j) . f <= 0``)."""
@@ -678,8 +681,9 @@ def _ruled_out(net: Network, x_lo: Tensor, x_hi: Tensor, spec: Tensor,
                targets: list[int]) -> set[int]:
     """Target classes whose margin row is proven > 0 on the whole box (no MILP needed).
 
-    CROWN with the given intermediate bounds first; the rows it cannot settle get the LP's
-    rigorous dual bound (:mod:`certify.bounds.lp`).
+    CROWN with the given (widened) intermediate bounds first, counted only above a margin for
+    its own float64 rounding; the rows it cannot settle get the LP's rigorous dual bound
+    (:mod:`certify.bounds.lp`).
     """
     f64, cpu = torch.float64, torch.device("cpu")
     inter = tuple(Bounds(b.lower.detach().to(cpu, f64), b.upper.detach().to(cpu, f64))

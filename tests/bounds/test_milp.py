@@ -106,6 +106,28 @@ def _relu_inputs(model: torch.nn.Module, xs: torch.Tensor) -> list[torch.Tensor]
     return [t.reshape(xs.shape[0], xs.shape[1], -1) for t in seen]
 
 
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**16), eps=st.sampled_from([0.05, 0.15, 0.3]))
+def test_threshold_mode_decides_like_the_exact_minimum(seed, eps):  # type: ignore[no-untyped-def]
+    """``threshold=0``: the same verdict as the exact minima, sound lower bounds, row statuses."""
+    model = make_net2d(seed, [8, 6])
+    x = torch.rand(3, 1, 1, 2, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    y = model(x).argmax(1)
+    exact = margin_bounds(model, x, y, eps, "milp")
+    decided = margin_bounds(model, x, y, eps, "milp", threshold=0.0)
+    allowed = {"optimal", "above threshold", "at or below threshold",
+               "skipped: another row is at or below the threshold"}
+    for i in range(3):
+        assert set(decided.status[i]) <= allowed
+        truth = float(exact.lower[i].min())
+        if abs(truth) > 1e-6:  # away from the tolerance: the verdicts agree
+            assert (float(decided.lower[i].min()) > 0) == (truth > 0)
+        if truth > 1e-6:
+            assert all(st in ("optimal", "above threshold") for st in decided.status[i])
+    # sound: never above the exact minimum (plus its tolerance)
+    assert (decided.lower <= exact.lower + exact.tolerance + 1e-9).all()
+
+
 def test_refined_intermediate_bounds_are_tighter_and_sound():  # type: ignore[no-untyped-def]
     model = make_mlp(1, [10, 10, 8], in_shape=(1, 3, 3), classes=3).double().eval()
     net = to_network(model, (1, 3, 3))
