@@ -28,7 +28,12 @@ def _resolve(method: str | BoundMethod, options: dict[str, Any]) -> BoundMethod:
     return with_options(method, options)
 
 
-def _check_box(x_lo: Tensor, x_hi: Tensor) -> None:
+def check_box(x_lo: Tensor, x_hi: Tensor) -> None:
+    """Validate a batch of boxes `(N, ...)`: float32/64 tensors of one shape, no NaN, lo <= hi.
+
+    Raises:
+        SpecError: naming what is wrong and how to fix it.
+    """
     for name, t in (("x_lo", x_lo), ("x_hi", x_hi)):
         if not isinstance(t, Tensor):
             raise SpecError(f"{name} must be a tensor (N, C, H, W), got {type(t).__name__}.")
@@ -104,7 +109,7 @@ def compute_bounds(model: nn.Module | Network, x_lo: Tensor, x_hi: Tensor,
         UnknownNameError: for an unknown method name.
     """
     bound_method = _resolve(method, options)
-    _check_box(x_lo, x_hi)
+    check_box(x_lo, x_hi)
     net = to_network(model, x_lo.shape[1:]).to(dtype=x_lo.dtype, device=x_lo.device)
     n = x_lo.shape[0]
     out_shape = net.output_shape

@@ -329,22 +329,6 @@ def _graph(model: nn.Module, in_shape: tuple[int, ...], dtype: torch.dtype,
 # --- the entry points --------------------------------------------------------------------------
 
 
-def _check_box(x_lo: Tensor, x_hi: Tensor) -> None:
-    for name, t in (("x_lo", x_lo), ("x_hi", x_hi)):
-        if not isinstance(t, Tensor) or t.dtype not in _DTYPES or t.ndim < 2:
-            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
-            raise SpecError(f"{name} must be a float32/float64 tensor (N, C, H, W), got {got}.")
-    if x_lo.shape != x_hi.shape or x_lo.dtype != x_hi.dtype or x_lo.device != x_hi.device:
-        raise SpecError(f"x_lo and x_hi must match: got {tuple(x_lo.shape)} {x_lo.dtype} "
-                        f"{x_lo.device} and {tuple(x_hi.shape)} {x_hi.dtype} {x_hi.device}.")
-    if torch.isnan(x_lo).any() or torch.isnan(x_hi).any():
-        raise SpecError("the box contains NaN; bounds of a NaN input are meaningless.")
-    bad = x_lo > x_hi
-    if bad.any():
-        raise SpecError(f"empty box: x_lo > x_hi at {int(bad.sum())} coordinates; pass "
-                        "x_lo <= x_hi elementwise.")
-
-
 def _check_method(method: str) -> str:
     if method not in _METHODS:
         raise unknown_name("auto-lirpa method", str(method), list_auto_lirpa_methods())
@@ -463,7 +447,9 @@ def _prepare(model: nn.Module, x_lo: Tensor, x_hi: Tensor,
     require_auto_lirpa()
     if not isinstance(model, nn.Module):
         raise SpecError(f"the auto-lirpa engine bounds an nn.Module, got {type(model).__name__}.")
-    _check_box(x_lo, x_hi)
+    from certify.bounds.api import check_box
+
+    check_box(x_lo, x_hi)  # the native engine's validation: the same rules, the same messages
     graph, norm = _graph(model, tuple(x_lo.shape[1:]), x_lo.dtype, x_lo.device, opts)
     return graph, norm, opts
 
