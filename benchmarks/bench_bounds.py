@@ -265,8 +265,10 @@ def main() -> None:
                     if theirs is not None:
                         mine, other = torch.load(ours_out), torch.load(theirs_out)
                 for i, e in enumerate(eps):
+                    peak = ours["peak_mb"]
                     row = (f"{net:13s} {method:12s} {batch:5d} {e:7g} "
-                           f"{batch / ours['seconds'][i]:10.1f} {ours['peak_mb']:8.0f} "
+                           f"{batch / ours['seconds'][i]:10.3g} "
+                           f"{(f'{peak:.0f}' if peak >= 1 else '<1'):>8s} "
                            f"{ours['mean_lower'][str(e)]:11.4f}")
                     if theirs is not None:
                         diff = mine[str(e)] - other[str(e)]
