@@ -47,7 +47,8 @@ class LinfBall:
         lo, hi = (float(v) for v in self.domain)
         if not lo < hi:
             raise SpecError(f"LinfBall domain must satisfy low < high, got {self.domain}.")
-        if torch.isnan(center).any() or center.min() < lo or center.max() > hi:
+        if center.numel() and (torch.isnan(center).any() or center.min() < lo
+                               or center.max() > hi):
             raise SpecError(
                 f"LinfBall center must lie in the domain [{lo}, {hi}], got values in "
                 f"[{float(center.min())}, {float(center.max())}]; models take [0, 1] pixels.")

@@ -87,7 +87,8 @@ class AlphaCrown(LinearRelaxationMethod):
     def _samples_per_group(self, prop: Propagator, start: int, rows_per_sample: int) -> int:
         relu_size = sum(numel(prop.layers[p].in_shape) for p in prop.net.relu_positions)
         path = sum(numel(op.out_shape) for op in prop.layers[:start])
-        per_row = (4 * relu_size + BACKWARD_FACTOR * path) * prop.itemsize
+        # at least one byte a row: a net without ReLUs (nothing to optimize) has no cost here
+        per_row = max(1, (4 * relu_size + BACKWARD_FACTOR * path) * prop.itemsize)
         rows = max(1, int(self.memory_budget_mb * MB // per_row))
         return max(1, rows // rows_per_sample)
 

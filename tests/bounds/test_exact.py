@@ -202,3 +202,28 @@ def test_bounds_value_object(tiny_mlp):  # type: ignore[no-untyped-def]
     assert b.contains(inside).tolist() == [True, False]
     assert b.contains(torch.full((2, 3), 1.0 + 1e-3), atol=1e-2).all()
     assert "Bounds(shape=(2, 3)" in repr(b)
+
+
+@pytest.mark.parametrize("name", ["ibp", "crown", "crown-ibp", "wong-kolter", "alpha-crown"])
+def test_relu_free_network_gets_the_analytic_box_bound(name: str) -> None:
+    # No ReLU: every method is exact on an affine map, W x0 + b -/+ |W| r (r the box radius).
+    torch.manual_seed(3)
+    layer = nn.Linear(4, 3).double()
+    lo = torch.rand(2, 4, dtype=torch.float64) * 0.5
+    hi = lo + torch.rand(2, 4, dtype=torch.float64) * 0.5
+    b = compute_bounds(nn.Sequential(layer), lo, hi, name)
+    center, radius = (lo + hi) / 2, (hi - lo) / 2
+    mid = layer(center)
+    spread = radius @ layer.weight.abs().T
+    torch.testing.assert_close(b.lower, (mid - spread).detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(b.upper, (mid + spread).detach(), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["ibp", "crown", "crown-ibp", "wong-kolter", "alpha-crown"])
+def test_empty_batch_gives_empty_bounds(name: str) -> None:
+    from certify.bounds import margin_bounds
+    from certify.nets import create_arch
+
+    model = create_arch("mlp-8", (1, 4, 4), 3).eval()
+    b = margin_bounds(model, torch.rand(0, 1, 4, 4), torch.zeros(0, dtype=torch.long), 0.1, name)
+    assert b.lower.shape == (0, 2) and b.upper.shape == (0, 2)
