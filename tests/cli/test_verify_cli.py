@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
-import warnings
 from pathlib import Path
 
 import pytest
@@ -15,26 +13,7 @@ from torch import nn
 
 from certify.cli import main
 from certify.nets import Normalize
-
-
-def _export(model: nn.Module, path: Path, example: torch.Tensor) -> Path:
-    f = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (example,), f, dynamo=False, input_names=["x"],
-                          output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
-    path.write_bytes(f.getvalue())
-    return path
-
-
-def _property(x: torch.Tensor, label: int, k: int, eps: float) -> str:
-    flat = x.flatten().tolist()
-    lines = [f"(declare-const X_{i} Real)" for i in range(len(flat))]
-    lines += [f"(declare-const Y_{j} Real)" for j in range(k)]
-    for i, v in enumerate(flat):
-        lines += [f"(assert (<= X_{i} {v + eps!r}))", f"(assert (>= X_{i} {v - eps!r}))"]
-    others = " ".join(f"(and (>= Y_{j} Y_{label}))" for j in range(k) if j != label)
-    return "\n".join([*lines, f"(assert (or {others}))", ""])
+from tests.onnx.onnx_helpers import export, robustness_vnnlib
 
 
 @pytest.fixture
@@ -46,13 +25,13 @@ def bench(tmp_path: Path) -> dict[str, Path]:
     root = tmp_path / "bench"
     (root / "onnx").mkdir(parents=True)
     (root / "vnnlib").mkdir()
-    net = _export(model, root / "onnx" / "net.onnx", torch.rand(1, 1, 4, 4))
+    net = export(model, root / "onnx" / "net.onnx", torch.rand(1, 1, 4, 4))
     x = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(1))
     label = int(model(x).argmax())
     robust = root / "vnnlib" / "robust.vnnlib"
-    robust.write_text(_property(x, label, 3, 1e-3))
+    robust.write_text(robustness_vnnlib(x, label, 3, 1e-3))
     wide = root / "vnnlib" / "wide.vnnlib"
-    wide.write_text(_property(x, label, 3, 0.5))
+    wide.write_text(robustness_vnnlib(x, label, 3, 0.5))
     (root / "instances.csv").write_text("onnx/net.onnx,vnnlib/robust.vnnlib,20\n"
                                         "onnx/net.onnx,vnnlib/wide.vnnlib,20\n")
     return {"net": net, "robust": robust, "wide": wide, "csv": root / "instances.csv"}
@@ -155,7 +134,7 @@ def test_checkpoint_models_work_too(tiny_checkpoint: Path, tmp_path: Path) -> No
     x = torch.rand(1, *meta.input_shape, generator=torch.Generator().manual_seed(2))
     label = int(model(x).argmax())
     spec = tmp_path / "wide.vnnlib"
-    spec.write_text(_property(x, label, meta.num_classes, 0.5))
+    spec.write_text(robustness_vnnlib(x, label, meta.num_classes, 0.5))
     result = CliRunner().invoke(main, ["verify", str(tiny_checkpoint), str(spec), "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from onnx_helpers import export_bytes, run_ort
+from onnx_helpers import export_bytes, robustness_vnnlib, run_ort
 from torch import nn
 
 from certify.bounds import compute_bounds
@@ -33,17 +33,6 @@ from certify.verify import (
     verify_files,
 )
 from certify.vnnlib import VnnlibProperty, parse_vnnlib, read_vnnlib
-
-
-def robustness_vnnlib(x: torch.Tensor, label: int, k: int, eps: float) -> str:
-    """The VNN-COMP robustness property: some other class reaches `label` in the eps box."""
-    flat = x.flatten().tolist()
-    lines = [f"(declare-const X_{i} Real)" for i in range(len(flat))]
-    lines += [f"(declare-const Y_{j} Real)" for j in range(k)]
-    for i, v in enumerate(flat):
-        lines += [f"(assert (<= X_{i} {v + eps!r}))", f"(assert (>= X_{i} {v - eps!r}))"]
-    others = " ".join(f"(and (>= Y_{j} Y_{label}))" for j in range(k) if j != label)
-    return "\n".join([*lines, f"(assert (or {others}))", ""])
 
 
 def mlp() -> nn.Sequential:
