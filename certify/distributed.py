@@ -25,11 +25,12 @@ outright is detected by ``torchrun``, which stops the others.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime as _dt
 import heapq
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -305,6 +306,30 @@ def exchange_status(error: BaseException | None, *, hint: str = "") -> None:
     if failed:
         message = "; ".join(failed) + (f"; {hint}" if hint else "")
         raise DistributedError(message) from error
+
+
+@contextlib.contextmanager
+def shared_failure(*, hint: str = "") -> Iterator[None]:
+    """Run this rank's share of a job so that a failure on any rank fails every rank cleanly.
+
+    In a distributed run an exception inside the block is printed and held back, then every
+    rank's outcome is exchanged (:func:`exchange_status`): all ranks raise the same
+    :class:`DistributedError`, naming each failed rank, followed by `hint`. In one process the
+    exception propagates unchanged. ``KeyboardInterrupt`` is never held back.
+    """
+    ctx = context()
+    failure: Exception | None = None
+    try:
+        yield
+    except Exception as e:  # in a distributed run every rank learns of it below
+        if not ctx.is_distributed:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        failure = e
+    if ctx.is_distributed:
+        exchange_status(failure, hint=hint)
 
 
 def maybe_fail_for_test(done: int) -> None:

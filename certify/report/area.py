@@ -489,8 +489,9 @@ def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = Non
     bar = progress(total=total, initial=len(done), quiet=quiet or not ctx.is_main, unit="cert",
                    desc=f"area {stem}")
     computed = 0
-    failure: Exception | None = None
-    try:
+    with distributed.shared_failure(hint=(
+            f"finished shards are kept in {run_dir / SHARDS_DIR}; rerun with --resume (the same "
+            f"options and -o {run_dir})")), bar:
         for b in batches:
             first = starts[b]
             batch = positions[first:first + config.batch_size]
@@ -550,20 +551,8 @@ def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = Non
                                    wall=time.perf_counter() - start,
                                    attack_seconds=attack_seconds, exact_seconds=exact_seconds)
                 bar.update(len(batch))
-    except Exception as e:  # in a distributed run every rank learns of it below
-        if not ctx.is_distributed:
-            raise
-        import traceback
-
-        traceback.print_exc()
-        failure = e
-    finally:
-        bar.close()
 
     if ctx.is_distributed:
-        distributed.exchange_status(failure, hint=(
-            f"finished shards are kept in {run_dir / SHARDS_DIR}; rerun with --resume (the same "
-            f"options and -o {run_dir})"))
         gathered = distributed.all_gather_objects((list(own.values()), attack_seconds,
                                                    exact_seconds))
         for part, _, _ in gathered:

@@ -276,8 +276,7 @@ def attack_curves(models: Sequence[str | os.PathLike[str]], dataset: str, eps_gr
     robust: dict[int, list[Tensor]] = {}
     bar = progress(total=len(mine) * len(loaded), quiet=quiet or not ctx.is_main,
                    desc=f"{attack} curves", unit="batch")
-    failure: Exception | None = None
-    try:
+    with distributed.shared_failure(hint="nothing was written; rerun the command"), bar:
         for k, b in enumerate(mine):
             if ctx.is_distributed:  # tests only: fail after `k` batches
                 distributed.maybe_fail_for_test(k)
@@ -289,17 +288,7 @@ def attack_curves(models: Sequence[str | os.PathLike[str]], dataset: str, eps_gr
                                            restarts=restarts, seed=batch_seed(seed, b)))
                 bar.update(1)
             robust[b] = masks
-    except Exception as e:  # in a distributed run every rank learns of it below
-        if not ctx.is_distributed:
-            raise
-        import traceback
-
-        traceback.print_exc()
-        failure = e
-    finally:
-        bar.close()
     if ctx.is_distributed:
-        distributed.exchange_status(failure, hint="nothing was written; rerun the command")
         for part in distributed.all_gather_objects(robust):
             robust.update(part)
     out = []
