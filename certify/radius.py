@@ -455,13 +455,22 @@ def certified_radii(model: nn.Module, x: Tensor, y: Tensor, method: str = "crown
                     eps_max: float = 0.5, tol: float = 1e-4, attack_eps: Tensor | None = None,
                     lower_hint: Tensor | None = None, guess: Tensor | None = None,
                     search: str = "fast", max_iter: int = 64,
-                    bound_fn: BoundFn | None = None, index: Tensor | None = None,
-                    **method_options: Any) -> RadiusResult:
+                    bound_fn: BoundFn | None = None, confirm_fn: BoundFn | None = None,
+                    index: Tensor | None = None, **method_options: Any) -> RadiusResult:
     """Per sample, the largest eps at which `method` proves robustness (within `tol`).
 
     All open samples of the batch are searched at once, each with its own bracket, with one
     bound call per step on the rows still open. The reported radius is the lower end of the final
     bracket, an eps where the proof succeeded; misclassified samples get 0.
+
+    **Rounding.** The search is steered by the method's plain floating-point bound (fast); a
+    radius is reported only once the *rigorous* bound (every rounding accounted for, for the
+    network in exact arithmetic and for the model's own forward pass in its dtype; see
+    :mod:`certify.bounds.rounding`), computed in float64, proves robustness there: one extra
+    evaluation per certified sample. Where it does not (the fast bound's rounding decided in
+    its favour, next to the boundary), eps steps down from the search's end until it does (or
+    to 0). A fast "proof" at the attack eps is confirmed the same way before it counts as a
+    contradiction.
 
     Args:
         model: Classifier on `(N, C, H, W)` pixels; put in ``eval()`` (modes restored after).
@@ -483,7 +492,11 @@ def certified_radii(model: nn.Module, x: Tensor, y: Tensor, method: str = "crown
         max_iter: Most bound evaluations per sample; the bracket may stay wider than `tol` if hit.
         bound_fn: ``bound_fn(x, y, eps) -> (n,)`` margin lower bound replacing the engine (tests,
             other verifiers). Default: ``margin_bounds(model, x, y, eps, method, **options)
-            .lower.amin(1)``.
+            .lower.amin(1)`` with ``rigorous=False`` to steer, and the rigorous bound in float64
+            to confirm (methods without that option, ``lp`` and ``milp``, account for
+            rounding themselves and are not confirmed again).
+        confirm_fn: With `bound_fn`: the rigorous margin lower bound that confirms each radius
+            (same signature); None: `bound_fn`'s own decisions are final.
         index: `(N,)` sample positions for the result (default ``0..N-1``).
         **method_options: Options of the bound method, e.g. ``steps=20`` for alpha-crown. For
             ``milp`` the search only needs the sign of each margin, so ``threshold=0`` is the
@@ -523,9 +536,16 @@ def certified_radii(model: nn.Module, x: Tensor, y: Tensor, method: str = "crown
 
         configured = get_method(method, **method_options)  # bad names/options fail up front
         net = to_network(model, tuple(x.shape[1:]))  # once, not per step
+        steer = configured
+        if isinstance(getattr(configured, "rigorous", None), bool):
+            steer = get_method(method, **{**method_options, "rigorous": False})
+            rigorous = get_method(method, **{**method_options, "rigorous": True})
+
+            def confirm_fn(xs: Tensor, ys: Tensor, eps: Tensor) -> Tensor:
+                return margin_lower_bound(net, xs.double(), ys, eps.double(), method=rigorous)
 
         def bound_fn(xs: Tensor, ys: Tensor, eps: Tensor) -> Tensor:
-            return margin_lower_bound(net, xs, ys, eps, method=configured)
+            return margin_lower_bound(net, xs, ys, eps, method=steer)
     elif method_options:
         raise SpecError(f"method options {sorted(method_options)} have no effect with bound_fn; "
                         "pass them to your bound_fn instead")
@@ -589,9 +609,21 @@ def certified_radii(model: nn.Module, x: Tensor, y: Tensor, method: str = "crown
             if lower.shape != (len(rows),):
                 raise SpecError(f"bound_fn must return one margin per row ({len(rows)},), got "
                                 f"{tuple(lower.shape)}")
+            values = lower.double().cpu().tolist()
+            if confirm_fn is not None:  # a fast proof at the attack eps: confirm it first
+                against = [k for k, (i, t, m) in enumerate(zip(rows, ts, values, strict=True))
+                           if m > 0 and brackets[i].hi_kind == "attack"  # type: ignore[union-attr]
+                           and t >= brackets[i].hi]  # type: ignore[union-attr]
+                if against:
+                    sub = torch.tensor([rows[k] for k in against], device=dev)
+                    again = confirm_fn(x[sub], y[sub], eps[against])
+                    for k, m in zip(against, again.double().cpu().tolist(), strict=True):
+                        values[k] = m
             seconds[rows] += (time.perf_counter() - t0) / len(rows)
-            for i, t, m in zip(rows, ts, lower.double().cpu().tolist(), strict=True):
+            for i, t, m in zip(rows, ts, values, strict=True):
                 brackets[i].update(t, m)  # type: ignore[union-attr]
+        if confirm_fn is not None:
+            _confirm(brackets, x, y, confirm_fn, tol, seconds)
 
     certified = torch.zeros(n, dtype=torch.float64)
     upper = torch.zeros(n, dtype=torch.float64)
@@ -607,6 +639,67 @@ def certified_radii(model: nn.Module, x: Tensor, y: Tensor, method: str = "crown
                              "is unsound")
     return RadiusResult(index.to(torch.int64), y.cpu().to(torch.int64), pred.to(torch.int64),
                         certified, attack.clone(), upper, evaluations, seconds, method)
+
+
+CONFIRM_GROWTH = 8.0
+CONFIRM_ROUNDS = 64
+
+
+def _confirm(brackets: list[_Bracket | None], x: Tensor, y: Tensor, confirm_fn: BoundFn,
+             tol: float, seconds: Tensor) -> None:
+    """Make each bracket's `lo` an eps where `confirm_fn` (the rigorous bound) proves
+    robustness, and its `hi` one where it failed or the search's own upper end.
+
+    `lo` itself is tried first (almost always proven). Where it is not, it becomes `hi`, and
+    eps steps down from it by ``d 8^k`` (``d = max(tol, lo 2^-20)``, k = 0, 1, ...) until a
+    proof succeeds or 0 is reached (the clean point needs no proof), then bisects until the
+    bracket is within `tol` again. One batched call per round; each call counts as an
+    evaluation.
+    """
+    state: dict[int, list[float]] = {}  # i -> [good, bad, first, k]; good < 0: none yet
+    candidate: dict[int, float] = {}
+    for i, b in enumerate(brackets):
+        if b is not None and b.lo > 0:
+            state[i] = [-1.0, math.inf, b.lo, 0.0]
+            candidate[i] = b.lo
+    for _ in range(CONFIRM_ROUNDS):
+        if not candidate:
+            break
+        rows = list(candidate)
+        ts = [candidate[i] for i in rows]
+        idx = torch.tensor(rows, device=x.device)
+        t0 = time.perf_counter()
+        lower = confirm_fn(x[idx], y[idx], torch.tensor(ts, dtype=torch.float64, device=x.device))
+        seconds[rows] += (time.perf_counter() - t0) / len(rows)
+        candidate = {}
+        for i, t, m in zip(rows, ts, lower.double().cpu().tolist(), strict=True):
+            b = brackets[i]
+            assert b is not None
+            b.evaluations += 1
+            st = state[i]
+            if m > 0:  # strict; NaN is never a proof
+                st[0] = t
+            else:
+                st[1] = t
+                b.hi, b.m_hi, b.hi_kind = t, m, "failed"
+            good, bad, first, k = st
+            if good >= 0 and (bad - good <= tol or not math.isfinite(bad)):
+                continue  # confirmed (at the search's own end, or within tol of a failure)
+            if good < 0:  # still stepping down
+                nxt = first - max(tol, first * 2.0**-20) * CONFIRM_GROWTH**k
+                st[3] = k + 1
+                if nxt <= 0:
+                    st[0] = 0.0
+                    if bad - 0.0 > tol:
+                        candidate[i] = bad / 2
+                    continue
+                candidate[i] = nxt
+            else:  # bisect between the proven and the failed eps
+                candidate[i] = (good + bad) / 2
+    for i, st in state.items():
+        b = brackets[i]
+        assert b is not None
+        b.lo = max(st[0], 0.0)
 
 
 def _validate(x: Tensor, y: Tensor, eps_max: float, tol: float, max_iter: int) -> int:

@@ -294,9 +294,14 @@ def _ruled_out(model: nn.Module, box: tuple[Tensor, Tensor], rows: _Rows, open_r
     options: dict[str, float] = {}
     if method == "milp":
         options["time_limit"] = max(seconds / int(active.sum()), 1.0)
-    bounds = compute_bounds(model, lower, upper, method, spec, **options)
-    # proven violated: the smallest value of (matrix @ y)_r over the box exceeds bound_r
-    violated = (bounds.lower[0].to(torch.float64) - rows.bound[active]) > 0
+    # rigorous for the network in exact arithmetic and for the model's own forward pass
+    bounds = compute_bounds(model, lower, upper, method, spec, model_rounding=True, **options)
+    # proven violated: the smallest value of (matrix @ y)_r over the box exceeds bound_r; the
+    # property's decimal constant was rounded to float64, so compare with the next float above
+    # it (the sign of a float64 difference is exact)
+    bound = rows.bound[active]
+    bound = torch.nextafter(bound, torch.full_like(bound, float("inf")))
+    violated = (bounds.lower[0].to(torch.float64) - bound) > 0
     owners = rows.owner[active][violated].cpu()
     out[owners] = True
     return out

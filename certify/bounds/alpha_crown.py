@@ -76,11 +76,19 @@ class AlphaCrown(LinearRelaxationMethod):
         rows = torch.cat([last.weight, -last.weight], 1)  # (N, 2S, I)
         rows = rows.reshape(n, 2 * s, *last.in_shape)
         const = torch.cat([last.bias, -last.bias], 1)  # (N, 2S)
+        rows_err = const_err = None
+        if last.weight_err is not None:
+            rows_err = torch.cat([last.weight_err, last.weight_err], 1).reshape(rows.shape)
+        if last.bias_err is not None:
+            const_err = torch.cat([last.bias_err, last.bias_err], 1)
         group = self._samples_per_group(prop, start, 2 * s)
         best = []
         for first in range(0, n, group):
             samples = torch.arange(first, min(n, first + group), device=rows.device)
-            best.append(self._optimize(prop, start, rows[samples], const[samples], samples))
+            best.append(self._optimize(
+                prop, start, rows[samples], const[samples], samples,
+                None if rows_err is None else rows_err[samples],
+                None if const_err is None else const_err[samples]))
         lower_rows = torch.cat(best)
         return prop.finish(lower_rows[:, :s], -lower_rows[:, s:])
 
@@ -93,7 +101,8 @@ class AlphaCrown(LinearRelaxationMethod):
         return max(1, rows // rows_per_sample)
 
     def _optimize(self, prop: Propagator, start: int, rows: Tensor, const: Tensor,
-                  samples: Tensor) -> Tensor:
+                  samples: Tensor, rows_err: Tensor | None, const_err: Tensor | None
+                  ) -> Tensor:
         """Best lower bound per row over the slope iterates, `(B, R)` for rows `(B, R, ...)`."""
         r = rows.shape[1]
         positions = [p for p in prop.net.relu_positions if p < start]
@@ -102,15 +111,25 @@ class AlphaCrown(LinearRelaxationMethod):
                   if bool(prop.relaxations[p].unstable.index_select(0, samples).any())}
         if not alphas or self.steps == 0:  # CROWN's bound
             with torch.no_grad():
-                return prop.backward_chunk(start, rows, const, samples, both=False)[0]
+                return prop.backward_chunk(start, rows, const, samples, both=False,
+                                           rows_err=rows_err, const_err=const_err)[0]
         params = list(alphas.values())
         state = [(torch.zeros_like(a), torch.zeros_like(a)) for a in params]
-        best = None
+        best: Tensor | None = None
+        best_alphas = {p: a.detach().clone() for p, a in alphas.items()}
         for step in range(self.steps + 1):  # iterate 0 is CROWN's slopes
             with torch.enable_grad():
                 lower, _ = prop.backward_chunk(start, rows, const, samples, both=False,
-                                               alphas=alphas)
-                best = lower.detach() if best is None else torch.maximum(best, lower.detach())
+                                               alphas=alphas, rigorous=False)
+                value = lower.detach()
+                if best is None:
+                    best = value
+                else:  # keep each row's best slopes
+                    better = value > best
+                    best = torch.where(better, value, best)
+                    for p, a in alphas.items():
+                        mask = better.view(*better.shape, *([1] * (a.ndim - 2)))
+                        best_alphas[p] = torch.where(mask, a.detach(), best_alphas[p])
                 if step == self.steps:
                     break
                 grads = torch.autograd.grad(lower.sum(), params)
@@ -118,7 +137,12 @@ class AlphaCrown(LinearRelaxationMethod):
                 for alpha, grad, (m, v) in zip(params, grads, state, strict=True):
                     _adam_ascent(alpha, grad, m, v, step + 1, self.lr)
         assert best is not None
-        return best
+        if not prop.rigorous:
+            return best
+        with torch.no_grad():  # the bound at each row's best slopes, every rounding accounted
+            return prop.backward_chunk(start, rows, const, samples, both=False,
+                                       alphas=best_alphas, rows_err=rows_err,
+                                       const_err=const_err)[0]
 
 
 def _adam_ascent(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, t: int, lr: float,

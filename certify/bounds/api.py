@@ -4,15 +4,21 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from certify.bounds import rounding
 from certify.bounds.base import BoundMethod, Bounds, get_method, with_options
+from certify.bounds.forward_error import chain_error, model_chains, model_dtype
 from certify.bounds.network import Network, identity_spec, to_network
+from certify.bounds.propagation import EngineOptions, Propagator
 from certify.errors import SpecError
 from certify.spec import LinfBall, margin_spec
+
+no_tf32 = rounding.no_tf32
 
 __all__ = ["compute_bounds", "margin_bounds"]
 
@@ -84,8 +90,14 @@ def _check_intermediate(intermediate: tuple[Bounds, ...], net: Network,
 
 def compute_bounds(model: nn.Module | Network, x_lo: Tensor, x_hi: Tensor,
                    method: str | BoundMethod = "crown", spec: Tensor | None = None, *,
-                   intermediate: tuple[Bounds, ...] | None = None, **options: Any) -> Bounds:
+                   intermediate: tuple[Bounds, ...] | None = None,
+                   model_rounding: bool = False, **options: Any) -> Bounds:
     """Sound bounds of ``spec @ f(x)`` for every ``x`` in the box ``[x_lo, x_hi]``, per sample.
+
+    The bounds hold for the network in exact real arithmetic (unless the method was configured
+    with ``rigorous=False``): every rounding of the computation is accounted for (see
+    :mod:`certify.bounds.rounding`). With `model_rounding` they also hold for the model's own
+    floating-point forward pass in its dtype (:mod:`certify.bounds.forward_error`).
 
     Args:
         model: An ``nn.Sequential`` of supported layers (converted with :func:`to_network`,
@@ -98,6 +110,8 @@ def compute_bounds(model: nn.Module | Network, x_lo: Tensor, x_hi: Tensor,
         intermediate: Pre-activation bounds to use instead of the method's own (one
             :class:`Bounds` per ReLU, e.g. from ``get_method(m).intermediate(...)``), to compare
             methods with the same intermediate bounds.
+        model_rounding: Widen the bounds by the rounding error of the model's own forward
+            pass, so that they bound ``spec @ model(x)`` as computed too.
         **options: The method's options (see :func:`get_method`).
 
     Returns:
@@ -110,7 +124,10 @@ def compute_bounds(model: nn.Module | Network, x_lo: Tensor, x_hi: Tensor,
     """
     bound_method = _resolve(method, options)
     check_box(x_lo, x_hi)
-    net = to_network(model, x_lo.shape[1:]).to(dtype=x_lo.dtype, device=x_lo.device)
+    given = to_network(model, x_lo.shape[1:])
+    net = given.to(dtype=x_lo.dtype, device=x_lo.device)
+    if model_rounding:
+        net = replace(net, runs_in=model_dtype(given) or x_lo.dtype)
     n = x_lo.shape[0]
     out_shape = net.output_shape
     k = math.prod(out_shape)
@@ -124,17 +141,59 @@ def compute_bounds(model: nn.Module | Network, x_lo: Tensor, x_hi: Tensor,
         empty = x_lo.new_zeros(0, spec_t.shape[1])
         bounds = Bounds(empty, empty)
     else:
-        bounds = bound_method.bound(net, x_lo, x_hi, spec_t, intermediate=intermediate)
+        with no_tf32():
+            bounds = bound_method.bound(net, x_lo, x_hi, spec_t, intermediate=intermediate)
+        if model_rounding:
+            bounds = _widen_by_output_error(bounds, net, x_lo, x_hi, spec_t)
     if spec is None and len(out_shape) != 1:
         return Bounds(bounds.lower.reshape(n, *out_shape), bounds.upper.reshape(n, *out_shape))
     return bounds
+
+
+def _widen_by_output_error(bounds: Bounds, net: Network, x_lo: Tensor, x_hi: Tensor,
+                           spec: Tensor) -> Bounds:
+    """`bounds` of ``spec @ f`` widened by ``|spec| @ E``, `E` the model's rounding of its
+    last chain (the method already accounted for every earlier one)."""
+    assert net.runs_in is not None
+    pre = bounds.pre_activation
+    if pre is None:  # the magnitudes of the last chain's input, from intervals
+        prop = Propagator(net, x_lo, x_hi, EngineOptions())
+        prop.interval()
+        pre = prop.intermediate_bounds()
+    if pre:
+        in_lo, in_hi = pre[-1].lower.clamp(min=0), pre[-1].upper.clamp(min=0)
+    else:
+        in_lo, in_hi = x_lo, x_hi
+    err = chain_error(model_chains(net)[-1], in_lo, in_hi, net.runs_in).flatten(1)  # (N, K)
+    spec_abs = spec.detach().to(torch.float64).abs()
+    k = spec_abs.shape[2]
+    by_row = torch.bmm(spec_abs, err.unsqueeze(2)).squeeze(2)
+    by_row = rounding.up(by_row * (1 + rounding.gamma(k + 1, torch.float64)))
+    lower = _cast_down(bounds.lower.detach().to(torch.float64) - by_row, bounds.lower)
+    upper = -_cast_down(-bounds.upper.detach().to(torch.float64) - by_row, bounds.upper)
+    # a constant shift: gradients (robust training) flow as through the unshifted bounds
+    return replace(bounds, lower=bounds.lower + (lower - bounds.lower).detach(),
+                   upper=bounds.upper + (upper - bounds.upper).detach())
+
+
+def _cast_down(values: Tensor, like: Tensor) -> Tensor:
+    """float64 `values` (from a subtraction, rounded down first) in `like`'s dtype, never
+    above the exact value."""
+    values = rounding.down(values)
+    cast = values.to(like.dtype)
+    if like.dtype != torch.float64:
+        cast = torch.where(cast.to(torch.float64) > values, rounding.down(cast), cast)
+    return cast
 
 
 def margin_bounds(model: nn.Module | Network, x: Tensor, y: Tensor, eps: float | Tensor,
                   method: str | BoundMethod = "crown", **options: Any) -> Bounds:
     """Bounds of the margins ``f_y(x') - f_j(x')``, ``j != y``, over ``clip(x ± eps, 0, 1)``.
 
-    A sample is verified at `eps` iff ``lower.min(1) > 0`` (strictly).
+    A sample is verified at `eps` iff ``lower.min(1) > 0`` (strictly). The bounds hold for the
+    network in exact arithmetic *and* for the model's own forward pass in its dtype (see
+    :func:`compute_bounds` with ``model_rounding=True``), so a proof means that no point of the
+    ball changes the prediction of either.
 
     Args:
         model: As for :func:`compute_bounds`.
@@ -162,4 +221,5 @@ def margin_bounds(model: nn.Module | Network, x: Tensor, y: Tensor, eps: float |
     k = math.prod(net.output_shape)
     spec = margin_spec(y.to(x.device), k).to(x.dtype)
     x_lo, x_hi = region.box()
-    return compute_bounds(net, x_lo, x_hi, bound_method, spec)
+    return compute_bounds(net, x_lo, x_hi, bound_method, spec,
+                          model_rounding=getattr(bound_method, "rigorous", True))

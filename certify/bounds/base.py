@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import torch
@@ -26,10 +26,14 @@ class Bounds:
     Attributes:
         lower: `(N, *shape)`, e.g. `(N, S)` for a specification or `(N, K)` for logits.
         upper: Same shape as `lower`.
+        pre_activation: Optionally, the bounds of every ReLU input the method used (they
+            bound the magnitudes in :func:`certify.bounds.forward_error.forward_error`).
     """
 
     lower: Tensor
     upper: Tensor
+    pre_activation: tuple[Bounds, ...] | None = field(default=None, repr=False, compare=False,
+                                                     kw_only=True)
 
     def __post_init__(self) -> None:
         if self.lower.shape != self.upper.shape:
@@ -106,16 +110,18 @@ class MethodBase:
 
     def _check_options(self) -> None:
         """Validate common options: called from `__post_init__` of each method."""
-        for field in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, field.name)
-            if field.name == "memory_budget_mb" and not (isinstance(value, (int, float))
+        for option in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, option.name)
+            if option.name == "memory_budget_mb" and not (isinstance(value, (int, float))
                                                          and value > 0):
                 raise SpecError(f"{self.name}: memory_budget_mb must be > 0, got {value!r}.")
-            if field.name == "chunk_size" and value is not None and not (
+            if option.name == "chunk_size" and value is not None and not (
                     isinstance(value, int) and value >= 1):
                 raise SpecError(f"{self.name}: chunk_size must be None or an int >= 1, "
                                 f"got {value!r}.")
-            if field.name == "intermediate_mode" and value not in ("auto", "backward",
+            if option.name == "rigorous" and not isinstance(value, bool):
+                raise SpecError(f"{self.name}: rigorous must be True or False, got {value!r}.")
+            if option.name == "intermediate_mode" and value not in ("auto", "backward",
                                                                    "forward"):
                 raise SpecError(f"{self.name}: intermediate_mode must be 'auto', 'backward' or "
                                 f"'forward', got {value!r}.")

@@ -39,7 +39,9 @@ def crown_output(prop: Propagator) -> Bounds:
     start, n, s = output_rows(prop)
     last = prop.layers[-1]
     rows = last.weight.reshape(n, s, *last.in_shape)
-    lower, upper = prop.backward_uniform(start, rows, last.bias, both=True)
+    rows_err = None if last.weight_err is None else last.weight_err.reshape(rows.shape)
+    lower, upper = prop.backward_uniform(start, rows, last.bias, both=True, rows_err=rows_err,
+                                         const_err=last.bias_err)
     assert upper is not None
     return prop.finish(lower, upper)
 
@@ -56,10 +58,14 @@ class LinearRelaxationMethod(MethodBase):
         memory_budget_mb: Working memory for one chunk of rows (not counting what autograd
             keeps when gradients are needed).
         chunk_size: Rows per chunk, overriding the budget; bounds never depend on it.
+        rigorous: True (default): bounds hold for the network in exact arithmetic, every
+            rounding error accounted for (:mod:`certify.bounds.rounding`). False: the plain
+            floating-point bound, faster, for what proves nothing (training losses).
     """
 
     memory_budget_mb: float = 2048
     chunk_size: int | None = None
+    rigorous: bool = True
     slope_rule: ClassVar[str]
     linear_intermediate: ClassVar[bool]
 
@@ -68,7 +74,7 @@ class LinearRelaxationMethod(MethodBase):
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(self.memory_budget_mb, self.chunk_size,
-                             getattr(self, "intermediate_mode", "auto"))
+                             getattr(self, "intermediate_mode", "auto"), self.rigorous)
 
     def propagator(self, net: Network, x_lo: Tensor, x_hi: Tensor, spec: Tensor | None,
                    intermediate: tuple[Bounds, ...] | None) -> Propagator:

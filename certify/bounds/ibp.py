@@ -24,9 +24,22 @@ __all__ = ["IBP"]
 @register_method("ibp")
 @dataclass(frozen=True)
 class IBP(MethodBase):
-    """Interval bound propagation; no options."""
+    """Interval bound propagation.
 
+    Options:
+        rigorous: True (default): every interval holds in exact arithmetic (outward rounding
+            with the error bounds of :mod:`certify.bounds.rounding`). False: plain
+            floating-point intervals, for what proves nothing (training losses).
+    """
+
+    rigorous: bool = True
     name: ClassVar[str] = "ibp"
+
+    def __post_init__(self) -> None:
+        self._check_options()
+
+    def _options(self) -> EngineOptions:
+        return EngineOptions(rigorous=self.rigorous)
 
     def bound(self, net: Network, x_lo: Tensor, x_hi: Tensor, spec: Tensor | None = None, *,
               intermediate: tuple[Bounds, ...] | None = None) -> Bounds:
@@ -36,13 +49,13 @@ class IBP(MethodBase):
         Given `intermediate` bounds, each ReLU input is intersected with them.
         """
         folded = fold_spec(net, identity_spec(net, x_lo) if spec is None else spec)
-        prop = Propagator(folded, x_lo, x_hi, EngineOptions())
+        prop = Propagator(folded, x_lo, x_hi, self._options())
         if intermediate is not None:
             prop.set_intermediate(intermediate, "adaptive")
         return prop.finish(*prop.interval())
 
     def intermediate(self, net: Network, x_lo: Tensor, x_hi: Tensor) -> tuple[Bounds, ...]:
         """Interval bounds of every ReLU input, `(N, *shape)` each, in order."""
-        prop = Propagator(net, x_lo, x_hi, EngineOptions())
+        prop = Propagator(net, x_lo, x_hi, self._options())
         prop.compute_intermediate("adaptive", linear=False)
         return prop.intermediate_bounds()

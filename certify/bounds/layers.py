@@ -12,12 +12,22 @@ is affine, ``y = L(x) + b``, and has four rules in :data:`RULES`:
 ``backward(op, A)``
     The transpose: for rows ``A`` `(P, *out_shape)` of a linear function ``A · y``, returns
     ``(A L, A · b)``, i.e. rows `(P, *in_shape)` and the constant `(P,)` (or None).
+``terms(op)``
+    How many rounded operations add up into one coordinate of ``L(x) + b``, of the transpose
+    ``A L``, and of one constant ``A · b``: the ``k`` of the ``gamma_k`` error bounds
+    (:mod:`certify.bounds.rounding`); all 0 for an exact op (a reshape).
 ``backward_window(op, A, top, left)`` (optional)
     The same for rows that are zero outside a spatial window of a feature map (a conv neuron's
     receptive field): only the window is stored and propagated.
 
 Intervals of an affine op follow from ``forward`` and ``abs_linear`` (center and radius), see
-:func:`interval_affine`. ReLU relaxations live in :mod:`certify.bounds.relaxations`.
+:func:`interval_affine`.
+
+**Exactness.** An op's tensors may differ from the exact layer they stand for (a folded
+BatchNorm's ``rsqrt``, ``1/std``, a folded specification, a cast to a narrower dtype): the
+optional ``*_err`` fields bound that difference elementwise, and :func:`abs_op` /
+:func:`err_op` give the ops with ``|weights|`` and with the error bounds as weights, which the
+rigorous rules use to bound rounding. ReLU relaxations live in :mod:`certify.bounds.relaxations`.
 
 A new layer type means a new op dataclass, a row in :data:`RULES` and a converter in
 :data:`certify.bounds.network.CONVERTERS` -- no ``isinstance`` chains.
@@ -33,6 +43,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from certify.bounds import rounding
 
 Shape = tuple[int, ...]
 
@@ -61,6 +73,8 @@ class LinearOp:
     bias: Tensor | None
     in_shape: Shape
     out_shape: Shape
+    weight_err: Tensor | None = None
+    bias_err: Tensor | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,6 +87,8 @@ class ConvOp:
     padding: tuple[int, int]
     in_shape: Shape
     out_shape: Shape
+    weight_err: Tensor | None = None
+    bias_err: Tensor | None = None
 
     @property
     def output_padding(self) -> tuple[int, int]:
@@ -95,6 +111,8 @@ class ScaleShiftOp:
     shift: Tensor
     in_shape: Shape
     out_shape: Shape
+    scale_err: Tensor | None = None
+    shift_err: Tensor | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,6 +157,8 @@ class SpecLinearOp:
     bias: Tensor
     in_shape: Shape
     out_shape: Shape
+    weight_err: Tensor | None = None
+    bias_err: Tensor | None = None
 
 
 Op = LinearOp | ConvOp | ScaleShiftOp | AvgPoolOp | FlattenOp | ReluOp | SpecLinearOp
@@ -150,12 +170,40 @@ def tensor_fields(op: Any) -> list[str]:
 
 
 def cast_op(op: Op, dtype: torch.dtype, device: torch.device) -> Op:
-    """The op with its tensors on `device` in `dtype` (the same op when nothing changes)."""
-    changes = {}
+    """The op with its tensors on `device` in `dtype` (the same op when nothing changes).
+
+    A cast to a narrower dtype rounds the op's tensors: what it moves them by is added to
+    their error fields, and error fields are rounded up, so they still bound the distance to
+    the exact op.
+    """
+    changes: dict[str, Any] = {}
+    err_names = set(ERR_FIELDS.values())
+
+    def narrower(t: Tensor) -> bool:
+        return torch.finfo(dtype).eps > torch.finfo(t.dtype).eps
+
+    def cast_up(t: Tensor) -> Tensor:
+        cast = t.to(device=device, dtype=dtype)
+        if narrower(t):
+            cast = torch.where(cast.to(t.dtype) < t.to(cast.device), rounding.up(cast), cast)
+        return cast
+
+    for name in tensor_fields(op):  # weights first: a narrowing cast adds to their errors
+        t = getattr(op, name)
+        if name in err_names or (t.dtype == dtype and t.device == device):
+            continue
+        cast = t.to(device=device, dtype=dtype)
+        changes[name] = cast
+        if narrower(t):
+            moved = cast_up((t.detach() - cast.detach().to(t.device, t.dtype)).abs())
+            err_name = ERR_FIELDS[name]
+            old = getattr(op, err_name)
+            changes[err_name] = moved if old is None else cast_up(old) + moved
     for name in tensor_fields(op):
         t = getattr(op, name)
-        if t.dtype != dtype or t.device != device:
-            changes[name] = t.to(device=device, dtype=dtype)
+        if name in err_names and name not in changes and (t.dtype != dtype
+                                                          or t.device != device):
+            changes[name] = cast_up(t)
     return replace(op, **changes) if changes else op
 
 
@@ -341,6 +389,37 @@ def cost_spec_linear(op: SpecLinearOp) -> int:
     return numel(tuple(op.weight.shape[1:]))
 
 
+
+# --- rounding: how many operations add up into one value ----------------------------------
+
+
+def terms_linear(op: LinearOp) -> tuple[int, int, int]:
+    out_features, in_features = op.weight.shape
+    return in_features + 1, out_features, out_features
+
+
+def terms_conv(op: ConvOp) -> tuple[int, int, int]:
+    co, ci, kh, kw = op.weight.shape
+    return ci * kh * kw + 1, co * kh * kw, co + numel(op.out_shape[1:])
+
+
+def terms_scale_shift(op: ScaleShiftOp) -> tuple[int, int, int]:
+    return 3, 1, numel(op.in_shape)  # forward: (x - mean) / std as the model computes it
+
+
+def terms_avg_pool(op: AvgPoolOp) -> tuple[int, int, int]:
+    k = op.kernel_size[0] * op.kernel_size[1]
+    return k + 1, 2 * k, 1
+
+
+def terms_spec_linear(op: SpecLinearOp) -> tuple[int, int, int]:
+    return op.weight.shape[2] + 1, op.weight.shape[1], 1
+
+
+def terms_exact(op: Op) -> tuple[int, int, int]:
+    return 0, 0, 0
+
+
 # --- ReLU (forward only; relaxations elsewhere) ----------------------------------------------
 
 
@@ -357,6 +436,7 @@ class OpRules(NamedTuple):
     abs_linear: Callable[[Any, Tensor], Tensor] | None
     backward: Callable[[Any, Tensor], tuple[Tensor, Tensor | None]] | None
     cost: Callable[[Any], int]
+    terms: Callable[[Any], tuple[int, int, int]]
     # Optional: backward for rows supported on a spatial window of a (C, H, W) map, and the
     # input window size for an output window size. Ops without it densify the rows first.
     backward_window: WindowBackward | None = None
@@ -365,31 +445,84 @@ class OpRules(NamedTuple):
 
 RULES: dict[type, OpRules] = {
     LinearOp: OpRules(forward_linear, linear_linear, abs_linear_linear, backward_linear,
-                      cost_linear),
+                      cost_linear, terms_linear),
     ConvOp: OpRules(forward_conv, linear_conv, abs_linear_conv, backward_conv, cost_conv,
-                    backward_window_conv, window_conv),
+                    terms_conv, backward_window_conv, window_conv),
     ScaleShiftOp: OpRules(forward_scale_shift, linear_scale_shift, abs_linear_scale_shift,
-                          backward_scale_shift, cost_elementwise, backward_window_scale_shift,
-                          window_same),
+                          backward_scale_shift, cost_elementwise, terms_scale_shift,
+                          backward_window_scale_shift, window_same),
     AvgPoolOp: OpRules(forward_avg_pool, forward_avg_pool, forward_avg_pool, backward_avg_pool,
-                       cost_avg_pool),
+                       cost_avg_pool, terms_avg_pool),
     FlattenOp: OpRules(forward_flatten, forward_flatten, forward_flatten, backward_flatten,
-                       cost_elementwise),
+                       cost_elementwise, terms_exact),
     # The folded specification starts backward passes; it is never propagated through.
     SpecLinearOp: OpRules(forward_spec_linear, linear_spec_linear, abs_linear_spec_linear, None,
-                          cost_spec_linear),
-    ReluOp: OpRules(forward_relu, None, None, None, cost_elementwise),
+                          cost_spec_linear, terms_spec_linear),
+    ReluOp: OpRules(forward_relu, None, None, None, cost_elementwise, terms_exact),
 }
 
+# The tensors an op's error fields bound (see "Exactness" in the module docstring).
+ERR_FIELDS = {"weight": "weight_err", "bias": "bias_err", "scale": "scale_err",
+              "shift": "shift_err"}
 
-def interval_affine(op: Op, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+
+def _main_fields(op: Any) -> list[str]:
+    names = {f.name for f in fields(op)}
+    return [k for k in ERR_FIELDS if k in names]
+
+
+def abs_op(op: Op) -> Op:
+    """The op with absolute weights, scales and biases and no error fields: ``|L| x + |b|``."""
+    main = _main_fields(op)
+    if not main:
+        return op  # AvgPool (nonnegative), Flatten, ReLU
+    changes: dict[str, Any] = {}
+    for name in main:
+        t = getattr(op, name)
+        changes[name] = None if t is None else t.abs()
+        changes[ERR_FIELDS[name]] = None
+    return replace(op, **changes)
+
+
+def err_op(op: Op) -> Op | None:
+    """The op whose weights are the error bounds of `op`'s (``L_err x + b_err``), or None
+    when `op`'s tensors are exact."""
+    main = _main_fields(op)
+    if not any(getattr(op, ERR_FIELDS[name]) is not None for name in main):
+        return None
+    changes: dict[str, Any] = {}
+    for name in main:
+        t, e = getattr(op, name), getattr(op, ERR_FIELDS[name])
+        changes[name] = e if e is not None else (None if t is None else torch.zeros_like(t))
+        changes[ERR_FIELDS[name]] = None
+    return replace(op, **changes)
+
+
+def interval_affine(op: Op, lo: Tensor, hi: Tensor, *, rigorous: bool = False
+                    ) -> tuple[Tensor, Tensor]:
     """Interval bounds of an affine op over the box `[lo, hi]` (center and radius form).
 
     Exact for each output coordinate: the range of ``w · x + b`` over a box is
-    ``w · c + b ± |w| · r``.
+    ``w · c + b ± |w| · r``. With `rigorous`, the bounds also contain the range of the *exact*
+    op (its error fields) in exact arithmetic: the radius is rounded up so that the box
+    contains `[lo, hi]`, and the rounding of ``w · c + b`` and ``|w| · r`` is bounded by
+    ``gamma_(k+2) (|w| (|c| + r) + |b|)`` and taken off outward.
     """
     rules = RULES[type(op)]
+    if rigorous and rules.terms(op)[0] == 0:
+        return rules.forward(op, lo), rules.forward(op, hi)  # a reshape: exact and monotone
     center, radius = (hi + lo) / 2, (hi - lo) / 2
+    if rigorous:
+        radius = rounding.up(torch.maximum(hi - center, center - lo))
     c = rules.forward(op, center)
     r = rules.abs_linear(op, radius)  # type: ignore[misc]
-    return c - r, c + r
+    if not rigorous:
+        return c - r, c + r
+    k = rules.terms(op)[0] + 2
+    reach = center.abs() + radius
+    err = rounding.gamma(k, c.dtype) * rules.forward(abs_op(op), reach)
+    exact = err_op(op)
+    if exact is not None:
+        err = err + rules.forward(exact, reach)
+    err = rounding.SAFETY * (err + k * rounding.tiny(c.dtype))
+    return rounding.down(c - r - err), rounding.up(c + r + err)

@@ -41,8 +41,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from certify.bounds import rounding
 from certify.bounds.base import Bounds, MethodBase, get_method, register_method
-from certify.bounds.layers import RULES, Op, ReluOp, SpecLinearOp, numel
+from certify.bounds.forward_error import chain_error, model_chains
+from certify.bounds.layers import RULES, Op, ReluOp, SpecLinearOp, abs_op, err_op, numel
 from certify.bounds.network import Network, fold_spec, identity_spec
 from certify.errors import SpecError
 
@@ -106,16 +108,40 @@ class LP(MethodBase):
             hi64 = x_hi.detach().to(cpu, torch.float64).flatten(1).numpy()
             pre = [_widen(b, x_lo.dtype) for b in intermediate]
             blocks = _affine_blocks(folded)
+            perturbation = _perturbations(net, x_lo, x_hi, pre)
             lowers, uppers = [], []
             for i in range(x_lo.shape[0]):
-                problem = _build(blocks, folded.layers[-1], i, lo64[i], hi64[i],
-                                 [(lo[i], hi[i]) for lo, hi in pre])
+                pre_i = [(lo[i], hi[i]) for lo, hi in pre]
+                slack = layer_slack(blocks, lo64[i], hi64[i], pre_i,
+                                    None if perturbation is None
+                                    else [p[i] for p in perturbation])
+                problem = _build(blocks, folded.layers[-1], i, lo64[i], hi64[i], pre_i, slack)
                 lower, upper = _solve_rows(problem, self.solver)
                 lowers.append(lower)
                 uppers.append(upper)
         lower = _cast_outward(np.stack(lowers), x_lo, down=True)
         upper = _cast_outward(np.stack(uppers), x_lo, down=False)
         return Bounds(lower, upper)
+
+
+def _perturbations(net: Network, x_lo: Tensor, x_hi: Tensor,
+                   pre: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray] | None:
+    """The model's own rounding of each chain into a ReLU, `(N, n)` float64 per layer (None
+    for the network in exact arithmetic)."""
+    if net.runs_in is None:
+        return None
+    chains = model_chains(net)
+    out = []
+    in_lo, in_hi = x_lo.detach().to("cpu", torch.float64), x_hi.detach().to("cpu", torch.float64)
+    for k, (_, hi) in enumerate(pre):
+        err = chain_error(chains[k], in_lo, in_hi, net.runs_in)
+        out.append(err.flatten(1).numpy())
+        upper = torch.from_numpy(np.maximum(hi, 0))
+        in_lo, in_hi = torch.zeros_like(upper), upper
+        shape = chains[k + 1][0].in_shape if chains[k + 1] else None
+        if shape is not None:
+            in_lo, in_hi = in_lo.reshape(-1, *shape), in_hi.reshape(-1, *shape)
+    return out
 
 
 def _widen(bounds: Bounds, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -144,22 +170,45 @@ def _cast_outward(values: np.ndarray, like: Tensor, *, down: bool) -> Tensor:
 
 @dataclass(frozen=True)
 class _Block:
-    """An affine chain between ReLUs as ``out = M @ in + m`` (dense float64)."""
+    """An affine chain between ReLUs as ``out = M @ in + m`` (dense float64), with bounds on
+    the distance of `matrix` and `offset` from the exact chain's (their rounding and the ops'
+    error fields)."""
 
     matrix: np.ndarray  # (out, in)
     offset: np.ndarray  # (out,)
+    matrix_err: np.ndarray | None = None
+    offset_err: np.ndarray | None = None
 
 
 def _chain(ops: list[Op], in_shape: tuple[int, ...]) -> _Block:
-    """Dense matrix and offset of a chain of affine ops (applied to the identity basis)."""
+    """Dense matrix and offset of a chain of affine ops (applied to the identity basis), with
+    rigorous error bounds (``E' = |L| E + gamma_k |L| |M| + L_err (|M| + E)``, see
+    :mod:`certify.bounds.rounding`)."""
     d = numel(in_shape)
-    basis = torch.eye(d, dtype=torch.float64).reshape(d, *in_shape)
-    zero = torch.zeros(1, *in_shape, dtype=torch.float64)
+    f64 = torch.float64
+    basis = torch.eye(d, dtype=f64).reshape(d, *in_shape)
+    zero = torch.zeros(1, *in_shape, dtype=f64)
+    basis_err, zero_err = torch.zeros_like(basis), torch.zeros_like(zero)
     for op in ops:
         rules = RULES[type(op)]
+        k = rules.terms(op)[0]
+        absolute, exact = abs_op(op), err_op(op)
+        g = rounding.gamma(k, f64)
+        lin_abs = rules.linear(absolute, basis_err + g * basis.abs())  # type: ignore[misc]
+        # |L| E + gamma (|L| |m| + |b|)
+        off_abs = (rules.linear(absolute, zero_err)  # type: ignore[misc]
+                   + g * rules.forward(absolute, zero.abs()))
+        if exact is not None:
+            lin_abs = lin_abs + rules.linear(exact, basis.abs() + basis_err)  # type: ignore[misc]
+            off_abs = off_abs + rules.forward(exact, zero.abs() + zero_err)
         basis = rules.linear(op, basis)  # type: ignore[misc]
         zero = rules.forward(op, zero)
-    return _Block(basis.reshape(d, -1).T.numpy(), zero.reshape(-1).numpy())
+        basis_err = lin_abs + k * rounding.tiny(f64)
+        zero_err = off_abs + k * rounding.tiny(f64)
+    safety = rounding.SAFETY
+    return _Block(basis.reshape(d, -1).T.numpy(), zero.reshape(-1).numpy(),
+                  safety * basis_err.reshape(d, -1).T.numpy(),
+                  safety * zero_err.reshape(-1).numpy())
 
 
 def _affine_blocks(net: Network) -> list[_Block]:
@@ -188,11 +237,20 @@ class _Problem:
     b_ub: np.ndarray
     lo: np.ndarray
     hi: np.ndarray
+    objective_slack: np.ndarray | None = None  # (S,): bound on |exact - stored| objective
 
 
 def _build(blocks: list[_Block], spec_op: SpecLinearOp, i: int, x_lo: np.ndarray,
-           x_hi: np.ndarray, pre: list[tuple[np.ndarray, np.ndarray]]) -> _Problem:
-    """The triangle-relaxation LP of sample `i`; variables ``[x, z_1, h_1, ..., z_L, h_L]``."""
+           x_hi: np.ndarray, pre: list[tuple[np.ndarray, np.ndarray]],
+           slack: list[np.ndarray] | None = None) -> _Problem:
+    """The triangle-relaxation LP of sample `i`; variables ``[x, z_1, h_1, ..., z_L, h_L]``.
+
+    With `slack` (one nonnegative vector per ReLU layer: how far ``z_k`` may be from
+    ``M_k h_(k-1) + m_k`` in the exact, or exactly perturbed, network) each equality becomes
+    two inequalities ``|z_k - M_k h - m_k| <= slack_k``; the triangle's upper lines are
+    loosened by their own rounding, and the objective's distance from the exact one is
+    recorded in ``objective_slack``: the LP is then a relaxation of the exact network.
+    """
     import scipy.sparse as sp
 
     eq_rows: list[Any] = []
@@ -220,8 +278,13 @@ def _build(blocks: list[_Block], spec_op: SpecLinearOp, i: int, x_lo: np.ndarray
         h_prev, z, h = offsets[2 * k], offsets[2 * k + 1], offsets[2 * k + 2]
         block = blocks[k]
         # z_k - M_k h_(k-1) = m_k
-        eq_rows.append(place(z, sp.identity(n), n) - place(h_prev, block.matrix, n))
-        eq_rhs.append(block.offset)
+        row = place(z, sp.identity(n), n) - place(h_prev, block.matrix, n)
+        if slack is None:
+            eq_rows.append(row)
+            eq_rhs.append(block.offset)
+        else:
+            ub_rows += [row, -row]
+            ub_rhs += [block.offset + slack[k], -block.offset + slack[k]]
         active = l >= 0
         unstable = (l < 0) & (u > 0)
         if active.any():  # h = z
@@ -235,7 +298,10 @@ def _build(blocks: list[_Block], spec_op: SpecLinearOp, i: int, x_lo: np.ndarray
             ub_rows.append(place(z, sel, m) - place(h, sel, m))  # z - h <= 0
             ub_rhs.append(np.zeros(m))
             ub_rows.append(place(h, sel, m) - place(z, sp.diags(slope) @ sel, m))
-            ub_rhs.append(-slope * l[unstable])  # h - s z <= -s l
+            rhs = -slope * l[unstable]  # h - s z <= -s l
+            if slack is not None:  # the rounded chord and intercept: valid up to 4u (|u| + |s l|)
+                rhs = rhs + 4 * UNIT_ROUNDOFF * (np.abs(u[unstable]) + np.abs(rhs)) + 1e-300
+            ub_rhs.append(rhs)
     last = blocks[-1]
     weight = spec_op.weight[i].numpy()  # (S, I)
     objectives_h = weight @ last.matrix  # (S, n_last)
@@ -247,10 +313,47 @@ def _build(blocks: list[_Block], spec_op: SpecLinearOp, i: int, x_lo: np.ndarray
     def stack(rows: list[Any]) -> Any:
         return sp.vstack(rows, format="csr") if rows else sp.csr_matrix((0, total))
 
+    objective_slack = None
+    if slack is not None:
+        # c = W M_last: its rounding, W's and M_last's own errors, over |h_last| <= reach
+        w_abs = np.abs(weight)
+        g = _gamma(weight.shape[1] + 1)
+        m_abs, m_err = np.abs(last.matrix), _zeros_if_none(last.matrix_err, last.matrix)
+        w_err = (np.zeros_like(weight) if spec_op.weight_err is None
+                 else spec_op.weight_err[i].numpy())
+        c_err = w_abs @ m_err + w_err @ (m_abs + m_err) + g * (w_abs @ m_abs)
+        o_abs, o_err = np.abs(last.offset), _zeros_if_none(last.offset_err, last.offset)
+        b_err = 0.0 if spec_op.bias_err is None else spec_op.bias_err[i].numpy()
+        const_err = (w_abs @ o_err + w_err @ (o_abs + o_err) + g * (w_abs @ o_abs + np.abs(
+            spec_op.bias[i].numpy())) + b_err)
+        reach = np.maximum(np.abs(lo_parts[-1]), np.abs(hi_parts[-1]))
+        objective_slack = 2.0 * (c_err @ reach + const_err)
     return _Problem(objectives, constants, stack(eq_rows),
                     np.concatenate(eq_rhs) if eq_rhs else np.zeros(0), stack(ub_rows),
                     np.concatenate(ub_rhs) if ub_rhs else np.zeros(0),
-                    np.concatenate(lo_parts), np.concatenate(hi_parts))
+                    np.concatenate(lo_parts), np.concatenate(hi_parts), objective_slack)
+
+
+def _zeros_if_none(err: np.ndarray | None, like: np.ndarray) -> np.ndarray:
+    return np.zeros_like(like) if err is None else err
+
+
+def layer_slack(blocks: list[_Block], x_lo: np.ndarray, x_hi: np.ndarray,
+                pre: list[tuple[np.ndarray, np.ndarray]],
+                perturbation: list[np.ndarray] | None) -> list[np.ndarray]:
+    """For each ReLU layer: ``|M - M*| |h| + |m - m*|`` over its input's range, plus the
+    model's own rounding of that chain where given (see :func:`_build`)."""
+    out = []
+    reach = np.maximum(np.abs(x_lo), np.abs(x_hi))
+    for k, (_, u) in enumerate(pre):
+        block = blocks[k]
+        value = (_zeros_if_none(block.matrix_err, block.matrix) @ reach
+                 + _zeros_if_none(block.offset_err, block.offset))
+        if perturbation is not None:
+            value = value + perturbation[k]
+        out.append(value)
+        reach = np.maximum(u, 0)
+    return out
 
 
 def _solve_rows(problem: _Problem, solver: str) -> tuple[np.ndarray, np.ndarray]:
@@ -285,6 +388,9 @@ def _solve_rows(problem: _Problem, solver: str) -> tuple[np.ndarray, np.ndarray]
                               "to zero dual values (a sound but looser bound).", RuntimeWarning,
                               stacklevel=4)
             bounds.append(_dual_bound(problem, sign * row, sign * const, y, lam))
+    if problem.objective_slack is not None:
+        slack = np.concatenate([problem.objective_slack, problem.objective_slack])
+        bounds = list(np.array(bounds) - slack)
     s = problem.objectives.shape[0]
     values = np.array(bounds)
     return values[:s], -values[s:]

@@ -66,7 +66,17 @@ import torch
 from torch import Tensor
 
 from certify.bounds.base import Bounds, MethodBase, get_method, register_method
-from certify.bounds.lp import LP, _affine_blocks, _Block, _build, _cast_outward, _Problem, _widen
+from certify.bounds.lp import (
+    LP,
+    _affine_blocks,
+    _Block,
+    _build,
+    _cast_outward,
+    _perturbations,
+    _Problem,
+    _widen,
+    layer_slack,
+)
 from certify.bounds.network import Network, fold_spec
 from certify.errors import SpecError
 
@@ -211,9 +221,14 @@ class MILP(MethodBase):
             tolerance = np.zeros((n, s))
             status: list[tuple[str, ...]] = []
             upper_status: list[tuple[str, ...]] = []
+            perturbation = _perturbations(net64, lo_t, hi_t, pre)
             for i in range(n):
                 pre_i = [(lo[i], hi[i]) for lo, hi in pre]
-                problem = _build(blocks, folded.layers[-1], i, lo64[i], hi64[i], pre_i)
+                # the exact (or the model's perturbed) network: chains' rounding and errors
+                slack = layer_slack(blocks, lo64[i], hi64[i], pre_i,
+                                    None if perturbation is None
+                                    else [p[i] for p in perturbation])
+                problem = _build(blocks, folded.layers[-1], i, lo64[i], hi64[i], pre_i, slack)
                 if not any(bool(((lo < 0) & (hi > 0)).any()) for lo, hi in pre_i):
                     exact_lo, exact_hi = _lp_rows(problem)
                     lower[i] = np.maximum(lower[i], exact_lo)
@@ -224,6 +239,8 @@ class MILP(MethodBase):
                 model = _BoundModel(_MipData.of(problem, pre_i))
                 tol = SAFETY * (TAU * model.data.width + _propagated_error(blocks, pre_i,
                                                                            problem))
+                if problem.objective_slack is not None:
+                    tol = tol + problem.objective_slack
                 tolerance[i] = tol
                 rows = [SKIPPED] * s
                 up_rows = ["relaxation"] * s

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
+from certify.bounds import rounding
 from certify.bounds.layers import (
     RULES,
     AvgPoolOp,
@@ -53,11 +54,19 @@ class Network:
         layers: The ops, input to output.
         input_shape: `(C, H, W)` (or any per-sample shape) the network takes.
         names: For each op, the name of the module it came from (for messages).
+        model_layers: The ops one per module, unfolded, in the model's own dtype: the
+            computation the model itself performs, whose rounding
+            :mod:`certify.bounds.forward_error` bounds (empty: `layers`).
+        runs_in: If set, bounds also cover the model's own forward pass in this dtype (the
+            network with the perturbations of :mod:`certify.bounds.forward_error`); None:
+            the network in exact arithmetic only.
     """
 
     layers: tuple[Op, ...]
     input_shape: Shape
     names: tuple[str, ...]
+    model_layers: tuple[Op, ...] = ()
+    runs_in: torch.dtype | None = None
 
     def __repr__(self) -> str:
         body = ", ".join(f"{n}:{type(op).__name__[:-2]}{op.out_shape}"
@@ -148,10 +157,17 @@ def _convert_conv(m: nn.Conv2d, shape: Shape) -> Op:
     return ConvOp(m.weight, m.bias, stride, padding, shape, (m.out_channels, h, w))
 
 
+def _u(t: Tensor) -> float:
+    return rounding.unit_roundoff(t.dtype)
+
+
 def _convert_normalize(m: Normalize, shape: Shape) -> Op:
     if len(shape) != 3 or m.mean.shape[0] != shape[0]:
         raise _ShapeMismatch(f"normalizes {m.mean.shape[0]} channels, gets inputs {shape}")
-    return ScaleShiftOp(1.0 / m.std, -m.mean / m.std, shape, shape)
+    scale, shift = 1.0 / m.std, -m.mean / m.std
+    # one rounded division each (bounded by 2u of the result to cover its own rounding)
+    return ScaleShiftOp(scale, shift, shape, shape, scale_err=2 * _u(scale) * scale.detach().abs(),
+                        shift_err=2 * _u(shift) * shift.detach().abs())
 
 
 def _convert_batch_norm(m: nn.BatchNorm2d, shape: Shape) -> Op:
@@ -165,7 +181,14 @@ def _convert_batch_norm(m: nn.BatchNorm2d, shape: Shape) -> Op:
     shift = -m.running_mean * scale
     if m.bias is not None:
         shift = shift + m.bias
-    return ScaleShiftOp(scale.view(-1, 1, 1), shift.view(-1, 1, 1), shape, shape)
+    # rsqrt (not correctly rounded), the additions and products: 16u bounds them generously
+    u = _u(scale)
+    scale_err = 16 * u * scale.detach().abs()
+    shift_err = (m.running_mean.detach().abs() * scale_err
+                 + 16 * u * (m.running_mean.detach().abs() * scale.detach().abs()
+                             + (0 if m.bias is None else m.bias.detach().abs())))
+    return ScaleShiftOp(scale.view(-1, 1, 1), shift.view(-1, 1, 1), shape, shape,
+                        scale_err=scale_err.view(-1, 1, 1), shift_err=shift_err.view(-1, 1, 1))
 
 
 def _convert_avg_pool(m: nn.AvgPool2d, shape: Shape) -> Op:
@@ -271,8 +294,9 @@ def to_network(model: nn.Module | Network, input_shape: Shape | torch.Size) -> N
         layers.append(op)
         names.append(name)
         shape = op.out_shape
+    model_layers = tuple(layers)
     layers, names = _fold_scale_shift(layers, names)
-    return Network(tuple(layers), given, tuple(names))
+    return Network(tuple(layers), given, tuple(names), model_layers)
 
 
 def _fold_scale_shift(layers: list[Op], names: list[str]) -> tuple[list[Op], list[str]]:
@@ -285,13 +309,34 @@ def _fold_scale_shift(layers: list[Op], names: list[str]) -> tuple[list[Op], lis
                 and op.scale.shape == op.shift.shape == (prev.out_shape[0], 1, 1)):
             scale = op.scale.flatten()
             bias = prev.bias if prev.bias is not None else torch.zeros_like(scale)
-            out_layers[-1] = replace(prev, weight=prev.weight * scale.view(-1, 1, 1, 1),
-                                     bias=bias * scale + op.shift.flatten())
+            weight = prev.weight * scale.view(-1, 1, 1, 1)
+            new_bias = bias * scale + op.shift.flatten()
+            # exact weight = W * (s + ds): |W| |ds| + the product's rounding (and W's own error)
+            s_err = _zero_if_none(op.scale_err, op.scale).flatten().view(-1, 1, 1, 1)
+            w_abs = prev.weight.detach().abs()
+            u = _u(weight)
+            weight_err = w_abs * s_err + 2 * u * weight.detach().abs()
+            if prev.weight_err is not None:
+                weight_err = weight_err + prev.weight_err * (scale.detach().abs().view(-1, 1, 1, 1)
+                                                             + s_err)
+            b_abs = bias.detach().abs()
+            t_err = _zero_if_none(op.shift_err, op.shift).flatten()
+            shift_abs = op.shift.detach().abs().flatten()
+            bias_err = (b_abs * s_err.flatten() + t_err
+                        + 4 * u * (b_abs * scale.detach().abs() + shift_abs))
+            if prev.bias_err is not None:
+                bias_err = bias_err + prev.bias_err * (scale.detach().abs() + s_err.flatten())
+            out_layers[-1] = replace(prev, weight=weight, bias=new_bias, weight_err=weight_err,
+                                     bias_err=bias_err)
             out_names[-1] = f"{out_names[-1]}+{name}"
             continue
         out_layers.append(op)
         out_names.append(name)
     return out_layers, out_names
+
+
+def _zero_if_none(err: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros_like(like.detach()) if err is None else err
 
 
 def identity_spec(net: Network, like: Tensor) -> Tensor:
@@ -316,7 +361,19 @@ def fold_spec(net: Network, spec: Tensor) -> Network:
     if isinstance(last, LinearOp):
         weight = torch.matmul(spec, last.weight)
         bias = spec @ last.bias if last.bias is not None else spec.new_zeros(spec.shape[:2])
-        layers[-1] = SpecLinearOp(weight, bias, last.in_shape, (spec.shape[1],))
+        # the products' rounding (gamma_K |spec| |W|) and the last layer's own error
+        g = rounding.gamma(spec.shape[2] + 1, weight.dtype)
+        spec_abs = spec.detach().abs()
+        weight_err = g * torch.matmul(spec_abs, last.weight.detach().abs())
+        if last.weight_err is not None:
+            weight_err = weight_err + torch.matmul(spec_abs, last.weight_err)
+        bias_err = None
+        if last.bias is not None:
+            bias_err = g * (spec_abs @ last.bias.detach().abs())
+            if last.bias_err is not None:
+                bias_err = bias_err + spec_abs @ last.bias_err
+        layers[-1] = SpecLinearOp(weight, bias, last.in_shape, (spec.shape[1],),
+                                  weight_err=weight_err, bias_err=bias_err)
         names[-1] = f"{names[-1]}+spec"
         return replace(net, layers=tuple(layers), names=tuple(names))
     if len(net.output_shape) != 1:

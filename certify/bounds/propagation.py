@@ -34,25 +34,37 @@ on the sample and the network, so a batch gives the bounds of its samples one by
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from certify.bounds import rounding
 from certify.bounds.base import Bounds
+from certify.bounds.forward_error import chain_error, model_chains
 from certify.bounds.layers import (
     RULES,
     ConvOp,
     Op,
     ReluOp,
     SpecLinearOp,
+    abs_op,
+    err_op,
     interval_affine,
     is_mixing,
     numel,
 )
 from certify.bounds.network import Network
-from certify.bounds.relaxations import Relaxation, backward_relu, forward_relu, relax
+from certify.bounds.relaxations import (
+    Relaxation,
+    backward_relu,
+    forward_relu,
+    relax,
+    relu_constant,
+)
+from certify.errors import SpecError
 
 __all__ = ["EngineOptions", "Propagator", "forward_is_exact"]
 
@@ -71,6 +83,7 @@ class EngineOptions:
     memory_budget_mb: float = 2048
     chunk_size: int | None = None
     intermediate_mode: str = "auto"
+    rigorous: bool = True
 
 
 def _chunks(n: int, size: int) -> Iterator[slice]:
@@ -102,6 +115,15 @@ def _groups(counts: list[int], budget: int) -> Iterator[tuple[list[int], int, in
         group.append(s)
     if group:
         yield group, 0, width
+
+
+def _round_up_to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """Nonnegative `t` in `dtype`, rounded up where the cast rounded down."""
+    t = t.detach()
+    cast = t.to(dtype)
+    if torch.finfo(dtype).eps > torch.finfo(t.dtype).eps:
+        cast = torch.where(cast.to(t.dtype) < t, rounding.up(cast), cast)
+    return cast
 
 
 def _window_of(t: Tensor, window: Window, h: int, w: int) -> Tensor:
@@ -146,8 +168,21 @@ class Propagator:
         self.center = (x_hi + x_lo) / 2
         self.radius = (x_hi - x_lo) / 2
         self.options = options
+        self.rigorous = options.rigorous
+        if self.rigorous:
+            if options.intermediate_mode == "forward":
+                raise SpecError("intermediate_mode='forward' has no rounding-error accounting; "
+                                "use 'auto' or 'backward' for proofs (rigorous=False only for "
+                                "bounds that prove nothing, e.g. training losses).")
+            # [center - radius, center + radius] must contain the box in exact arithmetic
+            self.radius = rounding.up(torch.maximum(x_hi - self.center, self.center - x_lo))
         self.relaxations: dict[int, Relaxation] = {}
         self.pre_bounds: dict[int, tuple[Tensor, Tensor]] = {}
+        # The model's own rounding (net.runs_in): a bound of the perturbation of each ReLU's
+        # input, see certify.bounds.forward_error
+        self.perturbation: dict[int, Tensor] = {}
+        self._abs_cache: dict[tuple[int, torch.dtype], tuple[Op, Op | None]] = {}
+        self._chains = model_chains(net) if net.runs_in is not None else None
         self.itemsize = x_lo.element_size()
         # Samples with a non-finite pre-activation bound (overflow): their relaxations are
         # meaningless, so their final bounds are reported as (-inf, inf).
@@ -157,28 +192,54 @@ class Propagator:
     def n(self) -> int:
         return int(self.x_lo.shape[0])
 
+    # --- the model's own rounding ------------------------------------------------------------
+
+    def _perturb(self, pos: int, in_lo: Tensor, in_hi: Tensor, lo: Tensor, hi: Tensor
+                 ) -> tuple[Tensor, Tensor]:
+        """`[lo, hi]` (bounds of the exact chain into ReLU `pos`) widened by the model's own
+        rounding of that chain over its inputs `[in_lo, in_hi]` (nothing without runs_in)."""
+        if self._chains is None or self.net.runs_in is None:
+            return lo, hi
+        if pos not in self.perturbation:
+            k = self.net.relu_positions.index(pos)
+            exact = chain_error(self._chains[k], in_lo, in_hi, self.net.runs_in)
+            cast = exact.to(lo.dtype)
+            cast = torch.where(cast.to(torch.float64) < exact, rounding.up(cast), cast)
+            self.perturbation[pos] = cast
+        e = self.perturbation[pos]
+        return rounding.down(lo - e), rounding.up(hi + e)
+
     # --- intervals ---------------------------------------------------------------------------
 
     def interval(self) -> tuple[Tensor, Tensor]:
         """Interval bounds of the network's output; ReLU inputs are intersected with the
-        pre-activation bounds already known."""
+        pre-activation bounds already known (and recorded where none were)."""
         lo, hi = self.x_lo, self.x_hi
+        chain_lo, chain_hi = lo, hi
         for i, op in enumerate(self.layers):
             if isinstance(op, ReluOp):
+                lo, hi = self._perturb(i, chain_lo, chain_hi, lo, hi)
                 if i in self.pre_bounds:
                     known_lo, known_hi = self.pre_bounds[i]
                     lo, hi = torch.maximum(lo, known_lo), torch.minimum(hi, known_hi)
+                else:
+                    self.pre_bounds[i] = (lo, hi)
                 lo, hi = lo.clamp(min=0), hi.clamp(min=0)
+                chain_lo, chain_hi = lo, hi
             else:
-                lo, hi = interval_affine(op, lo, hi)
+                lo, hi = interval_affine(op, lo, hi, rigorous=self.rigorous)
         return lo, hi
 
     # --- intermediate bounds -----------------------------------------------------------------
 
     def set_intermediate(self, bounds: tuple[Bounds, ...], rule: str) -> None:
-        """Use given pre-activation bounds (one per ReLU, in order) and relax them."""
+        """Use given pre-activation bounds (one per ReLU, in order) and relax them (widened by
+        the model's own rounding when the network has ``runs_in``)."""
+        chain_lo, chain_hi = self.x_lo, self.x_hi
         for pos, b in zip(self.net.relu_positions, bounds, strict=True):
-            self._store(pos, b.lower, b.upper, rule)
+            lo, hi = self._perturb(pos, chain_lo, chain_hi, b.lower, b.upper)
+            self._store(pos, lo, hi, rule)
+            chain_lo, chain_hi = lo.clamp(min=0), hi.clamp(min=0)
 
     def _store(self, pos: int, lo: Tensor, hi: Tensor, rule: str) -> None:
         self.pre_bounds[pos] = (lo, hi)
@@ -192,7 +253,9 @@ class Propagator:
         bad = self.nonfinite.view(-1, *([1] * (lower.ndim - 1)))
         lower = torch.where(bad | torch.isnan(lower), float("-inf"), lower)
         upper = torch.where(bad | torch.isnan(upper), float("inf"), upper)
-        return Bounds(lower, upper)
+        known = all(p in self.pre_bounds for p in self.net.relu_positions)
+        return Bounds(lower, upper,
+                      pre_activation=self.intermediate_bounds() if known else None)
 
     def compute_intermediate(self, rule: str, *, linear: bool) -> None:
         """Bound every ReLU's input, layer by layer, and relax it with `rule`.
@@ -202,6 +265,7 @@ class Propagator:
             linear: Tighten interval bounds by linear (CROWN-style) bounds; False gives IBP.
         """
         lo, hi = self.x_lo, self.x_hi
+        chain_lo, chain_hi = lo, hi
         exact = True  # no ReLU and at most one mixing op so far: intervals are exact
         mixing = 0
         for i, op in enumerate(self.layers):
@@ -210,11 +274,13 @@ class Propagator:
             if isinstance(op, ReluOp):
                 if linear and not exact:
                     lo, hi = self._tighten(i, lo, hi)
+                lo, hi = self._perturb(i, chain_lo, chain_hi, lo, hi)
                 self._store(i, lo, hi, rule)
                 lo, hi = lo.clamp(min=0), hi.clamp(min=0)
+                chain_lo, chain_hi = lo, hi
                 exact = False
             else:
-                lo, hi = interval_affine(op, lo, hi)
+                lo, hi = interval_affine(op, lo, hi, rigorous=self.rigorous)
                 mixing += is_mixing(op)
                 exact = exact and mixing <= 1
 
@@ -247,6 +313,8 @@ class Propagator:
     def _use_forward(self, pos: int, unstable_counts: Tensor) -> Tensor:
         """Per sample, whether layer `pos` is bounded by forward mode (see module docstring)."""
         mode = self.options.intermediate_mode
+        if self.rigorous:  # forward mode has no rounding-error accounting
+            return torch.zeros_like(unstable_counts, dtype=torch.bool)
         if mode == "forward":
             return unstable_counts > 0
         if mode == "backward" or not forward_is_exact(self.layers, pos):
@@ -317,8 +385,8 @@ class Propagator:
         """How many rows of a backward pass from `start` fit the memory budget."""
         if self.options.chunk_size is not None:
             return self.options.chunk_size
-        per_row = (self._widest(start, windowed) * BACKWARD_FACTOR * (2 if both else 1)
-                   * self.itemsize)
+        factor = BACKWARD_FACTOR * (3 if self.rigorous else 2) // 2  # + the rows' error bounds
+        per_row = (self._widest(start, windowed) * factor * (2 if both else 1) * self.itemsize)
         return max(1, int(self.options.memory_budget_mb * MB // per_row))
 
     def backward_neurons(self, pos: int, mask: Tensor
@@ -389,9 +457,13 @@ class Propagator:
                     parts.append((rows_sample[ok], ch[ok] * (h * w) + q, lower[ok], upper[ok]))
         return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
 
-    def backward_uniform(self, start: int, rows: Tensor, const: Tensor, *, both: bool
+    def backward_uniform(self, start: int, rows: Tensor, const: Tensor, *, both: bool,
+                         rows_err: Tensor | None = None, const_err: Tensor | None = None
                          ) -> tuple[Tensor, Tensor | None]:
         """Bounds of `R` rows per sample, `rows` `(N, R, *shape)` and `const` `(N, R)`.
+
+        `rows_err` `(N, R, *shape)` and `const_err` `(N, R)` optionally bound how far the given
+        rows and constants are from the exact ones (see :meth:`backward_chunk`).
 
         Returns `(lower, upper)`, each `(N, R)` (upper None unless `both`).
         """
@@ -401,8 +473,11 @@ class Propagator:
         lowers, uppers = [], []
         for ssl in _chunks(n, max(1, budget // r)):
             samples = torch.arange(ssl.start, ssl.stop, device=rows.device)
-            parts = [self.backward_chunk(start, rows[ssl, rsl], const[ssl, rsl], samples,
-                                         both=both) for rsl in _chunks(r, row_step)]
+            parts = [self.backward_chunk(
+                start, rows[ssl, rsl], const[ssl, rsl], samples, both=both,
+                rows_err=None if rows_err is None else rows_err[ssl, rsl],
+                const_err=None if const_err is None else const_err[ssl, rsl])
+                for rsl in _chunks(r, row_step)]
             lowers.append(torch.cat([p[0] for p in parts], 1))
             if both:
                 uppers.append(torch.cat([p[1] for p in parts], 1))  # type: ignore[misc]
@@ -410,7 +485,9 @@ class Propagator:
 
     def backward_chunk(self, start: int, a: Tensor, const: Tensor, samples: Tensor, *,
                        both: bool, alphas: dict[int, Tensor] | None = None,
-                       window: Window | None = None) -> tuple[Tensor, Tensor | None]:
+                       window: Window | None = None, rows_err: Tensor | None = None,
+                       const_err: Tensor | None = None, rigorous: bool | None = None
+                       ) -> tuple[Tensor, Tensor | None]:
         """Lower (and upper) bounds of linear functions of the input of ``layers[start]``.
 
         Args:
@@ -424,13 +501,34 @@ class Propagator:
                 (only with ``both=False`` and no window).
             window: If given, `a` is `(B, R, C, h, w)`: the window of the `(C, H, W)` map with
                 this top-left corner, the rows being zero outside it.
+            rows_err, const_err: Elementwise bounds on the distance of `a` and `const` from the
+                exact rows and constants (a folded specification's rounding); None: exact.
+            rigorous: Override the engine's setting (alpha-CROWN optimizes without it).
+
+        Rigorous mode (the default): the result bounds the *exact* rows over the box in exact
+        arithmetic. Between ReLUs every transposed op's rounding is tracked as an elementwise
+        bound ``E`` on the rows, ``E' = |L|^T (E + gamma_k |a|) + L_err^T (|a| + E)``, and on the
+        constants; at a ReLU the constant is :func:`~certify.bounds.relaxations.relu_constant`,
+        which holds for any computed new rows, so ``E`` restarts at 0; the box is concretized
+        with ``gamma_(D+1)`` error terms. The total error, times
+        :data:`~certify.bounds.rounding.SAFETY`, is taken off the bound, rounding outward.
 
         Returns:
             `(lower, upper)`, each `(B, R)`; `upper` is None unless `both`.
         """
         assert alphas is None or (not both and window is None)
+        rigorous = self.rigorous if rigorous is None else rigorous
+        dtype = a.dtype
+        u = rounding.unit_roundoff(dtype)
         b, r = a.shape[:2]
         a = a.reshape(b * r, *a.shape[2:])
+        err: Tensor | None = None
+        cerr: Tensor | None = None
+        if rigorous:
+            err = (torch.zeros_like(a) if rows_err is None
+                   else rows_err.reshape(a.shape).to(dtype))
+            cerr = (const.new_zeros(const.shape) if const_err is None
+                    else const_err.to(dtype).clone())
         split = False
         for j in range(start - 1, -1, -1):
             op = self.layers[j]
@@ -438,26 +536,58 @@ class Propagator:
                 a3 = a.reshape(b, -1, *a.shape[1:])
                 if both and not split:
                     a3, const, split = torch.cat([a3, -a3], 1), torch.cat([const, -const], 1), True
+                    if err is not None and cerr is not None:
+                        e3 = err.reshape(b, -1, *err.shape[1:])
+                        err = torch.cat([e3, e3], 1).reshape(-1, *err.shape[1:])
+                        cerr = torch.cat([cerr, cerr], 1)
                 relaxation = self.relaxations[j]
                 if window is not None:
-                    relaxation = Relaxation(*(_window_of(t, window, *a.shape[2:]) for t in (
-                        relaxation.lower, relaxation.upper, relaxation.upper_bias,
-                        relaxation.unstable)))
+                    relaxation = Relaxation(*(_window_of(getattr(relaxation, f.name), window,
+                                                         *a.shape[2:])
+                                              for f in dataclasses.fields(relaxation)))
+                mu = a3
                 a3, c = backward_relu(a3, relaxation, samples,
-                                      None if alphas is None else alphas.get(j))
-                const = const + c
+                                      None if alphas is None else alphas.get(j),
+                                      constant=err is None)
+                perturbation = self.perturbation.get(j)
+                if perturbation is not None and window is not None:
+                    perturbation = _window_of(perturbation, window, *a.shape[2:])
+                if err is not None and cerr is not None:
+                    c, c_err = relu_constant(mu, a3, relaxation, samples,
+                                             err.reshape(mu.shape), perturbation)
+                    const = const + c
+                    cerr = cerr + c_err + u * const.abs()
+                    err = torch.zeros_like(a3).reshape(-1, *a3.shape[2:])
+                else:
+                    assert c is not None
+                    if perturbation is not None:
+                        c = c - (a3.abs() * perturbation.index_select(0, samples).unsqueeze(1)
+                                 ).reshape(*a3.shape[:2], -1).sum(2)
+                    const = const + c
                 a = a3.reshape(-1, *a3.shape[2:])
                 continue
             rules = RULES[type(op)]
+            old = a
             if window is not None and rules.backward_window is not None:
+                old_window = window
                 a, c, *corner = rules.backward_window(op, a, *window)
                 window = (corner[0], corner[1])
+                if err is not None:
+                    err, cerr = self._track(op, old, err, cerr, old_window)  # type: ignore[arg-type]
             else:
                 if window is not None:
-                    a, window = _densify(a, window, op.out_shape), None
+                    shape = op.out_shape
+                    a, old = _densify(a, window, shape), _densify(old, window, shape)
+                    if err is not None:
+                        err = _densify(err, window, shape)
+                    window = None
                 a, c = rules.backward(op, a)  # type: ignore[misc]
+                if err is not None:
+                    err, cerr = self._track(op, old, err, cerr, None)  # type: ignore[arg-type]
             if c is not None:
                 const = const + c.reshape(b, -1)
+                if cerr is not None:
+                    cerr = cerr + u * const.abs()
         center, radius = self.center, self.radius
         if window is not None:
             center = _window_of(center, window, *a.shape[2:])
@@ -468,11 +598,80 @@ class Propagator:
         linear = torch.bmm(flat, center).reshape(b, -1)
         spread = torch.bmm(flat.abs(), radius).reshape(b, -1)
         lower = const + linear - spread
+        slack: Tensor | None = None
+        if err is not None and cerr is not None:
+            d = flat.shape[2]
+            g = rounding.gamma(d + 1, dtype)
+            reach = center.abs() + radius
+            into = torch.bmm(err.reshape(flat.shape) + g * flat.abs(), reach).reshape(b, -1)
+            slack = rounding.SAFETY * (cerr + into + 3 * u * (const.abs() + linear.abs()
+                                                              + spread.abs())
+                                       + (d + 3) * rounding.tiny(dtype))
+            lower = rounding.down(lower - slack)
         if not both:
             return lower, None
         if split:
             return lower[:, :r], -lower[:, r:]
-        return lower, const + linear + spread
+        upper = const + linear + spread
+        if slack is not None:
+            upper = rounding.up(upper + slack)
+        return lower, upper
+
+    def _track(self, op: Op, a: Tensor, err: Tensor, cerr: Tensor, window: Window | None
+               ) -> tuple[Tensor, Tensor]:
+        """The rows' and constants' error bounds after the transpose of `op` (see
+        :meth:`backward_chunk`); `a` are the rows before it.
+
+        Error bounds need no precision, only to be upper bounds: in float64 they are
+        computed in float32 (twice as fast) from inputs rounded up, and the result -- a sum of
+        nonnegative terms, at most ``gamma_k`` too small -- is scaled by ``1 + 2 gamma_k``.
+        """
+        rules = RULES[type(op)]
+        _, lin, cons = rules.terms(op)
+        if lin == 0:  # a reshape
+            return rules.backward(op, err)[0], cerr  # type: ignore[misc]
+        dtype = a.dtype
+        g = rounding.gamma(lin, dtype)
+        narrow = dtype == torch.float64
+        work = torch.float32 if narrow else dtype
+        scale = 1 + 2 * rounding.gamma(lin, work) if narrow else 1.0
+        c_scale = 1 + 2 * rounding.gamma(cons, work) if narrow else 1.0
+
+        def transpose(o: Op, rows: Tensor) -> tuple[Tensor, Tensor | None]:
+            if narrow:
+                rows = _round_up_to(rows, work)
+            if window is not None:
+                out, c, *_ = rules.backward_window(o, rows, *window)  # type: ignore[misc]
+            else:
+                out, c = rules.backward(o, rows)  # type: ignore[misc]
+            return out.to(dtype) * scale, None if c is None else c.to(dtype) * c_scale
+
+        absolute, exact = self._abs_ops(op, work)
+        new_err, c = transpose(absolute, err + g * a.abs())
+        b = cerr.shape[0]
+        if c is not None:  # (E + g|a|) · |b|, and the constant's own terms: g_c |a| · |b|
+            cerr = cerr + c.reshape(b, -1) * (1 + rounding.gamma(cons, dtype) / g)
+        if exact is not None:
+            e2, c2 = transpose(exact, a.abs() + err)
+            new_err = new_err + e2
+            if c2 is not None:
+                cerr = cerr + c2.reshape(b, -1)
+        return new_err + lin * rounding.tiny(work), cerr
+
+    def _abs_ops(self, op: Op, dtype: torch.dtype) -> tuple[Op, Op | None]:
+        """`abs_op(op)` and `err_op(op)` in `dtype`, every tensor rounded up (cached)."""
+        key = (id(op), dtype)
+        if key not in self._abs_cache:
+            def cast(o: Op | None) -> Op | None:
+                if o is None:
+                    return None
+                changes = {k: _round_up_to(v, dtype) for k, v in vars(o).items()
+                           if isinstance(v, Tensor) and v.dtype != dtype}
+                return dataclasses.replace(o, **changes) if changes else o
+            absolute = cast(abs_op(op))
+            assert absolute is not None
+            self._abs_cache[key] = (absolute, cast(err_op(op)))
+        return self._abs_cache[key]
 
     # --- forward mode ------------------------------------------------------------------------
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from certify.bounds import rounding
+
 __all__ = [
     "SLOPE_RULES",
     "Relaxation",
@@ -34,6 +36,7 @@ __all__ = [
     "forward_relu",
     "optimizable_alpha",
     "relax",
+    "relu_constant",
 ]
 
 SLOPE_RULES = ("adaptive", "parallel")
@@ -48,12 +51,16 @@ class Relaxation:
         upper: Upper slopes ``s`` `(N, *shape)`.
         upper_bias: Upper intercepts ``t`` `(N, *shape)`.
         unstable: `(N, *shape)` bool, where ``l < 0 < u`` (where ``alpha`` is free).
+        pre_lower, pre_upper: The pre-activation bounds ``l``, ``u`` `(N, *shape)` themselves
+            (the rigorous constant, :func:`relu_constant`, is computed from them).
     """
 
     lower: Tensor
     upper: Tensor
     upper_bias: Tensor
     unstable: Tensor
+    pre_lower: Tensor
+    pre_upper: Tensor
 
 
 def relax(lower: Tensor, upper: Tensor, rule: str) -> Relaxation:
@@ -75,7 +82,7 @@ def relax(lower: Tensor, upper: Tensor, rule: str) -> Relaxation:
         alpha = torch.where(unstable, (upper > -lower).to(upper.dtype), active.to(upper.dtype))
     else:
         alpha = chord
-    return Relaxation(alpha, chord, upper_bias, unstable)
+    return Relaxation(alpha, chord, upper_bias, unstable, lower, upper)
 
 
 def optimizable_alpha(relaxation: Relaxation, samples: Tensor, rows: int) -> Tensor:
@@ -85,7 +92,8 @@ def optimizable_alpha(relaxation: Relaxation, samples: Tensor, rows: int) -> Ten
 
 
 def backward_relu(a: Tensor, relaxation: Relaxation, samples: Tensor,
-                  alpha: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  alpha: Tensor | None = None, *, constant: bool = True
+                  ) -> tuple[Tensor, Tensor | None]:
     """Substitute the relaxation into rows ``a · relu(z)`` to lower-bound them.
 
     ``a · relu(z) >= a+ · (alpha z) + a- · (s z + t)``, since ``a+ >= 0`` multiplies the
@@ -99,6 +107,7 @@ def backward_relu(a: Tensor, relaxation: Relaxation, samples: Tensor,
         samples: `(B,)` the samples of the rows.
         alpha: Optional per-row lower slopes `(B, R, *shape)` (alpha-CROWN), used on unstable
             neurons only (clamped to [0, 1]).
+        constant: Also the constants (False: None, when :func:`relu_constant` gives them).
 
     Returns:
         Rows `(B, R, *shape)` on the ReLU's input and the constants `(B, R)`.
@@ -111,8 +120,80 @@ def backward_relu(a: Tensor, relaxation: Relaxation, samples: Tensor,
         unstable = relaxation.unstable.index_select(0, samples).unsqueeze(1)
         lower = torch.where(unstable, alpha.clamp(0.0, 1.0), lower)
     pos = a.clamp(min=0)
-    const = torch.bmm((a - pos).reshape(b, r, -1), bias).reshape(b, r)  # a - a+ = a- exactly
+    const = None
+    if constant:
+        const = torch.bmm((a - pos).reshape(b, r, -1), bias).reshape(b, r)  # a- exactly
     return torch.addcmul(a * upper, pos, lower - upper), const
+
+
+def relu_constant(mu: Tensor, nu: Tensor, relaxation: Relaxation, samples: Tensor,
+                  mu_err: Tensor | None, perturbation: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor]:
+    """The rigorous constant of the substitution ``mu · relu(z) >= nu · z + c`` on ``[l, u]``.
+
+    Whatever the computed new rows ``nu`` are (rounded, or any slopes at all), the exact
+    statement ``mu* · relu(z) - nu · z >= sum_j min_{z_j in [l_j, u_j]} (mu_j relu(z_j) -
+    nu_j z_j) - sum_j |mu*_j - mu_j| u_j+`` holds for the exact rows ``mu*`` (within
+    `mu_err` of `mu`): each term is piecewise linear with its kink at 0, so its minimum is at
+    ``l``, ``u`` or 0 -- the Lagrangian view of the relaxation (for CROWN's lines the minimum
+    equals CROWN's constant ``mu- · t``). Rows substituted this way make the bound depend on
+    the rows' values only through this constant, so their own rounding cannot make it unsound.
+
+    Args:
+        mu: Rows of the ReLU's output `(B, R, *shape)`, as computed.
+        nu: The new rows of its input, `(B, R, *shape)`.
+        relaxation: The layer's relaxation (its ``pre_lower``/``pre_upper`` are used).
+        samples: `(B,)` the rows' samples.
+        mu_err: Elementwise bound on ``|mu* - mu|``, or None (exact).
+        perturbation: `(N, *shape)` bound ``E`` on a perturbation of the pre-activation (the
+            model's own rounding, :mod:`certify.bounds.forward_error`): ``- |nu| · E`` more.
+
+    Returns:
+        `(c, err)`, each `(B, R)`: the constant as computed and a bound on its distance from
+        the exact one (before the :data:`~certify.bounds.rounding.SAFETY` factor).
+    """
+    dtype = mu.dtype
+    b, r = mu.shape[:2]
+    n = mu[0, 0].numel() if mu.numel() else 0
+    mu, nu = mu.reshape(b, r, n), nu.reshape(b, r, n)
+    lo = relaxation.pre_lower.index_select(0, samples).reshape(b, n)
+    hi = relaxation.pre_upper.index_select(0, samples).reshape(b, n)
+    unstable = relaxation.unstable.index_select(0, samples).reshape(b, n)
+    # Stable neurons: the substitution is exact (nu is mu itself on active neurons, 0 on
+    # inactive ones, bit for bit), so h = 0 with no rounding. Unstable (l < 0 < u): the
+    # minimum of h over [l, u] is min(h(l), h(u), h(0)) = min(-nu l, (mu - nu) u, 0). Only
+    # the unstable neurons are gathered (padded to the most of any sample).
+    counts = unstable.sum(1)
+    m = int(counts.max()) if b else 0
+    total = mu.new_zeros(b, r)
+    err_sum = mu.new_zeros(b, r)
+    magnitude = mu.new_zeros(b, r)
+    if m:
+        order = torch.sort(unstable.to(torch.int8), dim=1, descending=True,
+                           stable=True).indices[:, :m]  # (b, m): unstable first
+        valid = (torch.arange(m, device=mu.device)[None, :] < counts[:, None]).unsqueeze(1)
+        index = order.unsqueeze(1).expand(b, r, m)
+        mu_u, nu_u = mu.gather(2, index), nu.gather(2, index)
+        lo_u, hi_u = lo.gather(1, order).unsqueeze(1), hi.gather(1, order).unsqueeze(1)
+        zero = torch.zeros((), dtype=dtype, device=mu.device)
+        h = torch.where(valid, torch.minimum(-nu_u * lo_u, (mu_u - nu_u) * hi_u).clamp(max=0),
+                        zero)
+        err = torch.where(valid, nu_u.abs() * (hi_u - lo_u) + mu_u.abs() * hi_u, zero)
+        total = h.sum(2)
+        magnitude = h.abs().sum(2)
+        err_sum = rounding.gamma(3, dtype) * err.sum(2)
+    if mu_err is not None:
+        err_sum = err_sum + torch.bmm(mu_err.reshape(b, r, n), hi.clamp(min=0).unsqueeze(2)
+                                      ).squeeze(2)
+    if perturbation is not None:
+        e = perturbation.index_select(0, samples).reshape(b, n, 1)
+        paid = torch.bmm(nu.abs(), e).squeeze(2)
+        total = total - paid
+        magnitude = magnitude + paid
+        err_sum = err_sum + rounding.gamma(n + 2, dtype) * paid
+    bound = (err_sum + rounding.gamma(m + 2, dtype) * magnitude
+             + 3 * (n + m) * rounding.tiny(dtype))
+    return total, bound
 
 
 def forward_relu(mid: Tensor, half_width: Tensor, relaxation: Relaxation, sample: Tensor,

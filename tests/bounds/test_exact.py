@@ -107,7 +107,10 @@ def test_dtype_and_device_follow_the_inputs(tiny_cnn):  # type: ignore[no-untype
     b64 = margin_bounds(tiny_cnn, x.double(), y, 0.02, "crown")  # float32 model, float64 box
     assert b32.lower.dtype == torch.float32 and b64.lower.dtype == F64
     assert next(tiny_cnn.parameters()).dtype == torch.float32  # the model is not changed
-    torch.testing.assert_close(b64.lower.float(), b32.lower, atol=1e-4, rtol=0)
+    # both rigorous; float32's rounding-error terms (gamma_k with u = 2^-24) make it looser
+    torch.testing.assert_close(b64.lower.float(), b32.lower, atol=1e-3, rtol=0)
+    fast = margin_bounds(tiny_cnn, x.double(), y, 0.02, get_method("crown", rigorous=False))
+    assert (b64.lower <= fast.lower).all() and (b32.lower.double() <= fast.lower).all()
 
 
 @pytest.mark.parametrize("method", ["ibp", "crown-ibp", "wong-kolter", "crown"])
@@ -153,12 +156,15 @@ def test_margin_bounds_is_compute_bounds_over_the_clipped_ball(tiny_cnn):  # typ
     eps = torch.tensor([0.3, 0.01, 0.0])
     got = margin_bounds(tiny_cnn, x, y, eps, "wong-kolter")
     x_lo, x_hi = (x - eps.view(-1, 1, 1, 1)).clamp(0, 1), (x + eps.view(-1, 1, 1, 1)).clamp(0, 1)
-    want = compute_bounds(tiny_cnn, x_lo, x_hi, "wong-kolter", margin_spec(y, 10))
+    want = compute_bounds(tiny_cnn, x_lo, x_hi, "wong-kolter", margin_spec(y, 10),
+                          model_rounding=True)
     torch.testing.assert_close(got.lower, want.lower)
     with torch.no_grad():
         logits = tiny_cnn(x[2:])
     margins = logits[:, 4:5] - torch.cat([logits[:, :4], logits[:, 5:]], 1)
-    torch.testing.assert_close(got.lower[2:], margins, atol=1e-5, rtol=0)  # eps = 0: exact
+    # eps = 0: the exact margins, less the float32 model's own rounding (a few 1e-4 here)
+    assert (got.lower[2:] <= margins).all()
+    torch.testing.assert_close(got.lower[2:], margins, atol=1e-3, rtol=0)
 
 
 def test_bounds_of_logits_and_of_a_spatial_output():  # type: ignore[no-untyped-def]

@@ -168,8 +168,10 @@ def test_forward_mode_equals_backward_where_exact(seed, kind):  # type: ignore[n
     model = model.double()
     x_lo, x_hi, _ = make_box(seed, 3, in_shape, 0.2, F64)
     net = to_network(model, in_shape)
-    fwd = get_method("crown", intermediate_mode="forward").intermediate(net, x_lo, x_hi)
-    bwd = get_method("crown", intermediate_mode="backward").intermediate(net, x_lo, x_hi)
+    fwd = get_method("crown", intermediate_mode="forward", rigorous=False).intermediate(
+        net, x_lo, x_hi)
+    bwd = get_method("crown", intermediate_mode="backward", rigorous=False).intermediate(
+        net, x_lo, x_hi)
     for i, pos in enumerate(net.relu_positions):
         if forward_is_exact(net.layers, pos) and all(
                 forward_is_exact(net.layers, p) for p in net.relu_positions[:i]):
