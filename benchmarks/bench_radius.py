@@ -13,8 +13,13 @@ is monotone in eps (CROWN's adaptive slopes make it non-monotone at a few points
 counts the samples that differ by more than tol). Writes ``bench_radius.json``,
 ``bench_radius.md`` and ``bench_radius.png`` to --out.
 
+Every certify variant reports radii confirmed by the rigorous bound in float64 (see the
+README's "What certified means"); ``--rounding`` adds the same fast search without that
+confirmation, to measure what soundness costs (evaluations per sample and ms per sample).
+
 Run:
     python benchmarks/bench_radius.py --threads 1
+    python benchmarks/bench_radius.py --threads 1 --rounding --no-lirpa --methods crown
     python benchmarks/bench_radius.py --mlp models/digits-mlp.pt --cnn models/digits-cnn.pt
 """
 
@@ -108,16 +113,29 @@ def lirpa_bound_fn(model: nn.Module, conv_mode: str):  # type: ignore[no-untyped
 
 def measure(model: nn.Module, x: Tensor, y: Tensor, method: str, search: str, *, tol: float,
             eps_max: float, bound_fn: Any = None) -> dict[str, Any]:
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     res = certified_radii(model, x, y, method, search=search, tol=tol, eps_max=eps_max,
                           bound_fn=bound_fn)
     seconds = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     ok = res.pred == res.label
     evals = res.evaluations[ok].double()
     return {"search": search, "seconds": seconds, "ms_per_sample": 1e3 * seconds / len(y),
+            "cpu_ms_per_sample": 1e3 * cpu / len(y),
             "evaluations_mean": float(evals.mean()), "evaluations_max": int(evals.max()),
             "evaluations_hist": torch.bincount(res.evaluations[ok]).tolist(),
             "area": res.area, "radii": res.certified_eps, "upper": res.search_upper}
+
+
+def _unconfirmed(model: nn.Module, method: str) -> Any:
+    """The plain floating-point margin bound (``rigorous=False``) as a `bound_fn`: the search
+    without confirmation, as before floating-point soundness (a baseline, not sound)."""
+    from certify.bounds import get_method, to_network
+    from certify.radius import margin_lower_bound
+
+    net = to_network(model, (1, 8, 8))
+    fast = get_method(method, rigorous=False)
+    return lambda x, y, eps: margin_lower_bound(net, x, y, eps, method=fast)
 
 
 def compare(a: dict[str, Any], ref: dict[str, Any], tol: float) -> dict[str, Any]:
@@ -138,6 +156,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's own choice)")
     p.add_argument("--no-lirpa", action="store_true", help="skip the auto_LiRPA comparison")
+    p.add_argument("--rounding", action="store_true",
+                   help="also run each method's fast search without the rigorous float64 "
+                        "confirmation (the cost of floating-point soundness; the unconfirmed "
+                        "radii are NOT sound)")
     p.add_argument("--out", default="reports/bench_radius", help="output folder")
     args = p.parse_args()
     if args.threads:
@@ -152,9 +174,9 @@ def main() -> None:
     }
     results: dict[str, Any] = {"settings": vars(args), "torch": torch.__version__,
                                "threads": torch.get_num_threads(), "models": {}}
-    table = ["| model | bound | search | evaluations / sample (max) | ms / sample | area | "
-             "max abs Δ radius vs certify bisection | samples Δ > tol |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    table = ["| model | bound | search | evaluations / sample (max) | ms / sample | CPU ms / sample "
+             "| area | max abs Δ radius vs certify bisection | samples Δ > tol |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for key, (model, name) in models.items():
         with torch.no_grad():
             acc = float((model(x_all).argmax(1) == y_all).double().mean())
@@ -163,6 +185,9 @@ def main() -> None:
         variants: list[tuple[str, str, str, Any]] = []
         for method in args.methods.split(","):
             variants += [(f"certify {method}", method, s, None) for s in ("bisection", "fast")]
+            if args.rounding:  # the same search without the rigorous float64 confirmation
+                variants.append((f"certify {method} unconfirmed", method, "fast",
+                                 _unconfirmed(model, method)))
         if not args.no_lirpa:
             fn, info = lirpa_bound_fn(model, "matrix" if key == "cnn" else "patches")
             entry["auto_lirpa"] = info
@@ -178,7 +203,8 @@ def main() -> None:
             row = {k: v for k, v in r.items() if k not in ("radii", "upper")} | cmp
             entry["runs"][f"{label} / {search}"] = row
             line = (f"| {key} | {label} | {search} | {r['evaluations_mean']:.2f} "
-                    f"({r['evaluations_max']}) | {r['ms_per_sample']:.2f} | {r['area']:.5f} | "
+                    f"({r['evaluations_max']}) | {r['ms_per_sample']:.2f} | "
+                    f"{r['cpu_ms_per_sample']:.2f} | {r['area']:.5f} | "
                     f"{cmp['max_abs_diff']:.2e} | {cmp['n_differ_gt_tol']} |")
             table.append(line)
             print(line)
