@@ -174,7 +174,8 @@ def main() -> None:
     }
     results: dict[str, Any] = {"settings": vars(args), "torch": torch.__version__,
                                "threads": torch.get_num_threads(), "models": {}}
-    table = ["| model | bound | search | evaluations / sample (max) | ms / sample | CPU ms / sample "
+    table = ["| model | bound | search | evaluations / sample (max) | ms / sample "
+             "| CPU ms / sample "
              "| area | max abs Δ radius vs certify bisection | samples Δ > tol |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for key, (model, name) in models.items():
