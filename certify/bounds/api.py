@@ -141,22 +141,31 @@ def compute_bounds(model: nn.Module | Network, x_lo: Tensor, x_hi: Tensor,
         empty = x_lo.new_zeros(0, spec_t.shape[1])
         bounds = Bounds(empty, empty)
     else:
+        by_row = None
+        threshold = getattr(bound_method, "threshold", None)
+        if model_rounding and isinstance(threshold, (int, float)):
+            # a method that only decides "above the threshold" must decide it for the model's
+            # computed output: raise the threshold by that output's rounding error
+            by_row = _output_error(net, x_lo, x_hi, spec_t, None)
+            bound_method = with_options(bound_method, {
+                "threshold": float(rounding.up(by_row.max()).item()) + threshold})
         with no_tf32():
             bounds = bound_method.bound(net, x_lo, x_hi, spec_t, intermediate=intermediate)
         if model_rounding:
-            bounds = _widen_by_output_error(bounds, net, x_lo, x_hi, spec_t)
+            if by_row is None:
+                by_row = _output_error(net, x_lo, x_hi, spec_t, bounds.pre_activation)
+            bounds = _widen(bounds, by_row)
     if spec is None and len(out_shape) != 1:
         return Bounds(bounds.lower.reshape(n, *out_shape), bounds.upper.reshape(n, *out_shape))
     return bounds
 
 
-def _widen_by_output_error(bounds: Bounds, net: Network, x_lo: Tensor, x_hi: Tensor,
-                           spec: Tensor) -> Bounds:
-    """`bounds` of ``spec @ f`` widened by ``|spec| @ E``, `E` the model's rounding of its
-    last chain (the method already accounted for every earlier one)."""
+def _output_error(net: Network, x_lo: Tensor, x_hi: Tensor, spec: Tensor,
+                  pre: tuple[Bounds, ...] | None) -> Tensor:
+    """``|spec| @ E`` `(N, S)` float64, `E` the model's rounding of its last chain (a method
+    accounts for every earlier one itself); magnitudes from `pre` or from intervals."""
     assert net.runs_in is not None
-    pre = bounds.pre_activation
-    if pre is None:  # the magnitudes of the last chain's input, from intervals
+    if pre is None:
         prop = Propagator(net, x_lo, x_hi, EngineOptions())
         prop.interval()
         pre = prop.intermediate_bounds()
@@ -168,7 +177,11 @@ def _widen_by_output_error(bounds: Bounds, net: Network, x_lo: Tensor, x_hi: Ten
     spec_abs = spec.detach().to(torch.float64).abs()
     k = spec_abs.shape[2]
     by_row = torch.bmm(spec_abs, err.unsqueeze(2)).squeeze(2)
-    by_row = rounding.up(by_row * (1 + rounding.gamma(k + 1, torch.float64)))
+    return rounding.up(by_row * (1 + rounding.gamma(k + 1, torch.float64)))
+
+
+def _widen(bounds: Bounds, by_row: Tensor) -> Bounds:
+    """`bounds` widened by `by_row` (float64), rounded outward."""
     lower = _cast_down(bounds.lower.detach().to(torch.float64) - by_row, bounds.lower)
     upper = -_cast_down(-bounds.upper.detach().to(torch.float64) - by_row, bounds.upper)
     # a constant shift: gradients (robust training) flow as through the unshifted bounds
