@@ -620,33 +620,21 @@ class Propagator:
     def _track(self, op: Op, a: Tensor, err: Tensor, cerr: Tensor, window: Window | None
                ) -> tuple[Tensor, Tensor]:
         """The rows' and constants' error bounds after the transpose of `op` (see
-        :meth:`backward_chunk`); `a` are the rows before it.
-
-        Error bounds need no precision, only to be upper bounds: in float64 they are
-        computed in float32 (twice as fast) from inputs rounded up, and the result -- a sum of
-        nonnegative terms, at most ``gamma_k`` too small -- is scaled by ``1 + 2 gamma_k``.
-        """
+        :meth:`backward_chunk`); `a` are the rows before it."""
         rules = RULES[type(op)]
         _, lin, cons = rules.terms(op)
         if lin == 0:  # a reshape
             return rules.backward(op, err)[0], cerr  # type: ignore[misc]
         dtype = a.dtype
         g = rounding.gamma(lin, dtype)
-        narrow = dtype == torch.float64
-        work = torch.float32 if narrow else dtype
-        scale = 1 + 2 * rounding.gamma(lin, work) if narrow else 1.0
-        c_scale = 1 + 2 * rounding.gamma(cons, work) if narrow else 1.0
 
         def transpose(o: Op, rows: Tensor) -> tuple[Tensor, Tensor | None]:
-            if narrow:
-                rows = _round_up_to(rows, work)
             if window is not None:
                 out, c, *_ = rules.backward_window(o, rows, *window)  # type: ignore[misc]
-            else:
-                out, c = rules.backward(o, rows)  # type: ignore[misc]
-            return out.to(dtype) * scale, None if c is None else c.to(dtype) * c_scale
+                return out, c
+            return rules.backward(o, rows)  # type: ignore[misc]
 
-        absolute, exact = self._abs_ops(op, work)
+        absolute, exact = self._abs_ops(op, dtype)
         new_err, c = transpose(absolute, err + g * a.abs())
         b = cerr.shape[0]
         if c is not None:  # (E + g|a|) · |b|, and the constant's own terms: g_c |a| · |b|
@@ -656,7 +644,7 @@ class Propagator:
             new_err = new_err + e2
             if c2 is not None:
                 cerr = cerr + c2.reshape(b, -1)
-        return new_err + lin * rounding.tiny(work), cerr
+        return new_err + lin * rounding.tiny(dtype), cerr
 
     def _abs_ops(self, op: Op, dtype: torch.dtype) -> tuple[Op, Op | None]:
         """`abs_op(op)` and `err_op(op)` in `dtype`, every tensor rounded up (cached)."""
