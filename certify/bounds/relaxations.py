@@ -191,8 +191,9 @@ def relu_constant(mu: Tensor, nu: Tensor, relaxation: Relaxation, samples: Tenso
         total = total - paid
         magnitude = magnitude + paid
         err_sum = err_sum + rounding.gamma(n + 2, dtype) * paid
-    bound = (err_sum + rounding.gamma(m + 2, dtype) * magnitude
-             + 3 * (n + m) * rounding.tiny(dtype))
+    # (gamma of the layer's size, not of the gathered count: the bound of a row must not
+    # depend on which other samples share its block)
+    bound = err_sum + rounding.gamma(n + 2, dtype) * magnitude + 6 * n * rounding.tiny(dtype)
     return total, bound
 
 
