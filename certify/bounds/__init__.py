@@ -13,6 +13,13 @@ One entry point, :func:`compute_bounds` (and :func:`margin_bounds` for the margi
 ``milp``       exact big-M mixed-integer program (cvxpy + HiGHS), small networks
 =============  ======================================================================
 
+Every bound is rigorous for the network in exact arithmetic: the engine accounts for every
+rounding of its own float32/float64 computation (:mod:`certify.bounds.rounding`), and
+:func:`margin_bounds` also for the model's own forward pass in its dtype
+(:mod:`certify.bounds.forward_error`). ``rigorous=False`` (an option of the native methods)
+gives the plain floating-point bound, for what proves nothing (training losses, steering a
+search).
+
 Example::
 
     from certify.bounds import margin_bounds
