@@ -35,6 +35,7 @@ ATTACK_NAMES = ("pgd", "fgsm", "autoattack")
 AUTOATTACK_PARTS = ("apgd-ce", "apgd-dlr", "fab", "square")
 AUTOATTACK_INSTALL = "pip install --no-deps torchattacks"
 CSV_FILE = "attack_curves.csv"
+CSV_COLUMNS = ("model", "attack", "eps", "accuracy", "n")
 JSON_FILE = "attack_curves.json"
 FIGURE_FILE = "attack_curves.png"
 
@@ -303,16 +304,14 @@ def write_attack_curves(out_dir: str | os.PathLike[str], curves: Sequence[ModelC
                         attack: str, settings: dict[str, Any] | None = None,
                         title: str | None = None) -> Path:
     """Write ``attack_curves.csv``, ``.json`` and ``.png`` of `curves` into `out_dir` (atomic)."""
-    from certify._io import atomic_open, atomic_write_json
+    from certify._io import atomic_write_csv, atomic_write_json
     from certify.report.plots import plot_attack_curves, save_figure
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_open(out / CSV_FILE) as f:
-        f.write("model,attack,eps,accuracy,n\n")
-        for c in curves:
-            for e, a in zip(c.eps, c.accuracy, strict=True):
-                f.write(f"{c.label},{attack},{e!r},{a!r},{c.n}\n")
+    atomic_write_csv(out / CSV_FILE, CSV_COLUMNS, (
+        (c.label, attack, e, a, c.n)
+        for c in curves for e, a in zip(c.eps, c.accuracy, strict=True)))
     atomic_write_json(out / JSON_FILE, {
         "attack": attack, "settings": settings or {},
         "curves": [{"label": c.label, "path": c.path, "n": c.n, "eps": list(c.eps),

@@ -264,7 +264,7 @@ def _ratio(v: float) -> str:
 def write_comparison(out_dir: str | os.PathLike[str], comparison: Comparison, *,
                      method: str, title: str | None = None) -> Path:
     """Write the table (CSV, markdown, JSON) and the two overlaid figures into `out_dir`."""
-    from certify._io import atomic_open, atomic_write_json, atomic_write_text
+    from certify._io import atomic_write_csv, atomic_write_json, atomic_write_text
     from certify.report.plots import plot_certified_accuracy, plot_sorted_eps, save_figure
     from certify.report.results import json_safe
 
@@ -272,11 +272,7 @@ def write_comparison(out_dir: str | os.PathLike[str], comparison: Comparison, *,
     out.mkdir(parents=True, exist_ok=True)
     rows = comparison.rows
     fields = list(CompareRow.__dataclass_fields__)
-    with atomic_open(out / TABLE_CSV) as f:
-        f.write(",".join(fields) + "\n")
-        for r in rows:
-            f.write(",".join("" if getattr(r, k) is None else str(getattr(r, k))
-                             for k in fields) + "\n")
+    atomic_write_csv(out / TABLE_CSV, fields, ([getattr(r, k) for k in fields] for r in rows))
     atomic_write_json(out / TABLE_JSON, json_safe({
         "method": method, "rows": [r.as_dict() for r in rows]}))
     runs = {r.label: run.rows_of(method) for r, run in zip(rows, comparison.runs, strict=True)}
