@@ -163,9 +163,9 @@ class AreaConfig:
                                                 and self.attack_tol > 0):
             raise SpecError(f"attack_tol must be > 0, got {self.attack_tol}")
         if self.n is not None and self.indices is not None:
-            raise SpecError("give --n (the first N samples) or --indices, not both")
+            raise SpecError("give --num-samples (the first N samples) or --indices, not both")
         if self.n is not None and self.n < 1:
-            raise SpecError(f"--n must be >= 1, got {self.n}")
+            raise SpecError(f"--num-samples must be >= 1, got {self.n}")
         if self.batch_size < 1:
             raise SpecError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.attack_steps < 1 or self.attack_restarts < 1:
@@ -280,8 +280,8 @@ def _select(config: AreaConfig, size: int, where: str) -> list[int]:
         return idx
     if config.n is not None:
         if config.n > size:
-            raise SpecError(f"--n {config.n} but {where} has only {size} samples; use "
-                            f"--n {size} or less")
+            raise SpecError(f"--num-samples {config.n} but {where} has only {size} samples; "
+                            f"use --num-samples {size} or less")
         return list(range(config.n))
     return list(range(size))
 

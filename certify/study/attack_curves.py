@@ -246,7 +246,7 @@ def attack_curves(models: Sequence[str | os.PathLike[str]], dataset: str, eps_gr
     if not models:
         raise SpecError("give at least one model file")
     if n is not None and n < 1:
-        raise SpecError(f"--n must be >= 1, got {n}")
+        raise SpecError(f"--num-samples must be >= 1, got {n}")
     if steps < 1 or restarts < 1:
         raise SpecError(f"--steps and --restarts must be >= 1, got {steps} and {restarts}")
     grid = sorted(float(e) for e in eps_grid)
