@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any
 
 import click
@@ -135,12 +134,7 @@ def area(model: str, dataset: str, split: str, n: int | None, indices: tuple[int
                         batch_size=batch_size, device=device, dtype=dtype, seed=seed,
                         search=search, data_dir=data_dir, engine=engine, exact=exact,
                         exact_time_limit=exact_time_limit)
-    try:
-        result = run_area(config, out_dir=out_dir, resume=resume, quiet=quiet)
-    except KeyboardInterrupt:
-        click.echo("\ninterrupted: the results saved so far are valid; continue with --resume "
-                   "(and the same options, -o pointing at the run folder).", err=True)
-        sys.exit(130)
+    result = run_area(config, out_dir=out_dir, resume=resume, quiet=quiet)
     from certify.distributed import is_main
 
     if not is_main():  # under torchrun, rank 0 prints the gathered result

@@ -351,15 +351,18 @@ def run_attack_curves(models: Sequence[str | os.PathLike[str]], dataset: str,
     """:func:`attack_curves`, then :func:`write_attack_curves` into `out_dir` (by rank 0 only
     under ``torchrun``; every rank returns the gathered curves)."""
     from certify import distributed
+    from certify._lock import hold_output
 
-    curves = attack_curves(models, dataset, eps_grid, attack=attack, n=n, steps=steps,
-                           restarts=restarts, labels=labels, seed=seed, batch_size=batch_size,
-                           device=device, data_dir=data_dir, quiet=quiet)
-    settings = {"dataset": dataset, "attack": attack, "n": curves[0].n, "steps": steps,
-                "restarts": restarts, "seed": seed, "batch_size": batch_size,
-                "eps_grid": list(curves[0].eps)}
-    distributed.run_on_main(lambda: write_attack_curves(out_dir, curves, attack=attack,
-                                                        settings=settings))
+    with hold_output(out_dir, command="attack"):  # one run per folder; stale temporaries go
+        curves = attack_curves(models, dataset, eps_grid, attack=attack, n=n, steps=steps,
+                               restarts=restarts, labels=labels, seed=seed,
+                               batch_size=batch_size, device=device, data_dir=data_dir,
+                               quiet=quiet)
+        settings = {"dataset": dataset, "attack": attack, "n": curves[0].n, "steps": steps,
+                    "restarts": restarts, "seed": seed, "batch_size": batch_size,
+                    "eps_grid": list(curves[0].eps)}
+        distributed.run_on_main(lambda: write_attack_curves(out_dir, curves, attack=attack,
+                                                            settings=settings))
     return AttackCurves(tuple(curves), attack, Path(out_dir))
 
 

@@ -15,6 +15,8 @@ from certify.report.results import SampleRow
 from certify.study.attack_curves import CSV_COLUMNS, ModelCurve, write_attack_curves
 from certify.study.compare import CompareRow, Comparison, write_comparison
 
+pytestmark = pytest.mark.filterwarnings("ignore:Glyph .* missing from font")
+
 HOSTILE = ["robust-distilled, re-trained", 'the "teacher"', "two\nlines", "tab\there",
            'all, of "it"\r\nat once', ",", '"', ""]
 
