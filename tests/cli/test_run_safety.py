@@ -230,7 +230,7 @@ def test_ctrl_c_says_how_to_continue(args: list[str], target: str, hint: str, tm
     assert hint in lines[-1]
 
 
-def test_sigint_of_a_real_training_run_prints_the_hint_and_resume_finishes_it(
+def test_sigint_of_a_real_training_run_prints_the_hint_and_keeps_its_state(
         tmp_path: Path) -> None:
     out = tmp_path / "m.pt"
     args = ["train", "--dataset", "digits", "--arch", "mlp-32-16", "--epochs", "400", "-q",
