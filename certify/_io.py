@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import errno
 import hashlib
+import io
 import json
 import os
+import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
+
+from certify.errors import DiskFullError
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+# what mkstemp adds between atomic_open's prefix and suffix
+_RANDOM_PART = r"[a-z0-9_]{8}"
 
 
 @contextlib.contextmanager
@@ -17,10 +27,17 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[An
     """Open a temporary file beside `path`; on success it is renamed over `path`.
 
     On any exception the temporary file is removed and `path` is left as it was.
+
+    Raises:
+        DiskFullError: the device (or a quota) is full; `path` keeps its previous content.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        _raise_if_disk_full(e, path)
+        raise
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
     try:
         with os.fdopen(fd, mode) as f:
@@ -28,10 +45,59 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[An
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        _raise_if_disk_full(e, path)
         raise
+
+
+def disk_full_cause(error: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT error behind `error`, if any (torch.save wraps it in a RuntimeError)."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _raise_if_disk_full(error: BaseException, path: Path) -> None:
+    cause = disk_full_cause(error)
+    if cause is not None:
+        raise DiskFullError(f"no space left on the device writing {path} "
+                            f"({os.strerror(cause.errno or errno.ENOSPC)}); the files saved "
+                            "before are intact") from error
+
+
+def remove_stale_temporaries(target: str | os.PathLike[str], *, folder: bool) -> list[Path]:
+    """Remove the temporary files :func:`atomic_open` leaves when a run is killed (SIGKILL).
+
+    Call it only while holding the output's lock (:mod:`certify._lock`): then no live run is
+    writing them. For a folder: every ``.NAME.XXXXXXXX.tmp`` in it, subfolders included. For a
+    file ``NAME``: those of ``NAME`` and of its training state (``NAME[.TAG].partial``) beside it.
+
+    Returns:
+        The files removed.
+    """
+    target = Path(target)
+    if folder:
+        pattern = re.compile(rf"\..+\.{_RANDOM_PART}\.tmp")
+        candidates = target.rglob(".*.tmp") if target.is_dir() else iter(())
+    else:
+        name = re.escape(target.name)
+        pattern = re.compile(rf"\.{name}(\.[A-Za-z0-9_-]+)?(\.partial)?\.{_RANDOM_PART}\.tmp")
+        parent = target.parent
+        candidates = parent.glob(".*.tmp") if parent.is_dir() else iter(())
+    removed = []
+    for path in candidates:
+        if pattern.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 def _umask() -> int:
@@ -43,6 +109,24 @@ def _umask() -> int:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     with atomic_open(path, "w") as f:
         f.write(text)
+
+
+def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """CSV through the ``csv`` module: a field with a comma, quote or newline is quoted.
+
+    ``None`` is written as an empty field, floats in their shortest round-trip form.
+    """
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(["" if v is None else v for v in row] for row in rows)
+    return buf.getvalue()
+
+
+def atomic_write_csv(path: str | os.PathLike[str], header: Sequence[str],
+                     rows: Iterable[Sequence[Any]]) -> None:
+    """Write :func:`csv_text` of `header` and `rows` to `path` atomically."""
+    atomic_write_text(path, csv_text(header, rows))
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:

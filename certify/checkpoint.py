@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import struct
+import sys
 import zipfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -71,9 +72,16 @@ def build_model(meta: ModelMeta) -> nn.Sequential:
 
 
 def _plain(obj: Any) -> Any:
-    """Tuples to lists, numpy/torch scalars to Python numbers: what weights_only can load."""
+    """Tuples to lists, numpy/torch scalars to Python numbers: what weights_only can load.
+
+    Strings are interned: pickle writes a repeated string as a reference to the same object
+    only, so equal metadata (e.g. of a resumed run and of an uninterrupted one) must share its
+    string objects to give the same bytes.
+    """
+    if isinstance(obj, str):
+        return sys.intern(obj)
     if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
+        return {sys.intern(str(k)): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     if isinstance(obj, torch.Tensor) and obj.numel() == 1:
@@ -106,7 +114,8 @@ def _write_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: Mode
     payload = {
         "format_version": FORMAT_VERSION,
         "meta": _plain(asdict(meta)),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "state_dict": {sys.intern(k): v.detach().cpu().clone()
+                       for k, v in model.state_dict().items()},
     }
     with atomic_open(path, "wb") as f:
         torch.save(payload, f)

@@ -59,3 +59,11 @@ class ReportError(CertifyError):
 
 class DistributedError(CertifyError):
     """A multi-process (torchrun) run failed on some rank; the message names the rank."""
+
+
+class RunLockedError(CertifyError):
+    """Another live run holds the output (run folder or file) this run would write."""
+
+
+class DiskFullError(CertifyError):
+    """No space left (ENOSPC, or a quota) while writing a result; what was saved before is kept."""

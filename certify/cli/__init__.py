@@ -2,7 +2,9 @@
 
 Heavy modules (torch, cvxpy, matplotlib) are imported inside each command, so ``certify --help``
 stays fast. A :class:`certify.errors.CertifyError` raised anywhere below becomes one line on
-stderr and exit code 1; any other exception is a bug and keeps its traceback.
+stderr and exit code 1; any other exception is a bug and keeps its traceback, except a full disk
+(one line, exit 1) and Ctrl-C (one line saying how to continue, exit 130). Both keep what was
+saved valid, and the line says how to go on: :data:`CONTINUE_HINTS`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,23 @@ COMMANDS: dict[str, str] = {
 }
 
 
+# How to continue each command after Ctrl-C or a full disk (what it saved is valid).
+_RESUME = "rerun it with the same options and --resume"
+CONTINUE_HINTS: dict[str, str] = {
+    "train": _RESUME,
+    "distill": _RESUME,
+    "prune": _RESUME,
+    "retrain": _RESUME,
+    "area": _RESUME + " (-o pointing at the run folder)",
+    "experiment": "rerun the same command: finished stages and steps are reused",
+    "demo": "rerun the same command: finished stages and steps are reused",
+    "compare": "rerun the same command: finished area runs in --cache are reused",
+    "verify": "rerun the same command: with --instances, finished instances are kept",
+}
+_RERUN = "rerun the same command"
+INTERRUPTED_EXIT = 130
+
+
 class CertifyGroup(click.Group):
     """Lazy subcommands and the single place where user errors become one-line messages."""
 
@@ -48,14 +67,39 @@ class CertifyGroup(click.Group):
         return getattr(importlib.import_module(module), attr)
 
     def invoke(self, ctx: click.Context) -> Any:
-        from certify.errors import CertifyError
+        from certify.errors import CertifyError, DiskFullError
 
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo(f"\ninterrupted: what was saved so far is valid; {_hint(ctx)}.",
+                       err=True)
+            raise click.exceptions.Exit(INTERRUPTED_EXIT) from None
+        except DiskFullError as e:
+            raise click.ClickException(f"{_first_line(e)}: free some space, then "
+                                       f"{_hint(ctx)}") from None
         except CertifyError as e:
-            raise click.ClickException(
-                str(e).splitlines()[0] if str(e) else type(e).__name__
-            ) from None
+            raise click.ClickException(_first_line(e)) from None
+        except Exception as e:  # a full disk outside the atomic writers (mkdir, a log file)
+            from certify._io import disk_full_cause
+
+            cause = disk_full_cause(e)
+            if cause is None:
+                raise
+            where = f" writing {cause.filename}" if cause.filename else ""
+            raise click.ClickException(f"no space left on the device{where}; the files saved "
+                                       f"before are intact: free some space, then "
+                                       f"{_hint(ctx)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _hint(ctx: click.Context) -> str:
+    """How to continue the subcommand being run."""
+    name = ctx.invoked_subcommand or ""
+    return CONTINUE_HINTS.get(name, _RERUN)
 
 
 def _importable(target: str) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any
 
 import click
@@ -13,6 +12,7 @@ from certify.cli.options import (
     dataset_option,
     device_option,
     dtype_option,
+    num_samples_option,
     quiet_option,
     seed_option,
 )
@@ -65,8 +65,7 @@ def _indices(ctx: click.Context, param: click.Parameter, value: str | None
 @click.argument("model", type=click.Path(dir_okay=False))
 @dataset_option(required=True)
 @click.option("--split", default="test", show_default=True, help="Dataset split.")
-@click.option("--n", "n", type=int, default=None,
-              help="Certify the first N samples of the split [default: all].")
+@num_samples_option(default=None, what="Certify")
 @click.option("--indices", callback=_indices, default=None,
               help="Certify these sample positions instead: 0,5,10 or ranges 0:100.")
 @click.option("--method", "methods", type=_MethodName(), multiple=True,
@@ -115,11 +114,12 @@ def area(model: str, dataset: str, split: str, n: int | None, indices: tuple[int
 
     \b
     Example:
-      certify area models/teacher.pt --dataset svhn --n 500
+      certify area models/teacher.pt --dataset svhn --num-samples 500
       certify area models/m.pt --dataset digits --method ibp --method crown -o reports/m
       certify area models/m.pt --dataset digits -o reports/m --resume
       certify area models/m.pt --dataset digits --engine auto-lirpa --method alpha-crown
-      certify area models/mlp.pt --dataset digits --n 20 --method crown --method milp --exact
+      certify area models/mlp.pt --dataset digits --num-samples 20 --method crown \\
+          --method milp --exact
       torchrun --nproc_per_node=4 -m certify area models/m.pt --dataset svhn -o reports/m
 
     Under torchrun the samples' batches are sharded over the processes and rank 0 writes the
@@ -134,12 +134,7 @@ def area(model: str, dataset: str, split: str, n: int | None, indices: tuple[int
                         batch_size=batch_size, device=device, dtype=dtype, seed=seed,
                         search=search, data_dir=data_dir, engine=engine, exact=exact,
                         exact_time_limit=exact_time_limit)
-    try:
-        result = run_area(config, out_dir=out_dir, resume=resume, quiet=quiet)
-    except KeyboardInterrupt:
-        click.echo("\ninterrupted: the results saved so far are valid; continue with --resume "
-                   "(and the same options, -o pointing at the run folder).", err=True)
-        sys.exit(130)
+    result = run_area(config, out_dir=out_dir, resume=resume, quiet=quiet)
     from certify.distributed import is_main
 
     if not is_main():  # under torchrun, rank 0 prints the gathered result

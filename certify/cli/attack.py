@@ -8,6 +8,7 @@ from certify.cli.options import (
     data_dir_option,
     dataset_option,
     device_option,
+    num_samples_option,
     quiet_option,
     seed_option,
 )
@@ -22,9 +23,7 @@ from certify.cli.options import (
 @click.option("--attack", type=click.Choice(["pgd", "fgsm", "autoattack"]), default="pgd",
               show_default=True, help="autoattack: worst case of APGD-CE, APGD-DLR, FAB and "
               "Square (needs `pip install --no-deps torchattacks`).")
-@click.option("--n", "--num-samples", "n", type=int, default=500, show_default=True,
-              help="Attack the first N test samples (under torchrun write --num-samples: "
-              "torchrun rejects --n as ambiguous).")
+@num_samples_option(default=500, what="Attack")
 @click.option("--steps", type=int, default=40, show_default=True, help="PGD steps.")
 @click.option("--restarts", type=int, default=1, show_default=True, help="PGD restarts.")
 @click.option("--batch-size", type=int, default=256, show_default=True,

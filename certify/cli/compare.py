@@ -8,6 +8,7 @@ from certify.cli.options import (
     data_dir_option,
     dataset_option,
     device_option,
+    num_samples_option,
     quiet_option,
     seed_option,
 )
@@ -17,9 +18,7 @@ from certify.cli.options import (
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @dataset_option(required=True)
 @click.option("--method", default="crown", show_default=True, help="Bound method.")
-@click.option("--n", "--num-samples", "n", type=int, default=200, show_default=True,
-              help="Certify the first N test samples (under torchrun write --num-samples: "
-              "torchrun rejects --n as ambiguous).")
+@num_samples_option(default=200, what="Certify")
 @click.option("--eps", "eps", type=float, default=None,
               help="eps of the 'at eps' table columns [default: from the attacks].")
 @click.option("--eps-grid", default=None,
@@ -50,7 +49,7 @@ def compare(models: tuple[str, ...], dataset: str, method: str, n: int, eps: flo
     \b
     Example:
       certify compare models/teacher.pt models/student.pt --dataset svhn -o reports/svhn
-      certify compare reports/demo/models/*.pt --dataset digits --n 100
+      certify compare reports/demo/models/*.pt --dataset digits --num-samples 100
       torchrun --nproc_per_node=2 -m certify compare a.pt b.pt --dataset digits --num-samples 100
     """
     from certify.distributed import is_main

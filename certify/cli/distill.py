@@ -70,6 +70,7 @@ def distill(teacher: str, student: str, method: str, temperatures: list[float], 
       certify distill models/teacher.pt --student scn-32-32 --method logits \\
           --transfer-split extra
     """
+    from certify._lock import hold_output
     from certify.train._tables import markdown_table
     from certify.train.distill import SWEEP_NOTE, distill_sweep, sweep_columns
     from certify.train.distill import distill as run_distill
@@ -84,18 +85,21 @@ def distill(teacher: str, student: str, method: str, temperatures: list[float], 
         if transfer_split is not None:
             raise click.UsageError("--transfer-split goes with a single --method logits run, "
                                    "not with a temperature sweep.")
-        sweep = distill_sweep(teacher, student, temperatures, method=method, alpha=alpha,
-                              config=config, dataset=dataset, data_dir=data_dir, output=out,
-                              resume=resume, quiet=quiet)
+        with hold_output(out, command="distill", folder=False):
+            sweep = distill_sweep(teacher, student, temperatures, method=method, alpha=alpha,
+                                  config=config, dataset=dataset, data_dir=data_dir,
+                                  output=out, resume=resume, quiet=quiet)
         click.echo(markdown_table(sweep.table_rows(), sweep_columns(method)))
         click.echo(SWEEP_NOTE)
         click.echo(f"teacher test accuracy {100 * sweep.teacher_accuracy:.2f}%; best student "
                    f"{sweep.best_label} ({100 * sweep.best.meta.metrics['test_accuracy']:.2f}%) "
                    f"-> {out}; table: {sweep.table_md}")
         return
-    trained = run_distill(teacher, student, method=method, temperature=temperatures[0],
-                          alpha=alpha, config=config, dataset=dataset, data_dir=data_dir,
-                          transfer_split=transfer_split, output=out, resume=resume, quiet=quiet)
+    with hold_output(out, command="distill", folder=False):
+        trained = run_distill(teacher, student, method=method, temperature=temperatures[0],
+                              alpha=alpha, config=config, dataset=dataset, data_dir=data_dir,
+                              transfer_split=transfer_split, output=out, resume=resume,
+                              quiet=quiet)
     m = trained.meta.metrics
     how = method if method == "logits" else f"{method} at T={temperatures[0]:g}"
     click.echo(f"{out}: test accuracy {100 * m['test_accuracy']:.2f}% (teacher "

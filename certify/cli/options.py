@@ -36,6 +36,18 @@ def dataset_option(required: bool = True, default: str | None = None) -> Callabl
     return decorate
 
 
+def num_samples_option(default: int | None, what: str) -> Callable[[F], F]:
+    """``--num-samples N`` (or ``--n N``): the first N samples, spelled alike by every command.
+
+    Under torchrun write ``--num-samples``: torchrun's own parser takes ``--n`` for an
+    abbreviation of its options and stops.
+    """
+    shown = "all" if default is None else str(default)
+    return click.option("--num-samples", "--n", "n", type=int, default=default,
+                        help=f"{what} the first N samples of the split [default: {shown}]. "
+                             "Under torchrun write --num-samples (torchrun rejects --n).")
+
+
 def dtype_option(f: F) -> F:
     return click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
                         show_default=True, help="Precision of the bound computation.")(f)

@@ -88,6 +88,7 @@ def prune(model: str, ratio: float | None, layer_ratios: dict[str, float] | None
     if sensitivity:
         _sensitivity(model, scan_ratios, data_dir, device, out)
         return
+    from certify._lock import hold_output
     from certify.cli.train import make_config
     from certify.train.prune import prune_checkpoint, prune_columns
 
@@ -97,10 +98,11 @@ def prune(model: str, ratio: float | None, layer_ratios: dict[str, float] | None
                                optimizer="adam", momentum=0.9, weight_decay=0.0,
                                schedule="cosine", grad_clip=None, seed=seed, device=device)
     out = out or f"models/{Path(model).stem}-pruned.pt"
-    outcome = prune_checkpoint(model, ratio if ratio is not None else layer_ratios or {},
-                               finetune=finetune, distill_from_parent=distill_from_parent,
-                               temperature=temperature, alpha=alpha, data_dir=data_dir,
-                               output=out, resume=resume, device=device, quiet=quiet)
+    with hold_output(out, command="prune", folder=False):
+        outcome = prune_checkpoint(model, ratio if ratio is not None else layer_ratios or {},
+                                   finetune=finetune, distill_from_parent=distill_from_parent,
+                                   temperature=temperature, alpha=alpha, data_dir=data_dir,
+                                   output=out, resume=resume, device=device, quiet=quiet)
     click.echo(markdown_table(outcome.rows, prune_columns()))
     widths = ", ".join(f"{n} {a}->{b}" for n, (a, b) in outcome.widths.items())
     click.echo(f"filters: {widths} -> {out}")

@@ -50,6 +50,7 @@ def retrain(model: str, robust: str, eps: float, eps_start: float,
       certify retrain models/mlp-digits.pt --robust crown-ibp --eps 0.1 --kappa-start 1 \\
           -o models/mlp-digits-crown-ibp.pt
     """
+    from certify._lock import hold_output
     from certify.train.robust import describe_result, retrain_checkpoint
     from certify.utils import seed_everything
 
@@ -64,7 +65,8 @@ def retrain(model: str, robust: str, eps: float, eps_start: float,
         certify_method=certify_method)
     out = out or f"models/{Path(model).stem}-{robust}.pt"
     seed_everything(seed)
-    trained = retrain_checkpoint(model, recipe, config, dataset=dataset, data_dir=data_dir,
-                                 output=out, resume=resume, quiet=quiet)
+    with hold_output(out, command="retrain", folder=False):
+        trained = retrain_checkpoint(model, recipe, config, dataset=dataset,
+                                     data_dir=data_dir, output=out, resume=resume, quiet=quiet)
     click.echo(f"{out}: {describe_result(trained)} ({robust} at eps {eps:g}, {epochs} "
                f"epoch{'s' if epochs != 1 else ''} from {model})")

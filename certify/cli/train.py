@@ -193,6 +193,7 @@ def train(dataset: str, arch: str, epochs: int, batch_size: int, lr: float, opti
       certify train --dataset svhn --arch wk-large --robust wong-kolter --eps 0.01 \\
           --eps-start 0.001 --eps-ramp-epochs 10 --device cuda
     """
+    from certify._lock import hold_output
     from certify.train.standard import train_standard
     from certify.utils import seed_everything
 
@@ -225,14 +226,16 @@ def train(dataset: str, arch: str, epochs: int, batch_size: int, lr: float, opti
             bound_memory_mb=bound_memory_mb, eval_samples=eval_samples,
             certify_method=certify_method)
         out = out or f"models/{arch}-{dataset}-{robust}.pt"
-        trained = train_robust(arch, dataset, config, recipe, output=out, data_dir=data_dir,
-                               resume=resume, quiet=quiet)
+        with hold_output(out, command="train", folder=False):
+            trained = train_robust(arch, dataset, config, recipe, output=out,
+                                   data_dir=data_dir, resume=resume, quiet=quiet)
         click.echo(f"{out}: {describe_result(trained)} ({arch} on {dataset}, {robust} at eps "
                    f"{eps:g}, {epochs} epoch{'s' if epochs != 1 else ''})")
         return
     out = out or f"models/{arch}-{dataset}.pt"
-    trained = train_standard(arch, dataset, config, output=out, temperature=temperature,
-                             data_dir=data_dir, resume=resume, quiet=quiet)
+    with hold_output(out, command="train", folder=False):
+        trained = train_standard(arch, dataset, config, output=out, temperature=temperature,
+                                 data_dir=data_dir, resume=resume, quiet=quiet)
     acc = trained.meta.metrics["test_accuracy"]
     click.echo(f"{out}: test accuracy {100 * acc:.2f}% ({arch} on {dataset}, {epochs} epochs)")
 

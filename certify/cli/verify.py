@@ -71,10 +71,13 @@ def verify(net: str | None, spec: str | None, instances: str | None, timeout: fl
                 click.echo(f"{item.result:8s} {item.seconds:8.2f}s  {item.onnx}  {item.vnnlib}"
                            + (f"  ({item.method})" if item.result == "error" else ""), err=True)
 
-        rows = run_instances(instances, out, methods=methods, use_milp=use_milp,
-                             timeout=timeout, input_shape=input_shape, mean=mean, std=std,
-                             device=torch_device, seed=seed,
-                             resume=not no_resume, on_result=report)
+        from certify._lock import hold_output
+
+        with hold_output(out, command="verify", folder=False):
+            rows = run_instances(instances, out, methods=methods, use_milp=use_milp,
+                                 timeout=timeout, input_shape=input_shape, mean=mean, std=std,
+                                 device=torch_device, seed=seed,
+                                 resume=not no_resume, on_result=report)
         counts = {r: sum(1 for x in rows if x.result == r)
                   for r in ("sat", "unsat", "unknown", "timeout", "error")}
         if as_json:

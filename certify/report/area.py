@@ -38,6 +38,7 @@ processes.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import math
 import os
@@ -163,9 +164,9 @@ class AreaConfig:
                                                 and self.attack_tol > 0):
             raise SpecError(f"attack_tol must be > 0, got {self.attack_tol}")
         if self.n is not None and self.indices is not None:
-            raise SpecError("give --n (the first N samples) or --indices, not both")
+            raise SpecError("give --num-samples (the first N samples) or --indices, not both")
         if self.n is not None and self.n < 1:
-            raise SpecError(f"--n must be >= 1, got {self.n}")
+            raise SpecError(f"--num-samples must be >= 1, got {self.n}")
         if self.batch_size < 1:
             raise SpecError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.attack_steps < 1 or self.attack_restarts < 1:
@@ -280,19 +281,33 @@ def _select(config: AreaConfig, size: int, where: str) -> list[int]:
         return idx
     if config.n is not None:
         if config.n > size:
-            raise SpecError(f"--n {config.n} but {where} has only {size} samples; use "
-                            f"--n {size} or less")
+            raise SpecError(f"--num-samples {config.n} but {where} has only {size} samples; "
+                            f"use --num-samples {size} or less")
         return list(range(config.n))
     return list(range(size))
 
 
 def _new_run_dir(root: Path, stem: str) -> Path:
+    """Create a fresh default run folder (runs started in the same second get ``-2``, ...)."""
     base = root / "area" / f"{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{stem}"
+    base.parent.mkdir(parents=True, exist_ok=True)
     path, k = base, 2
-    while path.exists():
-        path = base.with_name(f"{base.name}-{k}")
-        k += 1
-    return path
+    while True:
+        try:
+            path.mkdir()  # atomic: two runs starting together never share a folder
+            return path
+        except FileExistsError:
+            path = base.with_name(f"{base.name}-{k}")
+            k += 1
+
+
+def _lock_run(run_dir: Path, held: contextlib.ExitStack) -> None:
+    """Lock `run_dir` for this run (into `held`) and remove temporary files a killed run left."""
+    from certify._io import remove_stale_temporaries
+    from certify._lock import run_lock
+
+    held.enter_context(run_lock(run_dir, command="area"))
+    remove_stale_temporaries(run_dir, folder=True)
 
 
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -378,8 +393,19 @@ def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = Non
         CheckpointError: a missing or unreadable model file.
         DatasetError: missing data, or a dataset the model does not fit.
         ReportError: `out_dir` already holds a run (without `resume`), or nothing to resume.
+        RunLockedError: another live run is writing into the run folder.
+        DiskFullError: the device is full (the files saved before are intact; resume later).
         SoundnessError: a certified eps above an attack eps (a bug; never caught).
     """
+    with contextlib.ExitStack() as held:  # the run folder's lock, held until the run ends
+        return _run_area(config, out_dir=out_dir, resume=resume, quiet=quiet,
+                         reports_root=reports_root, held=held)
+
+
+def _run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None, resume: bool,
+              quiet: bool, reports_root: str | os.PathLike[str],
+              held: contextlib.ExitStack) -> AreaRun:
+    """:func:`run_area`; the run folder's lock goes into `held`."""
     from certify import attacks, distributed, exact, radius
     from certify.compat import check_compatible
     from certify.data import get_dataset_info, load_dataset
@@ -437,6 +463,7 @@ def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = Non
             if not (run_dir / CONFIG_FILE).is_file():
                 raise ReportError(f"no run to resume in {run_dir} (no {CONFIG_FILE}); run "
                                   "without --resume to start one there")
+            _lock_run(run_dir, held)
             old = read_json(run_dir / CONFIG_FILE).get("settings", {})
             diff = _differences(old, settings)
             if diff:
@@ -445,10 +472,10 @@ def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = Non
                                 "a new run")
             return run_dir, _saved_rows(run_dir)
         run_dir = Path(out_dir) if out_dir is not None else _new_run_dir(root, stem)
+        _lock_run(run_dir, held)
         if (run_dir / CONFIG_FILE).exists() or (run_dir / SAMPLES_FILE).exists():
             raise ReportError(f"{run_dir} already holds a run; continue it with --resume, or "
                               "pick another folder with -o")
-        run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / CONFIG_FILE, json_safe({
             "command": "area", "settings": settings, "versions": _versions(config.engine),
             "created": _dt.datetime.now().isoformat(timespec="seconds")}))

@@ -35,6 +35,7 @@ ATTACK_NAMES = ("pgd", "fgsm", "autoattack")
 AUTOATTACK_PARTS = ("apgd-ce", "apgd-dlr", "fab", "square")
 AUTOATTACK_INSTALL = "pip install --no-deps torchattacks"
 CSV_FILE = "attack_curves.csv"
+CSV_COLUMNS = ("model", "attack", "eps", "accuracy", "n")
 JSON_FILE = "attack_curves.json"
 FIGURE_FILE = "attack_curves.png"
 
@@ -245,7 +246,7 @@ def attack_curves(models: Sequence[str | os.PathLike[str]], dataset: str, eps_gr
     if not models:
         raise SpecError("give at least one model file")
     if n is not None and n < 1:
-        raise SpecError(f"--n must be >= 1, got {n}")
+        raise SpecError(f"--num-samples must be >= 1, got {n}")
     if steps < 1 or restarts < 1:
         raise SpecError(f"--steps and --restarts must be >= 1, got {steps} and {restarts}")
     grid = sorted(float(e) for e in eps_grid)
@@ -303,16 +304,14 @@ def write_attack_curves(out_dir: str | os.PathLike[str], curves: Sequence[ModelC
                         attack: str, settings: dict[str, Any] | None = None,
                         title: str | None = None) -> Path:
     """Write ``attack_curves.csv``, ``.json`` and ``.png`` of `curves` into `out_dir` (atomic)."""
-    from certify._io import atomic_open, atomic_write_json
+    from certify._io import atomic_write_csv, atomic_write_json
     from certify.report.plots import plot_attack_curves, save_figure
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_open(out / CSV_FILE) as f:
-        f.write("model,attack,eps,accuracy,n\n")
-        for c in curves:
-            for e, a in zip(c.eps, c.accuracy, strict=True):
-                f.write(f"{c.label},{attack},{e!r},{a!r},{c.n}\n")
+    atomic_write_csv(out / CSV_FILE, CSV_COLUMNS, (
+        (c.label, attack, e, a, c.n)
+        for c in curves for e, a in zip(c.eps, c.accuracy, strict=True)))
     atomic_write_json(out / JSON_FILE, {
         "attack": attack, "settings": settings or {},
         "curves": [{"label": c.label, "path": c.path, "n": c.n, "eps": list(c.eps),
@@ -352,15 +351,18 @@ def run_attack_curves(models: Sequence[str | os.PathLike[str]], dataset: str,
     """:func:`attack_curves`, then :func:`write_attack_curves` into `out_dir` (by rank 0 only
     under ``torchrun``; every rank returns the gathered curves)."""
     from certify import distributed
+    from certify._lock import hold_output
 
-    curves = attack_curves(models, dataset, eps_grid, attack=attack, n=n, steps=steps,
-                           restarts=restarts, labels=labels, seed=seed, batch_size=batch_size,
-                           device=device, data_dir=data_dir, quiet=quiet)
-    settings = {"dataset": dataset, "attack": attack, "n": curves[0].n, "steps": steps,
-                "restarts": restarts, "seed": seed, "batch_size": batch_size,
-                "eps_grid": list(curves[0].eps)}
-    distributed.run_on_main(lambda: write_attack_curves(out_dir, curves, attack=attack,
-                                                        settings=settings))
+    with hold_output(out_dir, command="attack"):  # one run per folder; stale temporaries go
+        curves = attack_curves(models, dataset, eps_grid, attack=attack, n=n, steps=steps,
+                               restarts=restarts, labels=labels, seed=seed,
+                               batch_size=batch_size, device=device, data_dir=data_dir,
+                               quiet=quiet)
+        settings = {"dataset": dataset, "attack": attack, "n": curves[0].n, "steps": steps,
+                    "restarts": restarts, "seed": seed, "batch_size": batch_size,
+                    "eps_grid": list(curves[0].eps)}
+        distributed.run_on_main(lambda: write_attack_curves(out_dir, curves, attack=attack,
+                                                            settings=settings))
     return AttackCurves(tuple(curves), attack, Path(out_dir))
 
 

@@ -20,6 +20,7 @@ it found, so ``torchrun --nproc_per_node=N -m certify compare ...`` writes what 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -198,8 +199,8 @@ def compare_models(models: Sequence[str | os.PathLike[str]], dataset: str, *,
     Raises:
         SpecError, CheckpointError, DatasetError: bad options, a missing model, another dataset.
         DistributedError: under torchrun, when any rank failed (naming it).
+        RunLockedError: another live run writes into `out_dir`.
     """
-    from certify import distributed
     from certify.report.area import AreaConfig
     from certify.study.attack_curves import model_labels
 
@@ -212,6 +213,22 @@ def compare_models(models: Sequence[str | os.PathLike[str]], dataset: str, *,
                       tol=tol, attack_steps=attack_steps, seed=seed, device=device,
                       data_dir=str(data_dir) if data_dir is not None else None,
                       eps_grid=tuple(eps_grid) if eps_grid is not None else None)
+    with contextlib.ExitStack() as held:
+        if out_dir is not None:  # one run per report folder; stale temporaries go
+            from certify._lock import hold_output
+
+            held.enter_context(hold_output(out_dir, command="compare"))
+        return _compare(models, names, base, method=method, eps=eps, cache_dir=cache_dir,
+                        out_dir=out_dir, title=title, quiet=quiet)
+
+
+def _compare(models: Sequence[str | os.PathLike[str]], names: Sequence[str], base: Any, *,
+             method: str, eps: float | None, cache_dir: str | os.PathLike[str],
+             out_dir: str | os.PathLike[str] | None, title: str | None,
+             quiet: bool) -> Comparison:
+    """:func:`compare_models` once its report folder is locked."""
+    from certify import distributed
+
     runs = []
     for path in models:
         config = replace(base, model=str(path))
@@ -264,7 +281,7 @@ def _ratio(v: float) -> str:
 def write_comparison(out_dir: str | os.PathLike[str], comparison: Comparison, *,
                      method: str, title: str | None = None) -> Path:
     """Write the table (CSV, markdown, JSON) and the two overlaid figures into `out_dir`."""
-    from certify._io import atomic_open, atomic_write_json, atomic_write_text
+    from certify._io import atomic_write_csv, atomic_write_json, atomic_write_text
     from certify.report.plots import plot_certified_accuracy, plot_sorted_eps, save_figure
     from certify.report.results import json_safe
 
@@ -272,11 +289,7 @@ def write_comparison(out_dir: str | os.PathLike[str], comparison: Comparison, *,
     out.mkdir(parents=True, exist_ok=True)
     rows = comparison.rows
     fields = list(CompareRow.__dataclass_fields__)
-    with atomic_open(out / TABLE_CSV) as f:
-        f.write(",".join(fields) + "\n")
-        for r in rows:
-            f.write(",".join("" if getattr(r, k) is None else str(getattr(r, k))
-                             for k in fields) + "\n")
+    atomic_write_csv(out / TABLE_CSV, fields, ([getattr(r, k) for k in fields] for r in rows))
     atomic_write_json(out / TABLE_JSON, json_safe({
         "method": method, "rows": [r.as_dict() for r in rows]}))
     runs = {r.label: run.rows_of(method) for r, run in zip(rows, comparison.runs, strict=True)}

@@ -617,8 +617,8 @@ def run_experiment(config: ExperimentConfig | str | os.PathLike[str], *,
     Returns:
         :class:`ExperimentResult` (which stages ran, which were reused, the claims).
     Raises:
-        SpecError: bad config or stage name; DatasetError: missing data; and what the
-            underlying commands raise.
+        SpecError: bad config or stage name; DatasetError: missing data; RunLockedError:
+            another live run uses `out_dir`; and what the underlying commands raise.
     """
     t0 = time.perf_counter()
     if not isinstance(config, ExperimentConfig):
@@ -626,7 +626,15 @@ def run_experiment(config: ExperimentConfig | str | os.PathLike[str], *,
     if from_stage is not None and from_stage not in STAGES:
         raise unknown_name("stage", from_stage, STAGES)
     out = Path(out_dir) if out_dir is not None else Path("reports") / config.name
-    out.mkdir(parents=True, exist_ok=True)
+    from certify._lock import hold_output
+
+    with hold_output(out, command="experiment"):  # one run per folder; stale temporaries go
+        return _run_stages(config, out, from_stage=from_stage, quiet=quiet, started=t0)
+
+
+def _run_stages(config: ExperimentConfig, out: Path, *, from_stage: str | None, quiet: bool,
+                started: float) -> ExperimentResult:
+    """:func:`run_experiment` in its locked folder `out`."""
     (out / "stages").mkdir(exist_ok=True)
     from certify._io import atomic_write_text
 
@@ -661,4 +669,4 @@ def run_experiment(config: ExperimentConfig | str | os.PathLike[str], *,
 
     claims = read_claims(out)
     return ExperimentResult(out, tuple(ran), tuple(skipped), tuple(claims),
-                            time.perf_counter() - t0)
+                            time.perf_counter() - started)

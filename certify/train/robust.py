@@ -580,11 +580,13 @@ def _note_batch_norm(model: nn.Module) -> None:
 
 
 def _history(result: TrainResult) -> list[dict[str, Any]]:
+    """The per-epoch history kept in the checkpoint: numbers the seed fixes, no wall-clock
+    times (the same seed must give the same file, byte for byte)."""
     rows = []
     for r in result.history:
         rows.append({"epoch": r.epoch, "lr": r.lr, "train_loss": r.train_loss,
                      "train_accuracy": r.train_accuracy, "test_accuracy": r.test_accuracy,
-                     **r.metrics, "seconds": r.seconds})
+                     **r.metrics})
     return rows
 
 

@@ -252,7 +252,7 @@ def test_resume_with_other_options_is_refused(digits_ckpt, tmp_path):
     [
         (["--tol", "0"], "--tol must be a number > 0"),
         (["--eps-max", "-0.1"], "--eps-max must be a number > 0"),
-        (["--n", "0"], "--n must be >= 1"),
+        (["--n", "0"], "--num-samples must be >= 1"),
         (["--n", "5000"], "has only 450 samples"),
         (["--n", "3", "--indices", "1,2"], "not both"),
         (["--indices", "999"], "out of range"),
