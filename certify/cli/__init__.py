@@ -2,7 +2,8 @@
 
 Heavy modules (torch, cvxpy, matplotlib) are imported inside each command, so ``certify --help``
 stays fast. A :class:`certify.errors.CertifyError` raised anywhere below becomes one line on
-stderr and exit code 1; any other exception is a bug and keeps its traceback.
+stderr and exit code 1, a bad option or argument one line and exit code 2; any other exception
+is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -56,6 +57,17 @@ class CertifyGroup(click.Group):
             raise click.ClickException(
                 str(e).splitlines()[0] if str(e) else type(e).__name__
             ) from None
+        except click.UsageError as e:  # a bad option, too, is one line (exit code 2 kept)
+            raise _one_line_usage_error(e) from None
+
+
+def _one_line_usage_error(e: click.UsageError) -> click.ClickException:
+    """`e` as one ``Error: ...`` line that points at the command's ``--help``."""
+    message = " ".join(line.strip() for line in e.format_message().splitlines() if line.strip())
+    where = e.ctx.command_path if e.ctx is not None else "certify"
+    one = click.ClickException(f"{message} (see '{where} --help')")
+    one.exit_code = e.exit_code
+    return one
 
 
 def _importable(target: str) -> bool:

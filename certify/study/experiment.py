@@ -625,8 +625,9 @@ def run_experiment(config: ExperimentConfig | str | os.PathLike[str], *,
         config = load_config(config)
     if from_stage is not None and from_stage not in STAGES:
         raise unknown_name("stage", from_stage, STAGES)
-    out = Path(out_dir) if out_dir is not None else Path("reports") / config.name
-    out.mkdir(parents=True, exist_ok=True)
+    from certify._io import ensure_dir
+
+    out = ensure_dir(Path(out_dir) if out_dir is not None else Path("reports") / config.name)
     (out / "stages").mkdir(exist_ok=True)
     from certify._io import atomic_write_text
 
