@@ -61,13 +61,17 @@ class CertifyGroup(click.Group):
             raise _one_line_usage_error(e) from None
 
 
+class _UsageLine(click.ClickException):
+    """A usage error shown as one line, with click's exit code for usage errors."""
+
+    exit_code = click.UsageError.exit_code
+
+
 def _one_line_usage_error(e: click.UsageError) -> click.ClickException:
     """`e` as one ``Error: ...`` line that points at the command's ``--help``."""
     message = " ".join(line.strip() for line in e.format_message().splitlines() if line.strip())
     where = e.ctx.command_path if e.ctx is not None else "certify"
-    one = click.ClickException(f"{message} (see '{where} --help')")
-    one.exit_code = e.exit_code
-    return one
+    return _UsageLine(f"{message} (see '{where} --help')")
 
 
 def _importable(target: str) -> bool:

@@ -81,12 +81,12 @@ def parse_eps_grid(text: str) -> tuple[float, ...]:
         SpecError: malformed text, a range without its count, a negative eps, or a count < 2.
     """
     text = text.strip()
+    if text.count(":") == 1 and _numbers(text.split(":")):
+        raise SpecError(f"eps grid {text!r} is a range without its number of points; write "
+                        f"start:stop:count, e.g. {text}:11")
     try:
         if ":" in text:
             parts = text.split(":")
-            if len(parts) == 2:
-                raise SpecError(f"eps grid {text!r} is a range without its number of points; "
-                                f"write start:stop:count, e.g. {text}:11")
             if len(parts) != 3:
                 raise ValueError
             start, stop = float(parts[0]), float(parts[1])
@@ -103,6 +103,14 @@ def parse_eps_grid(text: str) -> tuple[float, ...]:
     if not grid or any(not (math.isfinite(e) and e >= 0) for e in grid):
         raise SpecError(f"eps grid {text!r} must hold finite eps >= 0")
     return tuple(round(e, 12) for e in grid)
+
+
+def _numbers(parts: Sequence[str]) -> bool:
+    try:
+        [float(p) for p in parts]
+    except ValueError:
+        return False
+    return True
 
 
 def model_labels(paths: Sequence[str | os.PathLike[str]], labels: Sequence[str] | None
