@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -26,18 +27,21 @@ _RANDOM_PART = r"[a-z0-9_]{8}"
 def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
     """Open a temporary file beside `path`; on success it is renamed over `path`.
 
-    On any exception the temporary file is removed and `path` is left as it was.
+    On any exception the temporary file is removed and `path` is left as it was. Only a regular
+    file (or nothing) is ever replaced: a folder, FIFO, device node or socket at `path` is
+    refused before anything is written.
 
     Raises:
+        OutputError: `path` is not a regular file, or its folder cannot be created or written.
         DiskFullError: the device (or a quota) is full; `path` keeps its previous content.
     """
     path = Path(path)
+    check_output_file(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         _raise_if_disk_full(e, path)
-        raise
+        raise _output_error(path, e) from None
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
     try:
         with os.fdopen(fd, mode) as f:
@@ -98,6 +102,74 @@ def remove_stale_temporaries(target: str | os.PathLike[str], *, folder: bool) ->
                 path.unlink()
                 removed.append(path)
     return removed
+def _kind(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _output_error(path: Path, e: OSError) -> Exception:
+    """An :class:`~certify.errors.OutputError` naming why `path` cannot be written."""
+    from certify.errors import OutputError
+
+    if isinstance(e, NotADirectoryError) or (isinstance(e, FileExistsError)
+                                             and not Path(e.filename or path).is_dir()):
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()),
+                       None)
+        what = f"{blocker} is a file, not a folder" if blocker is not None else \
+            "a part of the path is a file, not a folder"
+    elif isinstance(e, PermissionError):
+        what = "permission denied (a read-only place)"
+    elif isinstance(e, FileNotFoundError):
+        what = "its folder cannot be created there"
+    else:
+        what = e.strerror or type(e).__name__
+    return OutputError(f"cannot write {path}: {what}; choose a writable output path (-o).")
+
+
+def ensure_dir(path: str | os.PathLike[str]) -> Path:
+    """Create the folder `path` (and its parents) for output, or say in one line why not.
+
+    Raises:
+        OutputError: a file is in the way, or the place is read-only.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _output_error(path, e) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise _output_error(path, PermissionError(13, "Permission denied"))
+    return path
+
+
+def check_output_file(path: str | os.PathLike[str]) -> Path:
+    """Check, before any work, that `path` can be written by :func:`atomic_open`.
+
+    Creates the parent folders. A regular file at `path` is fine (it will be replaced); a
+    folder, FIFO, device node or socket is refused (so is a link to one).
+
+    Raises:
+        OutputError: what is in the way, in one line.
+    """
+    from certify.errors import OutputError
+
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as e:
+        raise _output_error(path, e) from None
+    if mode is not None and not stat.S_ISREG(mode):
+        raise OutputError(f"cannot write {path}: it is {_kind(mode)}, and certify only replaces "
+                          "regular files; choose a file path for the output (-o).")
+    ensure_dir(path.parent)
+    return path
 
 
 def _umask() -> int:

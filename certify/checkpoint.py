@@ -223,6 +223,9 @@ def load_checkpoint(
             f"{path}: weights do not fit architecture '{meta.arch}' "
             f"{meta.arch_kwargs}: {_first_line(e)}"
         ) from None
+    from certify.model_io import check_finite_weights
+
+    check_finite_weights(model, path)
     return model.to(device).eval(), meta
 
 

@@ -57,6 +57,10 @@ class ReportError(CertifyError):
     """A missing or malformed run directory or result file (per_sample.csv, results.json)."""
 
 
+class OutputError(CertifyError):
+    """An output path that cannot be written: not a folder, read-only, or not a regular file."""
+
+
 class DistributedError(CertifyError):
     """A multi-process (torchrun) run failed on some rank; the message names the rank."""
 

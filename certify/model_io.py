@@ -13,7 +13,8 @@ from torch import nn
 from certify.checkpoint import ModelMeta
 from certify.errors import CheckpointError, SpecError
 
-__all__ = ["MODEL_SUFFIXES", "load_model"]
+__all__ = ["MODEL_SUFFIXES", "check_finite_outputs", "check_finite_weights", "load_model",
+           "require_checkpoint", "resolve_dataset"]
 
 #: File endings :func:`load_model` understands.
 MODEL_SUFFIXES = (".pt", ".pth", ".onnx", ".onnx.gz")
@@ -102,6 +103,7 @@ def _load_onnx(path: Path, *, device: str | torch.device, input_shape: Sequence[
         if info is not None and (flat_fits or unknown_image):
             shape = tuple(info.input_shape)
     model, meta = import_onnx(proto, input_shape=shape, dataset=dataset, source=path.name)
+    check_finite_weights(model, path)
     if mean is not None and std is not None:
         channels = meta.input_shape[0]
         mean_c = _per_channel(mean, channels, "mean")
@@ -117,6 +119,61 @@ def _load_onnx(path: Path, *, device: str | torch.device, input_shape: Sequence[
             model = nn.Sequential(layers).eval()
             meta = meta.with_updates(mean=mean_c, std=std_c)
     return model.to(device).eval(), meta
+
+
+def resolve_dataset(dataset: str | None, meta: ModelMeta, path: str | os.PathLike[str]) -> str:
+    """`dataset` if given, else the one the model file records; one line when neither is known.
+
+    Raises:
+        SpecError: no `dataset` and the file records none certify knows (an ONNX network).
+    """
+    from certify.data import DATASETS
+
+    if dataset is not None:
+        return dataset
+    if meta.dataset not in DATASETS:
+        raise SpecError(f"{Path(path).name} does not record a known dataset ({meta.dataset!r}); "
+                        f"pass --dataset NAME ({', '.join(DATASETS)}).")
+    return meta.dataset
+
+
+def require_checkpoint(path: str | os.PathLike[str], command: str) -> None:
+    """Refuse an ONNX network for a command that re-builds the architecture it writes.
+
+    Raises:
+        SpecError: `path` is an ONNX file.
+    """
+    if Path(path).name.lower().endswith((".onnx", ".onnx.gz")):
+        raise SpecError(f"{command} writes a certify checkpoint of the same architecture, which "
+                        f"an ONNX network ({Path(path).name}) does not have; {command} the "
+                        "checkpoint it was exported from, or distill it into a student first "
+                        "(certify distill NET.onnx --student ...).")
+
+
+def check_finite_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Refuse a model whose weights hold NaN or infinity: its every output would be nonsense.
+
+    Raises:
+        CheckpointError: naming the first non-finite tensor.
+    """
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = "NaN" if bool(tensor.isnan().any()) else "infinite values"
+            raise CheckpointError(f"{Path(path).name}: weights '{name}' hold {bad}; the model "
+                                  "is broken (diverged training?). Re-train or re-export it.")
+
+
+def check_finite_outputs(model: nn.Module, x: torch.Tensor, name: str) -> None:
+    """Refuse a model whose outputs (logits) on the batch `x` are NaN or infinite.
+
+    Raises:
+        SpecError: the model overflows on real inputs; no bound or attack on it means anything.
+    """
+    with torch.no_grad():
+        out = model(x)
+    if not bool(torch.isfinite(out).all()):
+        raise SpecError(f"{name} gives NaN or infinite logits on the data (its weights overflow "
+                        "the model's precision); re-train it, or try --dtype float64.")
 
 
 def _per_channel(values: Sequence[float], channels: int, what: str) -> tuple[float, ...]:

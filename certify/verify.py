@@ -9,11 +9,14 @@ The cascade, cheap to costly, stops at the first decision:
 2. **bounds**: each method of `methods` (cheap to tight) bounds ``matrix @ y - bound`` over the
    box (in float64 by default); a conjunction is ruled out once one of its rows is *proven*
    violated (lower bound strictly > 0). When every conjunction is ruled out: ``unsat``.
-3. **milp**, when the engine registers it and the network is small (``use_milp="auto"``).
-4. A longer attack on the conjunctions left, with the time that remains.
+3. **milp**, when the engine registers it and the network is small (``use_milp="auto"``); it
+   gets the time that remains as its budget, the refinement of its intermediate bounds included.
+4. **the budget**: rounds of longer attacks on the conjunctions left (fresh random starts, twice
+   the steps each round), with alpha-CROWN at more steps after the first round when it is in
+   the cascade, until only a small reserve of the time is left.
 
-Otherwise the verdict is ``unknown``, or ``timeout`` when the time ran out first. ``unsat`` is
-only ever the result of a proof.
+Otherwise the verdict is ``unknown`` (the budget was spent), or ``timeout`` when a phase ran
+past the deadline. ``unsat`` is only ever the result of a proof.
 
 Also here: the VNN-COMP result file (:func:`format_result`) and the benchmark runner over an
 ``instances.csv`` (:func:`run_instances`).
@@ -30,7 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +62,12 @@ RESULTS: tuple[Result, ...] = ("sat", "unsat", "unknown", "timeout")
 RESULT_COLUMNS = ("onnx", "vnnlib", "result", "seconds", "method")
 #: Networks with at most this many ReLU units get the MILP with ``use_milp="auto"``.
 MILP_AUTO_MAX_RELUS = 256
+#: The part of the timeout kept back at the end (at most :data:`RESERVE_MAX` seconds), so that
+#: an undecided property ends as ``unknown`` before the deadline, not as ``timeout``.
+RESERVE_FRACTION = 0.05
+RESERVE_MAX = 1.0
+#: alpha-CROWN's steps when it is tried again with the time left.
+ALPHA_CROWN_LONG_STEPS = 100
 
 
 @dataclass(frozen=True)
@@ -115,7 +124,8 @@ def verify(
         bound_dtype: Precision of the bound computations (float64 keeps proofs free of float32
             rounding).
         attack_steps, attack_restarts: Effort of the first attack (per conjunction); the
-            attack after the bounds takes 5 times the steps and 8 times the restarts.
+            attacks after the bounds take 8 times the restarts and 5, 10, 20, ... times the
+            steps, until the time left is the reserve.
         seed: Seed of the attack's random points.
     Returns:
         The :class:`Verdict`.
@@ -172,12 +182,24 @@ def verify(
             open_rows &= ~_ruled_out(bound_model, box, rows, open_rows, name, seconds=left)
             if not open_rows.any():
                 return done("unsat", name)
-        remaining = deadline - time.perf_counter()
-        if remaining > 0:
-            found = _attack(model, prop, rows.subset(open_rows), shape, steps=5 * attack_steps,
-                            restarts=8 * attack_restarts, generator=generator, deadline=deadline)
+        # spend what is left, keeping a reserve: longer attacks, and a longer alpha-CROWN
+        stop = deadline - min(RESERVE_MAX, RESERVE_FRACTION * (deadline - start))
+        retry = ["alpha-crown"] if "alpha-crown" in cascade else []
+        round_ = 0
+        while time.perf_counter() < stop:
+            found = _attack(model, prop, rows.subset(open_rows), shape,
+                            steps=5 * 2 ** min(round_, 6) * max(attack_steps, 1),
+                            restarts=8 * attack_restarts, generator=generator, deadline=stop)
             if found is not None:
                 return done("sat", "attack", found)
+            round_ += 1
+            while retry and time.perf_counter() < stop:
+                name = retry.pop()
+                open_rows &= ~_ruled_out(bound_model, box, rows, open_rows, name,
+                                         seconds=stop - time.perf_counter(),
+                                         options={"steps": ALPHA_CROWN_LONG_STEPS})
+                if not open_rows.any():
+                    return done("unsat", name)
         return done("timeout" if time.perf_counter() >= deadline else "unknown", None)
     finally:
         model.train(was_training)
@@ -277,11 +299,13 @@ def _use_milp(use_milp: bool | str, model: nn.Module, x: Tensor, available: Sequ
 
 
 def _ruled_out(model: nn.Module, box: tuple[Tensor, Tensor], rows: _Rows, open_rows: Tensor,
-               method: str, *, seconds: float) -> Tensor:
+               method: str, *, seconds: float,
+               options: dict[str, Any] | None = None) -> Tensor:
     """``(P,)`` bool: conjunctions with a row proven violated by `method` (only open ones).
 
-    The MILP gets the `seconds` left as its time limit, shared by its problems (one per row);
-    a problem that runs out falls back to a sound bound inside the engine.
+    The MILP gets the `seconds` left as its budget, shared by the refinement of its
+    intermediate bounds and its problems (one per row); a problem it does not finish in time
+    falls back to a sound bound inside the engine. `options` go to the method.
     """
     from certify.bounds import compute_bounds
 
@@ -291,9 +315,9 @@ def _ruled_out(model: nn.Module, box: tuple[Tensor, Tensor], rows: _Rows, open_r
         return out
     lower, upper = box
     spec = rows.matrix[active].to(lower.dtype).unsqueeze(0)
-    options: dict[str, float] = {}
+    options = dict(options or {})  # a copy: the MILP's time is set here
     if method == "milp":
-        options["time_limit"] = max(seconds / int(active.sum()), 1.0)
+        options["time_limit"] = options["budget"] = max(seconds, 1e-3)
     # rigorous for the network in exact arithmetic and for the model's own forward pass
     bounds = compute_bounds(model, lower, upper, method, spec, model_rounding=True, **options)
     # proven violated: the smallest value of (matrix @ y)_r over the box exceeds bound_r; the

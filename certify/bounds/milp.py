@@ -103,6 +103,9 @@ OPTIMAL = "optimal"
 ABOVE = "above threshold"
 BELOW = "at or below threshold"
 SKIPPED = "skipped: another row is at or below the threshold"
+BUDGET_SPENT = "unknown: time budget spent"
+#: Neurons per LP call when refining intermediate bounds against a deadline.
+REFINE_ROWS = 16
 
 
 @dataclass(frozen=True, repr=False)
@@ -144,6 +147,10 @@ class MILP(MethodBase):
             ``"alpha-crown"`` (CROWN refined by alpha-CROWN, cheaper), or the plain bounds of
             ``"crown"``, ``"wong-kolter"``, ``"crown-ibp"`` or ``"ibp"``.
         time_limit: Seconds per MILP (> 0); a problem that hits it is ``unknown``.
+        budget: None (default), or seconds for the whole call, the refinement of the
+            intermediate bounds included: once spent, the refinement keeps the bounds it has
+            reached, each MILP gets at most what is left, and the rows not reached are
+            ``"unknown: time budget spent"`` with their sound fallback bound.
         exact_upper: Also solve the maximization of every row (upper bounds); default False
             (CROWN's upper bound with the same intermediate bounds, sound but not exact).
         threshold: None (default: every row's exact minimum), or decide the rows against this
@@ -159,6 +166,7 @@ class MILP(MethodBase):
     time_limit: float = 60.0
     exact_upper: bool = False
     threshold: float | None = None
+    budget: float | None = None
     name: ClassVar[str] = "milp"
 
     def __post_init__(self) -> None:
@@ -169,6 +177,10 @@ class MILP(MethodBase):
                 and self.time_limit > 0):
             raise SpecError(f"milp: time_limit must be a number of seconds > 0, got "
                             f"{self.time_limit!r}.")
+        if self.budget is not None and not (isinstance(self.budget, (int, float))
+                                            and math.isfinite(self.budget) and self.budget > 0):
+            raise SpecError(f"milp: budget must be None or a number of seconds > 0, got "
+                            f"{self.budget!r}.")
         if not isinstance(self.exact_upper, bool):
             raise SpecError(f"milp: exact_upper must be True or False, got {self.exact_upper!r}.")
         if self.threshold is not None and not (isinstance(self.threshold, (int, float))
@@ -176,14 +188,17 @@ class MILP(MethodBase):
             raise SpecError(f"milp: threshold must be None or a finite number (e.g. 0 for "
                             f"margins), got {self.threshold!r}.")
 
-    def intermediate(self, net: Network, x_lo: Tensor, x_hi: Tensor) -> tuple[Bounds, ...]:
-        """Pre-activation bounds of `intermediate_method` (refined for ``lp``/``alpha-crown``)."""
+    def intermediate(self, net: Network, x_lo: Tensor, x_hi: Tensor, *,
+                     deadline: float | None = None) -> tuple[Bounds, ...]:
+        """Pre-activation bounds of `intermediate_method` (refined for ``lp``/``alpha-crown``,
+        until the ``time.perf_counter()`` `deadline` if one is given)."""
         method = self.intermediate_method
         with torch.no_grad():
             base = "crown" if method in ("lp", "alpha-crown") else method
             bounds = get_method(base).intermediate(net, x_lo, x_hi)
             if method in ("lp", "alpha-crown"):
-                bounds = refine_intermediate(net, x_lo, x_hi, bounds, method=method)
+                bounds = refine_intermediate(net, x_lo, x_hi, bounds, method=method,
+                                             deadline=deadline)
         return bounds
 
     def bound(self, net: Network, x_lo: Tensor, x_hi: Tensor, spec: Tensor | None = None, *,
@@ -192,6 +207,7 @@ class MILP(MethodBase):
         if spec is None:
             raise ValueError("pass a specification; compute_bounds supplies the identity")
         _check_solver()
+        deadline = None if self.budget is None else time.perf_counter() + self.budget
         f64, cpu = torch.float64, torch.device("cpu")
         with torch.no_grad():
             net64 = net.detach().to(dtype=f64, device=cpu)
@@ -199,7 +215,7 @@ class MILP(MethodBase):
             hi_t = x_hi.detach().to(cpu, f64)
             spec64 = spec.detach().to(cpu, f64)
             if intermediate is None:
-                intermediate = self.intermediate(net64, lo_t, hi_t)
+                intermediate = self.intermediate(net64, lo_t, hi_t, deadline=deadline)
                 dtypes = [f64] * len(intermediate)
             else:
                 dtypes = [b.lower.dtype for b in intermediate]
@@ -250,20 +266,36 @@ class MILP(MethodBase):
                 for r in order:
                     const = problem.constants[r]
                     if not below:
-                        theta = None if self.threshold is None else self.threshold - const
-                        lb, rows[r] = model.minimize(problem.objectives[r], self.time_limit,
-                                                     tol[r], theta)
-                        lower[i, r] = max(lower[i, r], lb + const)
-                        below = rows[r] == BELOW
+                        limit = _limit(self.time_limit, deadline)
+                        if limit is None:
+                            rows[r] = BUDGET_SPENT
+                        else:
+                            theta = None if self.threshold is None else self.threshold - const
+                            lb, rows[r] = model.minimize(problem.objectives[r], limit, tol[r],
+                                                         theta)
+                            lower[i, r] = max(lower[i, r], lb + const)
+                            below = rows[r] == BELOW
                     if self.exact_upper:
-                        ub, up_rows[r] = model.minimize(-problem.objectives[r], self.time_limit,
-                                                        tol[r])
+                        limit = _limit(self.time_limit, deadline)
+                        if limit is None:
+                            up_rows[r] = BUDGET_SPENT
+                            continue
+                        ub, up_rows[r] = model.minimize(-problem.objectives[r], limit, tol[r])
                         upper[i, r] = min(upper[i, r], -ub + const)
                 status.append(tuple(rows))
                 upper_status.append(tuple(up_rows))
         return MilpBounds(_cast_outward(lower, x_lo, down=True),
                           _cast_outward(upper, x_lo, down=False), tuple(status),
                           tuple(upper_status), torch.as_tensor(tolerance))
+
+
+def _limit(time_limit: float, deadline: float | None) -> float | None:
+    """Seconds for the next MILP: `time_limit`, cut to what is left before `deadline` (None
+    when nothing is left)."""
+    if deadline is None:
+        return time_limit
+    left = deadline - time.perf_counter()
+    return min(time_limit, left) if left > 0 else None
 
 
 def _check_solver() -> None:
@@ -283,7 +315,8 @@ def _truncated(net: Network, pos: int) -> Network:
 
 
 def refine_intermediate(net: Network, x_lo: Tensor, x_hi: Tensor, bounds: Sequence[Bounds], *,
-                        method: str = "lp") -> tuple[Bounds, ...]:
+                        method: str = "lp", deadline: float | None = None
+                        ) -> tuple[Bounds, ...]:
     """Tighter pre-activation bounds: each ReLU layer after the first re-bounded by `method`.
 
     Layer by layer, the unstable neurons of layer ``k`` (``l < 0 < u``) are bounded by `method`
@@ -296,6 +329,9 @@ def refine_intermediate(net: Network, x_lo: Tensor, x_hi: Tensor, bounds: Sequen
         bounds: Sound bounds of every ReLU input, `(N, *shape)` each, e.g. CROWN's.
         method: ``"lp"`` (per sample, one min and one max LP per unstable neuron) or
             ``"alpha-crown"`` (batched).
+        deadline: A ``time.perf_counter()`` value; once it has passed, the neurons not yet
+            refined keep their given bounds (sound, only looser). With a deadline the LPs are
+            solved :data:`REFINE_ROWS` neurons at a time so that it is checked often.
 
     Returns:
         One :class:`Bounds` per ReLU, each within the given one.
@@ -320,19 +356,30 @@ def refine_intermediate(net: Network, x_lo: Tensor, x_hi: Tensor, bounds: Sequen
                   else [list(range(n))])
         for samples in groups:
             idx = torch.tensor(samples)
-            rows = torch.nonzero(unstable[idx].any(0)).flatten()
-            spec = torch.zeros(len(samples), rows.numel(), lo.shape[1], dtype=lo.dtype)
-            spec[:, torch.arange(rows.numel()), rows] = 1.0
-            given = tuple(Bounds(b.lower[idx], b.upper[idx]) for b in before)
-            b = bounder.bound(trunc, x_lo[idx], x_hi[idx], spec.to(x_lo.device),
-                              intermediate=given)
-            new_lo = torch.maximum(lo[idx][:, rows], b.lower.to(lo.dtype).cpu())
-            new_hi = torch.minimum(hi[idx][:, rows], b.upper.to(hi.dtype).cpu())
-            # both are sound; a crossing can only be rounding of an (almost) point interval
-            lo[idx[:, None], rows] = torch.minimum(new_lo, new_hi)
-            hi[idx[:, None], rows] = torch.maximum(new_lo, new_hi)
+            unstable_rows = torch.nonzero(unstable[idx].any(0)).flatten()
+            chunks = (unstable_rows.split(REFINE_ROWS) if deadline is not None
+                      and method == "lp" else (unstable_rows,))
+            for rows in chunks:
+                if deadline is not None and time.perf_counter() >= deadline:
+                    break
+                _refine_rows(bounder, trunc, x_lo, x_hi, idx, rows, lo, hi,
+                             tuple(Bounds(b.lower[idx], b.upper[idx]) for b in before))
         refined[k] = Bounds(lo.reshape(n, *shape), hi.reshape(n, *shape))
     return tuple(refined)
+
+
+def _refine_rows(bounder: Any, trunc: Network, x_lo: Tensor, x_hi: Tensor, idx: Tensor,
+                 rows: Tensor, lo: Tensor, hi: Tensor, given: tuple[Bounds, ...]) -> None:
+    """Intersect ``lo``/``hi`` ``(N, D)`` at samples `idx` and neurons `rows` with `bounder`'s
+    bounds of those neurons (in place)."""
+    spec = torch.zeros(len(idx), rows.numel(), lo.shape[1], dtype=lo.dtype)
+    spec[:, torch.arange(rows.numel()), rows] = 1.0
+    b = bounder.bound(trunc, x_lo[idx], x_hi[idx], spec.to(x_lo.device), intermediate=given)
+    new_lo = torch.maximum(lo[idx][:, rows], b.lower.to(lo.dtype).cpu())
+    new_hi = torch.minimum(hi[idx][:, rows], b.upper.to(hi.dtype).cpu())
+    # both are sound; a crossing can only be rounding of an (almost) point interval
+    lo[idx[:, None], rows] = torch.minimum(new_lo, new_hi)
+    hi[idx[:, None], rows] = torch.maximum(new_lo, new_hi)
 
 
 # ------------------------------------------------------------------------------ the model

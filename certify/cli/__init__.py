@@ -2,9 +2,10 @@
 
 Heavy modules (torch, cvxpy, matplotlib) are imported inside each command, so ``certify --help``
 stays fast. A :class:`certify.errors.CertifyError` raised anywhere below becomes one line on
-stderr and exit code 1; any other exception is a bug and keeps its traceback, except a full disk
-(one line, exit 1) and Ctrl-C (one line saying how to continue, exit 130). Both keep what was
-saved valid, and the line says how to go on: :data:`CONTINUE_HINTS`.
+stderr and exit code 1, a bad option or argument one line and exit code 2; any other exception
+is a bug and keeps its traceback, except a full disk (one line, exit 1) and Ctrl-C (one line
+saying how to continue, exit 130). Both keep what was saved valid, and the line says how to go
+on: :data:`CONTINUE_HINTS`.
 """
 
 from __future__ import annotations
@@ -80,6 +81,10 @@ class CertifyGroup(click.Group):
                                        f"{_hint(ctx)}") from None
         except CertifyError as e:
             raise click.ClickException(_first_line(e)) from None
+        except click.UsageError as e:  # a bad option, too, is one line (exit code 2 kept)
+            raise _one_line_usage_error(e) from None
+        except click.ClickException:
+            raise
         except Exception as e:  # a full disk outside the atomic writers (mkdir, a log file)
             from certify._io import disk_full_cause
 
@@ -100,6 +105,19 @@ def _hint(ctx: click.Context) -> str:
     """How to continue the subcommand being run."""
     name = ctx.invoked_subcommand or ""
     return CONTINUE_HINTS.get(name, _RERUN)
+
+
+class _UsageLine(click.ClickException):
+    """A usage error shown as one line, with click's exit code for usage errors."""
+
+    exit_code = click.UsageError.exit_code
+
+
+def _one_line_usage_error(e: click.UsageError) -> click.ClickException:
+    """`e` as one ``Error: ...`` line that points at the command's ``--help``."""
+    message = " ".join(line.strip() for line in e.format_message().splitlines() if line.strip())
+    where = e.ctx.command_path if e.ctx is not None else "certify"
+    return _UsageLine(f"{message} (see '{where} --help')")
 
 
 def _importable(target: str) -> bool:

@@ -63,7 +63,8 @@ def _indices(ctx: click.Context, param: click.Parameter, value: str | None
 
 @click.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@dataset_option(required=True)
+@dataset_option(required=False, help="Dataset name [default: the one the checkpoint records; "
+                "an ONNX network needs it].")
 @click.option("--split", default="test", show_default=True, help="Dataset split.")
 @num_samples_option(default=None, what="Certify")
 @click.option("--indices", callback=_indices, default=None,
@@ -99,8 +100,9 @@ def _indices(ctx: click.Context, param: click.Parameter, value: str | None
 @data_dir_option
 @quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout.")
-def area(model: str, dataset: str, split: str, n: int | None, indices: tuple[int, ...] | None,
-         methods: tuple[str, ...], engine: str, attack: str, eps_max: float, tol: float,
+def area(model: str, dataset: str | None, split: str, n: int | None,
+         indices: tuple[int, ...] | None, methods: tuple[str, ...], engine: str, attack: str,
+         eps_max: float, tol: float,
          search: str, exact: bool, exact_time_limit: float, batch_size: int, device: str,
          dtype: str, seed: int, out_dir: str | None, resume: bool, data_dir: str | None,
          quiet: bool, as_json: bool) -> None:
@@ -114,7 +116,7 @@ def area(model: str, dataset: str, split: str, n: int | None, indices: tuple[int
 
     \b
     Example:
-      certify area models/teacher.pt --dataset svhn --num-samples 500
+      certify area models/teacher.pt --num-samples 500   # the dataset the checkpoint records
       certify area models/m.pt --dataset digits --method ibp --method crown -o reports/m
       certify area models/m.pt --dataset digits -o reports/m --resume
       certify area models/m.pt --dataset digits --engine auto-lirpa --method alpha-crown

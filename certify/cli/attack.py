@@ -18,7 +18,7 @@ from certify.cli.options import (
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @dataset_option(required=True)
 @click.option("--eps", "eps", default="0:0.014:15", show_default=True,
-              help="eps grid (pixel units): start:stop:count, start:stop (11 points) or a list "
+              help="eps grid (pixel units): start:stop:count (both ends included) or a list "
               "0,0.005,0.01.")
 @click.option("--attack", type=click.Choice(["pgd", "fgsm", "autoattack"]), default="pgd",
               show_default=True, help="autoattack: worst case of APGD-CE, APGD-DLR, FAB and "
@@ -52,10 +52,12 @@ def attack(models: tuple[str, ...], dataset: str, eps: str, attack: str, n: int,
       torchrun --nproc_per_node=2 -m certify attack models/teacher.pt --dataset svhn \\
           --num-samples 10000
     """
+    from certify._io import ensure_dir
     from certify.distributed import is_main
     from certify.study.attack_curves import parse_eps_grid, run_attack_curves
 
     grid = parse_eps_grid(eps)
+    ensure_dir(out_dir)  # before any work: one line, not a traceback at the end
     result = run_attack_curves(list(models), dataset, grid, out_dir=out_dir, attack=attack,
                                n=n, steps=steps, restarts=restarts, labels=labels or None,
                                seed=seed, batch_size=batch_size, device=device,

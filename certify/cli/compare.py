@@ -52,11 +52,13 @@ def compare(models: tuple[str, ...], dataset: str, method: str, n: int, eps: flo
       certify compare reports/demo/models/*.pt --dataset digits --num-samples 100
       torchrun --nproc_per_node=2 -m certify compare a.pt b.pt --dataset digits --num-samples 100
     """
+    from certify._io import ensure_dir
     from certify.distributed import is_main
     from certify.study.attack_curves import parse_eps_grid
     from certify.study.compare import compare_models, table_markdown
 
     grid = parse_eps_grid(eps_grid) if eps_grid else None
+    ensure_dir(out_dir)  # before any work: one line, not a traceback at the end
     result = compare_models(list(models), dataset, labels=labels or None, method=method, n=n,
                             eps=eps, eps_grid=grid, eps_max=eps_max, tol=tol, seed=seed,
                             device=device, data_dir=data_dir, cache_dir=cache_dir,

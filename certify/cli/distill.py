@@ -70,6 +70,7 @@ def distill(teacher: str, student: str, method: str, temperatures: list[float], 
       certify distill models/teacher.pt --student scn-32-32 --method logits \\
           --transfer-split extra
     """
+    from certify._io import check_output_file
     from certify._lock import hold_output
     from certify.train._tables import markdown_table
     from certify.train.distill import SWEEP_NOTE, distill_sweep, sweep_columns
@@ -80,6 +81,7 @@ def distill(teacher: str, student: str, method: str, temperatures: list[float], 
                          momentum=momentum, weight_decay=weight_decay, schedule=schedule,
                          grad_clip=grad_clip, seed=seed, device=device)
     out = out or f"models/{student}-from-{Path(teacher).stem}.pt"
+    check_output_file(out)  # before any work: one line, not a traceback at the end
     seed_everything(seed)
     if len(temperatures) > 1:
         if transfer_split is not None:

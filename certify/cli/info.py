@@ -1,4 +1,4 @@
-"""``certify info``: what a checkpoint holds."""
+"""``certify info``: what a checkpoint (or an ONNX network) holds."""
 
 from __future__ import annotations
 
@@ -6,23 +6,31 @@ import json
 
 import click
 
+from certify.cli.options import model_input_options
+
 
 @click.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
-def info(model: str, as_json: bool) -> None:
-    """Print a checkpoint's architecture, dataset, parameters, provenance and metrics.
+@model_input_options
+def info(model: str, as_json: bool, input_shape: tuple[int, ...] | None,
+         mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> None:
+    """Print a model's architecture, dataset, parameters, provenance and metrics.
+
+    MODEL is a certify checkpoint (.pt) or an ONNX network (.onnx, .onnx.gz).
 
     \b
     Example:
       certify info models/teacher.pt
+      certify info net.onnx
     """
     from dataclasses import asdict
 
-    from certify.checkpoint import checkpoint_sha256, load_checkpoint
+    from certify.checkpoint import checkpoint_sha256
+    from certify.model_io import load_model
     from certify.nets import count_parameters
 
-    net, meta = load_checkpoint(model)
+    net, meta = load_model(model, input_shape=input_shape, mean=mean, std=std)
     params = count_parameters(net)
     if as_json:
         out = asdict(meta) | {"parameters": params, "sha256": checkpoint_sha256(model)}

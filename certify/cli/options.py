@@ -28,10 +28,11 @@ def data_dir_option(f: F) -> F:
                         help="Folder holding the dataset files (default ./data).")(f)
 
 
-def dataset_option(required: bool = True, default: str | None = None) -> Callable[[F], F]:
+def dataset_option(required: bool = True, default: str | None = None,
+                   help: str = "Dataset name.") -> Callable[[F], F]:
     def decorate(f: F) -> F:
         return click.option("--dataset", type=click.Choice(DATASET_NAMES), required=required,
-                            default=default, help="Dataset name.")(f)
+                            default=default, help=help)(f)
 
     return decorate
 

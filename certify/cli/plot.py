@@ -28,8 +28,11 @@ def plot(run_dirs: tuple[str, ...], out: str | None, kind: str, methods: tuple[s
     """
     from pathlib import Path
 
+    from certify._io import check_output_file
     from certify.report.plots import plot_runs
 
+    if out is not None:
+        check_output_file(out)
     target = plot_runs([Path(d) for d in run_dirs], out=Path(out) if out else None, kind=kind,
                        methods=methods or None, title=title)
     click.echo(str(target))

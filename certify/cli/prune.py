@@ -85,6 +85,10 @@ def prune(model: str, ratio: float | None, layer_ratios: dict[str, float] | None
     if chosen != 1:
         raise click.UsageError("give exactly one of --ratio R, --ratios conv1=R1,... or "
                                "--sensitivity.")
+    from certify._io import check_output_file
+
+    if out is not None:
+        check_output_file(out)  # before any work: one line, not a traceback at the end
     if sensitivity:
         _sensitivity(model, scan_ratios, data_dir, device, out)
         return
@@ -98,6 +102,7 @@ def prune(model: str, ratio: float | None, layer_ratios: dict[str, float] | None
                                optimizer="adam", momentum=0.9, weight_decay=0.0,
                                schedule="cosine", grad_clip=None, seed=seed, device=device)
     out = out or f"models/{Path(model).stem}-pruned.pt"
+    check_output_file(out)
     with hold_output(out, command="prune", folder=False):
         outcome = prune_checkpoint(model, ratio if ratio is not None else layer_ratios or {},
                                    finetune=finetune, distill_from_parent=distill_from_parent,
@@ -112,10 +117,12 @@ def _sensitivity(model: str, scan_ratios: list[float], data_dir: str | None, dev
                  out: str | None) -> None:
     from certify.checkpoint import load_checkpoint
     from certify.data import load_dataset
+    from certify.model_io import require_checkpoint
     from certify.train._tables import markdown_table, write_table
     from certify.train.prune import sensitivity_columns, sensitivity_scan, sensitivity_table_rows
     from certify.utils import resolve_device
 
+    require_checkpoint(model, "prune")
     net, meta = load_checkpoint(model, device=resolve_device(device))
     rows = sensitivity_scan(net, load_dataset(meta.dataset, "test", data_dir), scan_ratios)
     table = sensitivity_table_rows(rows)

@@ -50,6 +50,7 @@ def retrain(model: str, robust: str, eps: float, eps_start: float,
       certify retrain models/mlp-digits.pt --robust crown-ibp --eps 0.1 --kappa-start 1 \\
           -o models/mlp-digits-crown-ibp.pt
     """
+    from certify._io import check_output_file
     from certify._lock import hold_output
     from certify.train.robust import describe_result, retrain_checkpoint
     from certify.utils import seed_everything
@@ -64,6 +65,7 @@ def retrain(model: str, robust: str, eps: float, eps_start: float,
         bound_memory_mb=bound_memory_mb, eval_samples=eval_samples,
         certify_method=certify_method)
     out = out or f"models/{Path(model).stem}-{robust}.pt"
+    check_output_file(out)  # before any work: one line, not a traceback at the end
     seed_everything(seed)
     with hold_output(out, command="retrain", folder=False):
         trained = retrain_checkpoint(model, recipe, config, dataset=dataset,

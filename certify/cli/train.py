@@ -193,6 +193,7 @@ def train(dataset: str, arch: str, epochs: int, batch_size: int, lr: float, opti
       certify train --dataset svhn --arch wk-large --robust wong-kolter --eps 0.01 \\
           --eps-start 0.001 --eps-ramp-epochs 10 --device cuda
     """
+    from certify._io import check_output_file
     from certify._lock import hold_output
     from certify.train.standard import train_standard
     from certify.utils import seed_everything
@@ -226,6 +227,7 @@ def train(dataset: str, arch: str, epochs: int, batch_size: int, lr: float, opti
             bound_memory_mb=bound_memory_mb, eval_samples=eval_samples,
             certify_method=certify_method)
         out = out or f"models/{arch}-{dataset}-{robust}.pt"
+        check_output_file(out)
         with hold_output(out, command="train", folder=False):
             trained = train_robust(arch, dataset, config, recipe, output=out,
                                    data_dir=data_dir, resume=resume, quiet=quiet)
@@ -233,6 +235,7 @@ def train(dataset: str, arch: str, epochs: int, batch_size: int, lr: float, opti
                    f"{eps:g}, {epochs} epoch{'s' if epochs != 1 else ''})")
         return
     out = out or f"models/{arch}-{dataset}.pt"
+    check_output_file(out)  # before any work: one line, not a traceback at the end
     with hold_output(out, command="train", folder=False):
         trained = train_standard(arch, dataset, config, output=out, temperature=temperature,
                                  data_dir=data_dir, resume=resume, quiet=quiet)
@@ -242,7 +245,8 @@ def train(dataset: str, arch: str, epochs: int, batch_size: int, lr: float, opti
 
 @click.command("eval")
 @click.argument("model", type=click.Path(dir_okay=False))
-@dataset_option(required=False)
+@dataset_option(required=False, help="Dataset name [default: the one the checkpoint records; "
+                "an ONNX network needs it].")
 @click.option("--split", type=click.Choice(["test", "train", "extra"]), default="test",
               show_default=True, help="Dataset split.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=512, show_default=True,
@@ -252,11 +256,14 @@ def train(dataset: str, arch: str, epochs: int, batch_size: int, lr: float, opti
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_cmd(model: str, dataset: str | None, split: str, batch_size: int, device: str,
              data_dir: str | None, as_json: bool) -> None:
-    """Print a checkpoint's clean accuracy on a dataset (default: the one it was trained on).
+    """Print a model's clean accuracy on a dataset (default: the one it was trained on).
+
+    MODEL is a certify checkpoint (.pt) or an ONNX network (.onnx, .onnx.gz).
 
     \b
     Example:
       certify eval models/mlp-digits.pt
+      certify eval net.onnx --dataset digits
       certify eval models/teacher.pt --dataset svhn --split train
     """
     from certify.train.standard import evaluate_checkpoint

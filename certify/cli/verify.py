@@ -50,6 +50,7 @@ def verify(net: str | None, spec: str | None, instances: str | None, timeout: fl
       certify verify net.onnx prop.vnnlib --timeout 60 --results out.txt
       certify verify --instances benchmarks/mnist/instances.csv
     """
+    from certify._io import check_output_file
     from certify.errors import SpecError
     from certify.utils import resolve_device
     from certify.verify import InstanceResult, format_result, run_instances, verify_files
@@ -65,6 +66,7 @@ def verify(net: str | None, spec: str | None, instances: str | None, timeout: fl
         out = Path(results) if results else Path("reports", "verify",
                                                   Path(instances).resolve().parent.name,
                                                   "results.csv")
+        check_output_file(out)  # before any work: one line, not a traceback at the end
 
         def report(item: InstanceResult) -> None:
             if not quiet:
@@ -91,6 +93,8 @@ def verify(net: str | None, spec: str | None, instances: str | None, timeout: fl
     if net is None or spec is None:
         raise click.UsageError("give NET and SPEC (a network and a .vnnlib property), or "
                                "--instances CSV.")
+    if results:
+        check_output_file(results)
     verdict = verify_files(net, spec, timeout=timeout or 60.0, methods=methods,
                            use_milp=use_milp, input_shape=input_shape, mean=mean,
                            std=std, device=torch_device, seed=seed)

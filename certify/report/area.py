@@ -48,14 +48,14 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from certify._io import atomic_write_json
+from certify._io import atomic_write_json, ensure_dir
 from certify.errors import ReportError, SpecError, unknown_name
 from certify.report.results import (
     SampleRow,
@@ -99,7 +99,7 @@ class AreaConfig:
 
     Attributes:
         model: Model file (certify checkpoint ``.pt`` or ``.onnx``).
-        dataset: Dataset name, e.g. ``digits``.
+        dataset: Dataset name, e.g. ``digits``; None: the one the checkpoint records.
         split: Dataset split.
         n: The first `n` samples of the split (None: all); exclusive with `indices`.
         indices: Explicit sample positions in the split.
@@ -126,7 +126,7 @@ class AreaConfig:
     """
 
     model: str
-    dataset: str
+    dataset: str | None
     split: str = "test"
     n: int | None = None
     indices: tuple[int, ...] | None = None
@@ -160,6 +160,13 @@ class AreaConfig:
                 and self.eps_max > 0):
             raise SpecError(f"--eps-max must be a number > 0, got {self.eps_max}; e.g. "
                             "--eps-max 0.5")
+        if self.dtype in ("float32", "float64"):
+            smallest = smallest_tol(self.eps_max, self.dtype)
+            if self.tol < smallest:
+                other = ", or --dtype float64" if self.dtype == "float32" else ""
+                raise SpecError(f"--tol {self.tol:g} is finer than {self.dtype} can resolve at "
+                                f"--eps-max {self.eps_max:g}; use --tol {smallest:.2g} or more"
+                                f"{other}")
         if self.attack_tol is not None and not (math.isfinite(self.attack_tol)
                                                 and self.attack_tol > 0):
             raise SpecError(f"attack_tol must be > 0, got {self.attack_tol}")
@@ -200,6 +207,17 @@ class AreaConfig:
                 and math.isfinite(self.exact_time_limit) and self.exact_time_limit > 0):
             raise SpecError(f"--exact-time-limit must be a number of seconds > 0, got "
                             f"{self.exact_time_limit}; e.g. --exact-time-limit 60")
+
+
+def smallest_tol(eps_max: float, dtype: str) -> float:
+    """The finest radius precision `dtype` resolves for radii up to `eps_max`.
+
+    About four units in the last place of `eps_max` (two significant digits): a narrower
+    bracket has ends that round to the same `dtype` number, so the search cannot tell them
+    apart.
+    """
+    ulp = torch.finfo(getattr(torch, dtype)).eps * eps_max
+    return float(f"{4 * ulp:.2g}")
 
 
 @dataclass(frozen=True)
@@ -409,7 +427,7 @@ def _run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None, res
     from certify import attacks, distributed, exact, radius
     from certify.compat import check_compatible
     from certify.data import get_dataset_info, load_dataset
-    from certify.model_io import load_model
+    from certify.model_io import check_finite_outputs, load_model, resolve_dataset
     from certify.utils import progress, resolve_device, resolve_dtype
 
     config.validate()
@@ -418,8 +436,11 @@ def _run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None, res
     device = ctx.device_for(base_device)
     dtype = resolve_dtype(config.dtype)
     model_path = Path(config.model)
-    info = get_dataset_info(config.dataset)
     model, meta = load_model(model_path, device=device, dataset=config.dataset)
+    if config.dataset is None:
+        config = replace(config, dataset=resolve_dataset(None, meta, model_path))
+    assert config.dataset is not None
+    info = get_dataset_info(config.dataset)
     check_compatible(meta, info, model_name=model_path.name, strict=True)
     data = load_dataset(config.dataset, config.split, root=config.data_dir)
     positions = _select(config, len(data), f"{config.dataset}/{config.split}")
@@ -461,8 +482,14 @@ def _run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None, res
             run_dir = Path(out_dir) if out_dir is not None else _find_resumable(root, stem,
                                                                                  settings)
             if not (run_dir / CONFIG_FILE).is_file():
-                raise ReportError(f"no run to resume in {run_dir} (no {CONFIG_FILE}); run "
-                                  "without --resume to start one there")
+                if (run_dir / SAMPLES_FILE).exists():
+                    raise ReportError(f"{run_dir} holds {SAMPLES_FILE} but no {CONFIG_FILE}: "
+                                      "not a run certify can continue; pick another folder "
+                                      "with -o")
+                # stopped before anything was saved: nothing to continue, so start it there
+                ensure_dir(run_dir)
+                _lock_run(run_dir, held)
+                return start_run(run_dir), []
             _lock_run(run_dir, held)
             old = read_json(run_dir / CONFIG_FILE).get("settings", {})
             diff = _differences(old, settings)
@@ -472,14 +499,19 @@ def _run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None, res
                                 "a new run")
             return run_dir, _saved_rows(run_dir)
         run_dir = Path(out_dir) if out_dir is not None else _new_run_dir(root, stem)
+        ensure_dir(run_dir)  # one line if a file is in the way or the place is read-only
         _lock_run(run_dir, held)
         if (run_dir / CONFIG_FILE).exists() or (run_dir / SAMPLES_FILE).exists():
             raise ReportError(f"{run_dir} already holds a run; continue it with --resume, or "
                               "pick another folder with -o")
+        return start_run(run_dir), []
+
+    def start_run(run_dir: Path) -> Path:
+        """The run's folder and config, written before any work so that --resume finds it."""
         atomic_write_json(run_dir / CONFIG_FILE, json_safe({
             "command": "area", "settings": settings, "versions": _versions(config.engine),
             "created": _dt.datetime.now().isoformat(timespec="seconds")}))
-        return run_dir, []
+        return run_dir
 
     # rank 0 picks (or creates) the run folder and reads what is saved; every rank gets both
     run_dir, rows = distributed.run_on_main(open_run)
@@ -530,6 +562,7 @@ def _run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None, res
                 computed += 1
             x, y = data.take(torch.tensor(batch))
             x, y = x.to(device=device, dtype=dtype), y.to(device)
+            check_finite_outputs(model, x, model_path.name)
             attack_eps = None
             if config.attack == "pgd":
                 t0 = time.perf_counter()
@@ -567,7 +600,7 @@ def _run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None, res
                         own[(row.index, row.method)] = row
                 if ctx.is_distributed:
                     if b in kept:
-                        shard_file.parent.mkdir(parents=True, exist_ok=True)
+                        ensure_dir(shard_file.parent)
                         write_sample_csv(shard_file, sorted(
                             own.values(), key=lambda r: (order[r.index], method_order[r.method])))
                 else:
@@ -613,8 +646,6 @@ def _run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None, res
 
 def _with_exact(rows: list[SampleRow], result: Any) -> list[SampleRow]:
     """`rows` with the exact eps and status of `result` (an ExactResult of the same samples)."""
-    from dataclasses import replace
-
     position = {int(i): k for k, i in enumerate(result.index.tolist())}
     out = []
     for row in rows:

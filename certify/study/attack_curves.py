@@ -74,20 +74,24 @@ class AttackCurves:
 
 
 def parse_eps_grid(text: str) -> tuple[float, ...]:
-    """``"0:0.014:15"`` (start:stop:count, both ends included), ``"0:0.02"`` (11 points) or
-    ``"0,0.01,0.02"``.
+    """``"0:0.014:15"`` (start:stop:count, both ends included) or ``"0,0.01,0.02"``.
+
+    A range always says how many points it has: ``"0:0.1"`` is refused, not given a default.
 
     Raises:
-        SpecError: malformed text, a negative eps, or a count < 2.
+        SpecError: malformed text, a range without its count, a negative eps, or a count < 2.
     """
     text = text.strip()
+    if text.count(":") == 1 and _numbers(text.split(":")):
+        raise SpecError(f"eps grid {text!r} is a range without its number of points; write "
+                        f"start:stop:count, e.g. {text}:11")
     try:
         if ":" in text:
             parts = text.split(":")
-            if len(parts) not in (2, 3):
+            if len(parts) != 3:
                 raise ValueError
             start, stop = float(parts[0]), float(parts[1])
-            count = int(parts[2]) if len(parts) == 3 else 11
+            count = int(parts[2])
             if count < 2 or stop <= start:
                 raise SpecError(f"eps grid {text!r} needs stop > start and at least 2 points; "
                                 "e.g. 0:0.014:15")
@@ -100,6 +104,14 @@ def parse_eps_grid(text: str) -> tuple[float, ...]:
     if not grid or any(not (math.isfinite(e) and e >= 0) for e in grid):
         raise SpecError(f"eps grid {text!r} must hold finite eps >= 0")
     return tuple(round(e, 12) for e in grid)
+
+
+def _numbers(parts: Sequence[str]) -> bool:
+    try:
+        [float(p) for p in parts]
+    except ValueError:
+        return False
+    return True
 
 
 def model_labels(paths: Sequence[str | os.PathLike[str]], labels: Sequence[str] | None
@@ -304,11 +316,10 @@ def write_attack_curves(out_dir: str | os.PathLike[str], curves: Sequence[ModelC
                         attack: str, settings: dict[str, Any] | None = None,
                         title: str | None = None) -> Path:
     """Write ``attack_curves.csv``, ``.json`` and ``.png`` of `curves` into `out_dir` (atomic)."""
-    from certify._io import atomic_write_csv, atomic_write_json
+    from certify._io import atomic_write_csv, atomic_write_json, ensure_dir
     from certify.report.plots import plot_attack_curves, save_figure
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(out_dir)
     atomic_write_csv(out / CSV_FILE, CSV_COLUMNS, (
         (c.label, attack, e, a, c.n)
         for c in curves for e, a in zip(c.eps, c.accuracy, strict=True)))

@@ -281,12 +281,11 @@ def _ratio(v: float) -> str:
 def write_comparison(out_dir: str | os.PathLike[str], comparison: Comparison, *,
                      method: str, title: str | None = None) -> Path:
     """Write the table (CSV, markdown, JSON) and the two overlaid figures into `out_dir`."""
-    from certify._io import atomic_write_csv, atomic_write_json, atomic_write_text
+    from certify._io import atomic_write_csv, atomic_write_json, atomic_write_text, ensure_dir
     from certify.report.plots import plot_certified_accuracy, plot_sorted_eps, save_figure
     from certify.report.results import json_safe
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(out_dir)
     rows = comparison.rows
     fields = list(CompareRow.__dataclass_fields__)
     atomic_write_csv(out / TABLE_CSV, fields, ([getattr(r, k) for k in fields] for r in rows))

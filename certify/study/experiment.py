@@ -625,9 +625,10 @@ def run_experiment(config: ExperimentConfig | str | os.PathLike[str], *,
         config = load_config(config)
     if from_stage is not None and from_stage not in STAGES:
         raise unknown_name("stage", from_stage, STAGES)
-    out = Path(out_dir) if out_dir is not None else Path("reports") / config.name
+    from certify._io import ensure_dir
     from certify._lock import hold_output
 
+    out = ensure_dir(Path(out_dir) if out_dir is not None else Path("reports") / config.name)
     with hold_output(out, command="experiment"):  # one run per folder; stale temporaries go
         return _run_stages(config, out, from_stage=from_stage, quiet=quiet, started=t0)
 

@@ -197,8 +197,9 @@ def load_teacher(path: str | os.PathLike[str], *, dataset: str | None = None,
     """Load a teacher checkpoint, its dataset, and its logits on the training set (once).
 
     Args:
-        path: The teacher's checkpoint.
-        dataset: The dataset to distill on; must be the teacher's (default).
+        path: The teacher: a certify checkpoint or an ONNX network.
+        dataset: The dataset to distill on; must be the teacher's (default; an ONNX teacher
+            needs it).
         data_dir: Where the dataset files are.
         transfer_split: An extra split whose images are added to the training set (only for
             logit matching, which needs no labels), e.g. SVHN ``extra``.
@@ -208,16 +209,17 @@ def load_teacher(path: str | os.PathLike[str], *, dataset: str | None = None,
         CheckpointError: not a readable checkpoint.
         DatasetError: a dataset other than the teacher's, missing data, an unknown split.
     """
-    from certify.checkpoint import checkpoint_sha256, load_checkpoint
+    from certify.checkpoint import checkpoint_sha256
     from certify.compat import check_compatible
     from certify.data import get_dataset_info, load_dataset
+    from certify.model_io import load_model, resolve_dataset
     from certify.train.loops import evaluate, predict_logits
     from certify.utils import resolve_device
 
     path = Path(path)
     dev = resolve_device(device)
-    model, meta = load_checkpoint(path, device=dev)
-    info = get_dataset_info(dataset or meta.dataset)
+    model, meta = load_model(path, device=dev, dataset=dataset)
+    info = get_dataset_info(resolve_dataset(dataset, meta, path))
     check_compatible(meta, info, model_name=f"teacher {path.name}", strict=True)
     if transfer_split == "test":
         raise SpecError("--transfer-split test would train the student on the test set it is "

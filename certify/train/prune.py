@@ -366,6 +366,7 @@ def prune_checkpoint(path: str | os.PathLike[str], ratios: float | Mapping[str, 
     """
     from certify.checkpoint import build_model, checkpoint_sha256, load_checkpoint, save_checkpoint
     from certify.data import get_dataset_info, load_dataset
+    from certify.model_io import require_checkpoint
     from certify.nets import arch_kwargs_of, count_parameters
     from certify.train.distill import DistillLoss
     from certify.train.loops import (
@@ -379,6 +380,7 @@ def prune_checkpoint(path: str | os.PathLike[str], ratios: float | Mapping[str, 
     from certify.utils import resolve_device
 
     path = Path(path)
+    require_checkpoint(path, "prune")
     dev = resolve_device(device)
     model, meta = load_checkpoint(path, device=dev)
     resolved = resolve_ratios(model, ratios)

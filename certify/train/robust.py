@@ -683,10 +683,12 @@ def retrain_checkpoint(path: str | os.PathLike[str], robust: RobustConfig,
     from certify.checkpoint import checkpoint_sha256, load_checkpoint, save_checkpoint
     from certify.compat import check_compatible
     from certify.data import get_dataset_info, load_dataset
+    from certify.model_io import require_checkpoint
     from certify.train.loops import discard_train_state, evaluate, partial_path
     from certify.utils import resolve_device
 
     path = Path(path)
+    require_checkpoint(path, "retrain")
     model, meta = load_checkpoint(path, device=resolve_device(config.device))
     info = get_dataset_info(dataset or meta.dataset)
     check_compatible(meta, info, model_name=path.name, strict=True)

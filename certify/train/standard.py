@@ -138,8 +138,9 @@ def evaluate_checkpoint(path: str | os.PathLike[str], *, dataset: str | None = N
     """Clean accuracy of the checkpoint at `path` on a dataset split.
 
     Args:
-        path: A certify checkpoint.
-        dataset: Dataset name; default the one the model was trained on.
+        path: A certify checkpoint or an ONNX network.
+        dataset: Dataset name; default the one the model was trained on (an ONNX network
+            needs it).
         split: ``test``, ``train`` (or ``extra`` for SVHN).
         data_dir: Where the dataset files are.
         batch_size: Samples per forward pass.
@@ -148,13 +149,13 @@ def evaluate_checkpoint(path: str | os.PathLike[str], *, dataset: str | None = N
         CheckpointError: not a readable checkpoint.
         DatasetError: missing data, or a dataset of another input shape or class count.
     """
-    from certify.checkpoint import load_checkpoint
     from certify.compat import check_compatible
     from certify.data import get_dataset_info, load_dataset
+    from certify.model_io import load_model, resolve_dataset
     from certify.utils import resolve_device
 
-    model, meta = load_checkpoint(path, device=resolve_device(device))
-    info = get_dataset_info(dataset or meta.dataset)
+    model, meta = load_model(path, device=resolve_device(device), dataset=dataset)
+    info = get_dataset_info(resolve_dataset(dataset, meta, path))
     check_compatible(meta, info, model_name=Path(path).name)
     data = load_dataset(info.name, split, data_dir)
     correct = count_correct(model, data, batch_size=batch_size)

@@ -135,7 +135,8 @@ def test_checkpoint_models_work_too(tiny_checkpoint: Path, tmp_path: Path) -> No
     label = int(model(x).argmax())
     spec = tmp_path / "wide.vnnlib"
     spec.write_text(robustness_vnnlib(x, label, meta.num_classes, 0.5))
-    result = CliRunner().invoke(main, ["verify", str(tiny_checkpoint), str(spec), "--json"])
+    result = CliRunner().invoke(main, ["verify", str(tiny_checkpoint), str(spec), "--json",
+                                       "--timeout", "5"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["result"] in ("sat", "unknown")  # never unsat: the box is half the image range

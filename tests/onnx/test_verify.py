@@ -127,9 +127,10 @@ def test_tighter_method_needed(tmp_path: Path) -> None:
         pytest.fail("no eps where crown proves and ibp does not")
     model.float()
     prop = parse_vnnlib(robustness_vnnlib(x, label, 4, float(eps)))
-    only_ibp = verify(model, prop, timeout=30, methods=("ibp",), use_milp=False,
+    only_ibp = verify(model, prop, timeout=3, methods=("ibp",), use_milp=False,
                       input_shape=(1, 4, 4))
     assert only_ibp.result == "unknown" and only_ibp.method is None
+    assert 2.5 <= only_ibp.seconds < 3  # the budget spent on attacks, less the reserve
     cascade = verify(model, prop, timeout=30, methods=("ibp", "crown"), input_shape=(1, 4, 4))
     assert cascade.result == "unsat" and cascade.method == "crown"
 
