@@ -567,14 +567,15 @@ def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = Non
         write_sample_csv(run_dir / SAMPLES_FILE, final)
         summaries = _write_results(run_dir, settings, final, config, complete=True, wall=wall,
                                    attack_seconds=attack_seconds, exact_seconds=exact_seconds)
-        write_figures(run_dir, final, label=stem)
+        write_figures(run_dir, final, label=stem, tol=config.tol)
         sorted_caption = ("Sorted certified ε (solid), exact ε (dotted) and attack ε (dashed)"
                           if config.exact else "Sorted certified ε (solid) and attack ε (dashed)")
         write_summary_md(run_dir / SUMMARY_FILE, title=f"certify area: {model_path.name} on "
                          f"{config.dataset}/{config.split}", summaries=summaries,
                          settings=_md_settings(settings), figures={
                              sorted_caption: SORTED_FIGURE,
-                             "Certified accuracy (solid) and attack accuracy (dashed)":
+                             "Certified accuracy (solid: certified ε > x) and attack accuracy "
+                             "(dashed: no adversarial example at x or below), in percent":
                                  ACCURACY_FIGURE})
         if (run_dir / SHARDS_DIR).is_dir():  # merged into per_sample.csv
             shutil.rmtree(run_dir / SHARDS_DIR)
@@ -628,9 +629,10 @@ def _write_results(run_dir: Path, settings: Mapping[str, Any], rows: Sequence[Sa
 
 
 def write_figures(run_dir: str | os.PathLike[str], rows: Sequence[SampleRow], *,
-                  label: str) -> None:
+                  label: str, tol: float | None = None) -> None:
     """Write ``sorted_eps.png`` and ``certified_accuracy.png`` of one run's rows."""
     from certify.report.plots import (
+        caption,
         plot_certified_accuracy,
         plot_sorted_eps,
         runs_from_rows,
@@ -639,8 +641,9 @@ def write_figures(run_dir: str | os.PathLike[str], rows: Sequence[SampleRow], *,
 
     runs = runs_from_rows(rows, label)
     run_dir = Path(run_dir)
-    save_figure(plot_sorted_eps(runs), run_dir / SORTED_FIGURE)
-    save_figure(plot_certified_accuracy(runs), run_dir / ACCURACY_FIGURE)
+    note = caption(rows, tol=tol)
+    save_figure(plot_sorted_eps(runs, caption=note), run_dir / SORTED_FIGURE)
+    save_figure(plot_certified_accuracy(runs, caption=note), run_dir / ACCURACY_FIGURE)
 
 
 def read_run(run_dir: str | os.PathLike[str]) -> AreaRun:
