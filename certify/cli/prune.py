@@ -109,16 +109,20 @@ def prune(model: str, ratio: float | None, layer_ratios: dict[str, float] | None
 def _sensitivity(model: str, scan_ratios: list[float], data_dir: str | None, device: str,
                  out: str | None) -> None:
     from certify.checkpoint import load_checkpoint
-    from certify.data import load_dataset
+    from certify.data import load_dataset, split_validation
     from certify.train._tables import markdown_table, write_table
     from certify.train.prune import sensitivity_columns, sensitivity_scan, sensitivity_table_rows
     from certify.utils import resolve_device
 
     net, meta = load_checkpoint(model, device=resolve_device(device))
-    rows = sensitivity_scan(net, load_dataset(meta.dataset, "test", data_dir), scan_ratios)
+    # a scan chooses ratios: on the validation hold-out of the training split, never the test set
+    _, validation = split_validation(load_dataset(meta.dataset, "train", data_dir))
+    rows = sensitivity_scan(net, validation, scan_ratios)
     table = sensitivity_table_rows(rows)
     click.echo(markdown_table(table, sensitivity_columns()))
     if rows:
-        click.echo(f"baseline test accuracy {100 * rows[0].baseline:.2f}%")
+        click.echo(f"baseline accuracy {100 * rows[0].baseline:.2f}% on the validation hold-out "
+                   f"({len(validation)} training samples; the test split is left for the final "
+                   "numbers)")
     if out is not None:
         write_table(out, Path(out).with_suffix(".md"), table, sensitivity_columns())
