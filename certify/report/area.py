@@ -320,6 +320,27 @@ def _find_resumable(root: Path, stem: str, settings: Mapping[str, Any]) -> Path:
                       "without --resume, or pass the run's folder with -o DIR")
 
 
+def _search(config: AreaConfig, model: torch.nn.Module, method: str, x: Tensor, y: Tensor,
+            attack_eps: Tensor | None, guess: Tensor | None, batch: Sequence[int],
+            part: slice) -> Any:
+    """The radius search of `method` on the samples `part` of a batch."""
+    from certify import radius
+
+    return radius.certified_radii(
+        model, x[part], y[part], method, eps_max=config.eps_max, tol=config.tol,
+        attack_eps=None if attack_eps is None else attack_eps[part],
+        guess=None if guess is None else guess[part], search=config.search,
+        index=torch.tensor(list(batch)[part]), bound_fn=_engine_bound_fn(config, method, model),
+        **({} if config.engine != "native" else dict(config.method_options.get(method, {}))))
+
+
+def _per_sample_method(method: str) -> bool:
+    """Methods that take a time budget (complete ones: ``milp``) run and report per sample."""
+    from certify.bounds import get_method
+
+    return hasattr(get_method(method), "time_limit")
+
+
 def _guess(previous: Sequence[SampleRow], attack_eps: torch.Tensor | None) -> torch.Tensor | None:
     """First guesses from earlier batches: their median certified/attack ratio times attack eps."""
     if attack_eps is None:
@@ -380,11 +401,11 @@ def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = Non
         ReportError: `out_dir` already holds a run (without `resume`), or nothing to resume.
         SoundnessError: a certified eps above an attack eps (a bug; never caught).
     """
-    from certify import attacks, distributed, exact, radius
+    from certify import attacks, distributed, exact
     from certify.compat import check_compatible
     from certify.data import get_dataset_info, load_dataset
     from certify.model_io import load_model
-    from certify.utils import progress, resolve_device, resolve_dtype
+    from certify.utils import SampleProgress, progress, resolve_device, resolve_dtype
 
     config.validate()
     ctx = distributed.init_from_env()
@@ -488,6 +509,14 @@ def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = Non
     start = time.perf_counter()
     bar = progress(total=total, initial=len(done), quiet=quiet or not ctx.is_main, unit="cert",
                    desc=f"area {stem}")
+    # complete computations take seconds to minutes per sample: a line per sample with an ETA
+    todo_points = [p for b in batches for p in positions[starts[b]:starts[b] + config.batch_size]]
+    exact_log = SampleProgress(f"exact ε ({stem})", sum(
+        any((p, m) not in done for m in config.methods) for p in todo_points),
+        quiet=quiet or not config.exact)
+    slow = [m for m in config.methods if _per_sample_method(m)]
+    slow_logs = {m: SampleProgress(f"{m} radius ({stem})", sum(
+        (p, m) not in done for p in todo_points), quiet=quiet) for m in slow}
     computed = 0
     with distributed.shared_failure(hint=(
             f"finished shards are kept in {run_dir / SHARDS_DIR}; rerun with --resume (the same "
@@ -517,21 +546,26 @@ def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = Non
                 t0 = time.perf_counter()
                 exact_result = exact.exact_radii(
                     model, x, y, eps_max=config.eps_max, attack_eps=attack_eps,
-                    time_limit=config.exact_time_limit, index=torch.tensor(batch))
+                    time_limit=config.exact_time_limit, index=torch.tensor(batch),
+                    on_sample=exact_log)
                 exact_seconds += time.perf_counter() - t0
             earlier = set(positions[:min(first, prefix * config.batch_size)])
             for m in todo:
                 previous = [r for (p, meth), r in done.items() if meth == m and p in earlier]
-                result = radius.certified_radii(
-                    model, x, y, m, eps_max=config.eps_max, tol=config.tol,
-                    attack_eps=attack_eps, guess=_guess(previous, attack_eps),
-                    search=config.search, index=torch.tensor(batch),
-                    bound_fn=_engine_bound_fn(config, m, model),
-                    **({} if config.engine != "native"
-                       else dict(config.method_options.get(m, {}))))
-                result_rows = result.rows()
+                args = (config, model, m, x, y, attack_eps, _guess(previous, attack_eps), batch)
+                if m in slow_logs:   # one sample at a time (each searches alone anyway)
+                    parts = []
+                    for k in range(len(batch)):
+                        parts.append(_search(*args, slice(k, k + 1)))
+                        slow_logs[m](batch[k])
+                    result_rows = [row for part in parts for row in part.rows()]
+                    certified = torch.cat([part.certified_eps for part in parts])
+                else:
+                    result = _search(*args, slice(None))
+                    result_rows = result.rows()
+                    certified = result.certified_eps
                 if exact_result is not None:
-                    exact.check_sandwich(exact_result, certified_eps=result.certified_eps,
+                    exact.check_sandwich(exact_result, certified_eps=certified,
                                          attack_eps=attack_eps, method=m)
                     result_rows = _with_exact(result_rows, exact_result)
                 for row in result_rows:
