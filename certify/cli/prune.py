@@ -62,12 +62,13 @@ def _float_list(ctx: click.Context, param: click.Parameter, value: str) -> list[
               help="Pruned checkpoint [default: models/<model>-pruned.pt]; with --sensitivity "
                    "a CSV file for the scan (a .md beside it).")
 @click.option("--resume", is_flag=True, help="Continue interrupted fine-tuning (same options).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output checkpoint.")
 @quiet_option
 def prune(model: str, ratio: float | None, layer_ratios: dict[str, float] | None,
           sensitivity: bool, scan_ratios: list[float], finetune_epochs: int,
           distill_from_parent: bool, temperature: float, alpha: float, lr: float,
           batch_size: int, seed: int, device: str, data_dir: str | None, out: str | None,
-          resume: bool, quiet: bool) -> None:
+          resume: bool, force: bool, quiet: bool) -> None:
     """Remove the filters with the smallest L1 norm and save the smaller model.
 
     Prints a table like the thesis's Table 8.10 (name, parameters, test accuracy) before and
@@ -97,6 +98,10 @@ def prune(model: str, ratio: float | None, layer_ratios: dict[str, float] | None
                                optimizer="adam", momentum=0.9, weight_decay=0.0,
                                schedule="cosine", grad_clip=None, seed=seed, device=device)
     out = out or f"models/{Path(model).stem}-pruned.pt"
+    if Path(out).exists() and not (force or resume):
+        from certify.errors import SpecError
+
+        raise SpecError(f"{out} already exists; pass --force to overwrite it, or -o another path")
     outcome = prune_checkpoint(model, ratio if ratio is not None else layer_ratios or {},
                                finetune=finetune, distill_from_parent=distill_from_parent,
                                temperature=temperature, alpha=alpha, data_dir=data_dir,

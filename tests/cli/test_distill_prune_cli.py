@@ -136,3 +136,14 @@ def test_prune_bad_input(models, tmp_path):  # type: ignore[no-untyped-def]
     assert "needs fine-tuning" in one_line_error(
         run("prune", student, "--ratio", "0.5", "--distill-from-parent", "-o", out))
     assert not any(tmp_path.iterdir())
+
+
+def test_prune_never_overwrites_silently(models, tmp_path):  # type: ignore[no-untyped-def]
+    out = tmp_path / "p.pt"
+    out.write_bytes(b"someone's model")
+    line = one_line_error(run("prune", models["student"], "--ratio", "0.5", "-o", out, "-q"))
+    assert "already exists" in line and "--force" in line
+    assert out.read_bytes() == b"someone's model"
+    r = run("prune", models["student"], "--ratio", "0.5", "-o", out, "-q", "--force")
+    assert r.exit_code == 0, r.output
+    assert torch.load(out, weights_only=True)["meta"]["arch_kwargs"]["channels"] == [4, 4]
