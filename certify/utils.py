@@ -87,9 +87,33 @@ class SampleProgress:
         self.clock = clock or time.perf_counter
         self.start = self.clock()
         self.done = 0
+        self.busy = 0.0
+        self._since: float | None = None
+        self._timed = False
+
+    def active(self) -> Any:
+        """A context in which the time counts (only such time, once used: no other work's)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def timing() -> Any:
+            self._timed = True
+            self._since = self.clock()
+            try:
+                yield
+            finally:
+                self.busy += self.clock() - self._since
+                self._since = None
+
+        return timing()
+
+    def elapsed(self) -> float:
+        if not self._timed:
+            return self.clock() - self.start
+        return self.busy + (self.clock() - self._since if self._since is not None else 0.0)
 
     def line(self, index: int) -> str:
-        elapsed = self.clock() - self.start
+        elapsed = self.elapsed()
         left = max(self.total - self.done, 0)
         eta = elapsed / self.done * left if self.done else float("nan")
         return (f"{self.what}: {self.done}/{self.total} samples (last: sample {index}), "

@@ -295,3 +295,16 @@ def test_sample_progress_eta_from_the_mean_time_per_sample(capsys):  # type: ign
                    "exact ε: 2/4 samples (last: sample 9), 1 min 00 s elapsed, ETA 1 min 00 s"]
     SampleProgress("quiet", 1, quiet=True)(0)
     assert capsys.readouterr().err == ""
+
+
+def test_sample_progress_counts_only_its_own_time(capsys):  # type: ignore[no-untyped-def]
+    from certify.utils import SampleProgress
+
+    now = [0.0]
+    log = SampleProgress("milp radius", 2, clock=lambda: now[0])
+    now[0] = 100.0          # other work (the exact radii) before the first sample
+    with log.active():
+        now[0] = 110.0
+    log(0)
+    assert capsys.readouterr().err.strip() == (
+        "milp radius: 1/2 samples (last: sample 0), 10 s elapsed, ETA 10 s")

@@ -544,10 +544,11 @@ def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = Non
             exact_result = None
             if config.exact:
                 t0 = time.perf_counter()
-                exact_result = exact.exact_radii(
-                    model, x, y, eps_max=config.eps_max, attack_eps=attack_eps,
-                    time_limit=config.exact_time_limit, index=torch.tensor(batch),
-                    on_sample=exact_log)
+                with exact_log.active():
+                    exact_result = exact.exact_radii(
+                        model, x, y, eps_max=config.eps_max, attack_eps=attack_eps,
+                        time_limit=config.exact_time_limit, index=torch.tensor(batch),
+                        on_sample=exact_log)
                 exact_seconds += time.perf_counter() - t0
             earlier = set(positions[:min(first, prefix * config.batch_size)])
             for m in todo:
@@ -556,7 +557,8 @@ def run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None = Non
                 if m in slow_logs:   # one sample at a time (each searches alone anyway)
                     parts = []
                     for k in range(len(batch)):
-                        parts.append(_search(*args, slice(k, k + 1)))
+                        with slow_logs[m].active():
+                            parts.append(_search(*args, slice(k, k + 1)))
                         slow_logs[m](batch[k])
                     result_rows = [row for part in parts for row in part.rows()]
                     certified = torch.cat([part.certified_eps for part in parts])
