@@ -64,3 +64,12 @@ def test_exact_radii_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     summary = json.loads((run / "results.json").read_text())["summary"]["crown"]
     assert round(summary["mean_exact_ratio"], 2) == 0.82   # README: "0.82 here"
     assert "0.82 here" in README
+
+
+def test_robust_training_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    out = invoke("certify train --dataset digits --arch mlp-64-64 --robust wong-kolter --eps 0.1 "
+                 "--epochs 20 --eval-samples 450 -o models/mlp-wk.pt")
+    certified = float(re.search(r"certified \(wong-kolter\) ([0-9.]+)%", out).group(1))
+    assert round(certified, 1) == 69.8               # README: "69.8% with `wong-kolter`"
+    assert "69.8% with `wong-kolter`" in README
