@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -176,7 +177,8 @@ def _recheck(net: Network, x: Tensor, point: Tensor, label: int) -> tuple[float,
 def exact_radii(model: nn.Module | Network, x: Tensor, y: Tensor, *, eps_max: float = 0.5,
                 attack_eps: Tensor | None = None, tol: float = 1e-6, time_limit: float = 60.0,
                 intermediate_method: str = "lp", index: Tensor | None = None,
-                certified_eps: Tensor | None = None) -> ExactResult:
+                certified_eps: Tensor | None = None,
+                on_sample: Callable[[int], None] | None = None) -> ExactResult:
     """Per sample, the exact minimal adversarial L-inf eps, by one MILP per target class.
 
     Args:
@@ -197,6 +199,7 @@ def exact_radii(model: nn.Module | Network, x: Tensor, y: Tensor, *, eps_max: fl
         index: `(N,)` sample positions for the result (default ``0..N-1``).
         certified_eps: `(N,)` certified radii of some bound method: if given,
             :func:`check_sandwich` checks them against the result (and `attack_eps`).
+        on_sample: Called with a sample's `index` entry when its MILPs are done (progress).
 
     Returns:
         :class:`ExactResult`.
@@ -292,6 +295,11 @@ def exact_radii(model: nn.Module | Network, x: Tensor, y: Tensor, *, eps_max: fl
                 reason[i] = (f"the MILP's point at eps {out.value:.6g} did not re-check as "
                              "adversarial")
             seconds[i] += share + time.perf_counter() - t1
+            if on_sample is not None:
+                on_sample(int(index[i]))
+    if on_sample is not None:
+        for i in torch.nonzero(~correct).flatten().tolist():
+            on_sample(int(index[i]))   # misclassified: nothing to solve
     result = ExactResult(index.to(torch.int64), y, pred.to(torch.int64), exact, lo, hi,
                          tuple(status), tuple(reason), target, problems, tolerance, seconds)
     check_sandwich(result, certified_eps=certified_eps,

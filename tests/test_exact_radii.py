@@ -256,3 +256,57 @@ def test_area_with_milp_and_exact_end_to_end(digits_mlp, tmp_path):  # type: ign
     other = CliRunner().invoke(main, [*args[:-3], "--exact-time-limit", "5", "-o", str(out),
                                       "--quiet", "--resume"])
     assert other.exit_code != 0 and "exact_time_limit" in other.output
+
+
+def test_complete_computations_report_every_sample_with_an_eta(digits_mlp, tmp_path):  # type: ignore[no-untyped-def]
+    """``--exact`` and ``--method milp``: one stderr line per sample, with an ETA, also in logs."""
+    from click.testing import CliRunner
+
+    from certify.checkpoint import ModelMeta, save_checkpoint
+    from certify.cli import main
+    from certify.nets import arch_kwargs_of
+
+    model, _, _ = digits_mlp
+    ckpt = tmp_path / "mlp.pt"
+    save_checkpoint(ckpt, model, ModelMeta("mlp", arch_kwargs_of(model), "digits", (1, 8, 8),
+                                           10, (0.3052,), (0.376,)))
+    result = CliRunner().invoke(main, [
+        "area", str(ckpt), "--dataset", "digits", "--n", "3", "--batch-size", "2", "--method",
+        "milp", "--exact", "--eps-max", "0.2", "--tol", "1e-3", "-o", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    for what in ("exact ε (mlp)", "milp radius (mlp)"):
+        mine = [ln for ln in lines if ln.startswith(what)]
+        assert len(mine) == 3, (what, lines)
+        assert "1/3 samples" in mine[0] and "ETA" in mine[0]
+        assert "3/3 samples done" in mine[-1]
+    assert "ETA" not in result.stdout
+
+
+def test_sample_progress_eta_from_the_mean_time_per_sample(capsys):  # type: ignore[no-untyped-def]
+    from certify.utils import SampleProgress
+
+    now = [0.0]
+    log = SampleProgress("exact ε", 4, clock=lambda: now[0])
+    now[0] = 30.0
+    log(7)
+    now[0] = 60.0
+    log(9)      # 2 samples in 60 s: 2 left take 60 s more
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["exact ε: 1/4 samples (last: sample 7), 30 s elapsed, ETA 1 min 30 s",
+                   "exact ε: 2/4 samples (last: sample 9), 1 min 00 s elapsed, ETA 1 min 00 s"]
+    SampleProgress("quiet", 1, quiet=True)(0)
+    assert capsys.readouterr().err == ""
+
+
+def test_sample_progress_counts_only_its_own_time(capsys):  # type: ignore[no-untyped-def]
+    from certify.utils import SampleProgress
+
+    now = [0.0]
+    log = SampleProgress("milp radius", 2, clock=lambda: now[0])
+    now[0] = 100.0          # other work (the exact radii) before the first sample
+    with log.active():
+        now[0] = 110.0
+    log(0)
+    assert capsys.readouterr().err.strip() == (
+        "milp radius: 1/2 samples (last: sample 0), 10 s elapsed, ETA 10 s")

@@ -65,13 +65,15 @@ class CertifyGroup(click.Group):
         if target is None or not _importable(target):
             return None
         module, attr = target.split(":")
-        return getattr(importlib.import_module(module), attr)
+        return _with_threads(getattr(importlib.import_module(module), attr))
 
     def invoke(self, ctx: click.Context) -> Any:
+        from certify.cli.streams import results_only_stdout
         from certify.errors import CertifyError, DiskFullError
 
         try:
-            return super().invoke(ctx)
+            with results_only_stdout():
+                return super().invoke(ctx)
         except KeyboardInterrupt:
             click.echo(f"\ninterrupted: what was saved so far is valid; {_hint(ctx)}.",
                        err=True)
@@ -118,6 +120,34 @@ def _one_line_usage_error(e: click.UsageError) -> click.ClickException:
     message = " ".join(line.strip() for line in e.format_message().splitlines() if line.strip())
     where = e.ctx.command_path if e.ctx is not None else "certify"
     return _UsageLine(f"{message} (see '{where} --help')")
+
+
+def _apply_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    """Set torch's thread counts as soon as the option is parsed (before the command runs)."""
+    if ctx.resilient_parsing:
+        return value
+    from certify.threads import set_threads
+
+    set_threads(value)
+    return value
+
+
+THREADS_OPTION = click.Option(
+    ["--threads"], type=click.IntRange(min=1), default=None, envvar="CERTIFY_THREADS",
+    show_envvar=True, expose_value=False, callback=_apply_threads,
+    help="CPU threads for torch [default: OMP_NUM_THREADS if set, else half the CPUs this "
+         "process may use, at least 1]. Same seed and same thread count give the same result.")
+
+
+def _with_threads(command: click.Command) -> click.Command:
+    """Give a command (and every subcommand of a group) the shared ``--threads`` option."""
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _with_threads(sub)
+        return command
+    if not any(p.name == "threads" for p in command.params):
+        command.params.append(THREADS_OPTION)
+    return command
 
 
 def _importable(target: str) -> bool:

@@ -93,9 +93,11 @@ def distill(teacher: str, student: str, method: str, temperatures: list[float], 
                                   output=out, resume=resume, quiet=quiet)
         click.echo(markdown_table(sweep.table_rows(), sweep_columns(method)))
         click.echo(SWEEP_NOTE)
+        m = sweep.best.meta.metrics
         click.echo(f"teacher test accuracy {100 * sweep.teacher_accuracy:.2f}%; best student "
-                   f"{sweep.best_label} ({100 * sweep.best.meta.metrics['test_accuracy']:.2f}%) "
-                   f"-> {out}; table: {sweep.table_md}")
+                   f"on validation {sweep.best_label} (validation "
+                   f"{100 * m['validation_accuracy']:.2f}%, test {100 * m['test_accuracy']:.2f}%)"
+                   f" -> {out}; table: {sweep.table_md}")
         return
     with hold_output(out, command="distill", folder=False):
         trained = run_distill(teacher, student, method=method, temperature=temperatures[0],

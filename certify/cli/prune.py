@@ -62,12 +62,13 @@ def _float_list(ctx: click.Context, param: click.Parameter, value: str) -> list[
               help="Pruned checkpoint [default: models/<model>-pruned.pt]; with --sensitivity "
                    "a CSV file for the scan (a .md beside it).")
 @click.option("--resume", is_flag=True, help="Continue interrupted fine-tuning (same options).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output checkpoint.")
 @quiet_option
 def prune(model: str, ratio: float | None, layer_ratios: dict[str, float] | None,
           sensitivity: bool, scan_ratios: list[float], finetune_epochs: int,
           distill_from_parent: bool, temperature: float, alpha: float, lr: float,
           batch_size: int, seed: int, device: str, data_dir: str | None, out: str | None,
-          resume: bool, quiet: bool) -> None:
+          resume: bool, force: bool, quiet: bool) -> None:
     """Remove the filters with the smallest L1 norm and save the smaller model.
 
     Prints a table like the thesis's Table 8.10 (name, parameters, test accuracy) before and
@@ -102,6 +103,10 @@ def prune(model: str, ratio: float | None, layer_ratios: dict[str, float] | None
                                optimizer="adam", momentum=0.9, weight_decay=0.0,
                                schedule="cosine", grad_clip=None, seed=seed, device=device)
     out = out or f"models/{Path(model).stem}-pruned.pt"
+    if Path(out).exists() and not (force or resume):
+        from certify.errors import SpecError
+
+        raise SpecError(f"{out} already exists; pass --force to overwrite it, or -o another path")
     check_output_file(out)
     with hold_output(out, command="prune", folder=False):
         outcome = prune_checkpoint(model, ratio if ratio is not None else layer_ratios or {},
@@ -116,7 +121,7 @@ def prune(model: str, ratio: float | None, layer_ratios: dict[str, float] | None
 def _sensitivity(model: str, scan_ratios: list[float], data_dir: str | None, device: str,
                  out: str | None) -> None:
     from certify.checkpoint import load_checkpoint
-    from certify.data import load_dataset
+    from certify.data import load_dataset, split_validation
     from certify.model_io import require_checkpoint
     from certify.train._tables import markdown_table, write_table
     from certify.train.prune import sensitivity_columns, sensitivity_scan, sensitivity_table_rows
@@ -124,10 +129,14 @@ def _sensitivity(model: str, scan_ratios: list[float], data_dir: str | None, dev
 
     require_checkpoint(model, "prune")
     net, meta = load_checkpoint(model, device=resolve_device(device))
-    rows = sensitivity_scan(net, load_dataset(meta.dataset, "test", data_dir), scan_ratios)
+    # a scan chooses ratios: on the validation hold-out of the training split, never the test set
+    _, validation = split_validation(load_dataset(meta.dataset, "train", data_dir))
+    rows = sensitivity_scan(net, validation, scan_ratios)
     table = sensitivity_table_rows(rows)
     click.echo(markdown_table(table, sensitivity_columns()))
     if rows:
-        click.echo(f"baseline test accuracy {100 * rows[0].baseline:.2f}%")
+        click.echo(f"baseline accuracy {100 * rows[0].baseline:.2f}% on the validation hold-out "
+                   f"({len(validation)} training samples; the test split is left for the final "
+                   "numbers)")
     if out is not None:
         write_table(out, Path(out).with_suffix(".md"), table, sensitivity_columns())

@@ -9,6 +9,8 @@ from certify.data.base import (
     get_dataset_info,
     load_dataset,
     register_dataset,
+    split_validation,
+    validation_indices,
 )
 
 __all__ = [
@@ -19,6 +21,8 @@ __all__ = [
     "get_dataset_info",
     "load_dataset",
     "register_dataset",
+    "split_validation",
+    "validation_indices",
 ]
 from certify.data import cifar10 as _cifar10  # noqa: F401  (registers)
 from certify.data import mnist as _mnist  # noqa: F401  (registers)

@@ -81,6 +81,50 @@ class ImageDataset(Dataset[tuple[Tensor, Tensor]]):
         return f"ImageDataset({self.info.name}/{self.split}, n={len(self)}, shape={shape})"
 
 
+#: Share of a training split held out for every choice (temperature, pruning ratio, ...).
+VALIDATION_FRACTION = 0.1
+#: The hold-out is fixed per dataset, whatever the training seed: every run validates alike.
+VALIDATION_SEED = 20240
+
+
+def validation_indices(labels: Tensor, fraction: float = VALIDATION_FRACTION,
+                       seed: int = VALIDATION_SEED) -> tuple[Tensor, Tensor]:
+    """Split sample positions into ``(fit, validation)``: a stratified, seeded hold-out.
+
+    Each class gives ``round(fraction * its count)`` samples (at least one where it has two or
+    more) to the validation part; both parts are sorted.
+
+    Raises:
+        DatasetError: `fraction` outside (0, 1).
+    """
+    if not 0.0 < fraction < 1.0:
+        raise DatasetError(f"the validation fraction must be in (0, 1), got {fraction}")
+    gen = torch.Generator().manual_seed(seed)
+    held: list[Tensor] = []
+    for c in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == c).flatten()
+        k = int(round(fraction * len(members)))
+        k = max(k, 1) if len(members) >= 2 else 0
+        held.append(members[torch.randperm(len(members), generator=gen)[:k]])
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    if held:
+        mask[torch.cat(held)] = True
+    return torch.nonzero(~mask).flatten(), torch.nonzero(mask).flatten()
+
+
+def split_validation(data: ImageDataset, fraction: float = VALIDATION_FRACTION,
+                     seed: int = VALIDATION_SEED) -> tuple[ImageDataset, ImageDataset]:
+    """``(fit, validation)`` parts of a training split (see :func:`validation_indices`).
+
+    Choices are made on the validation part, models trained on the fit part, and the test split
+    stays for the final numbers only.
+    """
+    fit, val = validation_indices(data.labels, fraction, seed)
+    return (ImageDataset(data.images[fit], data.labels[fit], data.info, f"{data.split}-fit"),
+            ImageDataset(data.images[val], data.labels[val], data.info,
+                         f"{data.split}-validation"))
+
+
 Loader = Callable[[str, Path, bool], ImageDataset]
 
 DATASETS: dict[str, DatasetInfo] = {}

@@ -4,6 +4,7 @@ from certify.nets import architectures as _architectures  # noqa: F401  (registe
 from certify.nets.layers import Normalize
 from certify.nets.registry import (
     arch_kwargs_of,
+    arch_name,
     count_parameters,
     create_arch,
     list_archs,
@@ -14,6 +15,7 @@ from certify.nets.registry import (
 __all__ = [
     "Normalize",
     "arch_kwargs_of",
+    "arch_name",
     "count_parameters",
     "create_arch",
     "list_archs",

@@ -54,6 +54,16 @@ def parse_arch(spec: str) -> tuple[str, dict[str, Any]]:
     raise unknown_name("architecture", spec, names)
 
 
+def arch_name(base: str, arch_kwargs: dict[str, Any] | None = None) -> str:
+    """The full name of an architecture with its widths: ``("scn", {"channels": [8, 16]})``
+    gives ``scn-8-16`` (what ``--arch`` takes); a name without positional widths is kept."""
+    spec = _ARCHS.get(base)
+    widths = (arch_kwargs or {}).get(spec.positional) if spec and spec.positional else None
+    if not widths:
+        return base
+    return "-".join([base, *(str(int(w)) for w in widths)])
+
+
 def create_arch(
     name: str,
     input_shape: Sequence[int],

@@ -285,6 +285,21 @@ def _engine_bound_fn(config: AreaConfig, method: str,
     return lambda x, y, eps: bound(model, x, y, eps).lower.amin(1)
 
 
+def _engine_confirm_fn(config: AreaConfig, method: str, model: torch.nn.Module
+                       ) -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
+    """For a non-native engine, whose bounds have no rounding control: the native engine's
+    rigorous bound of the same method in float64, which confirms every radius (None: native,
+    which confirms its own)."""
+    if config.engine == "native":
+        return None
+    from certify.bounds import get_method
+    from certify.radius import margin_lower_bound
+
+    rigorous = get_method(method)
+    return lambda x, y, eps: margin_lower_bound(model, x.double(), y, eps.double(),
+                                                method=rigorous)
+
+
 def _select(config: AreaConfig, size: int, where: str) -> list[int]:
     if config.indices is not None:
         idx = [int(i) for i in config.indices]
@@ -351,6 +366,28 @@ def _find_resumable(root: Path, stem: str, settings: Mapping[str, Any]) -> Path:
             return path
     raise ReportError(f"nothing to resume for {stem} under {area} with these options; run "
                       "without --resume, or pass the run's folder with -o DIR")
+
+
+def _search(config: AreaConfig, model: torch.nn.Module, method: str, x: Tensor, y: Tensor,
+            attack_eps: Tensor | None, guess: Tensor | None, batch: Sequence[int],
+            part: slice) -> Any:
+    """The radius search of `method` on the samples `part` of a batch."""
+    from certify import radius
+
+    return radius.certified_radii(
+        model, x[part], y[part], method, eps_max=config.eps_max, tol=config.tol,
+        attack_eps=None if attack_eps is None else attack_eps[part],
+        guess=None if guess is None else guess[part], search=config.search,
+        index=torch.tensor(list(batch)[part]), bound_fn=_engine_bound_fn(config, method, model),
+        confirm_fn=_engine_confirm_fn(config, method, model),
+        **({} if config.engine != "native" else dict(config.method_options.get(method, {}))))
+
+
+def _per_sample_method(method: str) -> bool:
+    """Methods that take a time budget (complete ones: ``milp``) run and report per sample."""
+    from certify.bounds import get_method
+
+    return hasattr(get_method(method), "time_limit")
 
 
 def _guess(previous: Sequence[SampleRow], attack_eps: torch.Tensor | None) -> torch.Tensor | None:
@@ -424,11 +461,11 @@ def _run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None, res
               quiet: bool, reports_root: str | os.PathLike[str],
               held: contextlib.ExitStack) -> AreaRun:
     """:func:`run_area`; the run folder's lock goes into `held`."""
-    from certify import attacks, distributed, exact, radius
+    from certify import attacks, distributed, exact
     from certify.compat import check_compatible
     from certify.data import get_dataset_info, load_dataset
     from certify.model_io import check_finite_outputs, load_model, resolve_dataset
-    from certify.utils import progress, resolve_device, resolve_dtype
+    from certify.utils import SampleProgress, progress, resolve_device, resolve_dtype
 
     config.validate()
     ctx = distributed.init_from_env()
@@ -547,6 +584,14 @@ def _run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None, res
     start = time.perf_counter()
     bar = progress(total=total, initial=len(done), quiet=quiet or not ctx.is_main, unit="cert",
                    desc=f"area {stem}")
+    # complete computations take seconds to minutes per sample: a line per sample with an ETA
+    todo_points = [p for b in batches for p in positions[starts[b]:starts[b] + config.batch_size]]
+    exact_log = SampleProgress(f"exact ε ({stem})", sum(
+        any((p, m) not in done for m in config.methods) for p in todo_points),
+        quiet=quiet or not config.exact)
+    slow = [m for m in config.methods if _per_sample_method(m)]
+    slow_logs = {m: SampleProgress(f"{m} radius ({stem})", sum(
+        (p, m) not in done for p in todo_points), quiet=quiet) for m in slow}
     computed = 0
     with distributed.shared_failure(hint=(
             f"finished shards are kept in {run_dir / SHARDS_DIR}; rerun with --resume (the same "
@@ -575,23 +620,30 @@ def _run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None, res
             exact_result = None
             if config.exact:
                 t0 = time.perf_counter()
-                exact_result = exact.exact_radii(
-                    model, x, y, eps_max=config.eps_max, attack_eps=attack_eps,
-                    time_limit=config.exact_time_limit, index=torch.tensor(batch))
+                with exact_log.active():
+                    exact_result = exact.exact_radii(
+                        model, x, y, eps_max=config.eps_max, attack_eps=attack_eps,
+                        time_limit=config.exact_time_limit, index=torch.tensor(batch),
+                        on_sample=exact_log)
                 exact_seconds += time.perf_counter() - t0
             earlier = set(positions[:min(first, prefix * config.batch_size)])
             for m in todo:
                 previous = [r for (p, meth), r in done.items() if meth == m and p in earlier]
-                result = radius.certified_radii(
-                    model, x, y, m, eps_max=config.eps_max, tol=config.tol,
-                    attack_eps=attack_eps, guess=_guess(previous, attack_eps),
-                    search=config.search, index=torch.tensor(batch),
-                    bound_fn=_engine_bound_fn(config, m, model),
-                    **({} if config.engine != "native"
-                       else dict(config.method_options.get(m, {}))))
-                result_rows = result.rows()
+                args = (config, model, m, x, y, attack_eps, _guess(previous, attack_eps), batch)
+                if m in slow_logs:   # one sample at a time (each searches alone anyway)
+                    parts = []
+                    for k in range(len(batch)):
+                        with slow_logs[m].active():
+                            parts.append(_search(*args, slice(k, k + 1)))
+                        slow_logs[m](batch[k])
+                    result_rows = [row for part in parts for row in part.rows()]
+                    certified = torch.cat([part.certified_eps for part in parts])
+                else:
+                    result = _search(*args, slice(None))
+                    result_rows = result.rows()
+                    certified = result.certified_eps
                 if exact_result is not None:
-                    exact.check_sandwich(exact_result, certified_eps=result.certified_eps,
+                    exact.check_sandwich(exact_result, certified_eps=certified,
                                          attack_eps=attack_eps, method=m)
                     result_rows = _with_exact(result_rows, exact_result)
                 for row in result_rows:
@@ -627,14 +679,15 @@ def _run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None, res
         write_sample_csv(run_dir / SAMPLES_FILE, final)
         summaries = _write_results(run_dir, settings, final, config, complete=True, wall=wall,
                                    attack_seconds=attack_seconds, exact_seconds=exact_seconds)
-        write_figures(run_dir, final, label=stem)
+        write_figures(run_dir, final, label=stem, tol=config.tol)
         sorted_caption = ("Sorted certified ε (solid), exact ε (dotted) and attack ε (dashed)"
                           if config.exact else "Sorted certified ε (solid) and attack ε (dashed)")
         write_summary_md(run_dir / SUMMARY_FILE, title=f"certify area: {model_path.name} on "
                          f"{config.dataset}/{config.split}", summaries=summaries,
                          settings=_md_settings(settings), figures={
                              sorted_caption: SORTED_FIGURE,
-                             "Certified accuracy (solid) and attack accuracy (dashed)":
+                             "Certified accuracy (solid: certified ε > x) and attack accuracy "
+                             "(dashed: no adversarial example at x or below), in percent":
                                  ACCURACY_FIGURE})
         if (run_dir / SHARDS_DIR).is_dir():  # merged into per_sample.csv
             shutil.rmtree(run_dir / SHARDS_DIR)
@@ -686,9 +739,10 @@ def _write_results(run_dir: Path, settings: Mapping[str, Any], rows: Sequence[Sa
 
 
 def write_figures(run_dir: str | os.PathLike[str], rows: Sequence[SampleRow], *,
-                  label: str) -> None:
+                  label: str, tol: float | None = None) -> None:
     """Write ``sorted_eps.png`` and ``certified_accuracy.png`` of one run's rows."""
     from certify.report.plots import (
+        caption,
         plot_certified_accuracy,
         plot_sorted_eps,
         runs_from_rows,
@@ -697,8 +751,9 @@ def write_figures(run_dir: str | os.PathLike[str], rows: Sequence[SampleRow], *,
 
     runs = runs_from_rows(rows, label)
     run_dir = Path(run_dir)
-    save_figure(plot_sorted_eps(runs), run_dir / SORTED_FIGURE)
-    save_figure(plot_certified_accuracy(runs), run_dir / ACCURACY_FIGURE)
+    note = caption(rows, tol=tol)
+    save_figure(plot_sorted_eps(runs, caption=note), run_dir / SORTED_FIGURE)
+    save_figure(plot_certified_accuracy(runs, caption=note), run_dir / ACCURACY_FIGURE)
 
 
 def read_run(run_dir: str | os.PathLike[str]) -> AreaRun:

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 DPI = 150
 FIGSIZE = (6.4, 4.2)
 EPS_LABEL = "ε (L∞, pixel scale)"
+ACCURACY_LABEL = "accuracy (%)"
+#: More legend entries than this and the legend goes outside the axes, right of the data.
+LEGEND_INSIDE_MAX = 4
 
 Runs = Mapping[str, Sequence[SampleRow]]
 
@@ -38,14 +41,35 @@ def _new_axes() -> Axes:
     return fig.add_subplot(1, 1, 1)
 
 
-def _style(ax: Axes, *, xlabel: str, ylabel: str, title: str) -> None:
+def _style(ax: Axes, *, xlabel: str, ylabel: str, title: str, caption: str | None = None
+           ) -> None:
+    """Labels, grid and legend; a legend of many entries is put outside the axes (right)."""
     ax.set_xlabel(xlabel, fontsize=11)
     ax.set_ylabel(ylabel, fontsize=11)
-    ax.set_title(title, fontsize=12)
+    ax.set_title(f"{title}\n{caption}" if caption else title, fontsize=12 if not caption else 11)
     ax.tick_params(labelsize=10)
     ax.grid(True, alpha=0.3, linewidth=0.6)
-    ax.legend(fontsize=9, frameon=False, loc="best")
+    entries = len(ax.get_legend_handles_labels()[1])
+    if entries > LEGEND_INSIDE_MAX:
+        fig = ax.figure
+        fig.set_size_inches(FIGSIZE[0] + 3.2, max(FIGSIZE[1], 0.9 + 0.22 * entries))
+        ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                  borderaxespad=0.0)
+    else:
+        ax.legend(fontsize=9, frameon=False, loc="best")
     ax.figure.tight_layout()
+
+
+def caption(rows: Runs | Sequence[SampleRow], *, tol: float | None = None) -> str:
+    """``"crown, n=120 per model, tol=0.001"``: what a figure of these rows was computed with."""
+    runs = [list(rows)] if not isinstance(rows, Mapping) else [list(r) for r in rows.values()]
+    methods = sorted({r.method for rs in runs for r in rs})
+    sizes = sorted({len({r.index for r in rs}) for rs in runs if rs})
+    n = "n=" + "/".join(str(k) for k in sizes) + (" per model" if len(runs) > 1 else "")
+    parts = [", ".join(methods) or "no rows", n]
+    if tol is not None:
+        parts.append(f"tol={tol:g}")
+    return ", ".join(parts)
 
 
 def _colors(n: int) -> list[str]:
@@ -109,7 +133,8 @@ def _shared_curves(runs: Runs, colors: Sequence[Any], value: Any
 
 
 def plot_sorted_eps(runs: Runs, ax: Axes | None = None, *,
-                    title: str = "Per-sample certified and attack ε") -> Axes:
+                    title: str = "Per-sample certified and attack ε",
+                    caption: str | None = None) -> Axes:
     """The thesis's sorted-eps curves: every test point's eps in increasing order.
 
     Certified eps (misclassified at 0) solid, attack eps dashed, one colour per run. Samples
@@ -121,6 +146,7 @@ def plot_sorted_eps(runs: Runs, ax: Axes | None = None, *,
         runs: Label -> rows of one method.
         ax: Axes to draw on; default a new 6.4x4.2 in figure at 150 dpi.
         title: Axes title.
+        caption: A second title line: method, n, tol (see :func:`caption`).
     Returns:
         The axes.
     """
@@ -143,53 +169,72 @@ def plot_sorted_eps(runs: Runs, ax: Axes | None = None, *,
                 linestyle=":", label=f"{label}: exact")
     ax.set_xlim(left=0)
     ax.set_ylim(bottom=0)
-    _style(ax, xlabel="test points (sorted)", ylabel=EPS_LABEL, title=title)
+    _style(ax, xlabel="test points (sorted)", ylabel=EPS_LABEL, title=title, caption=caption)
     return ax
 
 
-def _step_curve(values: np.ndarray, n: int, *, strict: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Points of eps -> fraction of the n samples with value >= eps (> eps if strict)."""
-    finite = np.sort(values[np.isfinite(values)])
-    xs = np.concatenate([[0.0], finite])
-    if strict:
-        fractions = np.array([(values > x).sum() / n for x in xs])
-    else:
-        fractions = np.array([(values >= x).sum() / n for x in xs])
-    return xs, fractions
+def accuracy_curve(values: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The exact step function x -> 100 * #{i : values[i] > x} / n, as drawn.
+
+    `values` holds, per sample, the eps from which it stops counting (its certified or attack
+    eps; ``-inf`` for a misclassified sample, ``inf`` for one never broken). The function is
+    right-continuous and constant between its breakpoints: on ``[xs[k], xs[k+1])`` it equals
+    ``percent[k]``, which is what ``ax.step(xs, percent, where="post")`` draws. ``xs`` starts at 0
+    and holds every finite value > 0 once; where all values are finite it ends at 0%.
+    Per-sample ``a <= b`` thus gives curve(a) <= curve(b) at every x.
+
+    Returns:
+        ``(xs, percent)``, both of shape ``(k,)``.
+    """
+    finite = values[np.isfinite(values)]
+    xs = np.unique(np.concatenate([[0.0], finite[finite > 0]]))
+    percent = np.array([100.0 * np.count_nonzero(values > x) / n for x in xs])
+    return xs, percent
+
+
+def _draw_steps(ax: Axes, xs: np.ndarray, ys: np.ndarray, right: float, **style: Any) -> None:
+    """Draw a right-continuous step curve (see :func:`accuracy_curve`) out to `right`."""
+    ax.step(np.append(xs, right), np.append(ys, ys[-1]), where="post", **style)
 
 
 def plot_certified_accuracy(runs: Runs, ax: Axes | None = None, *,
-                            title: str = "Certified and attack accuracy") -> Axes:
-    """Certified accuracy vs eps (solid) and accuracy under attack (dashed), one colour per run.
+                            title: str = "Certified and attack accuracy",
+                            caption: str | None = None) -> Axes:
+    """Certified accuracy vs eps (solid) and accuracy under attack (dashed), in percent.
 
-    Certified accuracy at eps: correctly classified with certified eps >= eps. Attack accuracy:
-    correctly classified and no adversarial example found at eps (attack eps > eps).
+    At eps x, certified accuracy is the percentage of samples correctly classified with a
+    certified eps > x, attack accuracy the percentage correctly classified with an attack eps
+    > x (no adversarial example found at x or below); both curves are exact step functions
+    (:func:`accuracy_curve`). Since every sample's certified eps is at most its attack eps, the
+    certified curve never runs above the attack curve, and it ends at 0%.
 
     Args:
         runs: Label -> rows of one method.
         ax: Axes to draw on; default a new figure.
         title: Axes title.
+        caption: A second title line: method, n, tol (see :func:`caption`).
     Returns:
         The axes.
     """
     ax = ax if ax is not None else _new_axes()
-    top = 0.0
     colors = _colors(len(runs))
+    curves: list[tuple[str, Any, np.ndarray, np.ndarray, dict[str, Any]]] = []
     for (label, rows), color in zip(runs.items(), colors, strict=True):
         if not rows:
             continue
         cert = np.array([r.certified_eps if r.correct else -math.inf for r in rows])
-        xs, fr = _step_curve(cert, len(rows), strict=False)
-        ax.step(xs, fr, where="post", color=color, linewidth=1.8, label=f"{label}: certified")
-        top = max(top, float(xs.max()))
+        xs, ys = accuracy_curve(cert, len(rows))
+        curves.append((f"{label}: certified", color, xs, ys, {"linewidth": 1.8}))
     for label, color, attack in _attack_curves(runs, colors):
-        xs_a, fr_a = _step_curve(attack, len(attack), strict=True)
-        ax.step(xs_a, fr_a, where="post", color=color, linewidth=1.4, linestyle="--",
-                label=f"{label}: attack")
-        top = max(top, float(xs_a.max()))
-    ax.set_xlim(0, top * 1.05 if top > 0 else 1.0)
-    ax.set_ylim(0, 1.02)
-    _style(ax, xlabel=EPS_LABEL, ylabel="accuracy", title=title)
+        xs, ys = accuracy_curve(attack, len(attack))
+        curves.append((f"{label}: attack", color, xs, ys, {"linewidth": 1.4, "linestyle": "--"}))
+    top = max((float(xs.max()) for _, _, xs, _, _ in curves), default=0.0)
+    right = top * 1.05 if top > 0 else 1.0
+    for label, color, xs, ys, style in curves:
+        _draw_steps(ax, xs, ys, right, color=color, label=label, **style)
+    ax.set_xlim(0, right)
+    ax.set_ylim(0, 102)
+    _style(ax, xlabel=EPS_LABEL, ylabel=ACCURACY_LABEL, title=title, caption=caption)
     return ax
 
 
@@ -252,7 +297,12 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike[str]], *,
     for label, (_, run_dir, _, rows) in zip(labels, selected, strict=True):
         key = label if labels.count(label) == 1 else f"{label} [{run_dir.name}]"
         curves[key] = rows
-    kwargs = {"title": title} if title else {}
+    tols = {run.settings.get("tol") for run in runs}
+    tol = tols.pop() if len(tols) == 1 else None
+    kwargs: dict[str, Any] = {"caption": caption(curves, tol=tol if isinstance(
+        tol, (int, float)) else None)}
+    if title:
+        kwargs["title"] = title
     if kind == "sorted-eps":
         ax = plot_sorted_eps(curves, **kwargs)
         name = SORTED_FIGURE
@@ -267,18 +317,20 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike[str]], *,
 
 # ------------------------------------------------------------------ study figures (additive)
 
-ATTACK_ACCURACY_LABEL = "accuracy under attack (%)"
+ATTACK_ACCURACY_LABEL = "accuracy under attack (%)"  # percent, as every accuracy figure
 
 
 def plot_attack_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
                        ax: Axes | None = None, *,
-                       title: str = "Accuracy under PGD attack") -> Axes:
+                       title: str = "Accuracy under PGD attack",
+                       caption: str | None = None) -> Axes:
     """Accuracy under attack vs eps, one curve (with markers) per model (Figs 8.19/8.22).
 
     Args:
-        curves: Label -> ``(eps grid, accuracy as fractions)``.
+        curves: Label -> ``(eps grid, accuracy as fractions)``; drawn in percent.
         ax: Axes to draw on; default a new figure.
         title: Axes title.
+        caption: A second title line (attack, n, steps).
     Returns:
         The axes.
     """
@@ -294,7 +346,7 @@ def plot_attack_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[floa
         top = max(top, float(xs.max()) if xs.size else 0.0)
     ax.set_xlim(0, top * 1.02 if top > 0 else 1.0)
     ax.set_ylim(0, 101)
-    _style(ax, xlabel=EPS_LABEL, ylabel=ATTACK_ACCURACY_LABEL, title=title)
+    _style(ax, xlabel=EPS_LABEL, ylabel=ATTACK_ACCURACY_LABEL, title=title, caption=caption)
     return ax
 
 

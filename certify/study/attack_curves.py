@@ -327,8 +327,12 @@ def write_attack_curves(out_dir: str | os.PathLike[str], curves: Sequence[ModelC
         "attack": attack, "settings": settings or {},
         "curves": [{"label": c.label, "path": c.path, "n": c.n, "eps": list(c.eps),
                     "accuracy": list(c.accuracy)} for c in curves]})
+    sizes = "/".join(str(n) for n in sorted({c.n for c in curves}))
+    steps = (settings or {}).get("steps")
+    caption = f"{attack}, n={sizes}" + (f", {steps} steps" if steps else "")
     ax = plot_attack_curves({c.label: (c.eps, c.accuracy) for c in curves},
-                            title=title or f"Accuracy under {_attack_title(attack)}")
+                            title=title or f"Accuracy under {_attack_title(attack)}",
+                            caption=caption)
     save_figure(ax, out / FIGURE_FILE)
     return out
 

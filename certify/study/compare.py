@@ -282,7 +282,7 @@ def write_comparison(out_dir: str | os.PathLike[str], comparison: Comparison, *,
                      method: str, title: str | None = None) -> Path:
     """Write the table (CSV, markdown, JSON) and the two overlaid figures into `out_dir`."""
     from certify._io import atomic_write_csv, atomic_write_json, atomic_write_text, ensure_dir
-    from certify.report.plots import plot_certified_accuracy, plot_sorted_eps, save_figure
+    from certify.report.plots import caption, plot_certified_accuracy, plot_sorted_eps, save_figure
     from certify.report.results import json_safe
 
     out = ensure_dir(out_dir)
@@ -293,13 +293,19 @@ def write_comparison(out_dir: str | os.PathLike[str], comparison: Comparison, *,
         "method": method, "rows": [r.as_dict() for r in rows]}))
     runs = {r.label: run.rows_of(method) for r, run in zip(rows, comparison.runs, strict=True)}
     prefix = f"{title}: " if title else ""
-    save_figure(plot_sorted_eps(runs, title=f"{prefix}sorted certified ({method}) and attack ε"),
-                out / SORTED_FIGURE)
-    save_figure(plot_certified_accuracy(runs, title=f"{prefix}certified and PGD accuracy"),
-                out / ACCURACY_FIGURE)
+    tols = {run.settings.get("tol") for run in comparison.runs}
+    tol = tols.pop() if len(tols) == 1 else None
+    note = caption(runs, tol=tol if isinstance(tol, (int, float)) else None)
+    save_figure(plot_sorted_eps(runs, title=f"{prefix}sorted certified ({method}) and attack ε",
+                                caption=note), out / SORTED_FIGURE)
+    save_figure(plot_certified_accuracy(runs, title=f"{prefix}certified and PGD accuracy",
+                                        caption=note), out / ACCURACY_FIGURE)
     md = [f"# {title or 'Model comparison'}", "", table_markdown(rows, method=method),
-          f"Certified ε by `{method}`; attack ε by PGD (an upper bound on the true distance). "
-          "Certification area = mean certified ε over the test points (misclassified count 0).",
+          f"Every column of a row from the same test points ({note}): certified ε by `{method}`; "
+          "PGD accuracy at ε: correctly classified and no adversarial example found at ε or below "
+          "by the per-sample minimal-ε PGD search (its attack ε, an upper bound on the true "
+          "distance). Certification area = mean certified ε over the test points (misclassified "
+          "count 0).",
           "", f"![sorted ε]({SORTED_FIGURE})", "", f"![certified accuracy]({ACCURACY_FIGURE})",
           ""]
     atomic_write_text(out / TABLE_MD, "\n".join(md))

@@ -468,7 +468,11 @@ class _Runner:
             row_logits = res.rows[0].logits_accuracy if res.rows else None
             return {"temperature": {f"{r.temperature:g}": r.temperature_accuracy
                                     for r in res.rows},
-                    "logits": row_logits, "selected": res.best_label,
+                    "temperature_validation": {f"{r.temperature:g}": r.temperature_validation
+                                               for r in res.rows},
+                    "logits": row_logits,
+                    "logits_validation": res.rows[0].logits_validation if res.rows else None,
+                    "selected": res.best_label,
                     "teacher_accuracy": res.teacher_accuracy,
                     "parameters": res.rows[0].parameters if res.rows else None}
 

@@ -362,7 +362,11 @@ def _validate(student_arch: str, method: str, temperatures: Sequence[float], alp
 
 @dataclass(frozen=True)
 class SweepRow:
-    """One temperature of a sweep. Accuracies are fractions; ``None`` where not trained."""
+    """One temperature of a sweep. Accuracies are fractions; ``None`` where not trained.
+
+    ``*_accuracy`` are on the test split (final numbers), ``*_validation`` on the validation
+    part held out of the training split, on which the best student is chosen.
+    """
 
     name: str
     parameters: int
@@ -370,6 +374,8 @@ class SweepRow:
     temperature_accuracy: float
     logits_accuracy: float | None
     path: str | None
+    temperature_validation: float | None = None
+    logits_validation: float | None = None
 
 
 @dataclass(frozen=True)
@@ -386,7 +392,9 @@ class SweepResult:
 
     def table_rows(self) -> list[dict[str, Any]]:
         return [{"name": r.name, "parameters": r.parameters, "temperature": r.temperature,
+                 "temperature_validation": r.temperature_validation,
                  "temperature_accuracy": r.temperature_accuracy,
+                 "logits_validation": r.logits_validation,
                  "logits_accuracy": r.logits_accuracy} for r in self.rows]
 
 
@@ -395,12 +403,15 @@ def sweep_columns(method: str) -> list[Any]:
 
     return [Column("name", "Name"), Column("parameters", "Number of Parameters", count),
             Column("temperature", "Temperature", lambda v: f"{v:g}"),
+            Column("temperature_validation", f"Temp. Validation ({method})", percent),
             Column("temperature_accuracy", f"Temp. Accuracy ({method})", percent),
+            Column("logits_validation", "Logits Validation", percent),
             Column("logits_accuracy", "Logits Accuracy", percent)]
 
 
 SWEEP_NOTE = ("Logit matching does not use the temperature: it is trained once and its accuracy "
-              "is shown on every row.")
+              "is shown on every row. The best student is chosen on the validation part held out "
+              "of the training split; accuracies without 'Validation' are on the test split.")
 
 
 def distill_sweep(teacher_path: str | os.PathLike[str], student_arch: str,
@@ -419,8 +430,11 @@ def distill_sweep(teacher_path: str | os.PathLike[str], student_arch: str,
 
     With `output`, every student is saved under ``<output stem>.sweep/`` (``hinton-T2.pt``,
     ``logits.pt``), the table beside `output` as ``<stem>.sweep.csv`` and ``<stem>.sweep.md``
-    (atomically), and the student with the best test accuracy at `output`. With ``resume``,
-    students already saved with the same recipe are reused.
+    (atomically), and the student with the best *validation* accuracy at `output`: the students
+    train on the training split less a stratified hold-out
+    (:func:`certify.data.split_validation`), are chosen on that hold-out, and the test split
+    only gives the final numbers. With ``resume``, students already saved with the same recipe
+    are reused.
 
     Returns:
         The :class:`SweepResult`; ``best.meta.training["sweep"]`` records the candidates.
@@ -436,8 +450,18 @@ def distill_sweep(teacher_path: str | os.PathLike[str], student_arch: str,
     _validate(student_arch, method, temperatures, alpha, None, student_kwargs)
     if len(set(temperatures)) != len(temperatures):
         raise SpecError(f"temperatures repeat: {list(temperatures)}; give each once.")
-    teacher = load_teacher(teacher_path, dataset=dataset, data_dir=data_dir,
-                           device=config.device)
+    from dataclasses import replace
+
+    from certify.data import ImageDataset, validation_indices
+    from certify.train.loops import evaluate
+
+    full = load_teacher(teacher_path, dataset=dataset, data_dir=data_dir, device=config.device)
+    fit_idx, val_idx = validation_indices(full.train_set.labels)
+    data = full.train_set
+    teacher = replace(full, logits=full.logits[fit_idx], train_set=ImageDataset(
+        data.images[fit_idx], data.labels[fit_idx], data.info, f"{data.split}-fit"))
+    validation = ImageDataset(data.images[val_idx], data.labels[val_idx], data.info,
+                              f"{data.split}-validation")
     out = Path(output) if output is not None else None
     folder = out.with_name(out.stem + ".sweep") if out is not None else None
     from certify.nets import parse_arch
@@ -451,7 +475,7 @@ def distill_sweep(teacher_path: str | os.PathLike[str], student_arch: str,
             model, meta = load_checkpoint(path)
             want = {"method": m, "temperature": t if m != "logits" else None,
                     "alpha": alpha if m == "hinton" else None, "teacher_sha256": teacher.sha256,
-                    **config.to_dict()}
+                    "train_samples": len(teacher.train_set), **config.to_dict()}
             same_arch = meta.arch == student_base and all(
                 meta.arch_kwargs.get(k) == v for k, v in student_widths.items())
             if same_arch and all(meta.training.get(k) == v for k, v in want.items()
@@ -475,18 +499,24 @@ def distill_sweep(teacher_path: str | os.PathLike[str], student_arch: str,
     if logits is not None:
         students.append(("logits", logits))
     params = count_parameters(students[0][1].model)
+    val = {lab: evaluate(s.model, validation) for lab, s in students}
     logits_acc = logits.meta.metrics.get("test_accuracy") if logits is not None else None
     rows = tuple(SweepRow(student_arch, params, float(t), s.meta.metrics["test_accuracy"],
-                          logits_acc, str(s.path) if s.path else None)
-                 for t, (_, s) in zip(temperatures, students[:len(temperatures)], strict=True))
-    best_label, best = max(students, key=lambda ls: ls[1].meta.metrics["test_accuracy"])
+                          logits_acc, str(s.path) if s.path else None, val[lab],
+                          val.get("logits"))
+                 for t, (lab, s) in zip(temperatures, students[:len(temperatures)], strict=True))
+    # the choice is made on the validation hold-out; the first best wins a tie
+    best_label, best = max(students, key=lambda ls: val[ls[0]])
     csv_path = md_path = None
     if out is not None:
         training = {**best.meta.training, "sweep": {
             "temperatures": [float(t) for t in temperatures], "method": method,
-            "selected": best_label, "accuracies": {lab: s.meta.metrics["test_accuracy"]
-                                                   for lab, s in students}}}
-        best_meta = best.meta.with_updates(training=training)
+            "selected": best_label, "selected_on": "validation",
+            "validation_samples": len(validation),
+            "validation_accuracies": val,
+            "accuracies": {lab: s.meta.metrics["test_accuracy"] for lab, s in students}}}
+        metrics = {**best.meta.metrics, "validation_accuracy": val[best_label]}
+        best_meta = best.meta.with_updates(training=training, metrics=metrics)
         save_checkpoint(out, best.model, best_meta)
         best = TrainedModel(best.model, best_meta, best.result, out)
         csv_path = out.with_name(out.stem + ".sweep.csv")
@@ -495,6 +525,7 @@ def distill_sweep(teacher_path: str | os.PathLike[str], student_arch: str,
                              md_path)
         write_table(csv_path, md_path, result.table_rows(), sweep_columns(method),
                     note=SWEEP_NOTE + f" Teacher test accuracy: "
-                                      f"{100 * teacher.test_accuracy:.2f}%. Best: {best_label}.")
+                                      f"{100 * teacher.test_accuracy:.2f}%. Best on validation "
+                                      f"({len(validation)} samples): {best_label}.")
         return result
     return SweepResult(rows, method, teacher.test_accuracy, best, best_label, csv_path, md_path)

@@ -57,7 +57,7 @@ def test_distill_sweep_table(models, tmp_path):  # type: ignore[no-untyped-def]
             "--epochs", 1, "-o", out, "-q")
     assert r.exit_code == 0, r.output
     assert "Temperature" in r.stdout and "Logits Accuracy" in r.stdout
-    assert "best student" in r.stdout
+    assert "best student on validation" in r.stdout
     with open(tmp_path / "best.sweep.csv") as f:
         rows = list(csv.DictReader(f))
     assert [float(row["temperature"]) for row in rows] == [1.0, 2.5]
@@ -114,7 +114,7 @@ def test_prune_per_layer_and_sensitivity(models, tmp_path):  # type: ignore[no-u
         rows = list(csv.DictReader(f))
     assert [(row["layer"], float(row["ratio"])) for row in rows] == [
         ("conv1", 0.25), ("conv1", 0.5), ("conv2", 0.25), ("conv2", 0.5)]
-    assert scan.with_suffix(".md").exists() and "baseline test accuracy" in r.stdout
+    assert scan.with_suffix(".md").exists() and "on the validation hold-out" in r.stdout
 
 
 def test_prune_bad_input(models, tmp_path):  # type: ignore[no-untyped-def]
@@ -136,3 +136,14 @@ def test_prune_bad_input(models, tmp_path):  # type: ignore[no-untyped-def]
     assert "needs fine-tuning" in one_line_error(
         run("prune", student, "--ratio", "0.5", "--distill-from-parent", "-o", out))
     assert not any(tmp_path.iterdir())
+
+
+def test_prune_never_overwrites_silently(models, tmp_path):  # type: ignore[no-untyped-def]
+    out = tmp_path / "p.pt"
+    out.write_bytes(b"someone's model")
+    line = one_line_error(run("prune", models["student"], "--ratio", "0.5", "-o", out, "-q"))
+    assert "already exists" in line and "--force" in line
+    assert out.read_bytes() == b"someone's model"
+    r = run("prune", models["student"], "--ratio", "0.5", "-o", out, "-q", "--force")
+    assert r.exit_code == 0, r.output
+    assert torch.load(out, weights_only=True)["meta"]["arch_kwargs"]["channels"] == [4, 4]

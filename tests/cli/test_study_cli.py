@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from certify.cli import main
+from tests.report.table_checks import assert_certified_at_most_pgd
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -81,6 +82,7 @@ def test_compare_reuses_runs(tiny_checkpoint: Path, tmp_path: Path,
     assert len(list((tmp_path / "cache").iterdir())) == 1    # same sha256 + settings: one run
     for f in ("sorted_eps.png", "certified_accuracy.png", "compare.md", "compare.csv"):
         assert (tmp_path / "cmp" / f).is_file()
+    assert assert_certified_at_most_pgd((tmp_path / "cmp" / "compare.md").read_text()) == 2
 
     import certify.report.area as area
 

@@ -37,3 +37,22 @@ def test_digits_images_are_in_unit_range_and_disjoint() -> None:
     both = torch.cat([train.tensors()[0], test.tensors()[0]]).reshape(1797, -1).double().numpy()
     key = lambda a: sorted(map(bytes, (a * 16).round().astype(np.uint8)))  # noqa: E731
     assert key(both) == key(raw)
+
+
+def test_validation_hold_out_is_stratified_disjoint_and_fixed() -> None:
+    from certify.data import split_validation, validation_indices
+
+    train = load_dataset("digits", "train")
+    fit_idx, val_idx = validation_indices(train.labels)
+    again = validation_indices(train.labels)
+    assert torch.equal(fit_idx, again[0]) and torch.equal(val_idx, again[1])
+    assert set(fit_idx.tolist()).isdisjoint(val_idx.tolist())
+    assert sorted(fit_idx.tolist() + val_idx.tolist()) == list(range(len(train)))
+    per_class = torch.bincount(train.labels, minlength=10)
+    held = torch.bincount(train.labels[val_idx], minlength=10)
+    assert ((held - 0.1 * per_class).abs() <= 0.5).all(), held   # 10% of every class
+    fit, validation = split_validation(train)
+    assert (len(fit), len(validation)) == (len(fit_idx), len(val_idx))
+    assert torch.equal(validation.images, train.images[val_idx])
+    other = validation_indices(train.labels, seed=1)[1]
+    assert not torch.equal(other, val_idx)

@@ -82,3 +82,11 @@ def test_area_claim_is_the_comparison(a: float, b: float) -> None:
                                                  ([0, 0.5], 0.01, [1])])
 def test_small_eps_points(grid: list[float], small: float | None, expected: list[int]) -> None:
     assert C.small_eps_points(grid, small) == expected
+
+
+def test_temperature_claim_uses_the_student_chosen_on_validation() -> None:
+    results = _results(AREAS, temps={"1": 0.90, "2": 0.84}, logits=0.85)
+    assert _by_key(results)["temperature-vs-logits"].supported is True   # no validation: best
+    results["sweep"]["temperature_validation"] = {"1": 0.95, "2": 0.97}   # T=2 is chosen
+    claim = _by_key(results)["temperature-vs-logits"]
+    assert claim.supported is False and "T=2 (chosen on validation)" in claim.evidence

@@ -10,6 +10,7 @@ import tomllib
 
 from certify.errors import CertifyError, SpecError
 from certify.study.experiment import STAGES, load_config, parse_config, run_experiment
+from tests.report.table_checks import assert_certified_at_most_pgd
 
 HERE = Path(__file__).parent
 TINY = HERE / "tiny.toml"
@@ -74,6 +75,10 @@ def test_tiny_study_end_to_end(tiny_run: tuple[Path, object]) -> None:
         assert m["certification_area"] >= 0
     summary = (out / "summary.md").read_text()
     assert "Does this run support the thesis?" in summary
+    # every table compares like with like: its certified column never exceeds its PGD column
+    assert assert_certified_at_most_pgd(summary) == 7
+    assert "All columns on the same first 8 test points" in summary
+    assert {m["arch"] for m in study["models"].values()} >= {"scn-8-8", "scn-4-8"}
     for fig in ("attack/attack_curves.png", "figures/sorted_eps_all.png",
                 "figures/certification_area.png", "figures/certified_accuracy_all.png"):
         assert (out / fig).stat().st_size > 1000, fig

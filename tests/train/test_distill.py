@@ -205,8 +205,18 @@ def test_sweep_table_and_best(digits_teacher, tmp_path):  # type: ignore[no-unty
             for p in (tmp_path / "best.sweep").glob("*.pt")}
     assert set(accs) == {"hinton-T1", "hinton-T3", "logits"}
     _, best_meta = load_checkpoint(out)
-    assert best_meta.metrics["test_accuracy"] == max(accs.values())
     assert best_meta.training["sweep"]["selected"] == sweep.best_label
+    # chosen on the validation hold-out, measured afresh here; never on the test split
+    from certify.data import load_dataset, split_validation
+    from certify.train.loops import evaluate
+
+    fit, validation = split_validation(load_dataset("digits", "train"))
+    val = {p.stem: evaluate(load_checkpoint(p)[0], validation)
+           for p in (tmp_path / "best.sweep").glob("*.pt")}
+    assert val[sweep.best_label] == max(val.values())
+    assert best_meta.metrics["validation_accuracy"] == val[sweep.best_label]
+    assert best_meta.metrics["test_accuracy"] == accs[sweep.best_label]
+    assert best_meta.training["train_samples"] == len(fit)   # the hold-out is not trained on
     with open(tmp_path / "best.sweep.csv") as f:
         rows = list(csv.DictReader(f))
     assert [float(r["temperature_accuracy"]) for r in rows] == \
