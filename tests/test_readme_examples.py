@@ -36,7 +36,9 @@ def invoke(line: str) -> str:
 
 
 def python_example() -> str:
-    blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    """The library example: the one Python block that computes certified radii."""
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", README, flags=re.S)
+              if "certified_radii(" in b]
     assert len(blocks) == 1
     return blocks[0]
 
