@@ -200,7 +200,8 @@ def _cast_down(values: Tensor, like: Tensor) -> Tensor:
 
 
 def margin_bounds(model: nn.Module | Network, x: Tensor, y: Tensor, eps: float | Tensor,
-                  method: str | BoundMethod = "crown", **options: Any) -> Bounds:
+                  method: str | BoundMethod = "crown", *, model_rounding: bool | None = None,
+                  **options: Any) -> Bounds:
     """Bounds of the margins ``f_y(x') - f_j(x')``, ``j != y``, over ``clip(x ± eps, 0, 1)``.
 
     A sample is verified at `eps` iff ``lower.min(1) > 0`` (strictly). The bounds hold for the
@@ -214,6 +215,8 @@ def margin_bounds(model: nn.Module | Network, x: Tensor, y: Tensor, eps: float |
         y: Labels `(N,)`.
         eps: A float or per-sample radii `(N,)`, >= 0.
         method: As for :func:`compute_bounds`.
+        model_rounding: Cover the model's own forward pass too (default: when the method is
+            rigorous; a plain bound may still include it, to estimate the rigorous one).
         **options: The method's options.
 
     Returns:
@@ -234,5 +237,6 @@ def margin_bounds(model: nn.Module | Network, x: Tensor, y: Tensor, eps: float |
     k = math.prod(net.output_shape)
     spec = margin_spec(y.to(x.device), k).to(x.dtype)
     x_lo, x_hi = region.box()
-    return compute_bounds(net, x_lo, x_hi, bound_method, spec,
-                          model_rounding=getattr(bound_method, "rigorous", True))
+    if model_rounding is None:
+        model_rounding = getattr(bound_method, "rigorous", True)
+    return compute_bounds(net, x_lo, x_hi, bound_method, spec, model_rounding=model_rounding)
