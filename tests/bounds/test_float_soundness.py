@@ -191,6 +191,20 @@ def test_linear_nets_certified_worst_corner_exact_and_in_dtype(kind, dtype, seed
 @given(seed=st.integers(0, 2**20), kind=st.sampled_from(["mlp", "norm-mlp", "conv"]),
        eps=st.sampled_from([0.0, 1e-7, 1e-3, 0.05, 0.3]))
 def test_linear_net_bounds_contain_the_exact_range(method, dtype, seed, kind, eps):  # type: ignore[no-untyped-def]
+    _check_exact_range(method, dtype, seed, kind, eps)
+
+
+@pytest.mark.solver
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method", ["lp", "milp"])
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 2**20), kind=st.sampled_from(["mlp", "norm-mlp"]),
+       eps=st.sampled_from([0.0, 1e-7, 1e-3, 0.05]))
+def test_solver_bounds_contain_the_exact_range(method, dtype, seed, kind, eps):  # type: ignore[no-untyped-def]
+    _check_exact_range(method, dtype, seed, kind, eps)
+
+
+def _check_exact_range(method, dtype, seed, kind, eps):  # type: ignore[no-untyped-def]
     """compute_bounds on a linear net: lower <= the exact rational minimum of every spec row
     over the box, upper >= the maximum; and margin_bounds' lower bound is below the exact
     minimal margin *and* below every margin the model computes in its dtype at the corner."""
