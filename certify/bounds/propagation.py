@@ -30,6 +30,14 @@ forward mode (``"forward"``: sound, but looser beyond the second ReLU layer beca
 the lower or upper line per path instead of per neuron -- on a random ``wk-large`` at eps 0.01
 the mean margin lower bound was -472 against -13.8 in backward mode). The choice depends only
 on the sample and the network, so a batch gives the bounds of its samples one by one.
+
+**Rounding** (``EngineOptions.rigorous``, the default): every interval is rounded outward and
+every backward pass tracks the rounding of its rows and constants (see
+:meth:`Propagator.backward_chunk` and :mod:`certify.bounds.rounding`), so each bound holds for
+the network in exact arithmetic; forward mode has no such accounting and is then not used.
+With ``net.runs_in`` the bounds also cover the model's own forward pass
+(:mod:`certify.bounds.forward_error`): each ReLU's input is widened by its perturbation bound
+and every backward pass pays ``|nu| E`` there.
 """
 
 from __future__ import annotations
