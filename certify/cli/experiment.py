@@ -43,7 +43,8 @@ def _print(result: object) -> None:
 
     assert isinstance(result, ExperimentResult)
     for c in result.claims:
-        flag = " (flips with the certifier)" if c.flips else ""
+        flag = (" (flips with the certifier)" if c.flips else "") + (
+            " (the attack area disagrees)" if c.attack_disagrees else "")
         click.echo(f"{c.verdict:>12}{flag}  {c.statement}  [{c.evidence}]")
     ran = ", ".join(result.ran) or "none"
     click.echo(f"stages run: {ran}; reused: {', '.join(result.skipped) or 'none'} "

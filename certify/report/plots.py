@@ -388,6 +388,9 @@ def plot_sorted_panels(panels: Mapping[str, Runs],
     fig = Figure(figsize=(4.2 * len(panels), 4.4), dpi=DPI)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), sharex=True, sharey=True, squeeze=False)[0]
+    has_exact = any(not np.isnan(_exact_eps(r)) and r.correct for runs in panels.values()
+                    for rows in runs.values() for r in rows)
+    styles = "certified (solid), attack (dashed)" + (", exact (dotted)" if has_exact else "")
     for ax, (name, runs) in zip(axes, panels.items(), strict=True):
         for (label, rows), color in zip(runs.items(), _colors(len(runs)), strict=True):
             area = legends.get(label)
@@ -407,7 +410,7 @@ def plot_sorted_panels(panels: Mapping[str, Runs],
         ax.set_xlabel("test points (sorted)", fontsize=10)
         ax.grid(True, alpha=0.3, linewidth=0.6)
         ax.legend(fontsize=7, frameon=False, loc="upper left",
-                  title="certified (solid), attack (dashed), exact (dotted)",
+                  title=styles,
                   title_fontsize=6)
         ax.set_xlim(left=0)
         ax.set_ylim(bottom=0)

@@ -61,8 +61,8 @@ def point_values(rows_by_method: Mapping[str, Sequence[SampleRow]], certifier: s
         rows = next((r for r in rows_by_method.values() if r), None)
     else:
         rows = rows_by_method.get(certifier)
-    if not rows:
-        return None
+    if not rows or (certifier == EXACT and not any(r.exact_status for r in rows)):
+        return None                               # exact not run on this model
     out = {}
     for r in rows:
         v = _value(r, certifier, eps_max)
@@ -77,8 +77,9 @@ def read_evidence(seed_dirs: Sequence[Path], labels: Sequence[str], methods: Seq
     """Per model and certifier, the per-point eps of every seed's certify stage.
 
     Returns:
-        ``(evidence, certifiers)``: certifiers present for every model and seed, in the order
-        ``methods``, then ``exact`` (if every point has one), then ``attack``.
+        ``(evidence, certifiers)``: per model the certifiers it has in every seed (``exact``
+        only where every point has an exact eps, e.g. only the small nets), and all certifiers
+        some model has, in the order ``methods``, then ``exact``, then ``attack``.
     """
     from certify.report.area import read_run
 
@@ -90,9 +91,9 @@ def read_evidence(seed_dirs: Sequence[Path], labels: Sequence[str], methods: Seq
             by_method = {m: run.rows_of(m) for m in methods}
             for c in wanted:
                 evidence[label][c].append(point_values(by_method, c, eps_max) or {})
-    present = tuple(c for c in wanted
-                    if all(all(seed for seed in evidence[label][c]) for label in labels))
-    return {label: {c: evidence[label][c] for c in present} for label in labels}, present
+    kept = {label: {c: v for c, v in evidence[label].items() if all(v)} for label in labels}
+    present = tuple(c for c in wanted if any(c in kept[label] for label in labels))
+    return kept, present
 
 
 def _paired(a: list[dict[int, float]], b: list[dict[int, float]]
@@ -112,6 +113,8 @@ def area_table(evidence: Evidence, certifiers: Sequence[str]) -> dict[str, dict[
     for label, per in evidence.items():
         out[label] = {}
         for c in certifiers:
+            if c not in per:
+                continue
             seeds = [list(s.values()) for s in per[c]]
             n = min(len(s) for s in seeds)
             mean, low, high = B.mean_ci([s[:n] for s in seeds])
@@ -129,8 +132,9 @@ def relaxation_gaps(areas: Mapping[str, Mapping[str, Any]], certifiers: Sequence
         for m in certifiers:
             if m in (ATTACK, EXACT):
                 continue
-            out[label][m] = {ref: per[ref]["area"] - per[m]["area"] for ref in (ATTACK, EXACT)
-                             if ref in per}
+            if m in per:
+                out[label][m] = {ref: per[ref]["area"] - per[m]["area"]
+                                 for ref in (ATTACK, EXACT) if ref in per}
     return out
 
 
@@ -143,6 +147,8 @@ def claim_intervals(evidence: Evidence, certifiers: Sequence[str]
             continue
         out[key] = {}
         for c in certifiers:
+            if c not in evidence[a] or c not in evidence[b]:
+                continue
             xa, xb = _paired(evidence[a][c], evidence[b][c])
             ci = B.ratio_ci(xa, xb)
             out[key][c] = {"a_label": a, "b_label": b, "a": ci.a, "b": ci.b, "ratio": ci.ratio,

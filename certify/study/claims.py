@@ -44,6 +44,13 @@ class Claim:
     flips: bool = False
 
     @property
+    def attack_disagrees(self) -> bool:
+        """Whether the area under the attack eps (an upper bound) gives another verdict than
+        the main certifier: the difference may be the certifier's rather than the models'."""
+        by = dict(self.by_certifier)
+        return bool(self.status) and "attack" in by and by["attack"] != self.status
+
+    @property
     def verdict(self) -> str:
         """``supported``/``contradicted``/``inconclusive`` for an area claim decided by its
         bootstrap interval; otherwise ``yes``/``no``/``n/a``."""
@@ -90,6 +97,11 @@ def _interval_claim(key: str, statement: str, a_label: str, b_label: str,
     flipped = flips(intervals)
     if flipped:
         evidence += "; the verdict changes with the certifier"
+    attack = intervals.get("attack")
+    if attack is not None and attack["verdict"] != status:
+        evidence += (f"; under the attack ε (an upper bound) it is {attack['verdict']}: "
+                     f"{describe(attack)}, so the difference may be the certifier's "
+                     "(see the relaxation gaps)")
     return Claim(key, statement, supported, evidence, status, by, flipped)
 
 
@@ -213,6 +225,8 @@ def claims_markdown(claims: Sequence[Claim]) -> str:
         mark = f"**{c.verdict}**" if c.verdict not in ("n/a", "inconclusive") else c.verdict
         if c.flips:
             mark += " (flips with the certifier)"
+        if c.attack_disagrees:
+            mark += " (the attack area disagrees)"
         lines.append(f"| {c.statement} | {mark} | {c.evidence} |")
     decided = [c for c in claims if c.supported is not None]
     yes = sum(1 for c in decided if c.supported)

@@ -92,6 +92,8 @@ def _mean_std(values: list[Any]) -> tuple[Any, Any]:
     nums = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
     if len(nums) != len(values) or not nums:
         return values[0], None
+    if all(v == values[0] for v in values):       # the same in every seed: keep its type
+        return values[0], 0.0
     mean = sum(nums) / len(nums)
     std = math.sqrt(sum((v - mean) ** 2 for v in nums) / (len(nums) - 1)) if len(nums) > 1 \
         else 0.0
@@ -279,8 +281,8 @@ def certifier_section(study: dict[str, Any]) -> str:
              "| model | " + " | ".join(_cert_name(c) for c in certs) + " |",
              "|---|" + "---:|" * len(certs)]
     for label, per in study["areas"].items():
-        cells = [f"{v['area']:.5f} [{v['low']:.5f}, {v['high']:.5f}]"
-                 for v in (per[c] for c in certs)]
+        cells = [f"{per[c]['area']:.5f} [{per[c]['low']:.5f}, {per[c]['high']:.5f}]"
+                 if c in per else "–" for c in certs]
         lines.append(f"| {MODEL_LABELS.get(label, label)} | " + " | ".join(cells) + " |")
     gaps = study["relaxation_gaps"]
     methods = [c for c in certs if c not in (K.ATTACK, K.EXACT)]
@@ -292,14 +294,16 @@ def certifier_section(study: dict[str, Any]) -> str:
                                             for r in refs) + " |",
                   "|---|" + "---:|" * (len(methods) * len(refs))]
         for label, per in gaps.items():
-            cells = [f"{per[m][r]:.5f}" for m in methods for r in refs]
+            cells = [f"{per[m][r]:.5f}" if r in per.get(m, {}) else "–"
+                     for m in methods for r in refs]
             lines.append(f"| {MODEL_LABELS.get(label, label)} | " + " | ".join(cells) + " |")
     lines += ["", "Each area claim under each certifier: area of the first model vs the second, "
               "the ratio and its 95% paired bootstrap interval, and the verdict.", "",
               "| claim | " + " | ".join(_cert_name(c) for c in certs) + " | flips |",
               "|---|" + "---|" * len(certs) + ":---:|"]
     for key, per in study["area_ci"].items():
-        cells = [f"{K.describe(per[c])}: **{per[c]['verdict']}**" for c in certs]
+        cells = [f"{K.describe(per[c])}: **{per[c]['verdict']}**" if c in per else "–"
+                 for c in certs]
         flag = "**yes**" if K.flips(per) else "no"
         lines.append(f"| {key} | " + " | ".join(cells) + f" | {flag} |")
     return "\n".join(lines) + "\n"
@@ -328,7 +332,8 @@ def _certifier_figures(study: dict[str, Any], claims: list[C.Claim], out: Path, 
                                    f"{seeds[0]}); legend: area [95% CI over "
                                    f"{len(seeds)} seed(s) and points]")
     save_figure(fig, out / FIGURES["panels"])
-    rows = [(c.statement, c.verdict + (" (flips)" if c.flips else ""), ", ".join(
+    rows = [(c.statement, c.verdict + (" (flips)" if c.flips else "")
+             + (" (attack disagrees)" if c.attack_disagrees else ""), ", ".join(
         f"{k}: {v}" for k, v in c.by_certifier)) for c in claims]
     save_figure(plot_claim_table(rows), out / FIGURES["claims"])
 

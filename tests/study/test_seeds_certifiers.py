@@ -86,11 +86,16 @@ def test_a_claim_whose_verdict_flips_with_the_certifier_is_flagged() -> None:
                                         "attack": "supported"}
     assert "x1.20 [0.90, 1.40]" in claim.evidence and "3 seeds" in claim.evidence
     assert "flips with the certifier" in C.claims_markdown([claim])
+    assert not claim.attack_disagrees and "under the attack" not in claim.evidence
     # agreement among the certifiers: no flag, even where the attack column disagrees
     results["area_ci"]["distilled-area"]["ibp"] = _ci("supported")
     results["area_ci"]["distilled-area"]["attack"] = _ci("inconclusive")
     claim = {c.key: c for c in C.compute_claims(results)}["distilled-area"]
     assert not claim.flips
+    # ... but the report says the attack area (an upper bound) gives another verdict
+    assert claim.attack_disagrees and "under the attack ε (an upper bound) it is inconclusive" \
+        in claim.evidence
+    assert "the attack area disagrees" in C.claims_markdown([claim])
     results["area_ci"]["distilled-area"]["crown"] = _ci("inconclusive")
     claim = {c.key: c for c in C.compute_claims(results)}["distilled-area"]
     assert claim.verdict == "inconclusive" and claim.supported is None
