@@ -11,7 +11,8 @@ from certify.cli.options import quiet_option, seeds_option
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default="reports/demo",
               show_default=True, help="Report folder.")
 @click.option("--quick", is_flag=True,
-              help="A smaller run (fewer epochs and points), about a minute: a smoke test.")
+              help="A smaller run (2 seeds, fewer epochs and points), about 1.5 minutes: a smoke "
+                   "test.")
 @seeds_option
 @quiet_option
 def demo(out_dir: str, quick: bool, seeds: tuple[int, ...] | None, quiet: bool) -> None:

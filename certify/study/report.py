@@ -187,7 +187,7 @@ def models_table(study: dict[str, Any]) -> str:
     lines = ["| model | architecture | parameters | test accuracy |", "|---|---|---:|---:|"]
     for m in study["models"].values():
         lines.append(f"| {m['name']} | {m['arch']} | {m['parameters']:,} | "
-                     f"{_pct(m['test_accuracy'])} |")
+                     f"{_pm(m, 'test_accuracy')} |")
     return "\n".join(lines) + "\n"
 
 
