@@ -58,6 +58,14 @@ def quiet_option(f: F) -> F:
     return click.option("--quiet", "-q", is_flag=True, help="No progress bars.")(f)
 
 
+def seeds_option(f: F) -> F:
+    """``--seeds 0,1,2``: run the whole pipeline once per seed (overrides the config's)."""
+    return click.option("--seeds", metavar="S[,S...]", default=None,
+                        callback=_number_list(int, "comma-separated integer seeds, e.g. 0,1,2"),
+                        help="Run the whole study once per seed; tables show mean ± std and "
+                             "the intervals resample the seeds.")(f)
+
+
 def _number_list(kind: type, what: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
     def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
         if value is None:

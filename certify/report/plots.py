@@ -368,3 +368,78 @@ def plot_area_bars(areas: Mapping[str, float], ax: Axes | None = None, *,
     ax.grid(True, axis="x", alpha=0.3, linewidth=0.6)
     ax.figure.tight_layout()
     return ax
+
+
+def plot_sorted_panels(panels: Mapping[str, Runs],
+                       legends: Mapping[str, tuple[float, float, float]], *, eps_max: float,
+                       title: str = "") -> Axes:
+    """The thesis's sorted-eps figures side by side on shared axes, one panel per comparison.
+
+    Certified eps solid, attack eps dashed (capped at `eps_max`), exact eps dotted where known;
+    each model's legend entry carries its area and interval from `legends`
+    (``label -> (area, low, high)``).
+
+    Returns:
+        The first panel's axes (its figure holds all panels).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * len(panels), 4.4), dpi=DPI)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), sharex=True, sharey=True, squeeze=False)[0]
+    has_exact = any(not np.isnan(_exact_eps(r)) and r.correct for runs in panels.values()
+                    for rows in runs.values() for r in rows)
+    styles = "certified (solid), attack (dashed)" + (", exact (dotted)" if has_exact else "")
+    for ax, (name, runs) in zip(axes, panels.items(), strict=True):
+        for (label, rows), color in zip(runs.items(), _colors(len(runs)), strict=True):
+            area = legends.get(label)
+            tag = f" {area[0]:.4f} [{area[1]:.4f}, {area[2]:.4f}]" if area else ""
+            cert = np.sort(_certified(rows))
+            xs = np.arange(1, cert.size + 1)
+            ax.plot(xs, cert, color=color, linewidth=1.8, label=f"{label}:{tag}")
+            attack = np.sort([min(r.attack_eps, eps_max) if r.correct else 0.0 for r in rows])
+            ax.plot(xs, attack, color=color, linewidth=1.2, linestyle="--")
+            exact = np.array([_exact_eps(r) for r in rows])
+            if np.isfinite(exact).any() or (exact == math.inf).any():
+                known = np.sort(np.clip(np.where(exact == -math.inf, 0.0, exact)[~np.isnan(exact)],
+                                        0.0, eps_max))
+                ax.plot(np.arange(1, known.size + 1), known, color=color, linewidth=1.4,
+                        linestyle=":")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("test points (sorted)", fontsize=10)
+        ax.grid(True, alpha=0.3, linewidth=0.6)
+        ax.legend(fontsize=7, frameon=False, loc="upper left",
+                  title=styles,
+                  title_fontsize=6)
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
+    axes[0].set_ylabel(EPS_LABEL, fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return axes[0]
+
+
+def plot_claim_table(rows: Sequence[tuple[str, str, str]], *,
+                     title: str = "Does this run support the thesis?") -> Axes:
+    """The claim table as a figure: claim, verdict, verdict per certifier."""
+    import textwrap
+
+    ax = _new_axes()
+    fig = ax.figure
+    fig.set_size_inches(13.0, 0.9 + 0.62 * len(rows))
+    ax.axis("off")
+    cells = [[textwrap.fill(s, 70), v, textwrap.fill(p, 45)] for s, v, p in rows]
+    table = ax.table(cellText=cells, colLabels=["claim", "verdict", "per certifier"],
+                     loc="center", cellLoc="left", colWidths=[0.55, 0.13, 0.32])
+    table.auto_set_font_size(False)
+    table.set_fontsize(8)
+    colours = {"supported": "#d8f0d8", "yes": "#d8f0d8", "contradicted": "#f6d5d5",
+               "no": "#f6d5d5", "inconclusive": "#f3ecd0"}
+    for (r, c), cell in table.get_celld().items():
+        cell.set_height(0.9 / (len(rows) + 1))
+        if r > 0 and c == 1:
+            cell.set_facecolor(colours.get(rows[r - 1][1].split(" ")[0], "white"))
+    ax.set_title(title, fontsize=11)
+    return ax

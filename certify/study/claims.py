@@ -1,8 +1,12 @@
 """The thesis's conclusions as checks computed from a study's numbers.
 
 :func:`compute_claims` takes the numbers an experiment measured (``study.json``'s content) and
-says, claim by claim, whether they support the thesis: ``yes``/``no`` with the numbers, or
-``n/a`` where the run lacks a model the claim needs. Nothing here is written by hand per run.
+says, claim by claim, whether they support the thesis. An area claim with per-point evidence
+(``results["area_ci"]``, see :mod:`certify.study.certifiers`) is *supported*, *contradicted* or
+*inconclusive* by whether the 95% bootstrap interval of the area ratio excludes 1, under the
+main certifier, with the verdict of every other certifier next to it; the other claims say
+``yes``/``no`` with the numbers, and every claim says ``n/a`` where the run lacks a model it
+needs. Nothing here is written by hand per run.
 """
 
 from __future__ import annotations
@@ -35,9 +39,23 @@ class Claim:
     statement: str
     supported: bool | None
     evidence: str
+    status: str = ""
+    by_certifier: tuple[tuple[str, str], ...] = ()
+    flips: bool = False
+
+    @property
+    def attack_disagrees(self) -> bool:
+        """Whether the area under the attack eps (an upper bound) gives another verdict than
+        the main certifier: the difference may be the certifier's rather than the models'."""
+        by = dict(self.by_certifier)
+        return bool(self.status) and "attack" in by and by["attack"] != self.status
 
     @property
     def verdict(self) -> str:
+        """``supported``/``contradicted``/``inconclusive`` for an area claim decided by its
+        bootstrap interval; otherwise ``yes``/``no``/``n/a``."""
+        if self.status:
+            return self.status
         return {True: "yes", False: "no", None: "n/a"}[self.supported]
 
 
@@ -54,11 +72,37 @@ def _acc(models: Mapping[str, Any], label: str) -> float | None:
 
 
 def _greater(key: str, statement: str, a_label: str, a: float | None, b_label: str,
-             b: float | None, what: str = "area") -> Claim:
+             b: float | None, what: str = "area",
+             intervals: Mapping[str, Any] | None = None, primary: str = "") -> Claim:
+    if intervals and primary in intervals:
+        return _interval_claim(key, statement, a_label, b_label, intervals, primary)
     if a is None or b is None:
         return Claim(key, statement, None, f"needs {a_label} and {b_label}")
     return Claim(key, statement, a > b, f"{a_label} {what} {a:.5f} vs {b_label} {b:.5f} "
                  f"({_relative(a, b)})")
+
+
+def _interval_claim(key: str, statement: str, a_label: str, b_label: str,
+                    intervals: Mapping[str, Any], primary: str) -> Claim:
+    """An area claim decided by the 95% bootstrap interval of the ratio under `primary`."""
+    from certify.study.certifiers import describe, flips
+
+    ci = intervals[primary]
+    status = str(ci["verdict"])
+    supported = {"supported": True, "contradicted": False}.get(status)
+    seeds = f" x {ci['seeds']} seeds" if ci["seeds"] > 1 else ""
+    evidence = (f"{a_label} vs {b_label} area under {primary}: {describe(ci)} "
+                f"({100 * ci['level']:.0f}% paired bootstrap, {ci['points']} points{seeds})")
+    by = tuple((c, str(v["verdict"])) for c, v in intervals.items())
+    flipped = flips(intervals)
+    if flipped:
+        evidence += "; the verdict changes with the certifier"
+    attack = intervals.get("attack")
+    if attack is not None and attack["verdict"] != status:
+        evidence += (f"; under the attack ε (an upper bound) it is {attack['verdict']}: "
+                     f"{describe(attack)}, so the difference may be the certifier's "
+                     "(see the relaxation gaps)")
+    return Claim(key, statement, supported, evidence, status, by, flipped)
 
 
 def _relative(a: float, b: float) -> str:
@@ -91,20 +135,23 @@ def compute_claims(results: Mapping[str, Any], *, prune_tolerance: float = 2.0,
         The claims in the thesis's order.
     """
     models = results.get("models", {})
+    ci = results.get("area_ci") or {}
+    primary = str(results.get("method", ""))
+
+    def area(key: str, statement: str, a: str, b: str) -> Claim:
+        return _greater(key, statement, a, _area(models, a), b, _area(models, b),
+                        intervals=ci.get(key), primary=primary)
+
     claims = [
-        _greater("distilled-area", "The distilled student's certification area is larger than its "
-                 "normally trained teacher's (Figs 8.30/8.31).", STUDENT, _area(models, STUDENT),
-                 TEACHER, _area(models, TEACHER)),
-        _greater("robust-teacher-area", "The robust teacher's certification area is larger than "
-                 "the robust-distilled student's (Fig 8.47).", ROBUST_TEACHER,
-                 _area(models, ROBUST_TEACHER), ROBUST_STUDENT, _area(models, ROBUST_STUDENT)),
-        _greater("retrain-raises-area", "Robust re-training raises the robust-distilled student's "
-                 "certification area (Fig 8.48, left).", RETRAINED, _area(models, RETRAINED),
-                 ROBUST_STUDENT, _area(models, ROBUST_STUDENT)),
-        _greater("distillation-vs-scratch", "The re-trained distilled student's certification "
-                 "area is larger than that of the same shallow net trained robustly from scratch "
-                 "(Fig 8.48).", RETRAINED, _area(models, RETRAINED), ROBUST_SHALLOW,
-                 _area(models, ROBUST_SHALLOW)),
+        area("distilled-area", "The distilled student's certification area is larger than its "
+             "normally trained teacher's (Figs 8.30/8.31).", STUDENT, TEACHER),
+        area("robust-teacher-area", "The robust teacher's certification area is larger than "
+             "the robust-distilled student's (Fig 8.47).", ROBUST_TEACHER, ROBUST_STUDENT),
+        area("retrain-raises-area", "Robust re-training raises the robust-distilled student's "
+             "certification area (Fig 8.48, left).", RETRAINED, ROBUST_STUDENT),
+        area("distillation-vs-scratch", "The re-trained distilled student's certification "
+             "area is larger than that of the same shallow net trained robustly from scratch "
+             "(Fig 8.48).", RETRAINED, ROBUST_SHALLOW),
         _prune_claim(models, prune_tolerance),
         _sweep_claim(results.get("sweep") or {}),
         _pgd_claim(results.get("attack") or {}, small_eps),
@@ -173,14 +220,20 @@ def _pgd_claim(attack: Mapping[str, Any], small_eps: float | None) -> Claim:
 
 def claims_markdown(claims: Sequence[Claim]) -> str:
     """The claim table in markdown, with a one-line tally."""
-    lines = ["| claim | supported | evidence |", "|---|:---:|---|"]
+    lines = ["| claim | verdict | evidence |", "|---|:---:|---|"]
     for c in claims:
-        mark = {True: "**yes**", False: "**no**", None: "n/a"}[c.supported]
+        mark = f"**{c.verdict}**" if c.verdict not in ("n/a", "inconclusive") else c.verdict
+        if c.flips:
+            mark += " (flips with the certifier)"
+        if c.attack_disagrees:
+            mark += " (the attack area disagrees)"
         lines.append(f"| {c.statement} | {mark} | {c.evidence} |")
     decided = [c for c in claims if c.supported is not None]
     yes = sum(1 for c in decided if c.supported)
-    lines += ["", f"{yes} of {len(decided)} decidable claims supported by this run"
-              + (f" ({len(claims) - len(decided)} not decidable)." if len(decided) < len(claims)
-                 else ".")]
+    open_ = [c for c in claims if c.supported is None]
+    inconclusive = sum(1 for c in open_ if c.status == "inconclusive")
+    lines += ["", f"{yes} of {len(decided)} decided claims supported by this run"
+              + (f" ({inconclusive} inconclusive, {len(open_) - inconclusive} not decidable)."
+                 if open_ else ".")]
     return "\n".join(lines) + "\n"
 

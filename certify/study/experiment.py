@@ -57,6 +57,7 @@ class ExperimentSection:
     name: str = ""
     dataset: str = ""
     seed: int = 0
+    seeds: tuple[int, ...] = ()
     device: str = "cpu"
     data_dir: str = ""
     description: str = ""
@@ -130,6 +131,9 @@ class CertifySection:
     attack_steps: int = 40
     batch_size: int = 100
     eps: float = -1.0
+    certifiers: tuple[str, ...] = ("ibp", "crown", "alpha-crown")
+    exact: bool = False
+    exact_time_limit: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,17 @@ class ExperimentConfig:
     def name(self) -> str:
         return self.experiment.name
 
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        """The seeds of the study: ``[experiment] seeds``, or the one ``seed``."""
+        return self.experiment.seeds or (self.experiment.seed,)
+
+    @property
+    def certifiers(self) -> tuple[str, ...]:
+        """The bound methods every model is certified by: the main ``method`` first."""
+        c = self.certify
+        return (c.method,) + tuple(m for m in c.certifiers if m != c.method)
+
     def section(self, name: str) -> dict[str, Any]:
         return asdict(getattr(self, name))
 
@@ -172,6 +187,10 @@ REQUIRED = {("experiment", "dataset"), ("teacher", "arch"), ("distill", "student
             ("robust_teacher", "eps")}
 
 
+TEXT_LISTS = frozenset({"certifiers"})
+INT_LISTS = frozenset({"seeds"})
+
+
 def _coerce(where: str, key: str, value: Any, default: Any) -> Any:
     if isinstance(default, bool):
         ok = isinstance(value, bool)
@@ -184,6 +203,13 @@ def _coerce(where: str, key: str, value: Any, default: Any) -> Any:
         ok = isinstance(value, str) or (key == "eps" and isinstance(value, list))
         if ok and isinstance(value, list):
             value = ",".join(str(v) for v in value)
+    elif key in TEXT_LISTS:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        value = tuple(value) if ok else value
+    elif key in INT_LISTS:
+        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool)
+                                             for v in value)
+        value = tuple(value) if ok else value
     elif isinstance(default, tuple):
         ok = isinstance(value, list) and all(isinstance(v, (int, float)) for v in value)
         value = tuple(float(v) for v in value) if ok else value
@@ -279,8 +305,20 @@ def validate(config: ExperimentConfig) -> None:
     if config.attack.attack not in ATTACK_NAMES:
         raise unknown_name("attack", config.attack.attack, ATTACK_NAMES)
     parse_eps_grid(config.attack.eps)
-    if config.certify.method not in list_methods():
-        raise unknown_name("bound method", config.certify.method, list_methods())
+    for m in (config.certify.method, *config.certify.certifiers):
+        if m not in list_methods():
+            raise unknown_name("bound method", m, list_methods())
+    if len(set(config.certify.certifiers)) != len(config.certify.certifiers):
+        raise SpecError(f"[certify] certifiers must name each method once, got "
+                        f"{list(config.certify.certifiers)}")
+    seeds = config.experiment.seeds
+    if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+        raise SpecError(f"[experiment] seeds must be distinct integers >= 0, got {list(seeds)}; "
+                        "e.g. seeds = [0, 1, 2]")
+    if not (math.isfinite(config.certify.exact_time_limit)
+            and config.certify.exact_time_limit > 0):
+        raise SpecError(f"[certify] exact_time_limit must be > 0 seconds, got "
+                        f"{config.certify.exact_time_limit}")
     for what, v in (("[attack] n", config.attack.n), ("[certify] n", config.certify.n)):
         if v < 1:
             raise SpecError(f"{what} must be >= 1, got {v}")
@@ -570,9 +608,10 @@ class _Runner:
         for label in MODEL_ORDER:
             run_dir = self.out / "certify" / label
             config = AreaConfig(model=str(self.model(label)), dataset=self.dataset, n=c.n,
-                                methods=(c.method,), eps_max=c.eps_max, tol=c.tol,
+                                methods=self.config.certifiers, eps_max=c.eps_max, tol=c.tol,
                                 attack_steps=c.attack_steps, batch_size=c.batch_size,
-                                seed=self.seed, device=self.device, data_dir=self.data_dir)
+                                seed=self.seed, device=self.device, data_dir=self.data_dir,
+                                exact=c.exact, exact_time_limit=c.exact_time_limit)
 
             def run(config: AreaConfig = config, run_dir: Path = run_dir) -> dict[str, Any]:
                 t0 = time.perf_counter()
@@ -587,7 +626,9 @@ class _Runner:
                         shutil.rmtree(run_dir)
                     res = run_area(config, out_dir=run_dir, quiet=self.quiet)
                 s = res.summaries[c.method]
-                self.log(f"  {run_dir.name}: certification area {s.certification_area:.5f} "
+                areas = ", ".join(f"{m} {res.summaries[m].certification_area:.5f}"
+                                  for m in self.config.certifiers)
+                self.log(f"  {run_dir.name}: certification area {areas} "
                          f"({time.perf_counter() - t0:.0f}s)")
                 return s.as_dict()
 
@@ -610,7 +651,8 @@ def _relabel(curves: list[Any]) -> list[Any]:
 
 def run_experiment(config: ExperimentConfig | str | os.PathLike[str], *,
                    out_dir: str | os.PathLike[str] | None = None, from_stage: str | None = None,
-                   quiet: bool = False) -> ExperimentResult:
+                   quiet: bool = False, seeds: tuple[int, ...] | None = None
+                   ) -> ExperimentResult:
     """Run (or continue) the study described by `config` into `out_dir`.
 
     Args:
@@ -618,6 +660,8 @@ def run_experiment(config: ExperimentConfig | str | os.PathLike[str], *,
         out_dir: The experiment folder (default ``reports/<experiment name>``).
         from_stage: Recompute this stage and all later ones, even if their records match.
         quiet: No progress output.
+        seeds: Run the whole pipeline once per seed (overrides ``[experiment] seeds``); each
+            seed's stages live in ``<out>/seeds/seed-<s>/`` and the report pools them.
     Returns:
         :class:`ExperimentResult` (which stages ran, which were reused, the claims).
     Raises:
@@ -627,6 +671,13 @@ def run_experiment(config: ExperimentConfig | str | os.PathLike[str], *,
     t0 = time.perf_counter()
     if not isinstance(config, ExperimentConfig):
         config = load_config(config)
+    if seeds is not None:
+        from dataclasses import replace
+
+        if not seeds:
+            raise SpecError("--seeds needs at least one seed, e.g. --seeds 0,1,2")
+        config = replace(config, experiment=replace(config.experiment, seeds=tuple(seeds)))
+        validate(config)
     if from_stage is not None and from_stage not in STAGES:
         raise unknown_name("stage", from_stage, STAGES)
     from certify._io import ensure_dir
@@ -634,7 +685,43 @@ def run_experiment(config: ExperimentConfig | str | os.PathLike[str], *,
 
     out = ensure_dir(Path(out_dir) if out_dir is not None else Path("reports") / config.name)
     with hold_output(out, command="experiment"):  # one run per folder; stale temporaries go
-        return _run_stages(config, out, from_stage=from_stage, quiet=quiet, started=t0)
+        if not config.experiment.seeds:
+            return _run_stages(config, out, from_stage=from_stage, quiet=quiet, started=t0)
+        return _run_seeds(config, out, from_stage=from_stage, quiet=quiet, started=t0)
+
+
+def seed_config(config: ExperimentConfig, seed: int) -> ExperimentConfig:
+    """`config` for one seed of a multi-seed study (``seeds`` cleared, ``seed`` set)."""
+    from dataclasses import replace
+
+    return replace(config, experiment=replace(config.experiment, seed=seed, seeds=()))
+
+
+def seed_dir(out: Path, seed: int) -> Path:
+    """The folder of one seed's whole pipeline inside a multi-seed study."""
+    return out / "seeds" / f"seed-{seed}"
+
+
+def _run_seeds(config: ExperimentConfig, out: Path, *, from_stage: str | None, quiet: bool,
+               started: float) -> ExperimentResult:
+    """Every seed's pipeline in ``seeds/seed-<s>/`` (each cached), then the pooled report."""
+    from certify._io import atomic_write_text, ensure_dir
+    from certify.study.report import read_claims, write_report
+
+    if config.source and Path(config.source).is_file():
+        atomic_write_text(out / "experiment.toml", Path(config.source).read_text())
+    ran: list[str] = []
+    skipped: list[str] = []
+    for seed in config.seeds:
+        if not quiet:
+            print(f"== seed {seed} ==", file=sys.stderr, flush=True)
+        res = _run_stages(seed_config(config, seed), ensure_dir(seed_dir(out, seed)),
+                          from_stage=from_stage, quiet=quiet, started=started)
+        ran += [f"seed-{seed}/{s}" for s in res.ran]
+        skipped += [f"seed-{seed}/{s}" for s in res.skipped]
+    write_report(config, out, seed_dirs=[seed_dir(out, s) for s in config.seeds])
+    return ExperimentResult(out, tuple(ran), tuple(skipped), tuple(read_claims(out)),
+                            time.perf_counter() - started)
 
 
 def _run_stages(config: ExperimentConfig, out: Path, *, from_stage: str | None, quiet: bool,

@@ -25,6 +25,8 @@ FIGURES = {
     "sorted_all": "figures/sorted_eps_all.png",
     "certified_accuracy": "figures/certified_accuracy_all.png",
     "areas": "figures/certification_area.png",
+    "panels": "figures/sorted_eps_panels.png",
+    "claims": "figures/claims.png",
 }
 
 
@@ -86,6 +88,49 @@ def collect(config: Any, out: Path) -> dict[str, Any]:
             "sweep": distill.get("sweep") or {}, "prune": prune.get(C.PRUNED) or {}}
 
 
+def _mean_std(values: list[Any]) -> tuple[Any, Any]:
+    nums = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if len(nums) != len(values) or not nums:
+        return values[0], None
+    if all(v == values[0] for v in values):       # the same in every seed: keep its type
+        return values[0], 0.0
+    mean = sum(nums) / len(nums)
+    std = math.sqrt(sum((v - mean) ** 2 for v in nums) / (len(nums) - 1)) if len(nums) > 1 \
+        else 0.0
+    return mean, std
+
+
+def pool(studies: list[dict[str, Any]]) -> dict[str, Any]:
+    """One study from several seeds': numbers are means, with ``<key>_std`` over seeds."""
+    if len(studies) == 1:
+        return dict(studies[0])
+    first = studies[0]
+    models: dict[str, Any] = {}
+    for label, m in first["models"].items():
+        row: dict[str, Any] = {}
+        for key in m:
+            mean, std = _mean_std([st["models"][label][key] for st in studies])
+            row[key] = mean
+            if std is not None and key not in ("parameters",):
+                row[f"{key}_std"] = std
+        models[label] = row
+    attack = {}
+    for label, c in first["attack"].items():
+        acc = [sum(st["attack"][label]["accuracy"][i] for st in studies) / len(studies)
+               for i in range(len(c["accuracy"]))]
+        attack[label] = {**c, "accuracy": acc}
+    sweep = dict(first.get("sweep") or {})
+    for key in ("temperature", "temperature_validation"):
+        if isinstance(sweep.get(key), dict):
+            sweep[key] = {t: _mean_std([(st.get("sweep") or {}).get(key, {}).get(t)
+                                        for st in studies])[0] for t in sweep[key]}
+    for key in ("logits", "logits_validation", "teacher_accuracy"):
+        sweep[key] = _mean_std([(st.get("sweep") or {}).get(key) for st in studies])[0]
+    sweep["selected"] = ", ".join(str((st.get("sweep") or {}).get("selected", ""))
+                                  for st in studies)
+    return {**first, "models": models, "attack": attack, "sweep": sweep}
+
+
 def _pct(v: Any) -> str:
     return f"{100 * v:.2f}%" if isinstance(v, (int, float)) and math.isfinite(v) else "–"
 
@@ -94,7 +139,8 @@ def _num(v: Any, spec: str = ".5f") -> str:
     return format(v, spec) if isinstance(v, (int, float)) and math.isfinite(v) else "–"
 
 
-def _figures(study: dict[str, Any], out: Path, *, tol: float | None = None) -> None:
+def _figures(study: dict[str, Any], out: Path, *, tol: float | None = None,
+             rows_dir: Path | None = None) -> None:
     from certify.report.area import read_run
     from certify.report.plots import (
         caption,
@@ -106,7 +152,8 @@ def _figures(study: dict[str, Any], out: Path, *, tol: float | None = None) -> N
     from certify.study.experiment import MODEL_LABELS, MODEL_ORDER
 
     method = study["method"]
-    rows = {label: read_run(out / "certify" / label).rows_of(method) for label in MODEL_ORDER}
+    src = rows_dir if rows_dir is not None else out
+    rows = {label: read_run(src / "certify" / label).rows_of(method) for label in MODEL_ORDER}
 
     def runs(*labels: str) -> dict[str, Any]:
         return {MODEL_LABELS[k]: rows[k] for k in labels}
@@ -140,7 +187,7 @@ def models_table(study: dict[str, Any]) -> str:
     lines = ["| model | architecture | parameters | test accuracy |", "|---|---|---:|---:|"]
     for m in study["models"].values():
         lines.append(f"| {m['name']} | {m['arch']} | {m['parameters']:,} | "
-                     f"{_pct(m['test_accuracy'])} |")
+                     f"{_pm(m, 'test_accuracy')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -157,10 +204,20 @@ def certification_table(study: dict[str, Any]) -> str:
              f"ε={e:g} | certification area | mean certified/attack |",
              "|---|---:|---:|---:|---:|---:|"]
     for m in study["models"].values():
-        lines.append(f"| {m['name']} | {_pct(m['clean_accuracy'])} | "
-                     f"{_pct(m['pgd_accuracy_at_eps'])} | {_pct(m['certified_accuracy_at_eps'])}"
-                     f" | {_num(m['certification_area'])} | {_num(m['mean_ratio'], '.3f')} |")
+        lines.append(f"| {m['name']} | {_pm(m, 'clean_accuracy')} | "
+                     f"{_pm(m, 'pgd_accuracy_at_eps')} | {_pm(m, 'certified_accuracy_at_eps')}"
+                     f" | {_pm(m, 'certification_area', '.5f')} | "
+                     f"{_pm(m, 'mean_ratio', '.3f')} |")
     return "\n".join(lines) + "\n"
+
+
+def _pm(m: dict[str, Any], key: str, spec: str = "") -> str:
+    """`m[key]` as a percentage (no `spec`) or number, with ``± std`` over seeds if pooled."""
+    v, std = m.get(key), m.get(f"{key}_std")
+    text = _num(v, spec) if spec else _pct(v)
+    if isinstance(std, (int, float)) and isinstance(v, (int, float)):
+        text += " ± " + (_num(std, spec) if spec else f"{100 * std:.2f}")
+    return text
 
 
 def certification_caption(config: Any) -> str:
@@ -205,19 +262,116 @@ def _prune_table(study: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(config: Any, out: Path) -> dict[str, Path]:
-    """Write ``study.json``, the figures and ``summary.md``; return their paths."""
+def _cert_name(c: str) -> str:
+    return c.upper() if c in ("ibp", "crown", "lp", "milp") else c
+
+
+def certifier_section(study: dict[str, Any]) -> str:
+    """Markdown: areas per certifier with intervals, relaxation gaps, per-claim verdicts."""
+    from certify.study import certifiers as K
+    from certify.study.experiment import MODEL_LABELS
+
+    certs = study["certifiers"]
+    seeds = study.get("seeds") or [0]
+    over = f"{len(seeds)} seeds ({', '.join(map(str, seeds))}) and " if len(seeds) > 1 else ""
+    lines = [f"Certification area of every model under each certifier (mean over {over}the "
+             "test points, 95% bootstrap interval in brackets). `attack`: the area under the "
+             "per-sample attack ε (an upper bound on the true area, capped at eps_max); "
+             "`exact`: the MILP's exact ε where it ran.", "",
+             "| model | " + " | ".join(_cert_name(c) for c in certs) + " |",
+             "|---|" + "---:|" * len(certs)]
+    for label, per in study["areas"].items():
+        cells = [f"{per[c]['area']:.5f} [{per[c]['low']:.5f}, {per[c]['high']:.5f}]"
+                 if c in per else "–" for c in certs]
+        lines.append(f"| {MODEL_LABELS.get(label, label)} | " + " | ".join(cells) + " |")
+    gaps = study["relaxation_gaps"]
+    methods = [c for c in certs if c not in (K.ATTACK, K.EXACT)]
+    refs = [r for r in (K.EXACT, K.ATTACK) if r in certs]
+    if refs:
+        lines += ["", "Relaxation gap: reference area minus certified area (what the certifier "
+                  "leaves unproven; larger on deeper nets if the relaxation is to blame).", "",
+                  "| model | " + " | ".join(f"{r} − {_cert_name(m)}" for m in methods
+                                            for r in refs) + " |",
+                  "|---|" + "---:|" * (len(methods) * len(refs))]
+        for label, per in gaps.items():
+            cells = [f"{per[m][r]:.5f}" if r in per.get(m, {}) else "–"
+                     for m in methods for r in refs]
+            lines.append(f"| {MODEL_LABELS.get(label, label)} | " + " | ".join(cells) + " |")
+    lines += ["", "Each area claim under each certifier: area of the first model vs the second, "
+              "the ratio and its 95% paired bootstrap interval, and the verdict.", "",
+              "| claim | " + " | ".join(_cert_name(c) for c in certs) + " | flips |",
+              "|---|" + "---|" * len(certs) + ":---:|"]
+    for key, per in study["area_ci"].items():
+        cells = [f"{K.describe(per[c])}: **{per[c]['verdict']}**" if c in per else "–"
+                 for c in certs]
+        flag = "**yes**" if K.flips(per) else "no"
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | {flag} |")
+    return "\n".join(lines) + "\n"
+
+
+def _certifier_figures(study: dict[str, Any], claims: list[C.Claim], out: Path, rows_dir: Path,
+                       *, eps_max: float) -> None:
+    from certify.report.area import read_run
+    from certify.report.plots import plot_claim_table, plot_sorted_panels, save_figure
+    from certify.study.experiment import MODEL_LABELS
+
+    method = study["method"]
+    panels = {
+        "Fig 8.30: teacher vs distilled": (C.TEACHER, C.STUDENT),
+        "Fig 8.31: teacher vs pruned": (C.TEACHER, C.PRUNED),
+        "Fig 8.47: robust teacher vs robust-distilled": (C.ROBUST_TEACHER, C.ROBUST_STUDENT),
+        "Fig 8.48: re-trained vs robust scratch": (C.RETRAINED, C.ROBUST_SHALLOW),
+    }
+    runs = {title: {MODEL_LABELS[k]: read_run(rows_dir / "certify" / k).rows_of(method)
+                    for k in labels} for title, labels in panels.items()}
+    legends = {MODEL_LABELS[k]: (v[method]["area"], v[method]["low"], v[method]["high"])
+               for k, v in study["areas"].items()}
+    seeds = study.get("seeds") or [0]
+    fig = plot_sorted_panels(runs, legends, eps_max=eps_max,
+                             title=f"Sorted ε per test point ({_cert_name(method)}, seed "
+                                   f"{seeds[0]}); legend: area [95% CI over "
+                                   f"{len(seeds)} seed(s) and points]")
+    save_figure(fig, out / FIGURES["panels"])
+    rows = [(c.statement, c.verdict + (" (flips)" if c.flips else "")
+             + (" (attack disagrees)" if c.attack_disagrees else ""), ", ".join(
+        f"{k}: {v}" for k, v in c.by_certifier)) for c in claims]
+    save_figure(plot_claim_table(rows), out / FIGURES["claims"])
+
+
+def write_report(config: Any, out: Path, *, seed_dirs: list[Path] | None = None
+                 ) -> dict[str, Path]:
+    """Write ``study.json``, the figures and ``summary.md``; return their paths.
+
+    Args:
+        config: The experiment's config.
+        out: The report folder.
+        seed_dirs: The folders of every seed's pipeline (default: `out`, one seed); tables
+            show the mean ± std over them and the intervals resample them.
+    """
     from certify._io import atomic_write_json, atomic_write_text
     from certify.report.results import json_safe
+    from certify.study import certifiers as K
+    from certify.study.experiment import MODEL_ORDER, seed_config
 
-    study = collect(config, out)
+    dirs = seed_dirs or [out]
+    seeds = list(config.seeds) if seed_dirs else [config.experiment.seed]
+    study = pool([collect(seed_config(config, s), d) for s, d in zip(seeds, dirs, strict=True)])
+    evidence, certs = K.read_evidence(dirs, MODEL_ORDER, config.certifiers,
+                                      config.certify.eps_max)
+    areas = K.area_table(evidence, certs)
+    study.update({"seeds": seeds, "certifiers": list(certs), "areas": areas,
+                  "relaxation_gaps": K.relaxation_gaps(areas, certs),
+                  "area_ci": K.claim_intervals(evidence, certs)})
     claims = C.compute_claims(study, prune_tolerance=config.claims.prune_tolerance,
                               small_eps=config.claims.small_eps if config.claims.small_eps >= 0
                               else None)
     study["claims"] = [{"key": c.key, "statement": c.statement, "supported": c.supported,
-                        "evidence": c.evidence} for c in claims]
+                        "evidence": c.evidence, "status": c.status,
+                        "by_certifier": [list(p) for p in c.by_certifier], "flips": c.flips}
+                       for c in claims]
     atomic_write_json(out / STUDY_FILE, json_safe(study))
-    _figures(study, out, tol=config.certify.tol)
+    _figures(study, out, tol=config.certify.tol, rows_dir=dirs[0])
+    _certifier_figures(study, claims, out, dirs[0], eps_max=config.certify.eps_max)
     a = config.attack
     md = [
         f"# Shallow waters: {config.name}", "",
@@ -247,9 +401,15 @@ def write_report(config: Any, out: Path) -> dict[str, Path]:
         f"![re-trained vs scratch]({FIGURES['sorted_retrained']})", "",
         f"![all]({FIGURES['sorted_all']})", "",
         f"![certified accuracy]({FIGURES['certified_accuracy']})", "",
+        "## Certifier-independence", "", certifier_section(study), "",
+        f"![sorted-ε panels]({FIGURES['panels']})", "",
         "## Does this run support the thesis?", "",
-        "Each verdict is computed from the numbers above (`study.json`).", "",
+        "Each verdict is computed from the numbers above (`study.json`). An area claim is "
+        f"decided under the main certifier (`{config.certify.method}`) by its 95% paired "
+        "bootstrap interval of the area ratio: supported if it lies above 1, contradicted if "
+        "below, inconclusive if it contains 1 (per-certifier verdicts in the table above).", "",
         C.claims_markdown(claims),
+        f"![claim table]({FIGURES['claims']})", "",
     ]
     atomic_write_text(out / SUMMARY_FILE, "\n".join(md))
     paths = {"study": out / STUDY_FILE, "summary": out / SUMMARY_FILE}
@@ -262,5 +422,7 @@ def read_claims(out: str | Path) -> list[C.Claim]:
     from certify.report.results import read_json
 
     data = read_json(Path(out) / STUDY_FILE)
-    return [C.Claim(c["key"], c["statement"], c["supported"], c["evidence"])
+    return [C.Claim(c["key"], c["statement"], c["supported"], c["evidence"],
+                    c.get("status", ""), tuple(tuple(p) for p in c.get("by_certifier", [])),
+                    bool(c.get("flips", False)))
             for c in data.get("claims", [])]
