@@ -125,15 +125,6 @@ def _groups(counts: list[int], budget: int) -> Iterator[tuple[list[int], int, in
         yield group, 0, width
 
 
-def _round_up_to(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """Nonnegative `t` in `dtype`, rounded up where the cast rounded down."""
-    t = t.detach()
-    cast = t.to(dtype)
-    if torch.finfo(dtype).eps > torch.finfo(t.dtype).eps:
-        cast = torch.where(cast.to(t.dtype) < t, rounding.up(cast), cast)
-    return cast
-
-
 def _window_of(t: Tensor, window: Window, h: int, w: int) -> Tensor:
     top, left = window
     return t[..., top:top + h, left:left + w]
@@ -189,7 +180,7 @@ class Propagator:
         # The model's own rounding (net.runs_in): a bound of the perturbation of each ReLU's
         # input, see certify.bounds.forward_error
         self.perturbation: dict[int, Tensor] = {}
-        self._abs_cache: dict[tuple[int, torch.dtype], tuple[Op, Op | None]] = {}
+        self._abs_cache: dict[int, tuple[Op, Op | None]] = {}
         self._chains = model_chains(net) if net.runs_in is not None else None
         self.itemsize = x_lo.element_size()
         # Samples with a non-finite pre-activation bound (overflow): their relaxations are
@@ -642,7 +633,7 @@ class Propagator:
                 return out, c
             return rules.backward(o, rows)  # type: ignore[misc]
 
-        absolute, exact = self._abs_ops(op, dtype)
+        absolute, exact = self._abs_ops(op)
         new_err, c = transpose(absolute, err + g * a.abs())
         b = cerr.shape[0]
         if c is not None:  # (E + g|a|) · |b|, and the constant's own terms: g_c |a| · |b|
@@ -654,20 +645,11 @@ class Propagator:
                 cerr = cerr + c2.reshape(b, -1)
         return new_err + lin * rounding.tiny(dtype), cerr
 
-    def _abs_ops(self, op: Op, dtype: torch.dtype) -> tuple[Op, Op | None]:
-        """`abs_op(op)` and `err_op(op)` in `dtype`, every tensor rounded up (cached)."""
-        key = (id(op), dtype)
-        if key not in self._abs_cache:
-            def cast(o: Op | None) -> Op | None:
-                if o is None:
-                    return None
-                changes = {k: _round_up_to(v, dtype) for k, v in vars(o).items()
-                           if isinstance(v, Tensor) and v.dtype != dtype}
-                return dataclasses.replace(o, **changes) if changes else o
-            absolute = cast(abs_op(op))
-            assert absolute is not None
-            self._abs_cache[key] = (absolute, cast(err_op(op)))
-        return self._abs_cache[key]
+    def _abs_ops(self, op: Op) -> tuple[Op, Op | None]:
+        """`abs_op(op)` and `err_op(op)`, once per op of this propagator."""
+        if id(op) not in self._abs_cache:
+            self._abs_cache[id(op)] = (abs_op(op), err_op(op))
+        return self._abs_cache[id(op)]
 
     # --- forward mode ------------------------------------------------------------------------
 
