@@ -13,10 +13,13 @@ from torch import Tensor
 from certify.errors import SpecError, unknown_name
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from certify.bounds.network import Network
     from certify.spec import LinfBall
 
-__all__ = ["BoundMethod", "Bounds", "get_method", "list_methods", "register_method"]
+__all__ = ["CAPABILITIES", "BoundMethod", "Bounds", "display_name", "get_method",
+           "list_methods", "method_class", "register_method"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,19 @@ class BoundMethod(Protocol):
     """
 
     name: ClassVar[str]
+    #: Capabilities, read instead of comparing names (defaults in :class:`MethodBase`).
+    #: The method's lower bound is the exact minimum (a complete verifier).
+    is_complete: ClassVar[bool]
+    #: It has a ``threshold`` option: decides rows against a value instead of bounding them.
+    decides_threshold: ClassVar[bool]
+    #: It has ``time_limit``/``budget`` options (seconds).
+    accepts_time_budget: ClassVar[bool]
+    #: Its pre-activation bounds may serve another method (``intermediate_method=``).
+    serves_intermediate: ClassVar[bool]
+    #: It solves optimization problems with an external solver (cvxpy); small networks only.
+    uses_solver: ClassVar[bool]
+    #: How tables and figures spell it, e.g. ``CROWN``.
+    display_name: ClassVar[str]
 
     def bound(self, net: Network, x_lo: Tensor, x_hi: Tensor, spec: Tensor | None = None, *,
               intermediate: tuple[Bounds, ...] | None = None) -> Bounds:
@@ -92,21 +108,32 @@ class BoundMethod(Protocol):
         """Bounds of the input of every ReLU, in order; each `(N, *shape)`."""
         ...
 
-    def __call__(self, net: Network, region: LinfBall, spec: Tensor | None = None) -> Bounds:
-        """`bound` over `region.box()`."""
+    def __call__(self, model: nn.Module | Network, region: LinfBall,
+                 spec: Tensor | None = None) -> Bounds:
+        """Bounds of ``spec @ f(x)`` over `region` (its outward-rounded box), rigorous for the
+        network and for the model's own forward pass; see
+        :func:`certify.bounds.compute_bounds`."""
         ...
 
 
 class MethodBase:
-    """Shared plumbing of the built-in methods (not part of the protocol)."""
+    """Shared plumbing and default capabilities of the built-in methods."""
 
     name: ClassVar[str]
+    is_complete: ClassVar[bool] = False
+    decides_threshold: ClassVar[bool] = False
+    accepts_time_budget: ClassVar[bool] = False
+    serves_intermediate: ClassVar[bool] = True
+    uses_solver: ClassVar[bool] = False
+    display_name: ClassVar[str] = ""
 
-    def __call__(self, net: Network, region: LinfBall, spec: Tensor | None = None) -> Bounds:
+    def __call__(self, model: nn.Module | Network, region: LinfBall,
+                 spec: Tensor | None = None) -> Bounds:
         from certify.bounds.api import compute_bounds
 
         x_lo, x_hi = region.box()
-        return compute_bounds(net, x_lo, x_hi, self, spec)  # type: ignore[arg-type]
+        return compute_bounds(model, x_lo, x_hi, self, spec,  # type: ignore[arg-type]
+                              model_rounding=getattr(self, "rigorous", True))
 
     def _check_options(self) -> None:
         """Validate common options: called from `__post_init__` of each method."""
@@ -128,6 +155,8 @@ class MethodBase:
 
 
 _METHODS: dict[str, type] = {}
+CAPABILITIES = ("is_complete", "decides_threshold", "accepts_time_budget",
+                "serves_intermediate", "uses_solver")
 M = TypeVar("M", bound=type)
 
 
@@ -150,9 +179,36 @@ def register_method(name: str) -> Callable[[M], M]:
     return decorate
 
 
-def list_methods() -> list[str]:
-    """Canonical method names, from cheap and loose to costly and tight (registration order)."""
-    return list(_METHODS)
+def list_methods(**capabilities: bool) -> list[str]:
+    """Canonical method names, from cheap and loose to costly and tight (registration order).
+
+    Args:
+        **capabilities: Keep only the methods with these capability values, e.g.
+            ``list_methods(serves_intermediate=True, uses_solver=False)``.
+    """
+    unknown = sorted(set(capabilities) - set(CAPABILITIES))
+    if unknown:
+        raise SpecError(f"unknown capability {', '.join(map(repr, unknown))}; capabilities "
+                        f"are: {', '.join(CAPABILITIES)}.")
+    return [name for name, cls in _METHODS.items()
+            if all(getattr(cls, k) == v for k, v in capabilities.items())]
+
+
+def method_class(name: str) -> type:
+    """The registered class of `name` (its capabilities are class attributes).
+
+    Raises:
+        UnknownNameError: for an unknown name (with a suggestion).
+    """
+    if name not in _METHODS:
+        raise unknown_name("method", name, list_methods())
+    return _METHODS[name]
+
+
+def display_name(name: str) -> str:
+    """How tables and figures spell method `name` (``CROWN``, ``alpha-crown``, ...)."""
+    cls = _METHODS.get(name)
+    return (getattr(cls, "display_name", "") or name) if cls is not None else name
 
 
 def get_method(name: str, **options: Any) -> BoundMethod:

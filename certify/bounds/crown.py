@@ -116,6 +116,7 @@ class Crown(LinearRelaxationMethod):
 
     intermediate_mode: str = "auto"
     name: ClassVar[str] = "crown"
+    display_name: ClassVar[str] = "CROWN"
     slope_rule: ClassVar[str] = "adaptive"
     linear_intermediate: ClassVar[bool] = True
 

@@ -34,6 +34,7 @@ class IBP(MethodBase):
 
     rigorous: bool = True
     name: ClassVar[str] = "ibp"
+    display_name: ClassVar[str] = "IBP"
 
     def __post_init__(self) -> None:
         self._check_options()

@@ -78,6 +78,8 @@ class LP(MethodBase):
     intermediate_method: str = "crown"
     solver: str = "HIGHS"
     name: ClassVar[str] = "lp"
+    display_name: ClassVar[str] = "LP"
+    uses_solver: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.intermediate_method not in INTERMEDIATE_METHODS:

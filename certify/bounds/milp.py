@@ -168,6 +168,12 @@ class MILP(MethodBase):
     threshold: float | None = None
     budget: float | None = None
     name: ClassVar[str] = "milp"
+    display_name: ClassVar[str] = "MILP"
+    uses_solver: ClassVar[bool] = True
+    is_complete: ClassVar[bool] = True
+    decides_threshold: ClassVar[bool] = True
+    accepts_time_budget: ClassVar[bool] = True
+    serves_intermediate: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.intermediate_method not in INTERMEDIATE_METHODS:
