@@ -2,7 +2,7 @@
 
 For every (net, method) both engines bound the margins ``f_y - f_j`` of the same batch over the
 same boxes ``clip(x ± eps, 0, 1)`` (float32), with their default options: native ``crown`` with
-``intermediate_mode="auto"``, auto_LiRPA through :mod:`certify.engines.auto_lirpa` (CROWN
+``intermediate_mode="auto"``, auto_LiRPA through :mod:`certify.bounds.auto_lirpa` (CROWN
 intersected with IBP, as the backend does by default); ``alpha-crown`` is 20 steps in both
 (native: Adam lr 0.1; auto_LiRPA: Adam lr 0.5 with decay), lower and upper bounds optimized.
 
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
 
     from certify.bounds import compute_bounds, get_method, margin_bounds
-    from certify.engines import (
+    from certify.bounds.auto_lirpa import (
         auto_lirpa_bounds,
         auto_lirpa_intermediate,
         auto_lirpa_margin_bounds,

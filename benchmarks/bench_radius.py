@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from certify.data import load_dataset
-from certify.radius import certified_radii
+from certify.radius import certified_radii, search_radii
 
 
 def train_digits(arch: str, *, epochs: int, seed: int, **kwargs: Any) -> nn.Module:
@@ -114,8 +114,11 @@ def lirpa_bound_fn(model: nn.Module, conv_mode: str):  # type: ignore[no-untyped
 def measure(model: nn.Module, x: Tensor, y: Tensor, method: str, search: str, *, tol: float,
             eps_max: float, bound_fn: Any = None) -> dict[str, Any]:
     start, cpu = time.perf_counter(), time.process_time()
-    res = certified_radii(model, x, y, method, search=search, tol=tol, eps_max=eps_max,
-                          bound_fn=bound_fn)
+    if bound_fn is None:
+        res = certified_radii(model, x, y, method, search=search, tol=tol, eps_max=eps_max)
+    else:
+        res = search_radii(model, x, y, bound_fn, name=method, search=search, tol=tol,
+                           eps_max=eps_max)
     seconds = time.perf_counter() - start
     cpu = time.process_time() - cpu
     ok = res.pred == res.label

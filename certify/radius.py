@@ -453,33 +453,36 @@ def linear_radius(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return torch.where(margin.detach().double() > 0, eps, torch.zeros_like(eps)).cpu()
 
 
-def certified_radii(model: nn.Module, x: Tensor, y: Tensor, method: str = "crown", *,
-                    eps_max: float = 0.5, tol: float = 1e-4, attack_eps: Tensor | None = None,
+def certified_radii(model: nn.Module, x: Tensor, y: Tensor,
+                    method: str | BoundMethod = "crown", *, eps_max: float = 0.5,
+                    tol: float = 1e-4, attack_eps: Tensor | None = None,
                     lower_hint: Tensor | None = None, guess: Tensor | None = None,
-                    search: str = "fast", max_iter: int = 64,
-                    bound_fn: BoundFn | None = None, confirm_fn: BoundFn | None = None,
-                    index: Tensor | None = None, **method_options: Any) -> RadiusResult:
+                    search: str = "fast", max_iter: int = 64, index: Tensor | None = None,
+                    **method_options: Any) -> RadiusResult:
     """Per sample, the largest eps at which `method` proves robustness (within `tol`).
 
     All open samples of the batch are searched at once, each with its own bracket, with one
     bound call per step on the rows still open. The reported radius is the lower end of the final
     bracket, an eps where the proof succeeded; misclassified samples get 0.
 
-    **Rounding.** The search is steered by the method's plain floating-point bound (fast); a
-    radius is reported only once the *rigorous* bound (every rounding accounted for, for the
-    network in exact arithmetic and for the model's own forward pass in its dtype; see
-    :mod:`certify.bounds.rounding`), computed in float64, proves robustness there: one extra
-    evaluation per certified sample. Where it does not (the fast bound's rounding decided in
-    its favour, next to the boundary), eps steps down from the search's end until it does (or
-    to 0). A fast "proof" at the attack eps is confirmed the same way before it counts as a
-    contradiction.
+    **Rounding.** The search is steered by the method's fast bound and every radius it reports
+    is confirmed by the method's rigorous one (``method.search_pair()``): for the native
+    methods, the plain floating-point bound steers, and the *rigorous* bound (every rounding
+    accounted for, for the network in exact arithmetic and for the model's own forward pass in
+    its dtype; see :mod:`certify.bounds.rounding`), computed in float64, must prove robustness
+    at the radius: one extra evaluation per certified sample. Where it does not (the fast
+    bound's rounding decided in its favour, next to the boundary), eps steps down from the
+    search's end until it does (or to 0). A fast "proof" at the attack eps is confirmed the
+    same way before it counts as a contradiction. auto_LiRPA's methods steer and the native
+    rigorous bound of the same method confirms; ``lp`` and ``milp`` account for rounding
+    themselves and are final.
 
     Args:
         model: Classifier on `(N, C, H, W)` pixels; put in ``eval()`` (modes restored after).
         x: `(N, C, H, W)` inputs in [0, 1]; the bounds are computed in x's dtype.
         y: `(N,)` labels.
-        method: Bound method name (``certify.bounds.list_methods()``); with `bound_fn` only a
-            label for the result.
+        method: A name from ``certify.bounds.list_methods()`` or a configured method (any
+            :class:`certify.bounds.BoundMethod`).
         eps_max: Upper end of the search (> 0); radii are at most this.
         tol: Final bracket width (> 0).
         attack_eps: `(N,)` eps at which an attack found adversarial examples (``inf`` where
@@ -492,21 +495,14 @@ def certified_radii(model: nn.Module, x: Tensor, y: Tensor, method: str = "crown
             :func:`linear_radius`). Only affects the number of evaluations, never soundness.
         search: ``"fast"`` (interpolation on the margin value, safeguarded) or ``"bisection"``.
         max_iter: Most bound evaluations per sample; the bracket may stay wider than `tol` if hit.
-        bound_fn: ``bound_fn(x, y, eps) -> (n,)`` margin lower bound replacing the engine (tests,
-            other verifiers). Default: ``margin_bounds(model, x, y, eps, method, **options)
-            .lower.amin(1)`` with ``rigorous=False`` to steer, and the rigorous bound in float64
-            to confirm (methods without that option, ``lp`` and ``milp``, account for
-            rounding themselves and are not confirmed again).
-        confirm_fn: With `bound_fn`: the rigorous margin lower bound that confirms each radius
-            (same signature); None: `bound_fn`'s own decisions are final.
         index: `(N,)` sample positions for the result (default ``0..N-1``).
-        **method_options: Options of the bound method, e.g. ``steps=20`` for alpha-crown. For
-            ``milp`` the search only needs the sign of each margin, so ``threshold=0`` is the
-            default here (each MILP stops once its row is decided; see
-            :class:`certify.bounds.milp.MILP`) and the search is bisection (a decided margin is
-            a verdict, not a value to interpolate; pass ``threshold=None`` for exact margins
-            and the `search` asked for); a MILP that hits its time limit is ``unknown`` and its
-            row keeps a sound fallback bound, so it never counts as proven.
+        **method_options: Options of the bound method, e.g. ``steps=20`` for alpha-crown. A
+            method that decides a threshold (``milp``) gets ``threshold=0`` by default: the
+            search only needs the sign of each margin (each MILP stops once its row is decided;
+            see :class:`certify.bounds.milp.MILP`), and bisects (a decided margin is a verdict,
+            not a value to interpolate; pass ``threshold=None`` for exact margins and the
+            `search` asked for); a MILP that hits its time limit is ``unknown`` and its row
+            keeps a sound fallback bound, so it never counts as proven.
     Returns:
         :class:`RadiusResult`.
     Raises:
@@ -514,15 +510,73 @@ def certified_radii(model: nn.Module, x: Tensor, y: Tensor, method: str = "crown
         UnknownNameError: unknown method or search.
         SoundnessError: a radius above the attack eps (a bug in the bound or the attack).
     """
+    from certify.bounds import BoundMethod, get_method, to_network
+    from certify.bounds.base import with_options
+
+    _validate(x, y, eps_max, tol, max_iter)
+    if search not in SEARCHES:
+        raise unknown_name("search", search, SEARCHES)
+    configured = (get_method(method, **method_options) if isinstance(method, str)
+                  else with_options(method, method_options))
+    if not isinstance(configured, BoundMethod):
+        raise SpecError(f"method must be a name or a configured bound method, got "
+                        f"{type(method).__name__}.")
+    if configured.decides_threshold:
+        # the search needs the sign of each margin, not its minimum; a decided margin is a
+        # verdict, not a distance to interpolate on, so the search bisects
+        if "threshold" not in method_options:
+            configured = with_options(configured, {"threshold": 0.0})
+        if getattr(configured, "threshold", None) is not None:
+            search = "bisection"
+    steer, rigorous = configured.search_pair()
+    module_bound = configured.takes_module
+    net = model if module_bound else to_network(model, tuple(x.shape[1:]))  # once, not per step
+
+    def bound_fn(xs: Tensor, ys: Tensor, eps: Tensor) -> Tensor:
+        # the plain bound of the model's perturbed network: close to the rigorous one, so
+        # the search's end is almost always confirmed at once
+        return margin_lower_bound(net, xs, ys, eps, method=steer,
+                                  model_rounding=None if module_bound else True)
+
+    confirm_fn = None
+    if rigorous is not None:
+        confirm_net = to_network(model, tuple(x.shape[1:])) if module_bound else net
+
+        def confirm_fn(xs: Tensor, ys: Tensor, eps: Tensor) -> Tensor:
+            return margin_lower_bound(confirm_net, xs.double(), ys, eps.double(),
+                                      method=rigorous)
+
+    return search_radii(model, x, y, bound_fn, confirm_fn=confirm_fn, name=configured.name,
+                        eps_max=eps_max, tol=tol, attack_eps=attack_eps,
+                        lower_hint=lower_hint, guess=guess, search=search, max_iter=max_iter,
+                        index=index)
+
+
+def search_radii(model: nn.Module, x: Tensor, y: Tensor, bound_fn: BoundFn, *,
+                 confirm_fn: BoundFn | None = None, name: str = "custom",
+                 eps_max: float = 0.5, tol: float = 1e-4, attack_eps: Tensor | None = None,
+                 lower_hint: Tensor | None = None, guess: Tensor | None = None,
+                 search: str = "fast", max_iter: int = 64,
+                 index: Tensor | None = None) -> RadiusResult:
+    """The radius search of :func:`certified_radii` over any margin lower bound.
+
+    Args:
+        model: The classifier (its prediction and clean margin open each bracket).
+        x, y, eps_max, tol, attack_eps, lower_hint, guess, search, max_iter, index: As for
+            :func:`certified_radii`.
+        bound_fn: ``bound_fn(x (n, C, H, W), y (n,), eps (n,)) -> (n,)``, a lower bound on
+            the smallest margin over the ball: it steers the search.
+        confirm_fn: The rigorous margin lower bound (same signature) that must prove every
+            radius reported; None: `bound_fn`'s decisions are final.
+        name: The method's name in the result.
+
+    Returns:
+        :class:`RadiusResult`.
+    """
+    method = name
     n = _validate(x, y, eps_max, tol, max_iter)
     if search not in SEARCHES:
         raise unknown_name("search", search, SEARCHES)
-    if method == "milp" and bound_fn is None:
-        # the search needs the sign of each margin, not its minimum; a decided margin is a
-        # verdict, not a distance to interpolate on, so the search bisects
-        method_options = {"threshold": 0.0, **method_options}
-        if method_options["threshold"] is not None:
-            search = "bisection"
     dev = x.device
     y = y.to(dev)
     attack = _per_sample(attack_eps, n, "attack_eps", fill=math.inf)
@@ -533,26 +587,6 @@ def certified_radii(model: nn.Module, x: Tensor, y: Tensor, method: str = "crown
     index = torch.arange(n) if index is None else torch.as_tensor(index).flatten().cpu()
     if index.shape != (n,):
         raise SpecError(f"index must have one entry per sample ({n}), got {tuple(index.shape)}")
-    if bound_fn is None:
-        from certify.bounds import get_method, to_network
-
-        configured = get_method(method, **method_options)  # bad names/options fail up front
-        net = to_network(model, tuple(x.shape[1:]))  # once, not per step
-        steer = configured
-        if isinstance(getattr(configured, "rigorous", None), bool):
-            steer = get_method(method, **{**method_options, "rigorous": False})
-            rigorous = get_method(method, **{**method_options, "rigorous": True})
-
-            def confirm_fn(xs: Tensor, ys: Tensor, eps: Tensor) -> Tensor:
-                return margin_lower_bound(net, xs.double(), ys, eps.double(), method=rigorous)
-
-        def bound_fn(xs: Tensor, ys: Tensor, eps: Tensor) -> Tensor:
-            # the plain bound of the model's perturbed network: close to the rigorous one, so
-            # the search's end is almost always confirmed at once
-            return margin_lower_bound(net, xs, ys, eps, method=steer, model_rounding=True)
-    elif method_options:
-        raise SpecError(f"method options {sorted(method_options)} have no effect with bound_fn; "
-                        "pass them to your bound_fn instead")
 
     dtype = x.dtype
     seconds = torch.zeros(n, dtype=torch.float64)

@@ -16,8 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from certify.bounds import get_method
 from certify.errors import SoundnessError, SpecError, UnknownNameError
-from certify.radius import RadiusResult, certified_radii, linear_radius
+from certify.radius import RadiusResult, certified_radii, linear_radius, search_radii
 from certify.report.results import SAMPLE_COLUMNS, read_sample_csv, write_sample_csv
 
 TOL = 1e-4
@@ -73,7 +74,7 @@ class Linear:
 
 def run(lin: Linear, **kwargs) -> RadiusResult:
     kwargs.setdefault("tol", TOL)
-    return certified_radii(lin.model, lin.x, lin.y, "exact", bound_fn=lin.bound, **kwargs)
+    return search_radii(lin.model, lin.x, lin.y, lin.bound, name="exact", **kwargs)
 
 
 # ------------------------------------------------------------------------------- exactness
@@ -155,8 +156,8 @@ def smooth_bound(lin: Linear, curvature: float):
 def test_fast_search_on_curved_margins(curvature):
     lin = Linear(n=80, seed=4)
     bound = smooth_bound(lin, curvature)
-    fast = certified_radii(lin.model, lin.x, lin.y, bound_fn=bound, search="fast", tol=TOL)
-    bis = certified_radii(lin.model, lin.x, lin.y, bound_fn=bound, search="bisection", tol=TOL)
+    fast = search_radii(lin.model, lin.x, lin.y, bound, search="fast", tol=TOL)
+    bis = search_radii(lin.model, lin.x, lin.y, bound, search="bisection", tol=TOL)
     assert (fast.certified_eps - bis.certified_eps).abs().max() <= TOL
     ok = lin.correct()
     assert fast.evaluations[ok].double().mean() < 0.5 * bis.evaluations[ok].double().mean()
@@ -167,7 +168,7 @@ def test_smaller_tol_never_lowers_a_radius_by_more_than_the_old_tol():
     bound = smooth_bound(lin, 20.0)
     previous = None
     for tol in [1e-2, 1e-3, 1e-4, 1e-6]:
-        res = certified_radii(lin.model, lin.x, lin.y, bound_fn=bound, tol=tol)
+        res = search_radii(lin.model, lin.x, lin.y, bound, tol=tol)
         if previous is not None:
             old_tol, old = previous
             assert (res.certified_eps >= old.certified_eps - old_tol).all()
@@ -192,7 +193,7 @@ def wavy_bound(lin: Linear, amplitude: float, freq: float):
 def test_non_monotone_margin_is_still_sound(search, amplitude, freq):
     lin = Linear(n=40, seed=6)
     bound = wavy_bound(lin, amplitude, freq)
-    res = certified_radii(lin.model, lin.x, lin.y, bound_fn=bound, search=search, tol=TOL)
+    res = search_radii(lin.model, lin.x, lin.y, bound, search=search, tol=TOL)
     pos = res.certified_eps > 0
     assert (bound(lin.x[pos], lin.y[pos], res.certified_eps[pos]) > 0).all()
     ok = lin.correct()
@@ -209,10 +210,10 @@ def test_nan_and_minus_inf_margins_never_verify():
         m = lin.bound(xs, ys, eps)
         return torch.where(eps > 0.01, torch.full_like(m, math.nan), m)
 
-    res = certified_radii(lin.model, lin.x, lin.y, bound_fn=bound, tol=TOL)
+    res = search_radii(lin.model, lin.x, lin.y, bound, tol=TOL)
     assert (res.certified_eps <= 0.01).all()
-    res2 = certified_radii(lin.model, lin.x, lin.y, tol=TOL,
-                           bound_fn=lambda xs, ys, eps: torch.full((len(ys),), -math.inf))
+    res2 = search_radii(lin.model, lin.x, lin.y,
+                        lambda xs, ys, eps: torch.full((len(ys),), -math.inf), tol=TOL)
     assert (res2.certified_eps == 0).all()
 
 
@@ -227,7 +228,7 @@ def test_float32_search_evaluates_representable_eps_and_reverifies():
         seen.append(eps.clone())
         return lin.bound(xs, ys, eps)
 
-    res = certified_radii(model32, x32, lin.y, bound_fn=bound, tol=1e-5)
+    res = search_radii(model32, x32, lin.y, bound, tol=1e-5)
     assert torch.equal(res.certified_eps.float().double(), res.certified_eps)
     pos = res.certified_eps > 0
     assert (lin.bound(x32[pos], lin.y[pos], res.certified_eps[pos].float()) > 0).all()
@@ -352,13 +353,13 @@ def test_bad_input(kwargs, error, match):
 def test_bad_batches():
     lin = Linear(n=4)
     with pytest.raises(SpecError, match="image batch"):
-        certified_radii(lin.model, lin.x.flatten(1), lin.y, bound_fn=lin.bound)
+        search_radii(lin.model, lin.x.flatten(1), lin.y, lin.bound)
     with pytest.raises(SpecError, match="labels"):
-        certified_radii(lin.model, lin.x, lin.y[:2], bound_fn=lin.bound)
+        search_radii(lin.model, lin.x, lin.y[:2], lin.bound)
     with pytest.raises(SpecError, match=r"labels must lie in \[0, 5\)"):
-        certified_radii(lin.model, lin.x, lin.y + 10, bound_fn=lin.bound)
-    with pytest.raises(SpecError, match="no effect with bound_fn"):
-        certified_radii(lin.model, lin.x, lin.y, bound_fn=lin.bound, steps=3)
+        search_radii(lin.model, lin.x, lin.y + 10, lin.bound)
+    with pytest.raises(SpecError, match="unknown option 'steps' for method 'crown'"):
+        certified_radii(lin.model, lin.x, lin.y, get_method("crown"), steps=3)
 
 
 def test_model_mode_is_restored():

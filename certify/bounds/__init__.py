@@ -11,7 +11,13 @@ One entry point, :func:`compute_bounds` (and :func:`margin_bounds` for the margi
 ``alpha-crown``  CROWN with lower slopes optimized per specification row
 ``lp``         the exact LP of the triangle relaxation (cvxpy), small networks
 ``milp``       exact big-M mixed-integer program (cvxpy + HiGHS), small networks
+``lirpa-*``    auto_LiRPA's ibp, crown, crown-ibp, alpha-crown (optional; it bounds the
+               module itself, so layers without a native rule work too)
 =============  ======================================================================
+
+A configured method is a callable ``method(model_or_net, region, spec) -> Bounds``
+(:class:`BoundMethod`); its capabilities (``is_complete``, ``decides_threshold``,
+``accepts_time_budget``, ...) are class attributes, and :func:`list_methods` filters on them.
 
 Every bound is rigorous for the network in exact arithmetic: the engine accounts for every
 rounding of its own float32/float64 computation (:mod:`certify.bounds.rounding`), and
@@ -37,7 +43,7 @@ from certify.bounds.base import BoundMethod, Bounds, get_method, list_methods, r
 from certify.bounds.network import Network, to_network
 
 # Importing a method's module registers it; list_methods() keeps this order (cheap to costly).
-for _module in ("ibp", "crown", "wong_kolter", "alpha_crown", "lp", "milp"):
+for _module in ("ibp", "crown", "wong_kolter", "alpha_crown", "lp", "milp", "auto_lirpa"):
     if _module != "milp" or importlib.util.find_spec("certify.bounds.milp") is not None:
         importlib.import_module(f"certify.bounds.{_module}")
 

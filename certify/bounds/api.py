@@ -124,6 +124,11 @@ def compute_bounds(model: nn.Module | Network, x_lo: Tensor, x_hi: Tensor,
     """
     bound_method = _resolve(method, options)
     check_box(x_lo, x_hi)
+    if getattr(bound_method, "takes_module", False) and isinstance(model, nn.Module):
+        # a method that bounds the module itself (auto_LiRPA's): no conversion, no rounding
+        # control (its radii are confirmed by a native rigorous bound)
+        return bound_method.bound_module(model, x_lo, x_hi, spec,  # type: ignore[attr-defined]
+                                         intermediate=intermediate)
     given = to_network(model, x_lo.shape[1:])
     net = given.to(dtype=x_lo.dtype, device=x_lo.device)
     if model_rounding:
@@ -233,10 +238,22 @@ def margin_bounds(model: nn.Module | Network, x: Tensor, y: Tensor, eps: float |
     bound_method = _resolve(method, options)
     if x.dtype not in _DTYPES:
         raise SpecError(f"x must be float32 or float64, got {x.dtype}.")
+    x_lo, x_hi = region.box()
+    if getattr(bound_method, "takes_module", False) and isinstance(model, nn.Module):
+        k = _output_size(model, x)
+        spec = margin_spec(y.to(x.device), k).to(x.dtype)
+        return compute_bounds(model, x_lo, x_hi, bound_method, spec)
     net = to_network(model, x.shape[1:])
     k = math.prod(net.output_shape)
     spec = margin_spec(y.to(x.device), k).to(x.dtype)
-    x_lo, x_hi = region.box()
     if model_rounding is None:
         model_rounding = getattr(bound_method, "rigorous", True)
     return compute_bounds(net, x_lo, x_hi, bound_method, spec, model_rounding=model_rounding)
+
+
+def _output_size(model: nn.Module, x: Tensor) -> int:
+    """The number of outputs of `model` on one sample of `x` (a forward pass)."""
+    from certify.attacks import eval_mode
+
+    with eval_mode(model), torch.no_grad():
+        return math.prod(model(x[:1]).shape[1:])

@@ -96,6 +96,10 @@ class BoundMethod(Protocol):
     serves_intermediate: ClassVar[bool]
     #: It solves optimization problems with an external solver (cvxpy); small networks only.
     uses_solver: ClassVar[bool]
+    #: It bounds the ``nn.Module`` itself (``bound_module``), not a converted Network.
+    takes_module: ClassVar[bool]
+    #: It needs an optional package (auto_LiRPA); listed, but failing with install steps.
+    external: ClassVar[bool]
     #: How tables and figures spell it, e.g. ``CROWN``.
     display_name: ClassVar[str]
 
@@ -106,6 +110,12 @@ class BoundMethod(Protocol):
 
     def intermediate(self, net: Network, x_lo: Tensor, x_hi: Tensor) -> tuple[Bounds, ...]:
         """Bounds of the input of every ReLU, in order; each `(N, *shape)`."""
+        ...
+
+    def search_pair(self) -> tuple[BoundMethod, BoundMethod | None]:
+        """``(steer, confirm)``: the bound that steers a radius search (fast), and the rigorous
+        bound that confirms each radius it reports, evaluated in float64 (None: the steering
+        bound's proofs are final)."""
         ...
 
     def __call__(self, model: nn.Module | Network, region: LinfBall,
@@ -125,7 +135,17 @@ class MethodBase:
     accepts_time_budget: ClassVar[bool] = False
     serves_intermediate: ClassVar[bool] = True
     uses_solver: ClassVar[bool] = False
+    takes_module: ClassVar[bool] = False
+    external: ClassVar[bool] = False
     display_name: ClassVar[str] = ""
+
+    def search_pair(self) -> tuple[BoundMethod, BoundMethod | None]:
+        """A method with a ``rigorous`` option steers with its plain bound and confirms with its
+        rigorous one; any other method's proofs are final."""
+        if isinstance(getattr(self, "rigorous", None), bool):
+            return (with_options(self, {"rigorous": False}),  # type: ignore[arg-type]
+                    with_options(self, {"rigorous": True}))  # type: ignore[arg-type]
+        return self, None  # type: ignore[return-value]
 
     def __call__(self, model: nn.Module | Network, region: LinfBall,
                  spec: Tensor | None = None) -> Bounds:
@@ -156,7 +176,7 @@ class MethodBase:
 
 _METHODS: dict[str, type] = {}
 CAPABILITIES = ("is_complete", "decides_threshold", "accepts_time_budget",
-                "serves_intermediate", "uses_solver")
+                "serves_intermediate", "uses_solver", "takes_module", "external")
 M = TypeVar("M", bound=type)
 
 

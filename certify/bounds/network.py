@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +60,8 @@ class Network:
         runs_in: If set, bounds also cover the model's own forward pass in this dtype (the
             network with the perturbations of :mod:`certify.bounds.forward_error`); None:
             the network in exact arithmetic only.
+        source: The module it was converted from (methods that bound modules, such as
+            auto_LiRPA's, use it); None for a network built from ops.
     """
 
     layers: tuple[Op, ...]
@@ -67,6 +69,7 @@ class Network:
     names: tuple[str, ...]
     model_layers: tuple[Op, ...] = ()
     runs_in: torch.dtype | None = None
+    source: nn.Module | None = field(default=None, compare=False, repr=False)
 
     def __repr__(self) -> str:
         body = ", ".join(f"{n}:{type(op).__name__[:-2]}{op.out_shape}"
@@ -296,7 +299,7 @@ def to_network(model: nn.Module | Network, input_shape: Shape | torch.Size) -> N
         shape = op.out_shape
     model_layers = tuple(layers)
     layers, names = _fold_scale_shift(layers, names)
-    return Network(tuple(layers), given, tuple(names), model_layers)
+    return Network(tuple(layers), given, tuple(names), model_layers, source=model)
 
 
 def _fold_scale_shift(layers: list[Op], names: list[str]) -> tuple[list[Op], list[str]]:

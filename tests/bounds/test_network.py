@@ -81,7 +81,7 @@ def test_single_layer_and_dropout_only_models():  # type: ignore[no-untyped-def]
 def test_list_methods_order_and_instances():  # type: ignore[no-untyped-def]
     assert list_methods()[:6] == ["ibp", "crown", "crown-ibp", "wong-kolter", "alpha-crown",
                                   "lp"]
-    for name in list_methods():
+    for name in list_methods(external=False):
         method = get_method(name)
         assert method.name == name and isinstance(method, BoundMethod)
     assert get_method("alpha-crown", steps=5).steps == 5

@@ -16,7 +16,7 @@ from certify.bounds import compute_bounds, list_methods, margin_bounds
 from certify.spec import LinfBall, margin_spec
 
 SOUND_ATOL = {torch.float32: 1e-5, torch.float64: 1e-10}
-FAST = [m for m in list_methods() if m not in ("lp", "milp")]
+FAST = list_methods(uses_solver=False, external=False)
 DTYPES = [torch.float32, torch.float64]
 
 
@@ -99,7 +99,7 @@ def test_lp_cnn_every_layer():  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("method", list_methods())
+@pytest.mark.parametrize("method", list_methods(external=False))
 def test_fixture_nets_margins(method, dtype, tiny_mlp, tiny_cnn):  # type: ignore[no-untyped-def]
     """The conftest nets, through ``margin_bounds`` (clipped balls, per-sample eps)."""
     if method in ("lp", "milp"):

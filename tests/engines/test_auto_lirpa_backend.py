@@ -24,12 +24,15 @@ with warnings.catch_warnings():
     pytest.importorskip("auto_LiRPA",
                         reason="auto_LiRPA not installed: backend tests need it (see README)")
 
-from certify.bounds import compute_bounds  # noqa: E402
-from certify.engines import (  # noqa: E402
+from certify.bounds import (  # noqa: E402
+    compute_bounds,  # noqa: E402
+    get_method,
+    margin_bounds,
+)
+from certify.bounds.auto_lirpa import (  # noqa: E402
     auto_lirpa_bounds,
     auto_lirpa_margin_bounds,
     engine_info,
-    get_margin_bound_fn,
     list_auto_lirpa_methods,
 )
 from certify.errors import SpecError, UnknownNameError, UnsupportedLayerError  # noqa: E402
@@ -265,9 +268,9 @@ def test_engine_info_and_margin_bound_fn() -> None:
     model = make_mlp(27, [5]).double()
     ball = make_ball(28, 2, (1, 4, 4), 0.1)
     y = torch.tensor([1, 3])
-    bound = get_margin_bound_fn("auto-lirpa", "crown-ibp")
-    a = bound(model, ball.center, y, ball.eps)
+    method = get_method("lirpa-crown-ibp")
+    a = margin_bounds(model, ball.center, y, ball.eps, method)
     b = auto_lirpa_margin_bounds(model, ball.center, y, ball.eps, "crown-ibp")
     assert torch.equal(a.lower, b.lower) and torch.equal(a.upper, b.upper)
-    assert bound.info()["version"] == auto_LiRPA.__version__
-    assert bound.info()["method"] == "crown-ibp"
+    assert method.info()["version"] == auto_LiRPA.__version__
+    assert method.info()["method"] == "lirpa-crown-ibp"

@@ -1,5 +1,5 @@
-"""Engine selection, and the one-line install message where auto_LiRPA is absent. Runs without
-auto_LiRPA (its absence is simulated)."""
+"""auto_LiRPA's methods in the one method registry, and the one-line install message where it
+is absent. Runs without auto_LiRPA (its absence is simulated)."""
 
 from __future__ import annotations
 
@@ -9,21 +9,19 @@ import sys
 import pytest
 import torch
 
-import certify
-from certify.bounds import get_method, list_methods, margin_bounds
-from certify.engines import (
+from certify.bounds import compute_bounds, get_method, list_methods, margin_bounds
+from certify.bounds.auto_lirpa import (
     INSTALL_MESSAGE,
     auto_lirpa_bounds,
     auto_lirpa_margin_bounds,
     engine_info,
-    get_engine_info,
-    get_margin_bound_fn,
     is_auto_lirpa_available,
-    list_engine_methods,
-    list_engines,
     require_auto_lirpa,
 )
+from certify.bounds.base import method_class
 from certify.errors import CertifyError, SpecError, UnknownNameError
+from certify.radius import certified_radii
+from certify.spec import LinfBall
 
 
 @pytest.fixture
@@ -54,11 +52,13 @@ def test_every_entry_point_says_how_to_install(no_auto_lirpa: None, tiny_mlp) ->
     x = torch.rand(2, 1, 4, 4)
     y = torch.tensor([0, 1])
     calls = [
-        lambda: get_margin_bound_fn("auto-lirpa", "crown"),
+        lambda: get_method("lirpa-crown"),
         lambda: engine_info(),
-        lambda: get_engine_info("auto-lirpa"),
         lambda: auto_lirpa_bounds(tiny_mlp, x, x, "crown"),
         lambda: auto_lirpa_margin_bounds(tiny_mlp, x, y, 0.1, "ibp"),
+        lambda: margin_bounds(tiny_mlp, x, y, 0.1, "lirpa-ibp"),
+        lambda: compute_bounds(tiny_mlp, x, x, "lirpa-crown"),
+        lambda: certified_radii(tiny_mlp, x, y, "lirpa-alpha-crown"),
     ]
     for call in calls:
         with pytest.raises(CertifyError) as err:
@@ -67,11 +67,12 @@ def test_every_entry_point_says_how_to_install(no_auto_lirpa: None, tiny_mlp) ->
 
 
 def test_names_are_checked_before_the_import(no_auto_lirpa: None) -> None:
-    with pytest.raises(UnknownNameError, match="did you mean 'alpha-crown'"):
-        get_margin_bound_fn("auto-lirpa", "alpha_crown")
+    with pytest.raises(UnknownNameError, match="did you mean 'lirpa-alpha-crown'"):
+        get_method("lirpa-alpha_crown")
     with pytest.raises(SpecError, match="unknown option 'steps'"):
-        get_margin_bound_fn("auto-lirpa", "alpha-crown", steps=3)
-    assert list_engine_methods("auto-lirpa") == ["ibp", "crown", "crown-ibp", "alpha-crown"]
+        get_method("lirpa-alpha-crown", steps=3)
+    assert list_methods(external=True) == ["lirpa-ibp", "lirpa-crown", "lirpa-crown-ibp",
+                                           "lirpa-alpha-crown"]
 
 
 def test_broken_install_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -89,29 +90,31 @@ def test_broken_install_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "\n" not in str(e.value)
 
 
-def test_engines_are_listed_default_first() -> None:
-    assert list_engines() == ["native", "auto-lirpa"]
-    assert list_engine_methods("native") == list_methods()
-    with pytest.raises(UnknownNameError, match="did you mean 'auto-lirpa'"):
-        get_margin_bound_fn("autolirpa", "crown")
-    with pytest.raises(UnknownNameError, match="engine"):
-        list_engine_methods("cuda")
+def test_one_registry_native_first() -> None:
+    native = list_methods(external=False)
+    assert list_methods() == native + list_methods(external=True)
+    for name in list_methods(external=True):
+        cls = method_class(name)
+        assert cls.takes_module and not cls.serves_intermediate
+        assert name == f"lirpa-{cls.native}" and cls.native in native  # confirmed by it
+    with pytest.raises(UnknownNameError, match="did you mean 'lirpa-crown'"):
+        get_method("lirpa_crown")
 
 
-def test_native_margin_bound_is_the_engine_s(tiny_cnn) -> None:
+def test_a_configured_method_is_callable_on_a_region(tiny_cnn) -> None:
     x = torch.rand(3, 1, 8, 8)
     y = torch.tensor([0, 4, 9])
     eps = torch.tensor([0.0, 0.01, 0.03])
-    bound = get_margin_bound_fn("native", "alpha-crown", steps=3)
-    got = bound(tiny_cnn, x, y, eps)
+    method = get_method("alpha-crown", steps=3)
+    from certify.spec import margin_spec
+
+    got = method(tiny_cnn, LinfBall(x, eps), margin_spec(y, 10).to(x.dtype))
     want = margin_bounds(tiny_cnn, x, y, eps, get_method("alpha-crown", steps=3))
     assert torch.equal(got.lower, want.lower) and torch.equal(got.upper, want.upper)
-    assert bound.info() == {"engine": "native", "version": certify.__version__,
-                            "method": "alpha-crown", "options": {"steps": 3}}
 
 
 def test_native_names_and_options_fail_at_once() -> None:
     with pytest.raises(UnknownNameError, match="did you mean 'crown'"):
-        get_margin_bound_fn("native", "crwn")
+        get_method("crwn")
     with pytest.raises(SpecError, match="unknown option 'alpha_steps'"):
-        get_margin_bound_fn("native", "alpha-crown", alpha_steps=3)
+        get_method("alpha-crown", alpha_steps=3)

@@ -35,7 +35,7 @@ with warnings.catch_warnings():
                         reason="auto_LiRPA not installed: parity tests need it (see README)")
 
 from certify.bounds import Bounds, compute_bounds, get_method, to_network  # noqa: E402
-from certify.engines import auto_lirpa_bounds, auto_lirpa_intermediate  # noqa: E402
+from certify.bounds.auto_lirpa import auto_lirpa_bounds, auto_lirpa_intermediate  # noqa: E402
 from certify.spec import margin_spec  # noqa: E402
 
 REL = 1e-5

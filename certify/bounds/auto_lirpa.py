@@ -1,4 +1,5 @@
-"""auto_LiRPA as an optional bound backend, with the native engine's entry points.
+"""auto_LiRPA's bounds as registered methods: ``lirpa-ibp``, ``lirpa-crown``, ``lirpa-crown-ibp``,
+``lirpa-alpha-crown``.
 
 auto_LiRPA (Xu et al., "Automatic Perturbation Analysis for Scalable Certified Robustness and
 Beyond", NeurIPS 2020) bounds general computation graphs, so it certifies models with layers the
@@ -6,7 +7,14 @@ native engine has no rule for (MaxPool2d, residual blocks). It is **not** a depe
 release does not import on torch 2.x, so users install it from its repository. Every function
 here fails with one line saying how (:func:`require_auto_lirpa`) when it is absent.
 
-Methods (our canonical names, auto_LiRPA's names in brackets):
+The methods are listed by :func:`certify.bounds.list_methods` whether or not it is installed (so
+choosing one gives the install instructions, not a usage error); every command that takes a
+bound method takes them. They bound the ``nn.Module`` itself (``takes_module``), not a native
+:class:`~certify.bounds.Network`, and are not rigorous in floating point: the radius search
+confirms each of their radii with the native rigorous bound of the same method
+(:meth:`AutoLirpaMethod.search_pair`).
+
+Methods (``lirpa-`` + the native method each reproduces; auto_LiRPA's names in brackets):
 
 =============  ===============================================================================
 ``ibp``        interval bound propagation [``IBP``]
@@ -62,19 +70,22 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from certify.bounds.base import Bounds, MethodBase, get_method, register_method
 from certify.errors import CertifyError, SpecError, UnsupportedLayerError, unknown_name
 from certify.nets.layers import Normalize
 
 if TYPE_CHECKING:
-    from certify.bounds import Bounds
+    from certify.bounds.base import BoundMethod
+    from certify.bounds.network import Network
 
 __all__ = [
     "INSTALL_MESSAGE",
+    "AutoLirpaMethod",
     "AutoLirpaOptions",
     "auto_lirpa_bounds",
     "auto_lirpa_intermediate",
@@ -368,8 +379,6 @@ def auto_lirpa_bounds(model: nn.Module, x_lo: Tensor, x_hi: Tensor, method: str 
         SpecError: for an unknown option, an empty or malformed box or spec.
         UnsupportedLayerError: if auto_LiRPA cannot convert the model.
     """
-    from certify.bounds import Bounds
-
     al_method = _check_method(method)
     graph, norm, opts = _prepare(model, x_lo, x_hi, options)
     n = x_lo.shape[0]
@@ -427,8 +436,6 @@ def auto_lirpa_intermediate(model: nn.Module, x_lo: Tensor, x_hi: Tensor,
     Raises:
         As :func:`auto_lirpa_bounds`; UnknownNameError for another method.
     """
-    from certify.bounds import Bounds
-
     if method not in ("crown", "ibp"):
         raise unknown_name("auto-lirpa intermediate method", str(method), ("crown", "ibp"))
     graph, norm, opts = _prepare(model, x_lo, x_hi, options)
@@ -571,3 +578,71 @@ def auto_lirpa_margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: float 
     spec = margin_spec(y.to(x.device), k).to(x.dtype)
     x_lo, x_hi = region.box()
     return auto_lirpa_bounds(model, x_lo, x_hi, method, spec, **options)
+
+
+# --- registered methods ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AutoLirpaMethod(AutoLirpaOptions, MethodBase):
+    """An auto_LiRPA method in the method registry; its fields are :class:`AutoLirpaOptions`.
+
+    It bounds the ``nn.Module`` (``takes_module``): :func:`certify.bounds.compute_bounds` hands
+    it the model as given, so models the native engine has no rule for work too.
+    """
+
+    native: ClassVar[str]
+    takes_module: ClassVar[bool] = True
+    external: ClassVar[bool] = True
+    serves_intermediate: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_auto_lirpa()  # fail when configured, before any work, with the install line
+
+    def options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(AutoLirpaOptions)}
+
+    def bound_module(self, model: nn.Module, x_lo: Tensor, x_hi: Tensor,
+                     spec: Tensor | None = None, *,
+                     intermediate: tuple[Bounds, ...] | None = None) -> Bounds:
+        """auto_LiRPA's bounds of ``spec @ model(x)`` over the box (see
+        :func:`auto_lirpa_bounds`)."""
+        return auto_lirpa_bounds(model, x_lo, x_hi, self.native, spec,
+                                 intermediate=intermediate, **self.options())
+
+    def bound(self, net: Network, x_lo: Tensor, x_hi: Tensor, spec: Tensor | None = None, *,
+              intermediate: tuple[Bounds, ...] | None = None) -> Bounds:
+        return self.bound_module(_module_of(net, self.name), x_lo, x_hi, spec,
+                                 intermediate=intermediate)
+
+    def intermediate(self, net: Network, x_lo: Tensor, x_hi: Tensor) -> tuple[Bounds, ...]:
+        kind = "ibp" if self.native in ("ibp", "crown-ibp") else "crown"
+        return auto_lirpa_intermediate(_module_of(net, self.name), x_lo, x_hi, kind,
+                                       **self.options())
+
+    def search_pair(self) -> tuple[BoundMethod, BoundMethod | None]:
+        """auto_LiRPA steers the search; the native rigorous bound of the same method confirms
+        every radius (auto_LiRPA has no rounding control)."""
+        return self, get_method(self.native)
+
+    def info(self) -> dict[str, Any]:
+        return {**engine_info(), "method": self.name, "options": self.options()}
+
+
+def _module_of(net: Network, name: str) -> nn.Module:
+    if net.source is None:
+        raise SpecError(f"{name} bounds an nn.Module; pass the model, not a Network built "
+                        "from layers.")
+    return net.source
+
+
+def _register(native: str) -> type[AutoLirpaMethod]:
+    cls = type(f"AutoLirpa_{native.replace('-', '_')}", (AutoLirpaMethod,),
+               {"native": native, "display_name": f"auto_LiRPA {native}",
+                "__doc__": f"auto_LiRPA's {native} (:class:`AutoLirpaMethod`)."})
+    return register_method(f"lirpa-{native}")(dataclass(frozen=True)(cls))
+
+
+for _native in _METHODS:
+    _register(_native)
