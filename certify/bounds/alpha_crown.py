@@ -26,7 +26,7 @@ from certify.bounds.crown import LinearRelaxationMethod, output_rows
 from certify.bounds.layers import numel
 from certify.bounds.network import Network, identity_spec
 from certify.bounds.propagation import BACKWARD_FACTOR, MB, Propagator
-from certify.bounds.relaxations import optimizable_alpha
+from certify.bounds.relaxations import activation_rule
 from certify.errors import SpecError
 
 __all__ = ["AlphaCrown"]
@@ -106,7 +106,8 @@ class AlphaCrown(LinearRelaxationMethod):
         """Best lower bound per row over the slope iterates, `(B, R)` for rows `(B, R, ...)`."""
         r = rows.shape[1]
         positions = [p for p in prop.net.relu_positions if p < start]
-        alphas = {p: optimizable_alpha(prop.relaxations[p], samples, r).requires_grad_(True)
+        alphas = {p: activation_rule(prop.layers[p]).optimizable(prop.relaxations[p], samples, r)
+                  .requires_grad_(True)
                   for p in positions
                   if bool(prop.relaxations[p].unstable.index_select(0, samples).any())}
         if not alphas or self.steps == 0:  # CROWN's bound

@@ -31,8 +31,9 @@ import torch
 from torch import Tensor
 
 from certify.bounds import rounding
-from certify.bounds.layers import RULES, Op, ReluOp, abs_op, cast_op, err_op, interval_affine
+from certify.bounds.layers import RULES, Op, abs_op, cast_op, err_op, interval_affine
 from certify.bounds.network import Network
+from certify.bounds.relaxations import is_activation
 
 __all__ = ["chain_error", "model_chains", "model_dtype"]
 
@@ -50,7 +51,7 @@ def model_chains(net: Network) -> list[list[Op]]:
     """The model's affine chains: before the first ReLU, between ReLUs, after the last."""
     chains: list[list[Op]] = [[]]
     for op in net.model_layers or net.layers:
-        if isinstance(op, ReluOp):
+        if is_activation(op):
             chains.append([])
         elif type(op).__name__ != "SpecLinearOp":
             chains[-1].append(op)

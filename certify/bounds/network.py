@@ -81,9 +81,15 @@ class Network:
         return self.layers[-1].out_shape if self.layers else self.input_shape
 
     @property
-    def relu_positions(self) -> tuple[int, ...]:
-        """Indices of the ReLU ops; their inputs are the pre-activations to bound."""
-        return tuple(i for i, op in enumerate(self.layers) if isinstance(op, ReluOp))
+    def activation_positions(self) -> tuple[int, ...]:
+        """Indices of the activation ops (rows of
+        :data:`~certify.bounds.relaxations.ACTIVATIONS`, e.g. ReLU); their inputs are the
+        pre-activations to bound."""
+        from certify.bounds.relaxations import is_activation
+
+        return tuple(i for i, op in enumerate(self.layers) if is_activation(op))
+
+    relu_positions = activation_positions
 
     def forward(self, x: Tensor) -> Tensor:
         """The network's output `(N, *output_shape)` for inputs `(N, *input_shape)`."""

@@ -56,7 +56,6 @@ from certify.bounds.layers import (
     RULES,
     ConvOp,
     Op,
-    ReluOp,
     SpecLinearOp,
     abs_op,
     err_op,
@@ -65,13 +64,7 @@ from certify.bounds.layers import (
     numel,
 )
 from certify.bounds.network import Network
-from certify.bounds.relaxations import (
-    Relaxation,
-    backward_relu,
-    forward_relu,
-    relax,
-    relu_constant,
-)
+from certify.bounds.relaxations import Relaxation, activation_rule, is_activation
 from certify.errors import SpecError
 
 __all__ = ["EngineOptions", "Propagator", "forward_is_exact"]
@@ -144,7 +137,7 @@ def forward_is_exact(layers: tuple[Op, ...], pos: int) -> bool:
     layer with at most one mixing op after it (each neuron's lower/upper line is then chosen
     by the sign of a single weight in both modes). Elementwise ops anywhere keep this.
     """
-    relus = [j for j in range(pos) if isinstance(layers[j], ReluOp)]
+    relus = [j for j in range(pos) if is_activation(layers[j])]
     if not relus:
         return True
     return len(relus) == 1 and sum(is_mixing(op) for op in layers[relus[0]:pos]) <= 1
@@ -216,14 +209,14 @@ class Propagator:
         lo, hi = self.x_lo, self.x_hi
         chain_lo, chain_hi = lo, hi
         for i, op in enumerate(self.layers):
-            if isinstance(op, ReluOp):
+            if is_activation(op):
                 lo, hi = self._perturb(i, chain_lo, chain_hi, lo, hi)
                 if i in self.pre_bounds:
                     known_lo, known_hi = self.pre_bounds[i]
                     lo, hi = torch.maximum(lo, known_lo), torch.minimum(hi, known_hi)
                 else:
                     self.pre_bounds[i] = (lo, hi)
-                lo, hi = lo.clamp(min=0), hi.clamp(min=0)
+                lo, hi = activation_rule(op).interval(lo, hi)
                 chain_lo, chain_hi = lo, hi
             else:
                 lo, hi = interval_affine(op, lo, hi, rigorous=self.rigorous)
@@ -238,11 +231,11 @@ class Propagator:
         for pos, b in zip(self.net.relu_positions, bounds, strict=True):
             lo, hi = self._perturb(pos, chain_lo, chain_hi, b.lower, b.upper)
             self._store(pos, lo, hi, rule)
-            chain_lo, chain_hi = lo.clamp(min=0), hi.clamp(min=0)
+            chain_lo, chain_hi = activation_rule(self.layers[pos]).interval(lo, hi)
 
     def _store(self, pos: int, lo: Tensor, hi: Tensor, rule: str) -> None:
         self.pre_bounds[pos] = (lo, hi)
-        self.relaxations[pos] = relax(lo, hi, rule)
+        self.relaxations[pos] = activation_rule(self.layers[pos]).relax(lo, hi, rule)
         finite = torch.isfinite(lo).flatten(1).all(1) & torch.isfinite(hi).flatten(1).all(1)
         self.nonfinite |= ~finite
 
@@ -270,12 +263,12 @@ class Propagator:
         for i, op in enumerate(self.layers):
             if isinstance(op, SpecLinearOp):
                 break
-            if isinstance(op, ReluOp):
+            if is_activation(op):
                 if linear and not exact:
                     lo, hi = self._tighten(i, lo, hi)
                 lo, hi = self._perturb(i, chain_lo, chain_hi, lo, hi)
                 self._store(i, lo, hi, rule)
-                lo, hi = lo.clamp(min=0), hi.clamp(min=0)
+                lo, hi = activation_rule(op).interval(lo, hi)
                 chain_lo, chain_hi = lo, hi
                 exact = False
             else:
@@ -332,7 +325,7 @@ class Propagator:
         """
         layers = self.layers
         costs = [RULES[type(op)].cost(op) for op in layers[:pos]]
-        relus = [j for j in range(pos) if isinstance(layers[j], ReluOp)]
+        relus = [j for j in range(pos) if is_activation(layers[j])]
         first = relus[0] if relus else pos
         forward = (numel(self.net.input_shape) + 1) * (sum(costs[:first])
                                                        + 2 * sum(costs[first:pos]))
@@ -357,7 +350,7 @@ class Propagator:
         for j in range(pos - 1, -1, -1):
             op = self.layers[j]
             rules = RULES[type(op)]
-            if size is not None and not isinstance(op, ReluOp):
+            if size is not None and not is_activation(op):
                 size = (rules.window(op, *size) if rules.window is not None
                         and len(op.in_shape) == 3 else None)
             windows[j] = size
@@ -531,7 +524,8 @@ class Propagator:
         split = False
         for j in range(start - 1, -1, -1):
             op = self.layers[j]
-            if isinstance(op, ReluOp):
+            if is_activation(op):
+                act = activation_rule(op)
                 a3 = a.reshape(b, -1, *a.shape[1:])
                 if both and not split:
                     a3, const, split = torch.cat([a3, -a3], 1), torch.cat([const, -const], 1), True
@@ -545,15 +539,15 @@ class Propagator:
                                                          *a.shape[2:])
                                               for f in dataclasses.fields(relaxation)))
                 mu = a3
-                a3, c = backward_relu(a3, relaxation, samples,
-                                      None if alphas is None else alphas.get(j),
-                                      constant=err is None)
+                a3, c = act.backward(a3, relaxation, samples,
+                                     None if alphas is None else alphas.get(j),
+                                     constant=err is None)
                 perturbation = self.perturbation.get(j)
                 if perturbation is not None and window is not None:
                     perturbation = _window_of(perturbation, window, *a.shape[2:])
                 if err is not None and cerr is not None:
-                    c, c_err = relu_constant(mu, a3, relaxation, samples,
-                                             err.reshape(mu.shape), perturbation)
+                    c, c_err = act.constant(mu, a3, relaxation, samples,
+                                            err.reshape(mu.shape), perturbation)
                     const = const + c
                     cerr = cerr + c_err + u * const.abs()
                     err = torch.zeros_like(a3).reshape(-1, *a3.shape[2:])
@@ -711,10 +705,11 @@ class Propagator:
         half: Tensor | None = None
         for j in range(pos):
             op = self.layers[j]
-            if isinstance(op, ReluOp):
+            if is_activation(op):
                 m3 = mid.reshape(b, r, *op.in_shape)
                 h3 = torch.zeros_like(m3) if half is None else half.reshape(m3.shape)
-                m3, h3 = forward_relu(m3, h3, self.relaxations[j], samples, with_bias)
+                m3, h3 = activation_rule(op).forward(m3, h3, self.relaxations[j], samples,
+                                                     with_bias)
                 mid, half = m3.reshape(b * r, *op.out_shape), h3.reshape(b * r, *op.out_shape)
             else:
                 rules = RULES[type(op)]

@@ -1,4 +1,13 @@
-"""Linear relaxations of ReLU: the slope rules shared by CROWN, Wong-Kolter and alpha-CROWN.
+"""Linear relaxations of the activations, one rule per op type in :data:`ACTIVATIONS`.
+
+The propagation (:mod:`certify.bounds.propagation`) knows activations only through this table:
+an :class:`ActivationRule` says how an activation maps interval bounds, how it is relaxed
+between two lines given its input's bounds, how rows are substituted backward through those
+lines (with the rigorous constant), and forward. A new activation is a row here (and an op and
+a converter in :mod:`certify.bounds.layers`/:mod:`certify.bounds.network`). The bound methods
+choose the lower slope: the *mapper* of each method is its slope rule below.
+
+ReLU, the slope rules shared by CROWN, Wong-Kolter and alpha-CROWN:
 
 For a pre-activation ``z`` with sound bounds ``l <= z <= u`` the ReLU is sandwiched between
 two lines,
@@ -22,18 +31,24 @@ Every line is valid on ``[l, u]`` whatever ``alpha`` in ``[0, 1]`` is, so every 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from certify.bounds import rounding
+from certify.bounds.layers import ReluOp
 
 __all__ = [
+    "ACTIVATIONS",
     "SLOPE_RULES",
+    "ActivationRule",
     "Relaxation",
     "backward_relu",
     "forward_relu",
+    "is_activation",
     "optimizable_alpha",
     "relax",
     "relu_constant",
@@ -217,3 +232,49 @@ def forward_relu(mid: Tensor, half_width: Tensor, relaxation: Relaxation, sample
     if with_bias:
         hi = hi + relaxation.upper_bias.index_select(0, sample).unsqueeze(1)
     return (hi + lo) / 2, (hi - lo) / 2
+
+
+def interval_relu(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+    """The exact image of ``[lower, upper]`` under relu (no rounding: a max with 0)."""
+    return lower.clamp(min=0), upper.clamp(min=0)
+
+
+class ActivationRule(NamedTuple):
+    """How the engine bounds one activation type (a row of :data:`ACTIVATIONS`).
+
+    Attributes:
+        interval: ``(lo, hi) -> (lo', hi')``, a sound interval image (rounded outward).
+        relax: ``(lo, hi, rule) -> Relaxation``, the two lines over the input bounds for a
+            method's slope rule.
+        backward: ``(rows, relaxation, samples, alpha, constant=) -> (rows', const)``, rows of
+            the output substituted into rows of the input (see :func:`backward_relu`).
+        constant: ``(mu, nu, relaxation, samples, mu_err, perturbation) -> (c, err)``, the
+            rigorous constant of that substitution (see :func:`relu_constant`).
+        forward: ``(mid, half, relaxation, samples, with_bias) -> (mid', half')``, forward-mode
+            linear bounds pushed through the lines.
+        optimizable: ``(relaxation, samples, rows) -> alpha``, the free lower slopes of
+            alpha-CROWN and their start.
+    """
+
+    interval: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+    relax: Callable[[Tensor, Tensor, str], Relaxation]
+    backward: Callable[..., tuple[Tensor, Tensor | None]]
+    constant: Callable[..., tuple[Tensor, Tensor]]
+    forward: Callable[..., tuple[Tensor, Tensor]]
+    optimizable: Callable[[Relaxation, Tensor, int], Tensor]
+
+
+ACTIVATIONS: dict[type, ActivationRule] = {
+    ReluOp: ActivationRule(interval_relu, relax, backward_relu, relu_constant, forward_relu,
+                           optimizable_alpha),
+}
+
+
+def is_activation(op: Any) -> bool:
+    """Whether `op` is relaxed (a row of :data:`ACTIVATIONS`) rather than affine."""
+    return type(op) in ACTIVATIONS
+
+
+def activation_rule(op: Any) -> ActivationRule:
+    """The :data:`ACTIVATIONS` row of `op`."""
+    return ACTIVATIONS[type(op)]
