@@ -259,11 +259,11 @@ class _Bracket:
             self.done = True
             return None
         while self.queue:
-            kind, t = self.queue.pop(0)
-            t = self._inside(self.floats.cast(t))
-            if t is not None:
+            kind, queued = self.queue.pop(0)
+            inside = self._inside(self.floats.cast(queued))
+            if inside is not None:
                 self.pending = kind
-                return t
+                return inside
         t = self._fast_step() if self.fast else None
         if t is None:
             self.pending = "bisect"

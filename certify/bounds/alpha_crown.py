@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from certify.bounds.base import Bounds, register_method
-from certify.bounds.crown import LinearRelaxationMethod, output_rows
+from certify.bounds.crown import LinearRelaxationMethod, output_rows, spec_op
 from certify.bounds.layers import numel
 from certify.bounds.network import Network, identity_spec
 from certify.bounds.propagation import BACKWARD_FACTOR, MB, Propagator
@@ -71,7 +71,7 @@ class AlphaCrown(LinearRelaxationMethod):
             prop = self.propagator(net.detach(), x_lo.detach(), x_hi.detach(), spec.detach(),
                                    intermediate)
         start, n, s = output_rows(prop)
-        last = prop.layers[-1]
+        last = spec_op(prop)
         # Rows: the lower bound of every spec row, then of its negation (the upper bound).
         rows = torch.cat([last.weight, -last.weight], 1)  # (N, 2S, I)
         rows = rows.reshape(n, 2 * s, *last.in_shape)

@@ -127,8 +127,9 @@ def compute_bounds(model: nn.Module | Network, x_lo: Tensor, x_hi: Tensor,
     if getattr(bound_method, "takes_module", False) and isinstance(model, nn.Module):
         # a method that bounds the module itself (auto_LiRPA's): no conversion, no rounding
         # control (its radii are confirmed by a native rigorous bound)
-        return bound_method.bound_module(model, x_lo, x_hi, spec,  # type: ignore[attr-defined]
-                                         intermediate=intermediate)
+        bounds: Bounds = bound_method.bound_module(  # type: ignore[attr-defined]
+            model, x_lo, x_hi, spec, intermediate=intermediate)
+        return bounds
     given = to_network(model, x_lo.shape[1:])
     net = given.to(dtype=x_lo.dtype, device=x_lo.device)
     if model_rounding:

@@ -70,7 +70,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -497,8 +497,8 @@ def _run(graph: _Graph, norm: Normalize | None, x_lo: Tensor, x_hi: Tensor, spec
     bounds of every ReLU input)."""
     lirpa = require_auto_lirpa()
     if norm is not None:  # Normalize's own arithmetic on both ends: exact (module docstring)
-        mean = norm.mean.to(dtype=x_lo.dtype, device=x_lo.device)
-        std = norm.std.to(dtype=x_lo.dtype, device=x_lo.device)
+        mean = cast(Tensor, norm.mean).to(dtype=x_lo.dtype, device=x_lo.device)
+        std = cast(Tensor, norm.std).to(dtype=x_lo.dtype, device=x_lo.device)
         x_lo, x_hi = (x_lo - mean) / std, (x_hi - mean) / std
     with torch.no_grad():
         for source, copy_ in graph.buffers:

@@ -23,21 +23,29 @@ from certify.bounds.layers import SpecLinearOp
 from certify.bounds.network import Network, fold_spec, identity_spec
 from certify.bounds.propagation import EngineOptions, Propagator
 
-__all__ = ["Crown", "CrownIBP", "LinearRelaxationMethod", "output_rows"]
+__all__ = ["Crown", "CrownIBP", "LinearRelaxationMethod", "output_rows", "spec_op"]
 
 
 def output_rows(prop: Propagator) -> tuple[int, int, int]:
     """`(start, N, S)` of the folded specification ending `prop`'s network."""
-    last = prop.layers[-1]
-    assert isinstance(last, SpecLinearOp), "fold the specification first"
+    last = spec_op(prop)
     n, s = last.weight.shape[:2]
     return len(prop.layers) - 1, int(n), int(s)
+
+
+def spec_op(prop: Propagator) -> SpecLinearOp:
+    """The specification folded into the last affine op of `prop`'s network: its weight
+    `(N, S, I)` is the starting matrix of the backward pass."""
+    last = prop.layers[-1]
+    if not isinstance(last, SpecLinearOp):
+        raise TypeError("fold the specification into the network first (fold_spec)")
+    return last
 
 
 def crown_output(prop: Propagator) -> Bounds:
     """Backward (CROWN) bounds of the folded specification `(N, S)`, given the relaxations."""
     start, n, s = output_rows(prop)
-    last = prop.layers[-1]
+    last = spec_op(prop)
     rows = last.weight.reshape(n, s, *last.in_shape)
     rows_err = None if last.weight_err is None else last.weight_err.reshape(rows.shape)
     lower, upper = prop.backward_uniform(start, rows, last.bias, both=True, rows_err=rows_err,

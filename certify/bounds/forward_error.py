@@ -27,6 +27,8 @@ modules (Dropout, Identity) are exact. Computed in float64 and rounded up.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
@@ -74,8 +76,8 @@ def chain_error(ops: list[Op], lo: Tensor, hi: Tensor, dtype: torch.dtype) -> Te
     err = torch.zeros_like(lo)
     for op in ops:
         op = cast_op(op, f64, lo.device)
-        op = type(op)(**{k: (v.detach() if isinstance(v, Tensor) else v)
-                         for k, v in vars(op).items()})
+        op = replace(op, **{k: v.detach() for k, v in vars(op).items()  # type: ignore[arg-type]
+                            if isinstance(v, Tensor)})
         rules = RULES[type(op)]
         k = rules.terms(op)[0]
         if k == 0:  # a reshape

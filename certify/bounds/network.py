@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -124,7 +125,7 @@ class Network:
 
 # --- converters ------------------------------------------------------------------------------
 
-Converter = Callable[[nn.Module, Shape], "Op | None"]
+Converter = Callable[[Any, Shape], "Op | None"]  # (module of its type, input shape)
 
 
 def _flat(shape: Shape) -> bool:
@@ -171,9 +172,10 @@ def _u(t: Tensor) -> float:
 
 
 def _convert_normalize(m: Normalize, shape: Shape) -> Op:
-    if len(shape) != 3 or m.mean.shape[0] != shape[0]:
-        raise _ShapeMismatch(f"normalizes {m.mean.shape[0]} channels, gets inputs {shape}")
-    scale, shift = 1.0 / m.std, -m.mean / m.std
+    mean, std = cast(Tensor, m.mean), cast(Tensor, m.std)
+    if len(shape) != 3 or mean.shape[0] != shape[0]:
+        raise _ShapeMismatch(f"normalizes {mean.shape[0]} channels, gets inputs {shape}")
+    scale, shift = 1.0 / std, -mean / std
     # one rounded division each (bounded by 2u of the result to cover its own rounding)
     return ScaleShiftOp(scale, shift, shape, shape, scale_err=2 * _u(scale) * scale.detach().abs(),
                         shift_err=2 * _u(shift) * shift.detach().abs())
