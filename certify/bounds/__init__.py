@@ -36,7 +36,6 @@ Example::
 from __future__ import annotations
 
 import importlib
-import importlib.util
 
 from certify.bounds.api import compute_bounds, margin_bounds
 from certify.bounds.base import BoundMethod, Bounds, get_method, list_methods, register_method
@@ -44,8 +43,7 @@ from certify.bounds.network import Network, to_network
 
 # Importing a method's module registers it; list_methods() keeps this order (cheap to costly).
 for _module in ("ibp", "crown", "wong_kolter", "alpha_crown", "lp", "milp", "auto_lirpa"):
-    if _module != "milp" or importlib.util.find_spec("certify.bounds.milp") is not None:
-        importlib.import_module(f"certify.bounds.{_module}")
+    importlib.import_module(f"certify.bounds.{_module}")
 
 __all__ = [
     "BoundMethod",
