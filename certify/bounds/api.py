@@ -198,11 +198,7 @@ def _widen(bounds: Bounds, by_row: Tensor) -> Bounds:
 def _cast_down(values: Tensor, like: Tensor) -> Tensor:
     """float64 `values` (from a subtraction, rounded down first) in `like`'s dtype, never
     above the exact value."""
-    values = rounding.down(values)
-    cast = values.to(like.dtype)
-    if like.dtype != torch.float64:
-        cast = torch.where(cast.to(torch.float64) > values, rounding.down(cast), cast)
-    return cast
+    return rounding.cast_down(rounding.down(values), like.dtype)
 
 
 def margin_bounds(model: nn.Module | Network, x: Tensor, y: Tensor, eps: float | Tensor,

@@ -19,27 +19,26 @@ from typing import ClassVar
 from torch import Tensor
 
 from certify.bounds.base import Bounds, MethodBase, register_method
-from certify.bounds.layers import SpecLinearOp
-from certify.bounds.network import Network, fold_spec, identity_spec
+from certify.bounds.layers import SpecRows
+from certify.bounds.network import Network, identity_spec, spec_rows
 from certify.bounds.propagation import EngineOptions, Propagator
 
 __all__ = ["Crown", "CrownIBP", "LinearRelaxationMethod", "output_rows", "spec_op"]
 
 
 def output_rows(prop: Propagator) -> tuple[int, int, int]:
-    """`(start, N, S)` of the folded specification ending `prop`'s network."""
-    last = spec_op(prop)
-    n, s = last.weight.shape[:2]
-    return len(prop.layers) - 1, int(n), int(s)
+    """`(start, N, S)` of the specification's rows after `prop`'s network."""
+    rows = spec_op(prop)
+    n, s = rows.weight.shape[:2]
+    return len(prop.layers), int(n), int(s)
 
 
-def spec_op(prop: Propagator) -> SpecLinearOp:
-    """The specification folded into the last affine op of `prop`'s network: its weight
-    `(N, S, I)` is the starting matrix of the backward pass."""
-    last = prop.layers[-1]
-    if not isinstance(last, SpecLinearOp):
-        raise TypeError("fold the specification into the network first (fold_spec)")
-    return last
+def spec_op(prop: Propagator) -> SpecRows:
+    """The specification's rows `(N, S, I)` of `prop`: the starting matrix of the backward
+    pass."""
+    if prop.spec is None:
+        raise TypeError("the propagator was built without a specification (spec_rows)")
+    return prop.spec
 
 
 def crown_output(prop: Propagator) -> Bounds:
@@ -86,9 +85,12 @@ class LinearRelaxationMethod(MethodBase):
 
     def propagator(self, net: Network, x_lo: Tensor, x_hi: Tensor, spec: Tensor | None,
                    intermediate: tuple[Bounds, ...] | None) -> Propagator:
-        """A propagator over the (spec-folded) network with its relaxations in place."""
-        folded = fold_spec(net, spec) if spec is not None else net
-        prop = Propagator(folded, x_lo, x_hi, self.engine_options())
+        """A propagator over the network (the body before the specification's rows, if any)
+        with its relaxations in place."""
+        rows = None
+        if spec is not None:
+            net, rows = spec_rows(net, spec)
+        prop = Propagator(net, x_lo, x_hi, self.engine_options(), spec=rows)
         if intermediate is None:
             prop.compute_intermediate(self.slope_rule, linear=self.linear_intermediate)
         else:

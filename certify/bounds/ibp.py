@@ -15,7 +15,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from certify.bounds.base import Bounds, MethodBase, register_method
-from certify.bounds.network import Network, fold_spec, identity_spec
+from certify.bounds.network import Network, identity_spec, spec_rows
 from certify.bounds.propagation import EngineOptions, Propagator
 
 __all__ = ["IBP"]
@@ -49,8 +49,8 @@ class IBP(MethodBase):
 
         Given `intermediate` bounds, each ReLU input is intersected with them.
         """
-        folded = fold_spec(net, identity_spec(net, x_lo) if spec is None else spec)
-        prop = Propagator(folded, x_lo, x_hi, self._options())
+        body, rows = spec_rows(net, identity_spec(net, x_lo) if spec is None else spec)
+        prop = Propagator(body, x_lo, x_hi, self._options(), spec=rows)
         if intermediate is not None:
             prop.set_intermediate(intermediate, "adaptive")
         return prop.finish(*prop.interval())

@@ -38,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from math import prod
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,7 @@ __all__ = [
     "ReluOp",
     "ScaleShiftOp",
     "SpecLinearOp",
+    "SpecRows",
     "interval_affine",
 ]
 
@@ -146,11 +147,14 @@ class ReluOp:
 
 
 @dataclass(frozen=True, eq=False)
-class SpecLinearOp:
-    """The last linear layer with the specification folded in: one matrix per sample.
+class SpecRows:
+    """The specification as the starting matrix of the backward pass: one matrix per sample.
 
-    ``y[n] = W[n] x[n] + b[n]`` with `weight` `(N, S, I)` and `bias` `(N, S)`; it only occurs
-    as the last op of a network (see :func:`certify.bounds.network.fold_spec`).
+    ``spec(h)[n] = W[n] h[n] + b[n]`` on the output `h` of a network body, with `weight`
+    `(N, S, I)` and `bias` `(N, S)`. When the network ends in a Linear layer, that layer is
+    folded in (``W = spec @ W_last``, with the products' rounding in `weight_err`/`bias_err`)
+    and the body stops before it (see :func:`certify.bounds.network.spec_rows`). It is not an
+    op of any network; its row in :data:`RULES` gives its interval image (IBP's last step).
     """
 
     weight: Tensor
@@ -161,7 +165,12 @@ class SpecLinearOp:
     bias_err: Tensor | None = None
 
 
-Op = LinearOp | ConvOp | ScaleShiftOp | AvgPoolOp | FlattenOp | ReluOp | SpecLinearOp
+SpecLinearOp = SpecRows  # the LP/MILP encodings' name for the rows at the end of a network
+
+
+Op = LinearOp | ConvOp | ScaleShiftOp | AvgPoolOp | FlattenOp | ReluOp
+# an op or the specification's rows: what the error-field helpers take and give back
+_AnyOp = TypeVar("_AnyOp", bound="Op | SpecRows")
 
 
 def tensor_fields(op: Any) -> list[str]:
@@ -212,7 +221,7 @@ def is_mixing(op: Op) -> bool:
 
     Interval arithmetic is exact for a chain of affine ops with at most one mixing op.
     """
-    return isinstance(op, (LinearOp, ConvOp, AvgPoolOp, SpecLinearOp))
+    return isinstance(op, (LinearOp, ConvOp, AvgPoolOp, SpecRows))
 
 
 def numel(shape: Shape) -> int:
@@ -373,19 +382,19 @@ def backward_flatten(op: FlattenOp, a: Tensor) -> tuple[Tensor, Tensor | None]:
 # --- rules: the folded specification ---------------------------------------------------------
 
 
-def forward_spec_linear(op: SpecLinearOp, x: Tensor) -> Tensor:
+def forward_spec_linear(op: SpecRows, x: Tensor) -> Tensor:
     return torch.einsum("nsi,ni->ns", op.weight, x) + op.bias
 
 
-def linear_spec_linear(op: SpecLinearOp, x: Tensor) -> Tensor:
+def linear_spec_linear(op: SpecRows, x: Tensor) -> Tensor:
     return torch.einsum("nsi,ni->ns", op.weight, x)
 
 
-def abs_linear_spec_linear(op: SpecLinearOp, x: Tensor) -> Tensor:
+def abs_linear_spec_linear(op: SpecRows, x: Tensor) -> Tensor:
     return torch.einsum("nsi,ni->ns", op.weight.abs(), x)
 
 
-def cost_spec_linear(op: SpecLinearOp) -> int:
+def cost_spec_linear(op: SpecRows) -> int:
     return numel(tuple(op.weight.shape[1:]))
 
 
@@ -412,7 +421,7 @@ def terms_avg_pool(op: AvgPoolOp) -> tuple[int, int, int]:
     return k + 1, 2 * k, 1
 
 
-def terms_spec_linear(op: SpecLinearOp) -> tuple[int, int, int]:
+def terms_spec_linear(op: SpecRows) -> tuple[int, int, int]:
     return op.weight.shape[2] + 1, op.weight.shape[1], 1
 
 
@@ -456,7 +465,7 @@ RULES: dict[type, OpRules] = {
     FlattenOp: OpRules(forward_flatten, forward_flatten, forward_flatten, backward_flatten,
                        cost_elementwise, terms_exact),
     # The folded specification starts backward passes; it is never propagated through.
-    SpecLinearOp: OpRules(forward_spec_linear, linear_spec_linear, abs_linear_spec_linear, None,
+    SpecRows: OpRules(forward_spec_linear, linear_spec_linear, abs_linear_spec_linear, None,
                           cost_spec_linear, terms_spec_linear),
     ReluOp: OpRules(forward_relu, None, None, None, cost_elementwise, terms_exact),
 }
@@ -471,7 +480,7 @@ def _main_fields(op: Any) -> list[str]:
     return [k for k in ERR_FIELDS if k in names]
 
 
-def abs_op(op: Op) -> Op:
+def abs_op(op: _AnyOp) -> _AnyOp:
     """The op with absolute weights, scales and biases and no error fields: ``|L| x + |b|``."""
     main = _main_fields(op)
     if not main:
@@ -484,7 +493,7 @@ def abs_op(op: Op) -> Op:
     return replace(op, **changes)
 
 
-def err_op(op: Op) -> Op | None:
+def err_op(op: _AnyOp) -> _AnyOp | None:
     """The op whose weights are the error bounds of `op`'s (``L_err x + b_err``), or None
     when `op`'s tensors are exact."""
     main = _main_fields(op)
@@ -498,7 +507,7 @@ def err_op(op: Op) -> Op | None:
     return replace(op, **changes)
 
 
-def interval_affine(op: Op, lo: Tensor, hi: Tensor, *, rigorous: bool = False
+def interval_affine(op: Op | SpecRows, lo: Tensor, hi: Tensor, *, rigorous: bool = False
                     ) -> tuple[Tensor, Tensor]:
     """Interval bounds of an affine op over the box `[lo, hi]` (center and radius form).
 

@@ -37,14 +37,14 @@ from certify.bounds.layers import (
     ReluOp,
     ScaleShiftOp,
     Shape,
-    SpecLinearOp,
+    SpecRows,
     cast_op,
     tensor_fields,
 )
 from certify.errors import SpecError, UnsupportedLayerError
 from certify.nets.layers import Normalize
 
-__all__ = ["CONVERTERS", "Network", "fold_spec", "identity_spec", "to_network"]
+__all__ = ["CONVERTERS", "Network", "fold_spec", "identity_spec", "spec_rows", "to_network"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -357,14 +357,17 @@ def identity_spec(net: Network, like: Tensor) -> Tensor:
     return eye.expand(like.shape[0], k, k)
 
 
-def fold_spec(net: Network, spec: Tensor) -> Network:
-    """The network whose output is `spec @ net(x)`, the spec folded into the last Linear.
+def spec_rows(net: Network, spec: Tensor) -> tuple[Network, SpecRows]:
+    """The specification `(N, S, K)` as the starting matrix of a backward pass.
 
     Args:
         spec: `(N, S, K)`, `K` the network's (flat) output size.
 
     Returns:
-        A network ending in a :class:`SpecLinearOp` with per-sample weights `(N, S, I)`.
+        `(body, rows)`: ``spec @ net(x) = rows(body(x))``. A last Linear layer is folded into
+        the rows (one product instead of a backward step, with its rounding bounded in the
+        rows' error fields) and left out of the body; otherwise the body is the network with its
+        output flattened.
     """
     layers = list(net.layers)
     names = list(net.names)
@@ -383,17 +386,21 @@ def fold_spec(net: Network, spec: Tensor) -> Network:
             bias_err = g * (spec_abs @ last.bias.detach().abs())
             if last.bias_err is not None:
                 bias_err = bias_err + spec_abs @ last.bias_err
-        layers[-1] = SpecLinearOp(weight, bias, last.in_shape, (spec.shape[1],),
-                                  weight_err=weight_err, bias_err=bias_err)
-        names[-1] = f"{names[-1]}+spec"
-        return replace(net, layers=tuple(layers), names=tuple(names))
-    if len(net.output_shape) != 1:
+        rows = SpecRows(weight, bias, last.in_shape, (spec.shape[1],), weight_err=weight_err,
+                        bias_err=bias_err)
+        return replace(net, layers=tuple(layers[:-1]), names=tuple(names[:-1])), rows
+    if len(net.output_shape) != 1 or not layers:
         layers.append(FlattenOp(net.output_shape, (math.prod(net.output_shape),)))
         names.append("flatten")
-    flat = layers[-1].out_shape if layers else (math.prod(net.input_shape),)
-    if not layers:
-        layers.append(FlattenOp(net.input_shape, flat))
-        names.append("flatten")
-    layers.append(SpecLinearOp(spec, spec.new_zeros(spec.shape[:2]), flat, (spec.shape[1],)))
-    names.append("spec")
-    return replace(net, layers=tuple(layers), names=tuple(names))
+    flat = layers[-1].out_shape
+    rows = SpecRows(spec, spec.new_zeros(spec.shape[:2]), flat, (spec.shape[1],))
+    return replace(net, layers=tuple(layers), names=tuple(names)), rows
+
+
+def fold_spec(net: Network, spec: Tensor) -> Network:
+    """The network whose output is `spec @ net(x)`: :func:`spec_rows`' body followed by its
+    rows as a last op (the LP/MILP encodings' form)."""
+    body, rows = spec_rows(net, spec)
+    name = f"{net.names[-1]}+spec" if len(body.layers) < len(net.layers) else "spec"
+    return replace(body, layers=(*body.layers, rows),  # type: ignore[arg-type]
+                   names=(*body.names, name))

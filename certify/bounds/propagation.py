@@ -56,7 +56,7 @@ from certify.bounds.layers import (
     RULES,
     ConvOp,
     Op,
-    SpecLinearOp,
+    SpecRows,
     abs_op,
     err_op,
     interval_affine,
@@ -147,15 +147,18 @@ class Propagator:
     """Bounds of one batch of boxes through one network.
 
     Args:
-        net: The network; its last op may be a folded specification.
+        net: The network (the body, when a specification follows it).
         x_lo, x_hi: The boxes `(N, *net.input_shape)`.
         options: Memory budget, chunk size and intermediate mode.
+        spec: The specification's rows on the network's output (:func:`spec_rows`): the
+            starting matrix of the backward pass, from position ``len(net.layers)``.
     """
 
     def __init__(self, net: Network, x_lo: Tensor, x_hi: Tensor,
-                 options: EngineOptions) -> None:
+                 options: EngineOptions, spec: SpecRows | None = None) -> None:
         self.net = net
         self.layers = net.layers
+        self.spec = spec
         self.x_lo, self.x_hi = x_lo, x_hi
         self.center = (x_hi + x_lo) / 2
         self.radius = (x_hi - x_lo) / 2
@@ -204,8 +207,9 @@ class Propagator:
     # --- intervals ---------------------------------------------------------------------------
 
     def interval(self) -> tuple[Tensor, Tensor]:
-        """Interval bounds of the network's output; ReLU inputs are intersected with the
-        pre-activation bounds already known (and recorded where none were)."""
+        """Interval bounds of the network's output (of the specification, if given); ReLU
+        inputs are intersected with the pre-activation bounds already known (and recorded
+        where none were)."""
         lo, hi = self.x_lo, self.x_hi
         chain_lo, chain_hi = lo, hi
         for i, op in enumerate(self.layers):
@@ -220,6 +224,8 @@ class Propagator:
                 chain_lo, chain_hi = lo, hi
             else:
                 lo, hi = interval_affine(op, lo, hi, rigorous=self.rigorous)
+        if self.spec is not None:
+            lo, hi = interval_affine(self.spec, lo, hi, rigorous=self.rigorous)
         return lo, hi
 
     # --- intermediate bounds -----------------------------------------------------------------
@@ -261,8 +267,6 @@ class Propagator:
         exact = True  # no ReLU and at most one mixing op so far: intervals are exact
         mixing = 0
         for i, op in enumerate(self.layers):
-            if isinstance(op, SpecLinearOp):
-                break
             if is_activation(op):
                 if linear and not exact:
                     lo, hi = self._tighten(i, lo, hi)
