@@ -61,7 +61,7 @@ def _imports(module: str, *, top_level_only: bool) -> set[str]:
             for child in ast.iter_child_nodes(node):
                 if isinstance(child, ast.stmt):
                     visit([child], depth + 1)
-                elif hasattr(child, "body") and isinstance(getattr(child, "body"), list):
+                elif isinstance(getattr(child, "body", None), list):
                     visit(child.body, depth + 1)
 
     visit(tree.body, 0)
@@ -92,7 +92,7 @@ def test_module_level_imports_have_no_cycle() -> None:
             if state.get(t) == 1:
                 cycle = stack[stack.index(t):] + [t]
                 if not all(a.startswith(b + ".") or b.startswith(a + ".")
-                           for a, b in zip(cycle, cycle[1:])):
+                           for a, b in zip(cycle, cycle[1:], strict=False)):
                     pytest.fail("import cycle: " + " -> ".join(cycle))
             elif t in graph and state.get(t) is None:
                 visit(t)

@@ -19,30 +19,31 @@ conversion time; :func:`certify.bounds.compute_bounds` converts an ``nn.Module``
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from certify.bounds import rounding
 from certify.bounds.layers import (
+    CONVERTERS,
     RULES,
-    AvgPoolOp,
+    SUPPORTED,
     ConvOp,
     FlattenOp,
     LinearOp,
     Op,
-    ReluOp,
     ScaleShiftOp,
     Shape,
+    ShapeMismatch,
     SpecRows,
+    UnsupportedConfig,
     cast_op,
     tensor_fields,
+    unit_of,
 )
 from certify.errors import SpecError, UnsupportedLayerError
-from certify.nets.layers import Normalize
 
 __all__ = ["CONVERTERS", "Network", "fold_spec", "identity_spec", "spec_rows", "to_network"]
 
@@ -123,137 +124,6 @@ class Network:
         return replace(self, layers=layers)
 
 
-# --- converters ------------------------------------------------------------------------------
-
-Converter = Callable[[Any, Shape], "Op | None"]  # (module of its type, input shape)
-
-
-def _flat(shape: Shape) -> bool:
-    return len(shape) == 1
-
-
-def _convert_linear(m: nn.Linear, shape: Shape) -> Op:
-    if not _flat(shape) or shape[0] != m.in_features:
-        raise _ShapeMismatch(f"expects ({m.in_features},) features, gets {shape}"
-                             + ("; add an nn.Flatten before it" if not _flat(shape) else ""))
-    return LinearOp(m.weight, m.bias, shape, (m.out_features,))
-
-
-def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def _convert_conv(m: nn.Conv2d, shape: Shape) -> Op:
-    if m.groups != 1 or _pair(m.dilation) != (1, 1) or m.padding_mode != "zeros":
-        raise _Unsupported(f"groups={m.groups}, dilation={m.dilation}, "
-                           f"padding_mode={m.padding_mode!r}; only groups=1, dilation=1 and "
-                           "zero padding have a rule")
-    if len(shape) != 3 or shape[0] != m.in_channels:
-        raise _ShapeMismatch(f"expects (C={m.in_channels}, H, W) inputs, gets {shape}")
-    kernel = _pair(m.kernel_size)
-    if isinstance(m.padding, str):
-        if m.padding == "valid":
-            padding = (0, 0)
-        elif all(k % 2 == 1 for k in kernel):  # 'same' with odd kernels pads symmetrically
-            padding = (kernel[0] // 2, kernel[1] // 2)
-        else:
-            raise _Unsupported("padding='same' with an even kernel pads asymmetrically")
-    else:
-        padding = _pair(m.padding)
-    stride = _pair(m.stride)
-    h, w = ((shape[1 + i] + 2 * padding[i] - kernel[i]) // stride[i] + 1 for i in range(2))
-    if h < 1 or w < 1:
-        raise _ShapeMismatch(f"input {shape} is smaller than the kernel {kernel}")
-    return ConvOp(m.weight, m.bias, stride, padding, shape, (m.out_channels, h, w))
-
-
-def _u(t: Tensor) -> float:
-    return rounding.unit_roundoff(t.dtype)
-
-
-def _convert_normalize(m: Normalize, shape: Shape) -> Op:
-    mean, std = cast(Tensor, m.mean), cast(Tensor, m.std)
-    if len(shape) != 3 or mean.shape[0] != shape[0]:
-        raise _ShapeMismatch(f"normalizes {mean.shape[0]} channels, gets inputs {shape}")
-    scale, shift = 1.0 / std, -mean / std
-    # one rounded division each (bounded by 2u of the result to cover its own rounding)
-    return ScaleShiftOp(scale, shift, shape, shape, scale_err=2 * _u(scale) * scale.detach().abs(),
-                        shift_err=2 * _u(shift) * shift.detach().abs())
-
-
-def _convert_batch_norm(m: nn.BatchNorm2d, shape: Shape) -> Op:
-    if m.running_mean is None or m.running_var is None:
-        raise _Unsupported("track_running_stats=False (no running statistics to bound with)")
-    if len(shape) != 3 or shape[0] != m.num_features:
-        raise _ShapeMismatch(f"expects (C={m.num_features}, H, W) inputs, gets {shape}")
-    scale = torch.rsqrt(m.running_var + m.eps)
-    if m.weight is not None:
-        scale = scale * m.weight
-    shift = -m.running_mean * scale
-    if m.bias is not None:
-        shift = shift + m.bias
-    # rsqrt (not correctly rounded), the additions and products: 16u bounds them generously
-    u = _u(scale)
-    scale_err = 16 * u * scale.detach().abs()
-    shift_err = (m.running_mean.detach().abs() * scale_err
-                 + 16 * u * (m.running_mean.detach().abs() * scale.detach().abs()
-                             + (0 if m.bias is None else m.bias.detach().abs())))
-    return ScaleShiftOp(scale.view(-1, 1, 1), shift.view(-1, 1, 1), shape, shape,
-                        scale_err=scale_err.view(-1, 1, 1), shift_err=shift_err.view(-1, 1, 1))
-
-
-def _convert_avg_pool(m: nn.AvgPool2d, shape: Shape) -> Op:
-    if len(shape) != 3:
-        raise _ShapeMismatch(f"expects (C, H, W) inputs, gets {shape}")
-    kernel, stride, padding = _pair(m.kernel_size), _pair(m.stride or m.kernel_size), \
-        _pair(m.padding)
-    op = AvgPoolOp(kernel, stride, padding, bool(m.ceil_mode), bool(m.count_include_pad),
-                   m.divisor_override, shape, shape)
-    try:
-        out = RULES[AvgPoolOp].forward(op, torch.empty(1, *shape, device="meta"))
-    except RuntimeError as e:
-        raise _ShapeMismatch(str(e).splitlines()[0]) from None
-    return replace(op, out_shape=tuple(out.shape[1:]))
-
-
-def _convert_flatten(m: nn.Flatten, shape: Shape) -> Op:
-    if m.start_dim != 1 or m.end_dim != -1:
-        raise _Unsupported(f"start_dim={m.start_dim}, end_dim={m.end_dim}; only Flatten(1, -1) "
-                           "has a rule")
-    return FlattenOp(shape, (math.prod(shape),))
-
-
-def _convert_relu(m: nn.ReLU, shape: Shape) -> Op:
-    return ReluOp(shape, shape)
-
-
-def _skip(m: nn.Module, shape: Shape) -> None:
-    return None  # identity in eval mode
-
-
-CONVERTERS: dict[type[nn.Module], Converter] = {
-    nn.Linear: _convert_linear,
-    nn.Conv2d: _convert_conv,
-    nn.ReLU: _convert_relu,
-    nn.Flatten: _convert_flatten,
-    Normalize: _convert_normalize,
-    nn.BatchNorm2d: _convert_batch_norm,
-    nn.AvgPool2d: _convert_avg_pool,
-    nn.Dropout: _skip,
-    nn.Identity: _skip,
-}
-SUPPORTED = ("Linear, Conv2d, ReLU, Flatten, Normalize, BatchNorm2d (eval statistics), AvgPool2d, "
-             "Dropout and Identity (identity), nested Sequential")
-
-
-class _Unsupported(Exception):
-    """A supported layer type with an unsupported configuration (turned into a CertifyError)."""
-
-
-class _ShapeMismatch(Exception):
-    """A layer that does not fit the shape it receives (turned into a SpecError)."""
-
-
 def _modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     if type(model) is nn.Sequential:
         for name, child in model.named_children():
@@ -295,9 +165,9 @@ def to_network(model: nn.Module | Network, input_shape: Shape | torch.Size) -> N
                 "certify/bounds/layers.py or change the architecture.")
         try:
             op = converter(module, shape)
-        except _Unsupported as e:
+        except UnsupportedConfig as e:
             raise UnsupportedLayerError(f"{label} is not supported with {e}.") from None
-        except _ShapeMismatch as e:
+        except ShapeMismatch as e:
             raise SpecError(f"{label} does not fit its input: it {e}. Check the input shape "
                             f"(the network gets {given}).") from None
         if op is None:
@@ -325,7 +195,7 @@ def _fold_scale_shift(layers: list[Op], names: list[str]) -> tuple[list[Op], lis
             # exact weight = W * (s + ds): |W| |ds| + the product's rounding (and W's own error)
             s_err = _zero_if_none(op.scale_err, op.scale).flatten().view(-1, 1, 1, 1)
             w_abs = prev.weight.detach().abs()
-            u = _u(weight)
+            u = unit_of(weight)
             weight_err = w_abs * s_err + 2 * u * weight.detach().abs()
             if prev.weight_err is not None:
                 weight_err = weight_err + prev.weight_err * (scale.detach().abs().view(-1, 1, 1, 1)
