@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from certify.report.results import SampleRow
+from certify.records import SampleRow
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
