@@ -10,14 +10,14 @@ A run folder (written by :class:`certify.run.folder.RunFolder`, see :mod:`certif
     certified_accuracy.png certified accuracy (solid) and attack accuracy (dashed) vs eps
     summary.md             the tables and links to the figures
 
-:func:`read_run` reads one back (complete or not), :func:`write_figures` and
-:func:`write_area_summary` draw and summarise its rows.
+:func:`read_run` reads one back (complete or not) and :func:`write_area_summary` summarises
+its rows; :func:`certify.report.plots.write_figures` draws them.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,6 @@ __all__ = [
     "AreaRun",
     "read_run",
     "write_area_summary",
-    "write_figures",
 ]
 
 
@@ -75,24 +74,6 @@ class AreaRun:
 
     def rows_of(self, method: str) -> list[SampleRow]:
         return [r for r in self.rows if r.method == method]
-
-
-def write_figures(run_dir: str | os.PathLike[str], rows: Sequence[SampleRow], *,
-                  label: str, tol: float | None = None) -> None:
-    """Write ``sorted_eps.png`` and ``certified_accuracy.png`` of one run's rows."""
-    from certify.report.plots import (
-        caption,
-        plot_certified_accuracy,
-        plot_sorted_eps,
-        runs_from_rows,
-        save_figure,
-    )
-
-    runs = runs_from_rows(rows, label)
-    run_dir = Path(run_dir)
-    note = caption(rows, tol=tol)
-    save_figure(plot_sorted_eps(runs, caption=note), run_dir / SORTED_FIGURE)
-    save_figure(plot_certified_accuracy(runs, caption=note), run_dir / ACCURACY_FIGURE)
 
 
 def write_area_summary(run_dir: str | os.PathLike[str], *, title: str,

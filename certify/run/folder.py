@@ -227,7 +227,8 @@ class RunFolder:
             label: The model's name in the figures' legends.
             tol: The search's tolerance, noted in the figures' captions.
         """
-        from certify.report.area import write_area_summary, write_figures
+        from certify.report.area import write_area_summary
+        from certify.report.plots import write_figures
 
         rows = list(rows)
         write_sample_csv(self.samples_file, rows)
