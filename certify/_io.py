@@ -183,6 +183,41 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         f.write(text)
 
 
+def append_text(path: str | os.PathLike[str], text: str) -> None:
+    """Append `text` to `path` (created if absent) and flush it to the device.
+
+    The cost is that of `text`, not of the file: for logs that grow by a batch at a time. On
+    failure (a full disk, Ctrl-C) the file is cut back to its previous length, so it never ends
+    in a half-written line that this call wrote.
+
+    Raises:
+        OutputError: `path` is not a regular file, or its folder cannot be written.
+        DiskFullError: the device (or a quota) is full; `path` keeps its previous content.
+    """
+    path = Path(path)
+    check_output_file(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as e:
+        _raise_if_disk_full(e, path)
+        raise _output_error(path, e) from None
+    size = os.fstat(fd).st_size
+    data = memoryview(text.encode())
+    try:
+        with os.fdopen(fd, "ab", buffering=0) as f:  # unbuffered: nothing left to flush later
+            try:
+                while data:
+                    data = data[f.write(data) or 0:]
+                os.fsync(f.fileno())
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(f.fileno(), size)
+                raise
+    except BaseException as e:
+        _raise_if_disk_full(e, path)
+        raise
+
+
 def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """CSV through the ``csv`` module: a field with a comma, quote or newline is quoted.
 

@@ -7,7 +7,8 @@ CPU); without those variables everything here is a single-process no-op, so libr
 it unconditionally.
 
 - :func:`shard` splits work items over the ranks, balanced by per-item cost (greedy
-  longest-processing-time; deterministic, so every rank computes the same split).
+  longest-processing-time; deterministic, so every rank computes the same split), and
+  :func:`sharded` runs a batch iterator on this rank's share.
 - :func:`exchange_status` is the only point where ranks wait for each other after long
   independent work: each rank posts "ok" or its error message in the rendezvous store and polls
   for the others, so a rank that finishes early never runs into a collective timeout, and a rank
@@ -30,7 +31,7 @@ import datetime as _dt
 import heapq
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -43,8 +44,6 @@ T = TypeVar("T")
 
 TIMEOUT_ENV = "CERTIFY_DIST_TIMEOUT_MINUTES"
 DEFAULT_TIMEOUT_MINUTES = 30.0
-TEST_FAIL_ENV = "CERTIFY_TEST_FAIL_RANK"
-"""Tests only: ``"<rank>"`` or ``"<rank>:<after>"`` makes that rank raise after `after` items."""
 _POLL_SECONDS = 0.2
 
 
@@ -208,6 +207,42 @@ def shard(items: Sequence[T], rank: int, world: int,
     return [item for k, item in enumerate(items) if owner[k] == rank]
 
 
+def sharded(run: Callable[[list[int]], Iterable[T]], items: Sequence[int], *,
+            item_of: Callable[[T], int], costs: Sequence[float] | None = None,
+            prefix: int = 0) -> Iterator[T]:
+    """This rank's share of a batch iterator: the results of its items, as they come.
+
+    `run(items)` is an iterator over work items (e.g. :func:`certify.run.certify_dataset` over
+    batch numbers) that yields results, each naming its item (`item_of`). In one process this
+    is ``run(items)`` itself. Under torchrun every rank runs the first `prefix` items (work the
+    later items depend on, such as the first batches a search learns its first guesses from;
+    only rank 0 keeps their results), then its :func:`shard` of the others, and yields the
+    results it keeps: each result of the run is yielded by exactly one rank. Gather them with
+    :func:`all_gather_objects`.
+
+    Args:
+        run: The iterator over a list of items.
+        items: Every item, in order.
+        item_of: The item a result belongs to.
+        costs: The work left per item (same length as `items`), to balance the shares.
+        prefix: How many first items every rank runs.
+    Yields:
+        The results this rank keeps, in the order `run` yields them.
+    """
+    ctx = context()
+    items = list(items)
+    if not ctx.is_distributed:
+        yield from run(items)
+        return
+    first, rest = items[:prefix], items[prefix:]
+    mine = shard(rest, ctx.rank, ctx.world_size,
+                 costs=None if costs is None else list(costs)[prefix:])
+    kept = set(mine) | (set(first) if ctx.is_main else set())
+    for result in run(first + mine):
+        if item_of(result) in kept:
+            yield result
+
+
 def all_gather_objects(obj: T) -> list[T]:
     """Every rank's `obj`, indexed by rank (``[obj]`` in a single process)."""
     ctx = context()
@@ -330,19 +365,6 @@ def shared_failure(*, hint: str = "") -> Iterator[None]:
         failure = e
     if ctx.is_distributed:
         exchange_status(failure, hint=hint)
-
-
-def maybe_fail_for_test(done: int) -> None:
-    """Tests only: raise on the rank named by ``CERTIFY_TEST_FAIL_RANK`` after `done` items.
-
-    The variable is ``"<rank>"`` (fail before the first item) or ``"<rank>:<after>"``.
-    """
-    spec = os.environ.get(TEST_FAIL_ENV)
-    if not spec:
-        return
-    rank_text, _, after_text = spec.partition(":")
-    if int(rank_text) == context().rank and done >= int(after_text or 0):
-        raise RuntimeError(f"injected failure ({TEST_FAIL_ENV}={spec}) after {done} items")
 
 
 def _flat_grads(params: list[nn.Parameter]) -> torch.Tensor:

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from certify.attacks import eval_mode, margins
 from certify.errors import SoundnessError, SpecError, unknown_name
-from certify.report.results import SampleRow
+from certify.records import SampleRow
 
 if TYPE_CHECKING:
     from certify.bounds import BoundMethod, Network

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import click
 
+from certify.cli.helpers import MethodName, indices_callback
 from certify.cli.options import (
     data_dir_option,
     dataset_option,
@@ -18,58 +18,15 @@ from certify.cli.options import (
 )
 
 
-class _MethodName(click.ParamType):
-    """A bound method name, checked against the engine's registry (loaded only when needed)."""
-
-    name = "method"
-
-    @staticmethod
-    def _names() -> list[str]:
-        from certify.bounds import list_methods
-
-        return list_methods()
-
-    def get_metavar(self, *args: Any, **kwargs: Any) -> str:
-        return "[" + "|".join(self._names()) + "]"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        from certify.errors import unknown_name
-
-        names = self._names()
-        if value not in names:
-            self.fail(str(unknown_name("method", str(value), names)), param, ctx)
-        return str(value)
-
-
-def _indices(ctx: click.Context, param: click.Parameter, value: str | None
-             ) -> tuple[int, ...] | None:
-    """``0,5,10`` and ranges ``100:200`` (end excluded), mixed: ``0:10,50``."""
-    if value is None:
-        return None
-    out: list[int] = []
-    try:
-        for part in value.split(","):
-            part = part.strip()
-            if ":" in part:
-                a, b = part.split(":")
-                out.extend(range(int(a), int(b)))
-            elif part:
-                out.append(int(part))
-    except ValueError:
-        raise click.BadParameter(f"expected positions like 0,5,10 or 0:100, got {value!r}",
-                                 ctx=ctx, param=param) from None
-    return tuple(out)
-
-
 @click.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @dataset_option(required=False, help="Dataset name [default: the one the checkpoint records; "
                 "an ONNX network needs it].")
 @click.option("--split", default="test", show_default=True, help="Dataset split.")
 @num_samples_option(default=None, what="Certify")
-@click.option("--indices", callback=_indices, default=None,
+@click.option("--indices", callback=indices_callback, default=None,
               help="Certify these sample positions instead: 0,5,10 or ranges 0:100.")
-@click.option("--method", "methods", type=_MethodName(), multiple=True,
+@click.option("--method", "methods", type=MethodName(), multiple=True,
               help="Bound method; repeat for several [default: crown].")
 @click.option("--engine", type=click.Choice(["native", "auto-lirpa"]), default="native",
               show_default=True,
@@ -127,9 +84,10 @@ def area(model: str, dataset: str | None, split: str, n: int | None,
     Under torchrun the samples' batches are sharded over the processes and rank 0 writes the
     same report a single process would.
     """
-    from certify.report.area import AreaConfig, run_area
-    from certify.report.results import read_json
+    from certify.distributed import is_main
+    from certify.records import RESULTS_FILE, read_json
     from certify.report.summary import summary_table
+    from certify.run.area import AreaConfig, run_area
 
     config = AreaConfig(model=model, dataset=dataset, split=split, n=n, indices=indices,
                         methods=methods or ("crown",), attack=attack, eps_max=eps_max, tol=tol,
@@ -137,12 +95,10 @@ def area(model: str, dataset: str | None, split: str, n: int | None,
                         search=search, data_dir=data_dir, engine=engine, exact=exact,
                         exact_time_limit=exact_time_limit)
     result = run_area(config, out_dir=out_dir, resume=resume, quiet=quiet)
-    from certify.distributed import is_main
-
     if not is_main():  # under torchrun, rank 0 prints the gathered result
         return
     if as_json:
-        click.echo(json.dumps(read_json(result.run_dir / "results.json"), indent=2))
+        click.echo(json.dumps(read_json(result.run_dir / RESULTS_FILE), indent=2))
         return
     click.echo(summary_table(result.summaries))
     click.echo(f"results in {result.run_dir}")

@@ -3,7 +3,7 @@
 ``certify.report.plots`` is the only module importing matplotlib; import it explicitly.
 """
 
-from certify.report.results import (
+from certify.records import (
     EXACT_COLUMNS,
     SAMPLE_COLUMNS,
     SampleRow,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from certify.report.results import SampleRow
+from certify.records import SampleRow
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -443,3 +443,15 @@ def plot_claim_table(rows: Sequence[tuple[str, str, str]], *,
             cell.set_facecolor(colours.get(rows[r - 1][1].split(" ")[0], "white"))
     ax.set_title(title, fontsize=11)
     return ax
+
+
+def write_figures(run_dir: str | os.PathLike[str], rows: Sequence[SampleRow], *,
+                  label: str, tol: float | None = None) -> None:
+    """Write ``sorted_eps.png`` and ``certified_accuracy.png`` of one run's rows."""
+    from certify.records import ACCURACY_FIGURE, SORTED_FIGURE
+
+    runs = runs_from_rows(rows, label)
+    run_dir = Path(run_dir)
+    note = caption(rows, tol=tol)
+    save_figure(plot_sorted_eps(runs, caption=note), run_dir / SORTED_FIGURE)
+    save_figure(plot_certified_accuracy(runs, caption=note), run_dir / ACCURACY_FIGURE)

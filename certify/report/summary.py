@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from certify._io import atomic_write_text
-from certify.report.results import SampleRow, json_safe
+from certify.records import SampleRow, json_safe
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """``certify compare``: certify several models the same way and report them side by side.
 
-For each model, :func:`compare_models` runs :func:`certify.report.area.run_area` -- or reuses a
+For each model, :func:`compare_models` runs :func:`certify.run.area.run_area` -- or reuses a
 saved run: runs live in a cache folder keyed by the model's sha256 and a hash of the settings,
 so the same model with the same settings is never certified twice (an interrupted run there is
 resumed). Then it writes one report folder::
@@ -13,7 +13,7 @@ resumed). Then it writes one report folder::
     certified_accuracy.png     certified (solid) and attack (dashed) accuracy vs eps
     compare.json               the table as numbers, the settings and the run folders
 
-Under ``torchrun`` each area run is sharded over the ranks (see :mod:`certify.report.area`);
+Under ``torchrun`` each area run is sharded over the ranks (see :mod:`certify.run.area`);
 rank 0 alone looks up and clears the cache and writes the report, and tells the other ranks what
 it found, so ``torchrun --nproc_per_node=N -m certify compare ...`` writes what one process does.
 """
@@ -109,7 +109,9 @@ def cached_area(config: Any, *, cache_dir: str | os.PathLike[str] = DEFAULT_CACH
     from certify import distributed
     from certify._io import sha256_file
     from certify.errors import CheckpointError, DistributedError
-    from certify.report.area import CONFIG_FILE, read_run, run_area
+    from certify.records import CONFIG_FILE
+    from certify.report.area import read_run
+    from certify.run.area import run_area
 
     path = Path(config.model)
     if not path.is_file():
@@ -201,7 +203,7 @@ def compare_models(models: Sequence[str | os.PathLike[str]], dataset: str, *,
         DistributedError: under torchrun, when any rank failed (naming it).
         RunLockedError: another live run writes into `out_dir`.
     """
-    from certify.report.area import AreaConfig
+    from certify.run.area import AreaConfig
     from certify.study.attack_curves import model_labels
 
     if not models:

@@ -601,7 +601,8 @@ class _Runner:
         return sha256_file(self.model(label))
 
     def certify(self, st: _Stage) -> dict[str, str]:
-        from certify.report.area import CONFIG_FILE, RESULTS_FILE, AreaConfig, run_area
+        from certify.records import CONFIG_FILE, RESULTS_FILE
+        from certify.run.area import AreaConfig, run_area
 
         c = self.config.certify
         outputs = {}

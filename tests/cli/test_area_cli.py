@@ -313,7 +313,8 @@ def test_plot_redraws_several_runs(digits_ckpt, tmp_path):
 
 
 def test_library_run_matches_cli(digits_ckpt, tmp_path):
-    from certify.report.area import AreaConfig, read_run, run_area
+    from certify.report.area import read_run
+    from certify.run.area import AreaConfig, run_area
 
     run = run_area(
         AreaConfig(model=str(digits_ckpt), dataset="digits", n=5, attack="none", methods=("ibp",)),

@@ -199,7 +199,7 @@ INTERRUPTIBLE = [
      "--resume"),
     (["retrain", "{model}", "--robust", "ibp", "--eps", "0.1"],
      "certify.train.robust.retrain_checkpoint", "--resume"),
-    (["area", "{model}", "--dataset", "digits"], "certify.report.area.run_area", "--resume"),
+    (["area", "{model}", "--dataset", "digits"], "certify.run.area.run_area", "--resume"),
     (["attack", "{model}", "--dataset", "digits"],
      "certify.study.attack_curves.run_attack_curves", "rerun the same command"),
     (["compare", "{model}", "--dataset", "digits"], "certify.study.compare.compare_models",
@@ -296,9 +296,10 @@ def test_a_full_disk_during_area_is_one_line_and_resume_gives_the_same_result(
         model: Path, uninterrupted: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "run"
-    # config.json, then per_sample.csv and results.json after each of the first batch's two
-    # methods: the disk is full when the second batch's first rows are saved
-    disk = fill_disk(monkeypatch, after_files=5)
+    # config.json and the partial results.json, then the rows appended to per_sample.csv after
+    # each of the first batch's two methods: the disk is full when the second batch's first rows
+    # are appended
+    disk = fill_disk(monkeypatch, after_files=4)
     line = one_line_error(run("area", model, *AREA_ARGS, "-o", out))
     assert disk.refused >= 1
     assert "no space left on the device writing" in line and "per_sample.csv" in line, line

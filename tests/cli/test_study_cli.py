@@ -84,7 +84,7 @@ def test_compare_reuses_runs(tiny_checkpoint: Path, tmp_path: Path,
         assert (tmp_path / "cmp" / f).is_file()
     assert assert_certified_at_most_pgd((tmp_path / "cmp" / "compare.md").read_text()) == 2
 
-    import certify.report.area as area
+    import certify.run.area as area
 
     def boom(*a: object, **k: object) -> None:
         raise AssertionError("recomputed a cached run")

@@ -50,7 +50,7 @@ def test_area_tolerance_finer_than_the_dtype_is_refused(models, tmp_path) -> Non
                               "-o", tmp_path / "run"))
     assert "--tol 1e-12" in line and "float32" in line and "--dtype float64" in line
     assert not (tmp_path / "run").exists()
-    from certify.report.area import AreaConfig, smallest_tol
+    from certify.run.area import AreaConfig, smallest_tol
 
     AreaConfig("m.pt", "digits", tol=1e-12, dtype="float64").validate()  # float64 resolves it
     floor = smallest_tol(0.5, "float32")

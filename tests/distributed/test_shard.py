@@ -1,4 +1,4 @@
-"""certify.distributed helpers in one process: sharding, single-process no-ops, test hook."""
+"""certify.distributed in one process: sharding, single-process no-ops, the sharded iterator."""
 
 from __future__ import annotations
 
@@ -71,13 +71,17 @@ def test_single_process_helpers_are_no_ops(monkeypatch):
         distributed.exchange_status(ValueError("boom"))
 
 
-def test_failure_hook(monkeypatch):
-    monkeypatch.setenv(distributed.TEST_FAIL_ENV, "0:2")
-    distributed.maybe_fail_for_test(1)
-    with pytest.raises(RuntimeError, match="injected failure"):
-        distributed.maybe_fail_for_test(2)
-    monkeypatch.setenv(distributed.TEST_FAIL_ENV, "1")
-    distributed.maybe_fail_for_test(5)  # another rank's failure
+def test_sharded_is_the_iterator_itself_in_one_process():
+    seen = []
+
+    def run(items):
+        seen.append(list(items))
+        for item in items:
+            yield (item, item * item)
+
+    out = list(distributed.sharded(run, [0, 1, 2, 3], item_of=lambda r: r[0],
+                                   costs=[1, 1, 1, 1], prefix=2))
+    assert out == [(0, 0), (1, 1), (2, 4), (3, 9)] and seen == [[0, 1, 2, 3]]
 
 
 def test_describe_names_unexpected_errors():

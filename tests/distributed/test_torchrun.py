@@ -125,7 +125,7 @@ def two(digits_model: Path, work: Path) -> tuple[Path, dict[str, dict[str, Any]]
                                      str(out / "cache"), "-o", str(out / "compare")]},
         # rank 1 finishes one of its batches, then fails on the next
         {"name": "failing", "args": ["area", model, *AREA_ARGS, "-o", str(out / "failing")],
-         "env": {"CERTIFY_TEST_FAIL_RANK": "1:1"}},
+         "fail": [1, 1]},
         {"name": "resume", "args": ["area", model, *AREA_ARGS, "-o", str(out / "failing"),
                                     "--resume"]},
         {"name": "train", "args": [*TRAIN_ARGS, "-o", str(out / "train.pt")]},

@@ -97,7 +97,7 @@ def test_rerun_reuses_every_stage(tiny_run: tuple[Path, object],
     def boom(*args: object, **kwargs: object) -> None:
         raise AssertionError("recomputed a cached stage")
 
-    import certify.report.area as area
+    import certify.run.area as area
     import certify.study.attack_curves as curves
     import certify.train.robust as robust
     import certify.train.standard as standard

@@ -148,7 +148,7 @@ def test_two_seeds_pooled_report(two_seeds: tuple[Path, object]) -> None:
 def test_two_seeds_rerun_reuses_everything(two_seeds: tuple[Path, object],
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     out, _ = two_seeds
-    import certify.report.area as area
+    import certify.run.area as area
 
     def boom(*args: object, **kwargs: object) -> None:
         raise AssertionError("recomputed a cached stage")
