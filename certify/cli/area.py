@@ -27,11 +27,8 @@ from certify.cli.options import (
 @click.option("--indices", callback=indices_callback, default=None,
               help="Certify these sample positions instead: 0,5,10 or ranges 0:100.")
 @click.option("--method", "methods", type=MethodName(), multiple=True,
-              help="Bound method; repeat for several [default: crown].")
-@click.option("--engine", type=click.Choice(["native", "auto-lirpa"]), default="native",
-              show_default=True,
-              help="Bound engine: native, or auto-lirpa (optional; install it from its "
-                   "repository).")
+              help="Bound method; repeat for several [default: crown]. lirpa-* are "
+                   "auto_LiRPA's (optional; install it from its repository).")
 @click.option("--attack", type=click.Choice(["pgd", "none"]), default="pgd", show_default=True,
               help="Per-sample minimal adversarial eps by PGD (an upper bound), or none.")
 @click.option("--eps-max", type=float, default=0.5, show_default=True,
@@ -58,7 +55,7 @@ from certify.cli.options import (
 @quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout.")
 def area(model: str, dataset: str | None, split: str, n: int | None,
-         indices: tuple[int, ...] | None, methods: tuple[str, ...], engine: str, attack: str,
+         indices: tuple[int, ...] | None, methods: tuple[str, ...], attack: str,
          eps_max: float, tol: float,
          search: str, exact: bool, exact_time_limit: float, batch_size: int, device: str,
          dtype: str, seed: int, out_dir: str | None, resume: bool, data_dir: str | None,
@@ -76,7 +73,7 @@ def area(model: str, dataset: str | None, split: str, n: int | None,
       certify area models/teacher.pt --num-samples 500   # the dataset the checkpoint records
       certify area models/m.pt --dataset digits --method ibp --method crown -o reports/m
       certify area models/m.pt --dataset digits -o reports/m --resume
-      certify area models/m.pt --dataset digits --engine auto-lirpa --method alpha-crown
+      certify area models/m.pt --dataset digits --method lirpa-alpha-crown
       certify area models/mlp.pt --dataset digits --num-samples 20 --method crown \\
           --method milp --exact
       torchrun --nproc_per_node=4 -m certify area models/m.pt --dataset svhn -o reports/m
@@ -92,7 +89,7 @@ def area(model: str, dataset: str | None, split: str, n: int | None,
     config = AreaConfig(model=model, dataset=dataset, split=split, n=n, indices=indices,
                         methods=methods or ("crown",), attack=attack, eps_max=eps_max, tol=tol,
                         batch_size=batch_size, device=device, dtype=dtype, seed=seed,
-                        search=search, data_dir=data_dir, engine=engine, exact=exact,
+                        search=search, data_dir=data_dir, exact=exact,
                         exact_time_limit=exact_time_limit)
     result = run_area(config, out_dir=out_dir, resume=resume, quiet=quiet)
     if not is_main():  # under torchrun, rank 0 prints the gathered result

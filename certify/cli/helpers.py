@@ -8,7 +8,8 @@ import click
 
 
 class MethodName(click.ParamType):
-    """A bound method name, checked against the engine's registry (loaded only when needed)."""
+    """A bound method name from the method registry (loaded only when needed), resolved at once:
+    an unknown name, or an optional method whose package is missing, fails here in one line."""
 
     name = "method"
 
@@ -22,11 +23,13 @@ class MethodName(click.ParamType):
         return "[" + "|".join(self._names()) + "]"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from certify.bounds import get_method
         from certify.errors import unknown_name
 
         names = self._names()
         if value not in names:
             self.fail(str(unknown_name("method", str(value), names)), param, ctx)
+        get_method(str(value))  # an optional method's package missing: one line, exit 1
         return str(value)
 
 

@@ -44,10 +44,9 @@ from certify.run.iterate import ATTACKS, BatchResult, certify_dataset, guess_bat
 # Settings that change the numbers: a run is only resumed with the same values.
 RESULT_KEYS = ("model_sha256", "dataset", "split", "indices", "methods", "method_options",
                "attack", "attack_steps", "attack_restarts", "attack_tol", "eps_max", "tol",
-               "search", "batch_size", "device", "dtype", "seed", "engine", "exact",
-               "exact_time_limit")
+               "search", "batch_size", "device", "dtype", "seed", "exact", "exact_time_limit")
 # Settings added after runs were first written: a saved run without one used this value.
-_SETTING_DEFAULTS: dict[str, Any] = {"engine": "native", "exact": False, "exact_time_limit": None}
+_SETTING_DEFAULTS: dict[str, Any] = {"exact": False, "exact_time_limit": None}
 
 
 @dataclass(frozen=True)
@@ -74,8 +73,6 @@ class AreaConfig:
         data_dir: Folder with the dataset files (default ``$CERTIFY_DATA`` or ``./data``).
         method_options: Per-method options, e.g. ``{"alpha-crown": {"steps": 50}}``.
         eps_grid: Radii for the certified accuracy in the summary (default: a round grid).
-        engine: Bound engine, ``native`` (default) or ``auto-lirpa`` (optional; see
-            :mod:`certify.engines`).
         exact: Also compute every sample's exact minimal adversarial eps by MILP (small
             networks; see :mod:`certify.exact`).
         exact_time_limit: Seconds per MILP of the exact eps; a sample whose MILP hits it is
@@ -102,7 +99,6 @@ class AreaConfig:
     data_dir: str | None = None
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     eps_grid: tuple[float, ...] | None = None
-    engine: str = "native"
     exact: bool = False
     exact_time_limit: float = 60.0
 
@@ -139,7 +135,7 @@ class AreaConfig:
             raise SpecError("give at least one --method")
         if len(set(self.methods)) != len(self.methods):
             raise SpecError(f"each --method once, got {', '.join(self.methods)}")
-        _check_engine_methods(self.engine, self.methods, self.method_options)
+        _check_methods(self.methods, self.method_options)
         for m in self.method_options:
             if m not in self.methods:
                 raise SpecError(f"options given for method '{m}', which is not run; methods: "
@@ -183,19 +179,13 @@ class AreaConfig:
         return list(range(size))
 
 
-def _check_engine_methods(engine: str, methods: Sequence[str],
-                          options: Mapping[str, Mapping[str, Any]]) -> None:
-    """That `engine` exists and has every method (and, for a non-native engine, that it is
-    installed and takes the options), before anything is written."""
-    from certify.engines import get_margin_bound_fn, list_engine_methods
+def _check_methods(methods: Sequence[str], options: Mapping[str, Mapping[str, Any]]) -> None:
+    """That every method exists, takes its options and (an optional one, auto_LiRPA's) is
+    installed, before anything is written."""
+    from certify.bounds import get_method
 
-    available = list_engine_methods(engine)  # also rejects an unknown engine
     for m in methods:
-        if m not in available:
-            kind = "method" if engine == "native" else f"{engine} method"
-            raise unknown_name(kind, m, available)
-        if engine != "native":
-            get_margin_bound_fn(engine, m, **dict(options.get(m, {})))
+        get_method(m, **dict(options.get(m, {})))
 
 
 def smallest_tol(eps_max: float, dtype: str) -> float:
@@ -223,20 +213,25 @@ def _git_sha() -> str | None:
     return sha if out.returncode == 0 and len(sha) == 40 else None
 
 
-def _versions(engine: str = "native") -> dict[str, Any]:
+def _versions(methods: Sequence[str] = ()) -> dict[str, Any]:
+    """Versions of what computed the numbers (an external method's package too)."""
     from certify import __version__
+    from certify.bounds import get_method
+    from certify.bounds.base import method_class
 
     versions = {"certify": __version__, "torch": torch.__version__,
                 "python": platform.python_version(), "git_sha": _git_sha()}
-    if engine != "native":
-        from certify.engines import get_engine_info
-
-        versions[engine] = get_engine_info(engine)["version"]
+    for m in methods:
+        if method_class(m).external:
+            info = get_method(m).info()  # type: ignore[attr-defined]
+            versions[info["engine"]] = info["version"]
     return versions
 
 
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     out = []
+    if old.get("engine", "native") != "native":  # before auto_LiRPA's methods had own names
+        out.append(f"engine={old['engine']!r} (now methods lirpa-*)")
     for k in RESULT_KEYS:
         a, b = old.get(k, _SETTING_DEFAULTS.get(k)), new.get(k)
         if json_safe(a) != json_safe(b):
@@ -274,7 +269,7 @@ def _open_folder(settings: Mapping[str, Any], *, out_dir: str | os.PathLike[str]
         check_run_folder(folder)
         folder.lock(held)
         if not folder.config_file.is_file():  # stopped before anything was saved: start there
-            folder.write_config(settings, _versions(settings["engine"]))
+            folder.write_config(settings, _versions(settings["methods"]))
             return folder, []
         diff = _differences(folder.read_settings(), settings)
         if diff:
@@ -287,7 +282,7 @@ def _open_folder(settings: Mapping[str, Any], *, out_dir: str | os.PathLike[str]
     if folder.has_run():
         raise ReportError(f"{path} already holds a run; continue it with --resume, or pick "
                           "another folder with -o")
-    folder.write_config(settings, _versions(settings["engine"]))
+    folder.write_config(settings, _versions(settings["methods"]))
     return folder, []
 
 
@@ -300,7 +295,7 @@ def _results(settings: Mapping[str, Any], rows: Sequence[SampleRow], grid: Seque
         "n_done": len({r.index for r in rows}),
         "n_total": len(settings["indices"]),
         "settings": {k: v for k, v in settings.items() if k != "indices"},
-        "versions": _versions(settings["engine"]),
+        "versions": _versions(settings["methods"]),
         "eps_grid": list(grid),
         "summary": {m: s.as_dict() for m, s in summaries.items()},
         "attack_seconds": attack_seconds,
@@ -406,7 +401,7 @@ def _run_area(config: AreaConfig, *, out_dir: str | os.PathLike[str] | None, res
             attack_steps=config.attack_steps, attack_restarts=config.attack_restarts,
             attack_tol=settings["attack_tol"], seed=config.seed, exact=config.exact,
             exact_time_limit=config.exact_time_limit, method_options=config.method_options,
-            engine=config.engine, done=list(done.values()), batches=batches, device=device,
+            done=list(done.values()), batches=batches, device=device,
             dtype=dtype, quiet=quiet, label=stem, model_name=model_path.name)
 
     own: list[SampleRow] = []
@@ -483,7 +478,6 @@ def _settings(config: AreaConfig, model_path: Path, sha256: str, positions: list
         "seed": config.seed,
         "data_dir": config.data_dir,
         "eps_grid": list(config.eps_grid) if config.eps_grid is not None else None,
-        "engine": config.engine,
         "exact": bool(config.exact),
         "exact_time_limit": float(config.exact_time_limit) if config.exact else None,
     }

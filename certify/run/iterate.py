@@ -64,30 +64,6 @@ class BatchResult:
     exact_seconds: float = 0.0
 
 
-def search_options(engine: str, method: str, options: Mapping[str, Any],
-                   model: nn.Module) -> dict[str, Any]:
-    """The radius search's keyword arguments that make `method` run on bound `engine`.
-
-    The one place that builds a margin bound from an engine name: the native engine takes the
-    method's options; another engine (``auto-lirpa``) gives the search its margin bound
-    (``bound_fn``) and, since its bounds have no rounding control, the native engine's rigorous
-    float64 bound of the same method to confirm every radius (``confirm_fn``).
-    """
-    if engine == "native":
-        return dict(options)
-    from certify.bounds import get_method
-    from certify.engines import get_margin_bound_fn
-    from certify.radius import margin_lower_bound
-
-    bound = get_margin_bound_fn(engine, method, **dict(options))
-    rigorous = get_method(method)
-    return {
-        "bound_fn": lambda x, y, eps: bound(model, x, y, eps).lower.amin(1),
-        "confirm_fn": lambda x, y, eps: margin_lower_bound(model, x.double(), y, eps.double(),
-                                                           method=rigorous),
-    }
-
-
 def guess_batches(batch_size: int) -> int:
     """How many first batches the later batches' first guesses learn from."""
     return max(1, math.ceil(GUESS_SAMPLES / batch_size))
@@ -105,7 +81,7 @@ def certify_dataset(model: nn.Module, data: Samples, methods: Sequence[str], *,
                     attack_tol: float | None = None, seed: int = 0, exact: bool = False,
                     exact_time_limit: float = 60.0,
                     method_options: Mapping[str, Mapping[str, Any]] | None = None,
-                    engine: str = "native", done: Iterable[SampleRow] = (),
+                    done: Iterable[SampleRow] = (),
                     batches: Sequence[int] | None = None, device: torch.device | None = None,
                     dtype: torch.dtype | None = None, quiet: bool = True, label: str = "model",
                     model_name: str | None = None) -> Iterator[BatchResult]:
@@ -124,7 +100,6 @@ def certify_dataset(model: nn.Module, data: Samples, methods: Sequence[str], *,
         seed: Seeds every batch's attack generator (:func:`batch_generator`).
         exact, exact_time_limit: Also the exact minimal adversarial eps, by MILP.
         method_options: Per-method options, e.g. ``{"alpha-crown": {"steps": 50}}``.
-        engine: Bound engine (see :func:`search_options`).
         done: Rows computed before (e.g. read back to resume): a method whose rows a batch
             already has is skipped there; those of the first batches feed the first guesses.
         batches: The batch numbers to run, in order (default: all). The first
@@ -205,8 +180,7 @@ def certify_dataset(model: nn.Module, data: Samples, methods: Sequence[str], *,
             previous = [r for p, r in learned[m].items() if p in earlier]
             search_args = _SearchArgs(model, m, x, y, attack_eps, _guess(previous, attack_eps),
                                       batch, eps_max=eps_max, tol=tol, search=search,
-                                      options=search_options(engine, m, options.get(m, {}),
-                                                             model))
+                                      options=dict(options.get(m, {})))
             if m in slow_logs:  # one sample at a time (each searches alone anyway)
                 parts = []
                 for k in range(len(batch)):

@@ -329,7 +329,7 @@ def test_library_run_matches_cli(digits_ckpt, tmp_path):
     )
 
 
-# --engine: the optional auto_LiRPA engine next to the native one
+# auto_LiRPA's methods (lirpa-*), optional, next to the native ones
 
 HAS_AUTO_LIRPA = importlib.util.find_spec("auto_LiRPA") is not None
 
@@ -355,8 +355,8 @@ def test_missing_auto_lirpa_is_one_line_with_the_install_command(
             "digits",
             "--n",
             "4",
-            "--engine",
-            "auto-lirpa",
+            "--method",
+            "lirpa-crown",
             "-o",
             str(out),
         ],
@@ -369,7 +369,7 @@ def test_missing_auto_lirpa_is_one_line_with_the_install_command(
     assert not out.exists(), "nothing may be written before the engine is known to work"
 
 
-def test_a_method_the_engine_lacks_is_a_clear_error(digits_ckpt, tmp_path):
+def test_a_method_auto_lirpa_lacks_is_a_clear_error(digits_ckpt, tmp_path):
     result = CliRunner().invoke(
         main,
         [
@@ -379,18 +379,15 @@ def test_a_method_the_engine_lacks_is_a_clear_error(digits_ckpt, tmp_path):
             "digits",
             "--n",
             "4",
-            "--engine",
-            "auto-lirpa",
             "--method",
-            "lp",
+            "lirpa-lp",
             "-o",
             str(tmp_path / "run"),
         ],
     )
-    assert result.exit_code == 1
-    assert (
-        "auto-lirpa method 'lp'" in result.output or "auto_LiRPA is not installed" in result.output
-    )
+    assert result.exit_code == 2
+    assert "unknown method 'lirpa-lp'" in result.output
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.skipif(
@@ -406,17 +403,15 @@ def test_auto_lirpa_engine_certifies_soundly_and_records_its_version(digits_ckpt
         "digits",
         "--n",
         "12",
-        "--method",
-        "crown",
         "--dtype",
         "float64",
         "--tol",
         "1e-4",
         "--quiet",
     ]
-    ours = CliRunner().invoke(main, [*common, "-o", str(tmp_path / "native")])
+    ours = CliRunner().invoke(main, [*common, "--method", "crown", "-o", str(tmp_path / "native")])
     theirs = CliRunner().invoke(
-        main, [*common, "--engine", "auto-lirpa", "-o", str(tmp_path / "al")]
+        main, [*common, "--method", "lirpa-crown", "-o", str(tmp_path / "al")]
     )
     assert ours.exit_code == 0, ours.output
     assert theirs.exit_code == 0, theirs.output
@@ -426,5 +421,5 @@ def test_auto_lirpa_engine_certifies_soundly_and_records_its_version(digits_ckpt
     # tighter; both radii are searched to within tol, so they differ by at least -tol.
     assert all(other[i] >= native[i] - 1e-4 for i in native)
     results = json.loads((tmp_path / "al" / "results.json").read_text())
-    assert results["settings"]["engine"] == "auto-lirpa"
+    assert results["settings"]["methods"] == ["lirpa-crown"]
     assert results["versions"]["auto-lirpa"]
