@@ -12,7 +12,7 @@
 
 from certify.run.area import AreaConfig, run_area, smallest_tol
 from certify.run.folder import RunFolder
-from certify.run.iterate import BatchResult, certify_dataset, search_options
+from certify.run.iterate import BatchResult, certify_dataset
 
 __all__ = [
     "AreaConfig",
@@ -20,6 +20,5 @@ __all__ = [
     "RunFolder",
     "certify_dataset",
     "run_area",
-    "search_options",
     "smallest_tol",
 ]

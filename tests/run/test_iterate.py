@@ -16,7 +16,6 @@ from certify.run.iterate import (
     BatchResult,
     certify_dataset,
     guess_batches,
-    search_options,
 )
 
 pytest.importorskip("certify.bounds")
@@ -112,5 +111,3 @@ def test_nothing_left_yields_nothing(model: nn.Module, digits: Any,
                                 done=saved, **OPTIONS)) == []
 
 
-def test_search_options_of_the_native_engine_are_the_methods_own() -> None:
-    assert search_options("native", "alpha-crown", {"steps": 5}, nn.Identity()) == {"steps": 5}
