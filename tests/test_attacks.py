@@ -20,6 +20,7 @@ from certify.attacks import (
 )
 from certify.errors import SpecError, UnknownNameError
 from certify.nets import create_arch
+from certify.spec import LinfBall
 
 
 def independent_check(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
@@ -80,11 +81,12 @@ def test_recheck_rejects_claims_of_the_search(tiny_mlp, monkeypatch):
     x = torch.rand(16, 1, 4, 4, generator=torch.Generator().manual_seed(2))
     y = tiny_mlp(x).argmax(1)
 
-    def lying_run(model, xs, labels, start, lower, upper, step, steps, loss):
-        return xs.clone(), torch.full((xs.shape[0],), -1.0)
+    def lying_run(model, start, lower, upper, steps, run):
+        n = start.shape[0]
+        return start.clone(), torch.full((n,), 1.0), torch.ones(n, dtype=torch.bool)
 
     monkeypatch.setattr(attacks, "_pgd_run", lying_run)
-    res = pgd(tiny_mlp, (x, 0.3), y)
+    res = pgd(tiny_mlp, (x, 0.3), y, random_start=False)  # the run returns its start
     assert not res.success.any()
     assert (res.margin > 0).all()
 
@@ -93,8 +95,9 @@ def test_recheck_rejects_points_outside_the_domain(tiny_mlp, monkeypatch):
     x = torch.rand(16, 1, 4, 4, generator=torch.Generator().manual_seed(3))
     y = tiny_mlp(x).argmax(1)
 
-    def escaping_run(model, xs, labels, start, lower, upper, step, steps, loss):
-        return xs + 5.0, torch.full((xs.shape[0],), -1.0)  # far outside [0, 1]
+    def escaping_run(model, start, lower, upper, steps, run):
+        n = start.shape[0]  # far outside [0, 1]
+        return start + 5.0, torch.full((n,), 1.0), torch.ones(n, dtype=torch.bool)
 
     monkeypatch.setattr(attacks, "_pgd_run", escaping_run)
     res = pgd(tiny_mlp, (x, 10.0), y)  # the ball is huge; the domain still binds
@@ -127,7 +130,7 @@ def test_projection_box_lies_inside_the_exact_ball():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(64, 1, 5, 5, generator=g)
     eps = torch.rand(64, generator=g) * 0.3
-    lower, upper = attacks._ball_box(x, eps, (0.0, 1.0))
+    lower, upper = LinfBall(x, eps).inner_box()
     e = eps.double().view(-1, 1, 1, 1)
     assert ((x.double() - lower.double()) <= e).all()
     assert ((upper.double() - x.double()) <= e).all()

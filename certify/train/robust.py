@@ -222,8 +222,11 @@ def pgd_loss(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, steps: int =
     """
     if eps > 0:
         from certify.attacks import pgd
+        from certify.spec import LinfBall
 
-        x = pgd(model, (x, eps), y, steps=steps, restarts=restarts, loss="ce",
+        # training points need no claim: the radius is eps as the inputs' dtype holds it
+        region = LinfBall(x, torch.full((x.shape[0],), eps, dtype=x.dtype, device=x.device))
+        x = pgd(model, region, y, steps=steps, restarts=restarts, loss="ce",
                 generator=generator).x_adv.detach()
     return F.cross_entropy(model(x), y)
 
@@ -427,6 +430,7 @@ def evaluate_robust(model: nn.Module, x: Tensor, y: Tensor, eps: float, *,
     """
     from certify.attacks import eval_mode, pgd
     from certify.bounds import margin_bounds
+    from certify.spec import LinfBall
 
     n = x.shape[0]
     if n == 0:
@@ -442,8 +446,8 @@ def evaluate_robust(model: nn.Module, x: Tensor, y: Tensor, eps: float, *,
             sl = slice(start, start + batch_size)
             xb, yb = x[sl], y[sl]
             ok = (model(xb).argmax(1) == yb).cpu()
-            attacked = pgd(model, (xb, eps), yb, steps=pgd_steps, restarts=pgd_restarts,
-                           generator=generator).success.cpu()
+            attacked = pgd(model, LinfBall(xb, eps), yb, steps=pgd_steps,
+                           restarts=pgd_restarts, generator=generator).success.cpu()
             # a claim: the rigorous bound, in float64 (tight; it covers the model as it runs
             # in its own dtype too)
             lower = margin_bounds(model, xb.double(), yb, eps, certify_method).lower.amin(1).cpu()
