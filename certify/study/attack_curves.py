@@ -130,8 +130,8 @@ def _import_torchattacks() -> Any:
     try:
         import torchattacks
     except ImportError:
-        raise SpecError("--attack autoattack needs the optional package torchattacks; install it "
-                        f"with `{AUTOATTACK_INSTALL}`") from None
+        raise SpecError("{attack} needs the optional package torchattacks; install it with "
+                        f"`{AUTOATTACK_INSTALL}`", attack="autoattack") from None
     return torchattacks
 
 
@@ -258,16 +258,16 @@ def attack_curves(models: Sequence[str | os.PathLike[str]], dataset: str, eps_gr
     if not models:
         raise SpecError("give at least one model file")
     if n is not None and n < 1:
-        raise SpecError(f"--num-samples must be >= 1, got {n}")
+        raise SpecError("{n} must be >= 1", n=n)
     if steps < 1 or restarts < 1:
-        raise SpecError(f"--steps and --restarts must be >= 1, got {steps} and {restarts}")
+        raise SpecError("{steps} and {restarts} must be >= 1", steps=steps, restarts=restarts)
     grid = sorted(float(e) for e in eps_grid)
     if not grid or any(not (math.isfinite(e) and e >= 0) for e in grid):
         raise SpecError(f"eps grid must hold finite eps >= 0, got {grid}")
     if attack == "autoattack":
         _import_torchattacks()
     if batch_size < 1:
-        raise SpecError(f"--batch-size must be >= 1, got {batch_size}")
+        raise SpecError("{batch_size} must be >= 1", batch_size=batch_size)
     names = model_labels(models, labels)
     ctx = distributed.init_from_env()
     dev = ctx.device_for(resolve_device(device))
