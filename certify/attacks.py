@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
@@ -227,6 +228,15 @@ def _loss(logits: Tensor, labels: Tensor, kind: str) -> Tensor:
     return nn.functional.cross_entropy(logits, labels, reduction="none")
 
 
+def _named_loss(logits: Tensor, *, labels: Tensor, kind: str) -> Tensor:
+    return _loss(logits, labels, kind)
+
+
+def _negative_margin(logits: Tensor, *, labels: Tensor) -> Tensor:
+    """The score a named loss keeps the best point by: minus the margin."""
+    return -margins(logits, labels)
+
+
 def _uniform(shape: Sequence[int], like: Tensor, generator: torch.Generator | None) -> Tensor:
     """Uniform [-1, 1) noise drawn on the generator's device, moved to `like`'s device."""
     device = generator.device if generator is not None else like.device
@@ -309,14 +319,19 @@ def pgd(model: nn.Module, region: LinfBall | Box | tuple[Tensor, float | Tensor]
     points = ball.center
     if labels is not None:
         labels = labels.to(points.device)
-    criterion = success if success is not None else misclassified(labels)  # type: ignore[arg-type]
+    ascent: Callable[[Tensor], Tensor]
+    score: Callable[[Tensor], Tensor]
     if callable(loss):
-        ascent: Callable[[Tensor], Tensor] = loss
-        score: Callable[[Tensor], Tensor] = loss
+        ascent = score = loss
     else:
-        kind = str(loss)
-        ascent = lambda logits: _loss(logits, labels, kind)  # noqa: E731
-        score = lambda logits: -margins(logits, labels)  # noqa: E731
+        assert labels is not None  # checked above
+        ascent = partial(_named_loss, labels=labels, kind=str(loss))
+        score = partial(_negative_margin, labels=labels)
+    if success is not None:
+        criterion = success
+    else:
+        assert labels is not None
+        criterion = misclassified(labels)
 
     n = points.shape[0]
     with eval_mode(model):

@@ -80,8 +80,10 @@ def _cli_flag(name: str) -> str | None:
     The CLI (click) reports errors while the command's context is active; the mapping comes
     from the commands' own declared options, so it never goes stale. Outside the CLI: None.
     """
-    click = sys.modules.get("click")
-    ctx = click.get_current_context(silent=True) if click is not None else None
+    click: Any = sys.modules.get("click")
+    if click is None:
+        return None
+    ctx = click.get_current_context(silent=True)
     if ctx is None:
         return None
     commands = [ctx.command]
@@ -98,8 +100,8 @@ def _cli_flag(name: str) -> str | None:
     for command in commands:
         for param in command.params:
             if param.name == name and isinstance(param, click.Option):
-                long = [o for o in param.opts if o.startswith("--")]
-                return long[0] if long else param.opts[0]
+                long = [str(o) for o in param.opts if o.startswith("--")]
+                return long[0] if long else str(param.opts[0])
     return None
 
 

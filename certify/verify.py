@@ -336,7 +336,7 @@ def _ruled_out(model: nn.Module, box: tuple[Tensor, Tensor], rows: _Rows, open_r
     from certify.bounds.base import method_class
 
     options = dict(options or {})  # a copy: the MILP's time is set here
-    if method_class(method).accepts_time_budget:
+    if getattr(method_class(method), "accepts_time_budget", False):
         options["time_limit"] = options["budget"] = max(seconds, 1e-3)
     # rigorous for the network in exact arithmetic and for the model's own forward pass
     bounds = compute_bounds(model, lower, upper, method, spec, model_rounding=True, **options)
@@ -593,9 +593,9 @@ def read_instances(path: str | os.PathLike[str]) -> list[Instance]:
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"instances file not found: {path}. Give the benchmark's instances.csv.")
-    opener: Callable[..., object] = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", newline="", encoding="utf-8") as f:  # type: ignore[operator]
-        lines = list(csv.reader(f))  # type: ignore[arg-type]
+    opener: Callable[..., Any] = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", newline="", encoding="utf-8") as f:
+        lines = list(csv.reader(f))
     out: list[Instance] = []
     for number, row in enumerate(lines, start=1):
         cells = [c.strip() for c in row]

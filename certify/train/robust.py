@@ -492,7 +492,8 @@ def evaluate_robust(model: nn.Module, x: Tensor, y: Tensor, eps: float, *,
             sl = slice(start, start + batch_size)
             xb, yb = x[sl], y[sl]
             ok = (model(xb).argmax(1) == yb).cpu()
-            attacked = pgd(model, LinfBall(xb, eps), yb, steps=pgd_steps,
+            region = LinfBall(xb, torch.tensor(float(eps), dtype=torch.float64))
+            attacked = pgd(model, region, yb, steps=pgd_steps,
                            restarts=pgd_restarts, generator=generator).success.cpu()
             # a claim: the rigorous bound, in float64 (tight; it covers the model as it runs
             # in its own dtype too)
