@@ -354,8 +354,8 @@ def _validate(student_arch: str, method: str, temperatures: Sequence[float], alp
         _check_temperature(t)
     _check_alpha(alpha)
     if transfer_split not in (None, "train") and method != "logits":
-        raise SpecError("{transfer_split} adds samples without usable labels; it works with "
-                        f"{{method}} only, not {literal(repr(method))}.",
+        raise SpecError("{transfer_split} adds samples without usable labels; it is for logits "
+                        f"only ({{method}}), not {literal(repr(method))}.",
                         transfer_split=transfer_split, method="logits")
 
 
