@@ -140,8 +140,9 @@ def autoattack_robust(model: nn.Module, x: Tensor, y: Tensor, eps: float, *,
     """Per sample: no attack of AutoAttack's standard set broke it at `eps`.
 
     Runs APGD-CE, APGD-DLR, FAB and Square (Croce & Hein, ICML 2020) from `torchattacks` on the
-    samples still robust, and re-checks every returned example: inside the ball (exactly), inside
-    [0, 1], and not strictly classified as the label.
+    samples still robust, projects every returned example into the ball rounded inward and
+    re-checks it (:func:`certify.attacks.recheck`): inside the ball (exactly), inside [0, 1],
+    and not strictly classified as the label.
 
     Args:
         model: Classifier on pixels in [0, 1] (eval mode is set and restored).
@@ -155,7 +156,8 @@ def autoattack_robust(model: nn.Module, x: Tensor, y: Tensor, eps: float, *,
     Raises:
         SpecError: torchattacks is not installed; eps < 0.
     """
-    from certify.attacks import eval_mode, margins
+    from certify.attacks import eval_mode, margins, recheck
+    from certify.spec import LinfBall
 
     if not (math.isfinite(eps) and eps >= 0):
         raise SpecError(f"eps must be >= 0, got {eps}")
@@ -185,11 +187,11 @@ def autoattack_robust(model: nn.Module, x: Tensor, y: Tensor, eps: float, *,
             for s in range(0, open_idx.numel(), batch_size):
                 idx = open_idx[s:s + batch_size]
                 xb, yb = x[idx], y[idx]
-                x_adv = attack(xb, yb).detach().to(xb.dtype)
-                with torch.no_grad():
-                    inside = ((x_adv - xb).abs().flatten(1).amax(dim=1) <= eps) \
-                        & (x_adv >= 0).flatten(1).all(dim=1) & (x_adv <= 1).flatten(1).all(dim=1)
-                    broken = inside & (margins(model(x_adv), yb) <= 0)
+                # the examples, moved into the ball as rounded inward (torchattacks rounds to
+                # nearest), count only after the exact re-check every attack passes
+                ball = LinfBall(xb, torch.tensor(float(eps), dtype=torch.float64))
+                x_adv = ball.project(attack(xb, yb).detach().to(xb.dtype))
+                broken, _ = recheck(model, ball, x_adv, yb)
                 robust[idx[broken.cpu()]] = False
     return robust
 
