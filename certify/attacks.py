@@ -1,12 +1,17 @@
 """Attacks: FGSM, PGD and the per-sample minimal adversarial eps (upper bounds on the radius).
 
-Every attack works in pixel space on the L-infinity ball ``{x' : ||x' - x||_inf <= eps}``
-intersected with the image domain ``[0, 1]``, with one eps per sample. An adversarial example
-only counts after it is **re-checked** on its own, independently of the search that produced it:
-it lies in the ball (exactly, with no float slack), in the domain, and the model does not
-strictly prefer the true class there (``f_y(x') <= max_{j != y} f_j(x')``). This is the
-counterpart of the bound engine's strict ``margin lower bound > 0``: a point the attack accepts
-can never lie in a region the engine verified, so ``certified eps <= attack eps`` must hold.
+Every attack works in pixel space on a :class:`~certify.spec.LinfBall`, the L-infinity ball
+``{x' : ||x' - x||_inf <= eps}`` intersected with the image domain ``[0, 1]``, one eps per
+sample, searched in its **inward**-rounded box (``eps`` rounded down to the inputs' dtype, so a
+point found lies within the requested eps in exact arithmetic). There is one PGD (:func:`pgd`):
+it takes any success criterion on the logits (default :func:`misclassified`) and a
+:class:`~certify.spec.Box` too, which is how :mod:`certify.verify` searches a VNNLIB property.
+A counterexample only counts after it is **re-checked** by :func:`recheck`, independently of the
+search that produced it: it lies in the region (exactly, with no float slack) and meets the
+criterion -- by default the model does not strictly prefer the true class there
+(``f_y(x') <= max_{j != y} f_j(x')``). This is the counterpart of the bound engine's strict
+``margin lower bound > 0``: a point the attack accepts can never lie in a region the engine
+verified, so ``certified eps <= attack eps`` must hold.
 
 References:
     Goodfellow et al., "Explaining and harnessing adversarial examples", ICLR 2015 (FGSM).
