@@ -2,15 +2,18 @@
 
 The cascade, cheap to costly, stops at the first decision:
 
-1. **attack**: random points and a PGD-style search inside the input box that maximizes, per
-   conjunction of the unsafe set ``matrix @ y <= bound``, the smallest slack
-   ``min_r (bound - matrix @ y)_r``. A point counts only after a plain forward pass shows it
-   lies in the box and satisfies a conjunction exactly: then the verdict is ``sat``.
+1. **attack**: random points and :func:`certify.attacks.pgd` inside the input box (a
+   :class:`certify.spec.Box` rounded inward) that maximizes, per conjunction of the unsafe set
+   ``matrix @ y <= bound``, the smallest slack ``min_r (bound - matrix @ y)_r``, with the
+   conjunction as its success criterion. A point counts only after the attacks' re-check and a
+   plain forward pass show it lies in the box and satisfies a conjunction exactly: then the
+   verdict is ``sat``.
 2. **bounds**: each method of `methods` (cheap to tight) bounds ``matrix @ y - bound`` over the
    box (in float64 by default); a conjunction is ruled out once one of its rows is *proven*
    violated (lower bound strictly > 0). When every conjunction is ruled out: ``unsat``.
-3. **milp**, when the engine registers it and the network is small (``use_milp="auto"``); it
-   gets the time that remains as its budget, the refinement of its intermediate bounds included.
+3. **the complete method** (the MILP: a registered method that ``is_complete`` and
+   ``accepts_time_budget``), when the network is small (``use_milp="auto"``); it gets the time
+   that remains as its budget, the refinement of its intermediate bounds included.
 4. **the budget**: rounds of longer attacks on the conjunctions left (fresh random starts, twice
    the steps each round), with alpha-CROWN at more steps after the first round when it is in
    the cascade, until only a small reserve of the time is left.
