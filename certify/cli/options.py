@@ -20,12 +20,9 @@ class RegistryNames(Sequence[str]):
 
     def __init__(self, load: Callable[[], Iterable[str]]) -> None:
         self._load = load
-        self._names: tuple[str, ...] | None = None
 
     def _get(self) -> tuple[str, ...]:
-        if self._names is None:
-            self._names = tuple(self._load())
-        return self._names
+        return tuple(self._load())  # every time: a name registered later is a choice too
 
     @overload
     def __getitem__(self, i: int) -> str: ...
