@@ -360,11 +360,10 @@ def _ruled_out(model: nn.Module, box: tuple[Tensor, Tensor], rows: _Rows, open_r
 def _inward_box(prop: VnnlibProperty, shape: Sequence[int], dtype: torch.dtype,
                 device: torch.device) -> tuple[Tensor, Tensor] | None:
     """The box rounded inwards to `dtype` (every point of it is in the property's box)."""
-    lower = prop.lower.to(dtype)
-    upper = prop.upper.to(dtype)
-    up, down = torch.tensor(float("inf"), dtype=dtype), torch.tensor(float("-inf"), dtype=dtype)
-    lower = torch.where(lower.double() < prop.lower, torch.nextafter(lower, up), lower)
-    upper = torch.where(upper.double() > prop.upper, torch.nextafter(upper, down), upper)
+    from certify.spec import round_to
+
+    lower = round_to(prop.lower, dtype, up=True)
+    upper = round_to(prop.upper, dtype, up=False)
     if (lower > upper).any():
         return None
     return lower.reshape(1, *shape).to(device), upper.reshape(1, *shape).to(device)
