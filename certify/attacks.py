@@ -1,12 +1,17 @@
 """Attacks: FGSM, PGD and the per-sample minimal adversarial eps (upper bounds on the radius).
 
-Every attack works in pixel space on the L-infinity ball ``{x' : ||x' - x||_inf <= eps}``
-intersected with the image domain ``[0, 1]``, with one eps per sample. An adversarial example
-only counts after it is **re-checked** on its own, independently of the search that produced it:
-it lies in the ball (exactly, with no float slack), in the domain, and the model does not
-strictly prefer the true class there (``f_y(x') <= max_{j != y} f_j(x')``). This is the
-counterpart of the bound engine's strict ``margin lower bound > 0``: a point the attack accepts
-can never lie in a region the engine verified, so ``certified eps <= attack eps`` must hold.
+Every attack works in pixel space on a :class:`~certify.spec.LinfBall`, the L-infinity ball
+``{x' : ||x' - x||_inf <= eps}`` intersected with the image domain ``[0, 1]``, one eps per
+sample, searched in its **inward**-rounded box (``eps`` rounded down to the inputs' dtype, so a
+point found lies within the requested eps in exact arithmetic). There is one PGD (:func:`pgd`):
+it takes any success criterion on the logits (default :func:`misclassified`) and a
+:class:`~certify.spec.Box` too, which is how :mod:`certify.verify` searches a VNNLIB property.
+A counterexample only counts after it is **re-checked** by :func:`recheck`, independently of the
+search that produced it: it lies in the region (exactly, with no float slack) and meets the
+criterion -- by default the model does not strictly prefer the true class there
+(``f_y(x') <= max_{j != y} f_j(x')``). This is the counterpart of the bound engine's strict
+``margin lower bound > 0``: a point the attack accepts can never lie in a region the engine
+verified, so ``certified eps <= attack eps`` must hold.
 
 References:
     Goodfellow et al., "Explaining and harnessing adversarial examples", ICLR 2015 (FGSM).
@@ -19,20 +24,24 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from functools import partial
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from certify.errors import SoundnessError, SpecError, unknown_name
-
-if TYPE_CHECKING:
-    from certify.spec import LinfBall
+from certify.spec import Box, LinfBall, round_to
 
 LOSSES = ("margin", "ce")
 ATTACKS = ("pgd", "fgsm")
+
+#: A success criterion: ``logits (N, K) -> (N,) bool``, True where the point counts (e.g.
+#: :func:`misclassified`, or a VNNLIB property's unsafe set).
+Criterion = Callable[[Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -42,9 +51,11 @@ class AttackResult:
     Attributes:
         x_adv: `(N, C, H, W)` the best point found per sample (lowest margin); the clean input
             where nothing better was found.
-        success: `(N,)` bool, True only where `x_adv` passed the re-check: inside the ball,
-            inside the domain, and not strictly classified as the true label.
-        margin: `(N,)` the re-checked margin ``f_y - max_{j != y} f_j`` at `x_adv`.
+        success: `(N,)` bool, True only where `x_adv` passed the re-check (:func:`recheck`):
+            inside the region exactly, and meeting the success criterion (by default: not
+            strictly classified as the true label).
+        margin: `(N,)` the re-checked margin ``f_y - max_{j != y} f_j`` at `x_adv` (with a
+            loss callable and no labels: minus that loss; lower is closer to success).
     """
 
     x_adv: Tensor
@@ -127,36 +138,50 @@ def margins(logits: Tensor, labels: Tensor) -> Tensor:
     return true - others.amax(dim=1)
 
 
-def _split_region(region: object, n_labels: int) -> tuple[Tensor, Tensor, tuple[float, float]]:
-    """`(x, eps (N,), domain)` from a LinfBall or an ``(x, eps)`` pair, validated."""
+def misclassified(labels: Tensor) -> Criterion:
+    """The default success criterion: the model does not strictly prefer the true class.
+
+    Args:
+        labels: `(N,)` true labels.
+    Returns:
+        ``criterion(logits (N, K)) -> (N,) bool``, True where ``f_y <= max_{j != y} f_j``.
+    """
+
+    def criterion(logits: Tensor) -> Tensor:
+        return margins(logits, labels.to(logits.device)) <= 0
+
+    return criterion
+
+
+def _as_region(region: object, n_labels: int | None) -> LinfBall | Box:
+    """The region of an attack: a LinfBall or a Box as given, or a LinfBall from ``(x, eps)``."""
     if isinstance(region, tuple):
         if len(region) != 2:
             raise SpecError(f"region must be a LinfBall or an (x, eps) pair, got a tuple of "
                             f"{len(region)} items")
         x, eps = region
-        domain = (0.0, 1.0)
-    elif hasattr(region, "center") and hasattr(region, "eps"):
-        x, eps = region.center, region.eps  # type: ignore[attr-defined]
-        domain = tuple(getattr(region, "domain", (0.0, 1.0)))  # type: ignore[assignment]
+        if not isinstance(x, Tensor) or x.ndim != 4:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise SpecError(f"x must be an image batch (N, C, H, W), got {shape}")
+        eps_t = torch.as_tensor(eps)
+        if not bool(torch.isfinite(eps_t).all()) or bool((eps_t < 0).any()):
+            raise SpecError(f"eps must be finite and >= 0, got min {float(eps_t.min()):g}, "
+                            f"max {float(eps_t.max()):g}")
+        region = LinfBall(x, eps)
+    if isinstance(region, LinfBall):
+        if not bool(torch.isfinite(region.eps).all()):
+            raise SpecError(f"eps must be finite and >= 0 for an attack, got max "
+                            f"{float(region.eps.max()):g}")
+        points = region.center
+    elif isinstance(region, Box):
+        points = region.lower
     else:
-        raise SpecError("region must be a LinfBall or an (x, eps) pair, got "
+        raise SpecError("region must be a LinfBall, a Box or an (x, eps) pair, got "
                         f"{type(region).__name__}")
-    if not isinstance(x, Tensor) or x.ndim != 4:
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise SpecError(f"x must be an image batch (N, C, H, W), got {shape}")
-    n = x.shape[0]
-    if n != n_labels:
-        raise SpecError(f"{n} inputs but {n_labels} labels; pass one label per input")
-    eps_t = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
-    if eps_t.ndim == 0:
-        eps_t = eps_t.expand(n)
-    if eps_t.shape != (n,):
-        raise SpecError(f"eps must be a float or a tensor of shape ({n},), got "
-                        f"{tuple(eps_t.shape)}")
-    if not bool(torch.isfinite(eps_t).all()) or bool((eps_t < 0).any()):
-        raise SpecError(f"eps must be finite and >= 0, got min {float(eps_t.min()):g}, "
-                        f"max {float(eps_t.max()):g}")
-    return x, eps_t.contiguous(), (float(domain[0]), float(domain[1]))
+    if n_labels is not None and points.shape[0] != n_labels:
+        raise SpecError(f"{points.shape[0]} inputs but {n_labels} labels; pass one label per "
+                        "input")
+    return region
 
 
 def _check_labels(labels: Tensor, num_classes: int) -> None:
@@ -168,48 +193,37 @@ def _check_labels(labels: Tensor, num_classes: int) -> None:
                         f"[{int(labels.min())}, {int(labels.max())}]")
 
 
-def _ball_box(x: Tensor, eps: Tensor, domain: tuple[float, float]) -> tuple[Tensor, Tensor]:
-    """The largest float box inside both the exact ball ``|x' - x| <= eps`` and the domain.
-
-    ``x - eps`` and ``x + eps`` are rounded to the nearest float, which can land a hair
-    outside the real ball; such ends are moved one float inwards, so every point of the box
-    passes the exact re-check.
-
-    Returns:
-        `(lower, upper)`, each `(N, C, H, W)` in `x`'s dtype.
-    """
-    e = eps.view(-1, *([1] * (x.ndim - 1)))
-    lower = x - e
-    upper = x + e
-    xd, ed = x.double(), e.double()
-    lower = torch.where(xd - lower.double() > ed, torch.nextafter(lower, x), lower)
-    upper = torch.where(upper.double() - xd > ed, torch.nextafter(upper, x), upper)
-    return lower.clamp(min=domain[0]), upper.clamp(max=domain[1])
-
-
 def _project(x_adv: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
-    """Project onto the box ``[lower, upper]`` (the eps-ball intersected with the domain)."""
+    """Project onto the box ``[lower, upper]`` (the region's inner box)."""
     return torch.minimum(torch.maximum(x_adv, lower), upper)
 
 
-def _recheck(model: nn.Module, x: Tensor, x_adv: Tensor, labels: Tensor, eps: Tensor,
-             domain: tuple[float, float]) -> tuple[Tensor, Tensor]:
-    """Independent check of candidate adversarial examples.
+def recheck(model: nn.Module, region: LinfBall | Box, x_adv: Tensor, labels: Tensor | None = None,
+            *, success: Criterion | None = None) -> tuple[Tensor, Tensor]:
+    """Independent check of candidate counterexamples: the one every attack result passes.
 
-    Computed from scratch (a fresh forward pass, exact float64 distances), never from values
-    the search kept, so a bug in the search cannot make a point count.
+    Computed from scratch (a fresh forward pass in eval mode, an exact membership test of the
+    region), never from values a search kept, so a bug in a search cannot make a point count.
 
+    Args:
+        model: Classifier on `(N, ...)` inputs.
+        region: The region the points must lie in (:meth:`LinfBall.contains`, exactly).
+        x_adv: `(N, ...)` candidate points, one per sample of the region.
+        labels: `(N,)` true labels, for the default criterion (:func:`misclassified`).
+        success: The success criterion on logits; default :func:`misclassified`.
     Returns:
-        `(success (N,) bool, margin (N,))`.
+        `(ok (N,) bool, logits (N, K))`: ok where the point is in the region and succeeds.
+    Raises:
+        SpecError: no criterion and no labels.
     """
-    with torch.no_grad():
-        margin = margins(model(x_adv), labels)
-    dist = (x_adv.double() - x.double()).abs().flatten(1).amax(dim=1)
-    flat = x_adv.flatten(1)
-    in_ball = dist <= eps.double()
-    in_domain = (flat >= domain[0]).all(dim=1) & (flat <= domain[1]).all(dim=1)
-    finite = torch.isfinite(flat).all(dim=1)
-    return (margin <= 0) & in_ball & in_domain & finite, margin
+    if success is None:
+        if labels is None:
+            raise SpecError("recheck needs labels or a success criterion")
+        success = misclassified(labels)
+    with eval_mode(model), torch.no_grad():
+        logits = model(x_adv)
+        hit = success(logits).to(torch.bool)
+    return region.contains(x_adv).to(hit.device) & hit, logits
 
 
 def _loss(logits: Tensor, labels: Tensor, kind: str) -> Tensor:
@@ -217,6 +231,15 @@ def _loss(logits: Tensor, labels: Tensor, kind: str) -> Tensor:
     if kind == "margin":
         return -margins(logits, labels)
     return nn.functional.cross_entropy(logits, labels, reduction="none")
+
+
+def _named_loss(logits: Tensor, *, labels: Tensor, kind: str) -> Tensor:
+    return _loss(logits, labels, kind)
+
+
+def _negative_margin(logits: Tensor, *, labels: Tensor) -> Tensor:
+    """The score a named loss keeps the best point by: minus the margin."""
+    return -margins(logits, labels)
 
 
 def _uniform(shape: Sequence[int], like: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -229,28 +252,43 @@ def _uniform(shape: Sequence[int], like: Tensor, generator: torch.Generator | No
 # ------------------------------------------------------------------------------------ attacks
 
 
-def pgd(model: nn.Module, region: LinfBall | tuple[Tensor, float | Tensor], labels: Tensor, *,
-        steps: int = 40, step_size: float | None = None, restarts: int = 1,
-        random_start: bool = True, loss: Literal["margin", "ce"] = "margin",
-        generator: torch.Generator | None = None) -> AttackResult:
-    """Projected gradient descent in the L-infinity ball intersected with the image domain.
+def pgd(model: nn.Module, region: LinfBall | Box | tuple[Tensor, float | Tensor],
+        labels: Tensor | None = None, *, success: Criterion | None = None,
+        loss: Literal["margin", "ce"] | Callable[[Tensor], Tensor] = "margin", steps: int = 40,
+        step_size: float | Callable[[int], float] | None = None, restarts: int = 1,
+        random_start: bool = True, start: Tensor | None = None, patience: int | None = None,
+        deadline: float | None = None, generator: torch.Generator | None = None) -> AttackResult:
+    """Projected gradient ascent in a region, for any success criterion: the one PGD of certify.
 
-    Ascends the loss with signed-gradient steps of size ``step_size * eps`` (per sample), projects
-    after every step, keeps each sample's lowest-margin point over all steps and restarts, and
-    re-checks those points independently before reporting success (Madry et al., 2018). Samples
-    that already succeeded are not attacked again in later restarts.
+    Ascends the loss with signed-gradient steps of size ``step_size`` times the region's radius
+    (``eps_inner`` per sample for a :class:`~certify.spec.LinfBall`, half the width per
+    coordinate for a :class:`~certify.spec.Box`), projects onto the region's inward-rounded
+    :meth:`inner_box` after every step, keeps per sample the best point over all steps and
+    restarts (a success first, then the highest loss; for the default loss, the lowest margin)
+    and re-checks those points with :func:`recheck` before reporting success (Madry et al.,
+    2018). Samples that already succeeded are not attacked again in later restarts.
 
     Args:
-        model: Classifier taking `(N, C, H, W)` pixels and returning logits `(N, K)`. Put in
+        model: Classifier taking `(N, ...)` inputs and returning logits `(N, K)`. Put in
             ``eval()`` for the attack; every submodule's previous mode is restored afterwards.
-        region: A :class:`certify.spec.LinfBall`, or a pair ``(x, eps)`` with `x` `(N, C, H, W)`
-            in [0, 1] and `eps` a float or `(N,)` (domain [0, 1]).
-        labels: `(N,)` true labels.
+        region: A :class:`~certify.spec.LinfBall` (the clean input is its centre), a
+            :class:`~certify.spec.Box`, or a shorthand pair ``(x, eps)`` for
+            ``LinfBall(x, eps)``.
+        labels: `(N,)` true labels; needed by the default criterion and the named losses.
+        success: The success criterion, ``logits (N, K) -> (N,) bool``; default
+            :func:`misclassified` (``f_y <= max_{j != y} f_j``).
+        loss: What to ascend: ``"margin"`` (minus the Carlini-Wagner margin, the default),
+            ``"ce"`` (cross-entropy), or a callable ``logits -> (N,)`` (then also the score the
+            best point is kept by).
         steps: Gradient steps per restart (>= 1).
-        step_size: Step as a fraction of each sample's eps; default ``2.5 / steps``.
+        step_size: Step as a fraction of the radius, or a schedule ``step -> fraction``
+            (steps count from 0); default ``2.5 / steps``.
         restarts: Number of runs (>= 1); later runs only attack samples not yet broken.
-        random_start: Start each run at a uniform point of the ball (else at `x`).
-        loss: ``"margin"`` (Carlini-Wagner margin, the default) or ``"ce"`` (cross-entropy).
+        random_start: Start each run at a uniform point of the region (else at its centre).
+        start: `(N, ...)` explicit starting points (projected into the region); one run only.
+        patience: Stop this many steps after the first success of any sample (default: stop
+            when every sample succeeded, or after `steps`).
+        deadline: A :func:`time.perf_counter` time after which no further step is taken.
         generator: Random generator for the starts (reproducible runs).
     Returns:
         :class:`AttackResult`; ``success[i]`` only after the re-check.
@@ -259,61 +297,160 @@ def pgd(model: nn.Module, region: LinfBall | tuple[Tensor, float | Tensor], labe
     """
     if steps < 1 or restarts < 1:
         raise SpecError(f"steps and restarts must be >= 1, got steps={steps}, restarts={restarts}")
-    if loss not in LOSSES:
+    if isinstance(loss, str) and loss not in LOSSES:
         raise unknown_name("attack loss", str(loss), LOSSES)
-    x, eps, domain = _split_region(region, int(labels.shape[0]))
-    rel = 2.5 / steps if step_size is None else float(step_size)
-    if not rel > 0 or not math.isfinite(rel):
-        raise SpecError(f"step_size is a fraction of eps and must be > 0, got {step_size}")
-    labels = labels.to(x.device)
+    if (success is None or isinstance(loss, str)) and labels is None:
+        raise SpecError("pgd needs labels for the default criterion and the named losses; pass "
+                        "labels, or both a success criterion and a loss callable")
+    if start is not None and restarts != 1:
+        raise SpecError(f"explicit starting points allow one run, got restarts={restarts}")
+    if patience is not None and patience < 0:
+        raise SpecError(f"patience must be >= 0 steps, got {patience}")
+    ball = _as_region(region, None if labels is None else int(labels.shape[0]))
+    rel = 0.0
+    schedule: Callable[[int], float] | None = None
+    if callable(step_size):
+        schedule = step_size
+    else:
+        rel = 2.5 / steps if step_size is None else float(step_size)
+        if not rel > 0 or not math.isfinite(rel):
+            raise SpecError(f"step_size is a fraction of eps and must be > 0, got {step_size}")
+    if isinstance(ball, LinfBall):
+        x: Tensor | None = ball.center
+        radius = ball.eps_inner.view(-1, *([1] * (ball.center.ndim - 1)))
+    else:
+        x = None
+        radius = ball.radius
+    points = ball.center
+    if labels is not None:
+        labels = labels.to(points.device)
+    ascent: Callable[[Tensor], Tensor]
+    score: Callable[[Tensor], Tensor]
+    if callable(loss):
+        ascent = score = loss
+    else:
+        assert labels is not None  # checked above
+        ascent = partial(_named_loss, labels=labels, kind=str(loss))
+        score = partial(_negative_margin, labels=labels)
+    if success is not None:
+        criterion = success
+    else:
+        assert labels is not None
+        criterion = misclassified(labels)
 
+    n = points.shape[0]
     with eval_mode(model):
-        with torch.no_grad():
-            clean_logits = model(x)
-        _check_labels(labels, clean_logits.shape[1])
-        best_x = x.detach().clone()
-        best_margin = margins(clean_logits, labels)
-        lower, upper = _ball_box(x, eps, domain)
-        step = (rel * eps).view(-1, *([1] * (x.ndim - 1)))
+        best_x = points.detach().clone()
+        best_score = torch.full((n,), -math.inf, dtype=points.dtype, device=points.device)
+        best_ok = torch.zeros(n, dtype=torch.bool, device=points.device)
+        if x is not None:
+            with torch.no_grad():
+                clean_logits = model(x)
+            if labels is not None:
+                _check_labels(labels, clean_logits.shape[1])
+            best_score = score(clean_logits).to(best_score.dtype)
+            best_ok = criterion(clean_logits).to(torch.bool)
+        lower, upper = ball.inner_box()
         for _ in range(restarts):
-            active = torch.nonzero(best_margin > 0).flatten()
+            active = torch.nonzero(~best_ok).flatten()
             if active.numel() == 0:
                 break
-            xs, ys, st = x[active], labels[active], step[active]
             lo, hi = lower[active], upper[active]
-            if random_start:
-                e = eps[active].view(-1, *([1] * (x.ndim - 1)))
-                start = _project(xs + e * _uniform(xs.shape, xs, generator), lo, hi)
+            if start is not None:
+                begin = _project(start[active].to(points.dtype), lo, hi)
+            elif random_start:
+                noise = _uniform(lo.shape, lo, generator)
+                if x is not None:
+                    begin = _project(x[active] + radius[active] * noise, lo, hi)
+                else:
+                    begin = _project(lo + (hi - lo) * (noise + 1) / 2, lo, hi)
             else:
-                start = xs.clone()
-            run_x, run_margin = _pgd_run(model, xs, ys, start, lo, hi, st, steps, loss)
-            better = run_margin < best_margin[active]
+                begin = points[active].clone()
+            run = _Run(ascent, score, criterion, patience, deadline,
+                       _steps(radius[active], schedule, rel),
+                       None if active.numel() == n else active, n)
+            run_x, run_score, run_ok = _pgd_run(model, begin, lo, hi, steps, run)
+            better = _better(run_ok, run_score, best_ok[active], best_score[active])
             idx = active[better]
             best_x[idx] = run_x[better]
-            best_margin[idx] = run_margin[better]
-        success, margin = _recheck(model, x, best_x, labels, eps, domain)
-    return AttackResult(best_x, success, margin)
+            best_score[idx] = run_score[better]
+            best_ok[idx] = run_ok[better]
+        ok, logits = recheck(model, ball, best_x, labels, success=criterion)
+        margin = margins(logits, labels) if labels is not None else -score(logits)
+    return AttackResult(best_x, ok, margin)
 
 
-def _pgd_run(model: nn.Module, x: Tensor, labels: Tensor, start: Tensor, lower: Tensor,
-             upper: Tensor, step: Tensor, steps: int, loss: str) -> tuple[Tensor, Tensor]:
-    """One PGD run from `start`; returns the lowest-margin iterate per sample and its margin."""
+@dataclass(frozen=True)
+class _Run:
+    """What one PGD run ascends, keeps and stops on."""
+
+    ascent: Callable[[Tensor], Tensor]
+    score: Callable[[Tensor], Tensor]
+    criterion: Criterion
+    patience: int | None
+    deadline: float | None
+    step: Callable[[int], Tensor]
+    rows: Tensor | None  # the samples attacked, when not all of them
+    n: int  # the number of samples the criterion and the losses are written for
+
+    def full(self, logits: Tensor) -> Tensor:
+        """Logits `(N, K)` of every sample (zeros for those not attacked), differentiable."""
+        if self.rows is None:
+            return logits
+        out = logits.new_zeros((self.n, logits.shape[1]))
+        return out.index_copy(0, self.rows, logits)
+
+    def part(self, values: Tensor) -> Tensor:
+        """The attacked samples' entries of a per-sample `(N,)` tensor."""
+        return values if self.rows is None else values[self.rows]
+
+
+def _steps(radius: Tensor, schedule: Callable[[int], float] | None,
+           rel: float) -> Callable[[int], Tensor]:
+    """Step sizes by step number: `radius` times the schedule's fraction (or `rel`)."""
+    if schedule is None:
+        constant = rel * radius
+        return lambda _i: constant
+    return lambda i: radius * schedule(i)
+
+
+def _better(ok: Tensor, score: Tensor, best_ok: Tensor, best_score: Tensor) -> Tensor:
+    """Where a point beats the best so far: a success first, then a strictly higher score."""
+    return (ok & ~best_ok) | ((ok == best_ok) & (score > best_score))
+
+
+def _pgd_run(model: nn.Module, start: Tensor, lower: Tensor, upper: Tensor, steps: int,
+             run: _Run) -> tuple[Tensor, Tensor, Tensor]:
+    """One PGD run from `start`; returns the best iterate per sample, its score and success."""
     xa = start.detach()
+    n = xa.shape[0]
     best_x = xa.clone()
-    best_margin = torch.full((x.shape[0],), math.inf, dtype=x.dtype, device=x.device)
+    best_score = torch.full((n,), -math.inf, dtype=xa.dtype, device=xa.device)
+    best_ok = torch.zeros(n, dtype=torch.bool, device=xa.device)
+    last = steps
+    found = False
     with torch.enable_grad():
         for i in range(steps + 1):
             xa = xa.detach().requires_grad_(True)
-            logits = model(xa)
-            margin = margins(logits, labels).detach()
-            better = margin < best_margin
+            logits = run.full(model(xa))
+            with torch.no_grad():
+                value = run.part(run.score(logits)).to(best_score.dtype)
+                ok = run.part(run.criterion(logits)).to(torch.bool)
+            better = _better(ok, value, best_ok, best_score)
             best_x[better] = xa.detach()[better]
-            best_margin = torch.where(better, margin, best_margin)
-            if i == steps or bool((best_margin <= 0).all()):
+            best_score = torch.where(better, value, best_score)
+            best_ok = torch.where(better, ok, best_ok)
+            if run.patience is None:
+                stop = i == steps or bool(best_ok.all())
+            else:
+                if not found and bool(best_ok.any()):
+                    found, last = True, min(steps, i + run.patience)
+                stop = i >= last
+            if stop or (run.deadline is not None and time.perf_counter() >= run.deadline):
                 break
-            (grad,) = torch.autograd.grad(_loss(logits, labels, loss).sum(), xa)
-            xa = _project(xa.detach() + step * grad.sign(), lower, upper)
-    return best_x, best_margin
+            (grad,) = torch.autograd.grad(run.part(run.ascent(logits)).sum(), xa)
+            xa = _project(xa.detach() + run.step(i) * grad.sign(), lower, upper)
+    return best_x, best_score, best_ok
 
 
 def fgsm(model: nn.Module, region: LinfBall | tuple[Tensor, float | Tensor], labels: Tensor, *,
@@ -335,12 +472,12 @@ def fgsm(model: nn.Module, region: LinfBall | tuple[Tensor, float | Tensor], lab
                loss=loss)
 
 
-def _run_attack(name: str, model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, *, steps: int,
+def _run_attack(name: str, model: nn.Module, region: LinfBall, y: Tensor, *, steps: int,
                 restarts: int, generator: torch.Generator | None) -> AttackResult:
     if name == "pgd":
-        return pgd(model, (x, eps), y, steps=steps, restarts=restarts, generator=generator)
+        return pgd(model, region, y, steps=steps, restarts=restarts, generator=generator)
     if name == "fgsm":
-        return fgsm(model, (x, eps), y)
+        return fgsm(model, region, y)
     raise unknown_name("attack", name, ATTACKS)
 
 
@@ -383,18 +520,12 @@ def accuracy_under_attack(model: nn.Module, x: Tensor, y: Tensor,
         for start in range(0, n, batch_size):
             sl = slice(start, start + batch_size)
             xb, yb = x[sl], y[sl]
-            eps = torch.full((xb.shape[0],), e, dtype=xb.dtype, device=xb.device)
-            res = _run_attack(attack, model, xb, yb, eps, steps=steps, restarts=restarts,
-                              generator=generator)
+            # the grid's eps is rounded down to the inputs' dtype: examples lie in its ball
+            res = _run_attack(attack, model, LinfBall(xb, e), yb, steps=steps,
+                              restarts=restarts, generator=generator)
             robust[k, sl] = ~res.success.cpu()
     robust = robust.cummin(dim=0).values
     return AttackCurve(grid, robust.double().mean(dim=1), robust)
-
-
-def _round_up(value: Tensor, dtype: torch.dtype) -> Tensor:
-    """`value` (float64) as `dtype`, rounded up so the result is never below `value`."""
-    v = value.to(dtype)
-    return torch.where(v.double() < value, torch.nextafter(v, torch.full_like(v, math.inf)), v)
 
 
 def minimal_adversarial(model: nn.Module, x: Tensor, y: Tensor, *, eps_max: float = 0.5,
@@ -445,14 +576,14 @@ def minimal_adversarial(model: nn.Module, x: Tensor, y: Tensor, *, eps_max: floa
     def probe(rows: Tensor, eps: Tensor) -> Tensor:
         """Attack `rows` at `eps` (float64, exact in dtype); returns which succeeded."""
         evaluations[rows] += 1
-        res = pgd(model, (x[rows], eps.to(dtype).to(x.device)), y[rows], steps=steps,
+        res = pgd(model, LinfBall(x[rows], eps.to(dtype).to(x.device)), y[rows], steps=steps,
                   restarts=restarts, generator=generator)
         ok = res.success.cpu()
         if bool(ok.any()):
             won = rows[ok]
             x_adv[won] = res.x_adv[ok]
             dist = (res.x_adv[ok].double() - x[won].double()).abs().flatten(1).amax(dim=1).cpu()
-            hi[won] = torch.minimum(eps[ok], _round_up(dist, dtype).double())
+            hi[won] = torch.minimum(eps[ok], round_to(dist, dtype, up=True).double())
             lo[won] = torch.minimum(lo[won], hi[won])
         return ok
 
@@ -480,8 +611,8 @@ def minimal_adversarial(model: nn.Module, x: Tensor, y: Tensor, *, eps_max: floa
     if bool(found.any()):
         idx = torch.nonzero(found).flatten()
         with eval_mode(model):
-            good, _ = _recheck(model, x[idx], x_adv[idx], y[idx],
-                               eps_out[idx].to(dtype).to(x.device), (0.0, 1.0))
+            good, _ = recheck(model, LinfBall(x[idx], eps_out[idx].to(dtype).to(x.device)),
+                              x_adv[idx], y[idx])
         if not bool(good.all()):
             bad = idx[~good.cpu()].tolist()
             raise SoundnessError(f"minimal_adversarial: stored examples of samples {bad[:5]} fail "

@@ -2,15 +2,18 @@
 
 The cascade, cheap to costly, stops at the first decision:
 
-1. **attack**: random points and a PGD-style search inside the input box that maximizes, per
-   conjunction of the unsafe set ``matrix @ y <= bound``, the smallest slack
-   ``min_r (bound - matrix @ y)_r``. A point counts only after a plain forward pass shows it
-   lies in the box and satisfies a conjunction exactly: then the verdict is ``sat``.
+1. **attack**: random points and :func:`certify.attacks.pgd` inside the input box (a
+   :class:`certify.spec.Box` rounded inward) that maximizes, per conjunction of the unsafe set
+   ``matrix @ y <= bound``, the smallest slack ``min_r (bound - matrix @ y)_r``, with the
+   conjunction as its success criterion. A point counts only after the attacks' re-check and a
+   plain forward pass show it lies in the box and satisfies a conjunction exactly: then the
+   verdict is ``sat``.
 2. **bounds**: each method of `methods` (cheap to tight) bounds ``matrix @ y - bound`` over the
    box (in float64 by default); a conjunction is ruled out once one of its rows is *proven*
    violated (lower bound strictly > 0). When every conjunction is ruled out: ``unsat``.
-3. **milp**, when the engine registers it and the network is small (``use_milp="auto"``); it
-   gets the time that remains as its budget, the refinement of its intermediate bounds included.
+3. **the complete method** (the MILP: a registered method that ``is_complete`` and
+   ``accepts_time_budget``), when the network is small (``use_milp="auto"``); it gets the time
+   that remains as its budget, the refinement of its intermediate bounds included.
 4. **the budget**: rounds of longer attacks on the conjunctions left (fresh random starts, twice
    the steps each round), with alpha-CROWN at more steps after the first round when it is in
    the cascade, until only a small reserve of the time is left.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import gzip
 import math
 import os
@@ -173,8 +177,9 @@ def verify(
         bound_model = _as_dtype(model, bound_dtype)
         box = prop.input_box(shape, dtype=bound_dtype, device=device)
         cascade = list(methods)
-        if _use_milp(use_milp, bound_model, box[0], available) and "milp" not in cascade:
-            cascade.append("milp")
+        complete = _complete_method(use_milp, bound_model, box[0])
+        if complete is not None and complete not in cascade:
+            cascade.append(complete)
         for name in cascade:
             if time.perf_counter() >= deadline:
                 return done("timeout", None)
@@ -184,7 +189,7 @@ def verify(
                 return done("unsat", name)
         # spend what is left, keeping a reserve: longer attacks, and a longer alpha-CROWN
         stop = deadline - min(RESERVE_MAX, RESERVE_FRACTION * (deadline - start))
-        retry = ["alpha-crown"] if "alpha-crown" in cascade else []
+        retry = [name for name in cascade if _has_option(name, "steps")][-1:]
         round_ = 0
         while time.perf_counter() < stop:
             found = _attack(model, prop, rows.subset(open_rows), shape,
@@ -275,13 +280,29 @@ def _as_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return copy.deepcopy(model).to(dtype)
 
 
-def _use_milp(use_milp: bool | str, model: nn.Module, x: Tensor, available: Sequence[str]) -> bool:
+def _has_option(name: str, option: str) -> bool:
+    """Whether bound method `name` takes `option` (e.g. ``steps``: it improves with effort)."""
+    from certify.bounds.base import method_class
+
+    return option in {f.name for f in dataclasses.fields(method_class(name))}
+
+
+def _complete_method(use_milp: bool | str, model: nn.Module, x: Tensor) -> str | None:
+    """The complete method (the MILP) to add to the cascade, or None: see `use_milp`."""
+    from certify.bounds import list_methods
+
     if use_milp not in (True, False, "auto"):
         raise SpecError(f"use_milp must be True, False or 'auto', got {use_milp!r}.")
-    if use_milp is False or "milp" not in available:
-        return False
-    if use_milp is True:
-        return True
+    complete = list_methods(is_complete=True, accepts_time_budget=True)
+    if use_milp is False or not complete:
+        return None
+    if use_milp is True or _relu_count(model, x) <= MILP_AUTO_MAX_RELUS:
+        return complete[0]
+    return None
+
+
+def _relu_count(model: nn.Module, x: Tensor) -> int:
+    """The number of ReLU units of `model` on input `x` ``(1, ...)``."""
     count = 0
 
     def hook(_module: nn.Module, _inputs: object, output: Tensor) -> None:
@@ -295,7 +316,7 @@ def _use_milp(use_milp: bool | str, model: nn.Module, x: Tensor, available: Sequ
     finally:
         for h in handles:
             h.remove()
-    return count <= MILP_AUTO_MAX_RELUS
+    return count
 
 
 def _ruled_out(model: nn.Module, box: tuple[Tensor, Tensor], rows: _Rows, open_rows: Tensor,
@@ -315,8 +336,10 @@ def _ruled_out(model: nn.Module, box: tuple[Tensor, Tensor], rows: _Rows, open_r
         return out
     lower, upper = box
     spec = rows.matrix[active].to(lower.dtype).unsqueeze(0)
+    from certify.bounds.base import method_class
+
     options = dict(options or {})  # a copy: the MILP's time is set here
-    if method == "milp":
+    if getattr(method_class(method), "accepts_time_budget", False):
         options["time_limit"] = options["budget"] = max(seconds, 1e-3)
     # rigorous for the network in exact arithmetic and for the model's own forward pass
     bounds = compute_bounds(model, lower, upper, method, spec, model_rounding=True, **options)
@@ -337,11 +360,10 @@ def _ruled_out(model: nn.Module, box: tuple[Tensor, Tensor], rows: _Rows, open_r
 def _inward_box(prop: VnnlibProperty, shape: Sequence[int], dtype: torch.dtype,
                 device: torch.device) -> tuple[Tensor, Tensor] | None:
     """The box rounded inwards to `dtype` (every point of it is in the property's box)."""
-    lower = prop.lower.to(dtype)
-    upper = prop.upper.to(dtype)
-    up, down = torch.tensor(float("inf"), dtype=dtype), torch.tensor(float("-inf"), dtype=dtype)
-    lower = torch.where(lower.double() < prop.lower, torch.nextafter(lower, up), lower)
-    upper = torch.where(upper.double() > prop.upper, torch.nextafter(upper, down), upper)
+    from certify.spec import round_to
+
+    lower = round_to(prop.lower, dtype, up=True)
+    upper = round_to(prop.upper, dtype, up=False)
     if (lower > upper).any():
         return None
     return lower.reshape(1, *shape).to(device), upper.reshape(1, *shape).to(device)
@@ -388,46 +410,62 @@ def _attack(model: nn.Module, prop: VnnlibProperty, rows: _Rows, shape: Sequence
 def _pgd(model: nn.Module, prop: VnnlibProperty, rows: _Rows, lower: Tensor, upper: Tensor, *,
          steps: int, restarts: int, generator: torch.Generator,
          deadline: float) -> tuple[float, Tensor, Tensor] | None:
-    """Sign-gradient ascent on the smallest slack, `restarts` points per conjunction, in the
-    box ``[lower, upper]`` (``(1, *shape)``).
+    """:func:`certify.attacks.pgd` on the smallest slack, `restarts` points per conjunction, in
+    the box ``[lower, upper]`` (``(1, *shape)``), with the conjunction as success criterion.
 
-    Returns ``(slack, x, y)`` of the validated point with the largest smallest slack, or None.
+    Returns ``(slack, x, y)`` of the re-checked point with the largest smallest slack, or None.
     """
+    from certify.attacks import pgd, recheck
+    from certify.spec import Box
+
     p = rows.count
     # padded per-conjunction rows: (P, R, K), (P, R); missing rows never bind (+inf slack)
     counts = torch.bincount(rows.owner, minlength=p)
     r = max(int(counts.max()) if rows.owner.numel() else 0, 1)
     k = rows.matrix.shape[1]
-    matrix = torch.zeros(p, r, k, dtype=torch.float64, device=lower.device)
-    bound = torch.full((p, r), float("inf"), dtype=torch.float64, device=lower.device)
+    matrix64 = torch.zeros(p, r, k, dtype=torch.float64, device=lower.device)
+    bound64 = torch.full((p, r), float("inf"), dtype=torch.float64, device=lower.device)
+    strict = torch.zeros(p, r, dtype=torch.bool, device=lower.device)
     first = torch.cumsum(counts, 0) - counts
     slot = torch.arange(rows.owner.numel(), device=rows.owner.device) - first[rows.owner]
-    matrix[rows.owner, slot] = rows.matrix
-    bound[rows.owner, slot] = rows.bound
-    matrix, bound = matrix.to(lower.dtype), bound.to(lower.dtype)
-    width = upper - lower
+    matrix64[rows.owner, slot] = rows.matrix
+    bound64[rows.owner, slot] = rows.bound
+    strict[rows.owner, slot] = rows.strict
+    matrix, bound = matrix64.to(lower.dtype), bound64.to(lower.dtype)
     x = _starts(model, lower, upper, matrix, bound, restarts=restarts, generator=generator)
-    matrix = matrix.repeat_interleave(restarts, 0)
-    bound = bound.repeat_interleave(restarts, 0)
-    best: tuple[float, Tensor, Tensor] | None = None
-    last = steps  # after the first success, a few more steps move away from the boundary
-    for step in range(steps + 1):
-        x = x.detach().requires_grad_(True)
-        y = model(x)
+    matrix, bound, matrix64, bound64, strict = (
+        t.repeat_interleave(restarts, 0) for t in (matrix, bound, matrix64, bound64, strict))
+
+    def smallest_slack(y: Tensor) -> Tensor:
+        """What the search ascends: ``min_r (bound - matrix @ y)_r`` of each point's conjunction
+        (+inf, capped at 1e30, for a conjunction without rows)."""
         slack = bound - torch.einsum("brk,bk->br", matrix, y)
-        objective = slack.min(dim=1).values  # +inf for a conjunction without rows
-        found = best is not None
-        best = _keep_best(prop, x.detach(), y.detach(), objective.detach(), best)
-        if best is not None and not found:
-            last = min(steps, step + 10)
-        if step >= last or time.perf_counter() >= deadline:
-            break
-        if not torch.isfinite(objective).any():
-            break
-        (grad,) = torch.autograd.grad(objective.clamp(max=1e30).sum(), x)
-        size = width * (0.5 * (1 - step / steps) + 0.02)
-        x = torch.minimum(torch.maximum(x + size * grad.sign(), lower), upper)
-    return best
+        return slack.min(dim=1).values.clamp(max=1e30)
+
+    def unsafe(y: Tensor) -> Tensor:
+        """The success criterion: each point's conjunction holds, in float64 with no tolerance."""
+        slack = bound64 - torch.einsum("brk,bk->br", matrix64, y.to(torch.float64))
+        return torch.where(strict, slack > 0, slack >= 0).all(dim=1)
+
+    n = x.shape[0]
+    region = Box(lower.expand(n, *lower.shape[1:]), upper.expand(n, *upper.shape[1:]))
+    if steps == 0:
+        ok, logits = recheck(model, region, x, success=unsafe)
+        x_best, score = x, smallest_slack(logits)
+    else:
+        # steps of half the box's width, shrinking to 2% of it; ten more steps after the first
+        # success move away from the boundary
+        res = pgd(model, region, success=unsafe, loss=smallest_slack, steps=steps,
+                  step_size=lambda i: 2 * (0.5 * (1 - i / steps) + 0.02), start=x,
+                  patience=10, deadline=deadline)
+        ok, x_best, score = res.success, res.x_adv, -res.margin
+    if not bool(ok.any()):
+        return None
+    score = torch.where(ok, score, torch.full_like(score, -math.inf))
+    i = int(torch.argmax(score))
+    with torch.no_grad():
+        y = model(x_best[i:i + 1])[0]
+    return float(score[i]), x_best[i].flatten().clone(), y
 
 
 def _starts(model: nn.Module, lower: Tensor, upper: Tensor, matrix: Tensor, bound: Tensor, *,
@@ -448,23 +486,6 @@ def _starts(model: nn.Module, lower: Tensor, upper: Tensor, matrix: Tensor, boun
     centre = (lower + 0.5 * (upper - lower)).expand(matrix.shape[0], 1, *shape)
     x = torch.cat([centre, pool[top]], dim=1)  # (P, restarts, *shape)
     return x.reshape(-1, *shape)
-
-
-def _keep_best(prop: VnnlibProperty, x: Tensor, y: Tensor, objective: Tensor,
-               best: tuple[float, Tensor, Tensor] | None) -> tuple[float, Tensor, Tensor] | None:
-    """Validate candidates by themselves (box and unsafe set, exactly) and keep the best."""
-    candidates = torch.nonzero(objective >= 0).flatten()
-    if candidates.numel() == 0:
-        return best
-    with torch.no_grad():
-        xs = x[candidates]
-        ys = y[candidates]
-        valid = prop.contains(xs).cpu() & prop.is_unsafe(ys[:, :prop.num_outputs]).cpu()
-    for i in torch.nonzero(valid).flatten().tolist():
-        score = float(objective[candidates[i]])
-        if best is None or score > best[0]:
-            best = (score, xs[i].flatten().clone(), ys[i].clone())
-    return best
 
 
 # ---- files ------------------------------------------------------------------------------------
@@ -574,9 +595,9 @@ def read_instances(path: str | os.PathLike[str]) -> list[Instance]:
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"instances file not found: {path}. Give the benchmark's instances.csv.")
-    opener: Callable[..., object] = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", newline="", encoding="utf-8") as f:  # type: ignore[operator]
-        lines = list(csv.reader(f))  # type: ignore[arg-type]
+    opener: Callable[..., Any] = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", newline="", encoding="utf-8") as f:
+        lines = list(csv.reader(f))
     out: list[Instance] = []
     for number, row in enumerate(lines, start=1):
         cells = [c.strip() for c in row]

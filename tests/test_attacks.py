@@ -20,6 +20,7 @@ from certify.attacks import (
 )
 from certify.errors import SpecError, UnknownNameError
 from certify.nets import create_arch
+from certify.spec import LinfBall
 
 
 def independent_check(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
@@ -80,11 +81,12 @@ def test_recheck_rejects_claims_of_the_search(tiny_mlp, monkeypatch):
     x = torch.rand(16, 1, 4, 4, generator=torch.Generator().manual_seed(2))
     y = tiny_mlp(x).argmax(1)
 
-    def lying_run(model, xs, labels, start, lower, upper, step, steps, loss):
-        return xs.clone(), torch.full((xs.shape[0],), -1.0)
+    def lying_run(model, start, lower, upper, steps, run):
+        n = start.shape[0]
+        return start.clone(), torch.full((n,), 1.0), torch.ones(n, dtype=torch.bool)
 
     monkeypatch.setattr(attacks, "_pgd_run", lying_run)
-    res = pgd(tiny_mlp, (x, 0.3), y)
+    res = pgd(tiny_mlp, (x, 0.3), y, random_start=False)  # the run returns its start
     assert not res.success.any()
     assert (res.margin > 0).all()
 
@@ -93,8 +95,9 @@ def test_recheck_rejects_points_outside_the_domain(tiny_mlp, monkeypatch):
     x = torch.rand(16, 1, 4, 4, generator=torch.Generator().manual_seed(3))
     y = tiny_mlp(x).argmax(1)
 
-    def escaping_run(model, xs, labels, start, lower, upper, step, steps, loss):
-        return xs + 5.0, torch.full((xs.shape[0],), -1.0)  # far outside [0, 1]
+    def escaping_run(model, start, lower, upper, steps, run):
+        n = start.shape[0]  # far outside [0, 1]
+        return start + 5.0, torch.full((n,), 1.0), torch.ones(n, dtype=torch.bool)
 
     monkeypatch.setattr(attacks, "_pgd_run", escaping_run)
     res = pgd(tiny_mlp, (x, 10.0), y)  # the ball is huge; the domain still binds
@@ -127,7 +130,7 @@ def test_projection_box_lies_inside_the_exact_ball():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(64, 1, 5, 5, generator=g)
     eps = torch.rand(64, generator=g) * 0.3
-    lower, upper = attacks._ball_box(x, eps, (0.0, 1.0))
+    lower, upper = LinfBall(x, eps).inner_box()
     e = eps.double().view(-1, 1, 1, 1)
     assert ((x.double() - lower.double()) <= e).all()
     assert ((upper.double() - x.double()) <= e).all()
@@ -290,3 +293,112 @@ def test_bad_labels_and_names(tiny_cnn):
         minimal_adversarial(tiny_cnn, x, torch.zeros(4, dtype=torch.int64), tol=0.0)
     with pytest.raises(SpecError, match="eps_max"):
         minimal_adversarial(tiny_cnn, x, torch.zeros(4, dtype=torch.int64), eps_max=-1.0)
+
+
+# ------------------------------------------------------------- one PGD, any success criterion
+
+
+def test_pgd_with_a_custom_criterion_finds_targeted_examples(tiny_cnn):
+    """Success = the model predicts a chosen target; every success re-checks independently."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.rand(16, 1, 8, 8, generator=g)
+    y = tiny_cnn(x).argmax(1)
+    target = (y + 1) % 10
+
+    def hits_target(logits):
+        return logits.argmax(1) == target
+
+    def towards_target(logits):
+        others = logits.scatter(1, target[:, None], float("-inf"))
+        return logits.gather(1, target[:, None]).squeeze(1) - others.amax(1)
+
+    region = LinfBall(x, 0.4)
+    res = pgd(tiny_cnn, region, success=hits_target, loss=towards_target, steps=30,
+              generator=torch.Generator().manual_seed(0))
+    assert res.success.any()
+    with torch.no_grad():
+        pred = tiny_cnn(res.x_adv).argmax(1)
+    dist = (res.x_adv.double() - x.double()).abs().flatten(1).amax(1)
+    assert torch.equal(res.success, (pred == target) & (dist <= 0.4)
+                       & (res.x_adv >= 0).flatten(1).all(1) & (res.x_adv <= 1).flatten(1).all(1))
+    # with labels, the default loss ascends the margin but success is still the criterion
+    again = pgd(tiny_cnn, region, y, success=hits_target, steps=30,
+                generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (tiny_cnn(again.x_adv[again.success]).argmax(1) == target[again.success]).all()
+
+
+def test_pgd_custom_criterion_is_rechecked(tiny_cnn):
+    """A criterion that never holds gives no success, whatever the search does."""
+    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(12))
+    y = tiny_cnn(x).argmax(1)
+    res = pgd(tiny_cnn, LinfBall(x, 0.5), y, success=lambda logits: logits[:, 0] > 1e9)
+    assert not res.success.any()
+    with pytest.raises(SpecError, match="labels"):
+        pgd(tiny_cnn, LinfBall(x, 0.1), success=lambda logits: logits[:, 0] > 0)
+
+
+def test_pgd_in_a_box_with_explicit_starts_and_patience():
+    """A Box region (a VNNLIB input box): success is the criterion, points stay in the box."""
+    from certify.spec import Box
+
+    model = nn.Sequential(nn.Linear(2, 1)).double().eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, -1.0]]))
+        model[0].bias.zero_()
+    lower = torch.tensor([[0.0, 0.0], [0.2, 0.3]], dtype=torch.float64)
+    upper = torch.tensor([[0.5, 0.5], [0.4, 0.5]], dtype=torch.float64)
+    box = Box(lower, upper)
+    res = pgd(model, box, success=lambda out: out[:, 0] >= 0.45, loss=lambda out: out[:, 0],
+              steps=20, start=box.center, patience=3)
+    # y = x0 - x1 reaches 0.5 in the first box, at most 0.1 in the second
+    assert res.success.tolist() == [True, False]
+    assert box.contains(res.x_adv).all()
+    with torch.no_grad():
+        assert float(model(res.x_adv[:1])) >= 0.45
+
+
+def test_public_recheck_rejects_points_outside_the_region(tiny_cnn):
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(13))
+    y = (tiny_cnn(x).argmax(1) + 1) % 10  # misclassified at the clean point
+    ball = LinfBall(x, 0.1)
+    ok, logits = attacks.recheck(tiny_cnn, ball, x, y)
+    assert ok.all() and logits.shape == (4, 10)
+    outside = x.clone()
+    outside[:, 0, 0, 0] += 0.2  # beyond the ball (or above 1, beyond the domain)
+    ok, _ = attacks.recheck(tiny_cnn, ball, outside, success=lambda logits: torch.ones(
+        4, dtype=torch.bool))
+    assert not ok.any()
+
+
+def test_verify_attacks_with_the_one_pgd(monkeypatch):
+    """certify.verify's counterexample search is attacks.pgd with the property as criterion."""
+    from certify import verify as verify_module
+    from certify.spec import Box
+    from certify.vnnlib import parse_vnnlib
+
+    calls = []
+    real = attacks.pgd
+
+    def spy(model, region, labels=None, **kwargs):
+        calls.append((region, labels, kwargs))
+        return real(model, region, labels, **kwargs)
+
+    monkeypatch.setattr(attacks, "pgd", spy)
+    model = nn.Sequential(nn.Linear(2, 2)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        model[0].bias.zero_()
+    text = ("(declare-const X_0 Real)\n(declare-const X_1 Real)\n"
+            "(declare-const Y_0 Real)\n(declare-const Y_1 Real)\n"
+            "(assert (>= X_0 0.0))\n(assert (<= X_0 1.0))\n"
+            "(assert (>= X_1 0.0))\n(assert (<= X_1 1.0))\n"
+            "(assert (>= Y_1 Y_0))\n")  # unsafe: y1 >= y0, e.g. x = (0, 1)
+    verdict = verify_module.verify(model, parse_vnnlib(text), timeout=10)
+    assert verdict.result == "sat" and verdict.method == "attack"
+    assert calls, "verify did not call attacks.pgd"
+    region, labels, kwargs = calls[0]
+    assert isinstance(region, Box) and labels is None
+    assert callable(kwargs["success"]) and callable(kwargs["loss"])
+    x, yv = verdict.counterexample  # type: ignore[misc]
+    assert float(yv[1]) >= float(yv[0])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from certify.cli.options import (
+    RegistryChoice,
+    RegistryNames,
     data_dir_option,
     dataset_option,
     device_option,
@@ -14,13 +16,19 @@ from certify.cli.options import (
 )
 
 
+def _attacks() -> tuple[str, ...]:
+    from certify.study.attack_curves import ATTACK_NAMES
+
+    return ATTACK_NAMES
+
+
 @click.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @dataset_option(required=True)
 @click.option("--eps", "eps", default="0:0.014:15", show_default=True,
               help="eps grid (pixel units): start:stop:count (both ends included) or a list "
               "0,0.005,0.01.")
-@click.option("--attack", type=click.Choice(["pgd", "fgsm", "autoattack"]), default="pgd",
+@click.option("--attack", type=RegistryChoice(RegistryNames(_attacks)), default="pgd",
               show_default=True, help="autoattack: worst case of APGD-CE, APGD-DLR, FAB and "
               "Square (needs `pip install --no-deps torchattacks`).")
 @num_samples_option(default=500, what="Attack")

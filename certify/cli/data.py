@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from certify.cli.options import DATASET_NAMES, data_dir_option, quiet_option
+from certify.cli.options import DATASET_NAMES, RegistryChoice, data_dir_option, quiet_option
 
 
 @click.group()
@@ -72,7 +72,7 @@ def _files(paths: list[str]) -> str:
 
 
 @data.command()
-@click.argument("name", type=click.Choice(DATASET_NAMES))
+@click.argument("name", type=RegistryChoice(DATASET_NAMES))
 @data_dir_option
 @click.option("--split", "splits", multiple=True, type=click.Choice(["train", "test", "extra"]),
               help="Split to fetch (repeatable). Default: train and test; SVHN's extra split "

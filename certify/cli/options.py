@@ -2,14 +2,79 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar, overload
 
 import click
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-DATASET_NAMES = ["svhn", "cifar10", "mnist", "digits"]
+
+class RegistryNames(Sequence[str]):
+    """The names of a library registry, read on first use.
+
+    Commands are declared when ``certify --help`` lists them; reading a registry then would
+    import torch. The registry stays the single source: a dataset, loss or method registered
+    in the library is a valid choice here with no list to update.
+    """
+
+    def __init__(self, load: Callable[[], Iterable[str]]) -> None:
+        self._load = load
+
+    def _get(self) -> tuple[str, ...]:
+        return tuple(self._load())  # every time: a name registered later is a choice too
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[str]: ...
+
+    def __getitem__(self, i: int | slice) -> str | Sequence[str]:
+        return self._get()[i]
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __repr__(self) -> str:
+        return f"RegistryNames({list(self._get())})"
+
+
+class RegistryChoice(click.Choice):  # type: ignore[type-arg]
+    """A :class:`click.Choice` over a :class:`RegistryNames`, resolved when first needed."""
+
+    def __init__(self, names: RegistryNames, case_sensitive: bool = True) -> None:
+        self._registry = names
+        super().__init__((), case_sensitive)
+
+    @property  # type: ignore[override]
+    def choices(self) -> tuple[str, ...]:
+        return tuple(self._registry)
+
+    @choices.setter
+    def choices(self, value: Any) -> None:  # click.Choice.__init__ assigns; the registry wins
+        pass
+
+
+def _datasets() -> list[str]:
+    from certify.data import DATASETS
+
+    return list(DATASETS)
+
+
+def _robust_losses() -> list[str]:
+    from certify.train.robust import list_robust_losses
+
+    return list_robust_losses()
+
+
+#: Every registered dataset (:data:`certify.data.DATASETS`).
+DATASET_NAMES = RegistryNames(_datasets)
+#: Every robust training loss (:func:`certify.train.robust.list_robust_losses`).
+ROBUST_LOSS_NAMES = RegistryNames(_robust_losses)
 
 
 def device_option(f: F) -> F:
@@ -31,7 +96,7 @@ def data_dir_option(f: F) -> F:
 def dataset_option(required: bool = True, default: str | None = None,
                    help: str = "Dataset name.") -> Callable[[F], F]:
     def decorate(f: F) -> F:
-        return click.option("--dataset", type=click.Choice(DATASET_NAMES), required=required,
+        return click.option("--dataset", type=RegistryChoice(DATASET_NAMES), required=required,
                             default=default, help=help)(f)
 
     return decorate

@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from certify.cli.options import (
+    ROBUST_LOSS_NAMES,
     F,
+    RegistryChoice,
     data_dir_option,
     dataset_option,
     device_option,
@@ -21,8 +23,9 @@ if TYPE_CHECKING:
     from certify.train.loops import TrainConfig
     from certify.train.robust import RobustConfig
 
-# the choices of --robust; certify.train.robust.ROBUST_METHODS (not imported here: it loads torch)
-ROBUST_CHOICES = ("wong-kolter", "crown-ibp", "ibp", "pgd")
+# the choices of --robust: certify.train.robust.ROBUST_LOSSES, read when first needed (it loads
+# torch)
+ROBUST_CHOICES = ROBUST_LOSS_NAMES
 ROBUST_OPTION_NAMES = ("eps", "eps_start", "eps_ramp_epochs", "eps_warmup_epochs", "kappa",
                        "kappa_start", "pgd_steps", "bound_batch_size", "bound_memory_mb",
                        "eval_samples", "certify_method")
@@ -77,7 +80,7 @@ def robust_options(required: bool) -> Callable[[F], F]:
 
     def decorate(f: F) -> F:
         for opt in reversed([
-            click.option("--robust", type=click.Choice(ROBUST_CHOICES), **needed,
+            click.option("--robust", type=RegistryChoice(ROBUST_CHOICES), **needed,
                          help="Robust loss: wong-kolter / crown-ibp / ibp (robust "
                               "cross-entropy on the margin lower bounds), pgd (Madry)."),
             click.option("--eps", type=click.FloatRange(min=0), **needed,

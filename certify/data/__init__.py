@@ -1,6 +1,5 @@
 """Datasets: SVHN, CIFAR-10, MNIST and scikit-learn's digits, with one `load_dataset`."""
 
-from certify.data import digits as _digits  # noqa: F401  (registers)
 from certify.data.base import (
     DATASETS,
     DatasetInfo,
@@ -24,6 +23,9 @@ __all__ = [
     "split_validation",
     "validation_indices",
 ]
-from certify.data import cifar10 as _cifar10  # noqa: F401  (registers)
-from certify.data import mnist as _mnist  # noqa: F401  (registers)
-from certify.data import svhn as _svhn  # noqa: F401  (registers)
+
+# Importing a dataset's module registers it; DATASETS keeps this order (the CLI's choices).
+from certify.data import svhn as _svhn  # noqa: E402, F401, I001
+from certify.data import cifar10 as _cifar10  # noqa: E402, F401
+from certify.data import mnist as _mnist  # noqa: E402, F401
+from certify.data import digits as _digits  # noqa: E402, F401

@@ -16,7 +16,13 @@ from certify.errors import DatasetError, unknown_name
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What a model for this dataset looks like."""
+    """What a model for this dataset looks like.
+
+    A dataset is added in one module: its ``DatasetInfo`` and loader
+    (:func:`register_dataset`), and for a downloadable one its finder and official files
+    (:func:`certify.data.download.register_finder`, :func:`~certify.data.download.register_files`);
+    importing the module from ``certify/data/__init__.py`` makes it a choice everywhere.
+    """
 
     name: str
     num_classes: int
@@ -24,6 +30,8 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     splits: tuple[str, ...]
+    #: How messages spell it (``CIFAR-10``); default the name.
+    title: str = ""
 
 
 class ImageDataset(Dataset[tuple[Tensor, Tensor]]):
@@ -132,6 +140,8 @@ _LOADERS: dict[str, Loader] = {}
 
 
 def register_dataset(info: DatasetInfo) -> Callable[[Loader], Loader]:
+    """Decorator: register `info` with its loader ``loader(split, root, download)``."""
+
     def decorate(fn: Loader) -> Loader:
         DATASETS[info.name] = info
         _LOADERS[info.name] = fn

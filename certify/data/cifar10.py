@@ -20,9 +20,11 @@ import torch
 
 from certify.data.base import DatasetInfo, ImageDataset, register_dataset
 from certify.data.download import (
+    RemoteFile,
     corrupt_error,
     find_first,
     missing_error,
+    register_files,
     register_finder,
     require_files,
     safe_extract,
@@ -32,11 +34,15 @@ from certify.errors import DatasetError
 
 # Per-channel mean and (population) standard deviation of the 50,000 train images / 255.
 CIFAR10 = DatasetInfo("cifar10", 10, (3, 32, 32), mean=(0.4914, 0.4822, 0.4465),
-                      std=(0.2470, 0.2435, 0.2616), splits=("train", "test"))
+                      std=(0.2470, 0.2435, 0.2616), splits=("train", "test"), title="CIFAR-10")
 BATCH_DIR = "cifar-10-batches-py"
 ARCHIVE = "cifar-10-python.tar.gz"
 BATCHES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
 MEMBERS = tuple(f"{BATCH_DIR}/{b}" for b in (*BATCHES["train"], *BATCHES["test"], "batches.meta"))
+register_files("cifar10", (
+    RemoteFile(ARCHIVE, ("https://www.cs.toronto.edu/~kriz/" + ARCHIVE,),
+               "c58f30108f718f92721af3b95e74349a", ("train", "test"), MEMBERS),
+))
 
 
 @register_finder("cifar10")

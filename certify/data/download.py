@@ -50,44 +50,22 @@ class RemoteFile:
     members: tuple[str, ...] = ()
 
 
-_SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
-_CIFAR_URL = "https://www.cs.toronto.edu/~kriz/"
-# yann.lecun.com often refuses scripted downloads; the S3 mirror serves the same bytes.
-_MNIST_URLS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
-_CIFAR_MEMBERS = tuple(
-    f"cifar-10-batches-py/{batch}"
-    for batch in (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
-)
+#: The official files of each downloadable dataset with their published MD5 checksums, filled
+#: by the dataset modules (:func:`register_files`).
+RESOURCES: dict[str, tuple[RemoteFile, ...]] = {}
 
 
-def _mnist(filename: str, md5: str, split: str) -> RemoteFile:
-    return RemoteFile(filename, tuple(url + filename for url in _MNIST_URLS), md5, (split,))
+def register_files(name: str, files: Sequence[RemoteFile]) -> None:
+    """Declare the official files of dataset `name` (what ``download_dataset`` fetches)."""
+    RESOURCES[name] = tuple(files)
 
 
-# The official files and their published MD5 checksums.
-RESOURCES: dict[str, tuple[RemoteFile, ...]] = {
-    "svhn": (
-        RemoteFile("train_32x32.mat", (_SVHN_URL + "train_32x32.mat",),
-                   "e26dedcc434d2e4c54c9b2d4a06d8373", ("train",)),
-        RemoteFile("test_32x32.mat", (_SVHN_URL + "test_32x32.mat",),
-                   "eb5a983be6a315427106f1b164d9cef3", ("test",)),
-        RemoteFile("extra_32x32.mat", (_SVHN_URL + "extra_32x32.mat",),
-                   "a93ce644f1a588dc4d68dda5feec44a7", ("extra",)),
-    ),
-    "cifar10": (
-        RemoteFile("cifar-10-python.tar.gz", (_CIFAR_URL + "cifar-10-python.tar.gz",),
-                   "c58f30108f718f92721af3b95e74349a", ("train", "test"), _CIFAR_MEMBERS),
-    ),
-    "mnist": (
-        _mnist("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873", "train"),
-        _mnist("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432", "train"),
-        _mnist("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3", "test"),
-        _mnist("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c", "test"),
-    ),
-}
+def _title(name: str) -> str:
+    """How messages spell dataset `name` (its ``DatasetInfo.title``)."""
+    from certify.data.base import DATASETS
 
-# Human names used in messages.
-TITLES = {"svhn": "SVHN", "cifar10": "CIFAR-10", "mnist": "MNIST"}
+    info = DATASETS.get(name)
+    return (info.title or name) if info is not None else name
 
 Finder = Callable[[str, Path], tuple[Path, ...]]
 _FINDERS: dict[str, Finder] = {}
@@ -132,7 +110,7 @@ def missing_error(name: str, split: str, looked_at: Iterable[Path | str],
         looked_at: Every path that was tried.
         expected: What to put under the data folder, e.g. ``train_32x32.mat / test_32x32.mat``.
     """
-    title = TITLES.get(name, name)
+    title = _title(name)
     flag = f" --split {split}" if split not in DEFAULT_SPLITS else ""
     where = ", ".join(str(p) for p in looked_at)
     return DatasetError(
@@ -143,7 +121,7 @@ def missing_error(name: str, split: str, looked_at: Iterable[Path | str],
 
 def corrupt_error(name: str, path: Path, reason: str) -> DatasetError:
     """The error for a dataset file that exists but cannot be read as its format."""
-    title = TITLES.get(name, name)
+    title = _title(name)
     return DatasetError(
         f"{title} file {path} is corrupt or not in the expected format ({reason}). "
         f"Delete it and download it again with `certify data download {name}`."
@@ -337,7 +315,7 @@ def fetch_file(name: str, remote: RemoteFile, folder: Path, *, quiet: bool = Fal
         with contextlib.suppress(OSError):  # leave no empty folder behind
             folder.rmdir()
     raise DatasetError(
-        f"could not download {TITLES.get(name, name)} file {remote.filename}: "
+        f"could not download {_title(name)} file {remote.filename}: "
         f"{'; '.join(failures)}. Run `certify data download {name}` again, or download the "
         f"file by hand and put it at {dest}."
     )

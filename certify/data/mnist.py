@@ -16,9 +16,11 @@ import torch
 
 from certify.data.base import DatasetInfo, ImageDataset, register_dataset
 from certify.data.download import (
+    RemoteFile,
     corrupt_error,
     find_first,
     missing_error,
+    register_files,
     register_finder,
     require_files,
     search_dirs,
@@ -26,12 +28,23 @@ from certify.data.download import (
 from certify.errors import DatasetError
 
 MNIST = DatasetInfo("mnist", 10, (1, 28, 28), mean=(0.1307,), std=(0.3081,),
-                    splits=("train", "test"))
+                    splits=("train", "test"), title="MNIST")
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 UBYTE = 0x08
+# yann.lecun.com often refuses scripted downloads; the S3 mirror serves the same bytes.
+URLS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
+register_files("mnist", tuple(
+    RemoteFile(f"{stem}.gz", tuple(f"{url}{stem}.gz" for url in URLS), md5, (split,))
+    for split, stem, md5 in (
+        ("train", FILES["train"][0], "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+        ("train", FILES["train"][1], "d53e105ee54ea40749a09fcbcd1e9432"),
+        ("test", FILES["test"][0], "9fb629c4189551a2d022fa330f9573f3"),
+        ("test", FILES["test"][1], "ec29112dd5afa0611ce80d1b7f02629c"),
+    )
+))
 
 
 @register_finder("mnist")

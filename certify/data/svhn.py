@@ -13,9 +13,11 @@ import torch
 
 from certify.data.base import DatasetInfo, ImageDataset, register_dataset
 from certify.data.download import (
+    RemoteFile,
     corrupt_error,
     find_first,
     missing_error,
+    register_files,
     register_finder,
     require_files,
     search_dirs,
@@ -25,8 +27,17 @@ from certify.errors import DatasetError
 # Per-channel mean and standard deviation of the train split's pixels / 255 (73,257 images),
 # the values commonly published for SVHN; not recomputed here.
 SVHN = DatasetInfo("svhn", 10, (3, 32, 32), mean=(0.4377, 0.4438, 0.4728),
-                   std=(0.1980, 0.2010, 0.1970), splits=("train", "test", "extra"))
+                   std=(0.1980, 0.2010, 0.1970), splits=("train", "test", "extra"), title="SVHN")
 FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat", "extra": "extra_32x32.mat"}
+URL = "http://ufldl.stanford.edu/housenumbers/"
+register_files("svhn", (
+    RemoteFile(FILES["train"], (URL + FILES["train"],), "e26dedcc434d2e4c54c9b2d4a06d8373",
+               ("train",)),
+    RemoteFile(FILES["test"], (URL + FILES["test"],), "eb5a983be6a315427106f1b164d9cef3",
+               ("test",)),
+    RemoteFile(FILES["extra"], (URL + FILES["extra"],), "a93ce644f1a588dc4d68dda5feec44a7",
+               ("extra",)),
+))
 
 
 @register_finder("svhn")

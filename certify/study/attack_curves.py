@@ -130,8 +130,8 @@ def _import_torchattacks() -> Any:
     try:
         import torchattacks
     except ImportError:
-        raise SpecError("--attack autoattack needs the optional package torchattacks; install it "
-                        f"with `{AUTOATTACK_INSTALL}`") from None
+        raise SpecError("{attack} needs the optional package torchattacks; install it with "
+                        f"`{AUTOATTACK_INSTALL}`", attack="autoattack") from None
     return torchattacks
 
 
@@ -140,8 +140,9 @@ def autoattack_robust(model: nn.Module, x: Tensor, y: Tensor, eps: float, *,
     """Per sample: no attack of AutoAttack's standard set broke it at `eps`.
 
     Runs APGD-CE, APGD-DLR, FAB and Square (Croce & Hein, ICML 2020) from `torchattacks` on the
-    samples still robust, and re-checks every returned example: inside the ball (exactly), inside
-    [0, 1], and not strictly classified as the label.
+    samples still robust, projects every returned example into the ball rounded inward and
+    re-checks it (:func:`certify.attacks.recheck`): inside the ball (exactly), inside [0, 1],
+    and not strictly classified as the label.
 
     Args:
         model: Classifier on pixels in [0, 1] (eval mode is set and restored).
@@ -155,7 +156,8 @@ def autoattack_robust(model: nn.Module, x: Tensor, y: Tensor, eps: float, *,
     Raises:
         SpecError: torchattacks is not installed; eps < 0.
     """
-    from certify.attacks import eval_mode, margins
+    from certify.attacks import eval_mode, margins, recheck
+    from certify.spec import LinfBall
 
     if not (math.isfinite(eps) and eps >= 0):
         raise SpecError(f"eps must be >= 0, got {eps}")
@@ -185,11 +187,11 @@ def autoattack_robust(model: nn.Module, x: Tensor, y: Tensor, eps: float, *,
             for s in range(0, open_idx.numel(), batch_size):
                 idx = open_idx[s:s + batch_size]
                 xb, yb = x[idx], y[idx]
-                x_adv = attack(xb, yb).detach().to(xb.dtype)
-                with torch.no_grad():
-                    inside = ((x_adv - xb).abs().flatten(1).amax(dim=1) <= eps) \
-                        & (x_adv >= 0).flatten(1).all(dim=1) & (x_adv <= 1).flatten(1).all(dim=1)
-                    broken = inside & (margins(model(x_adv), yb) <= 0)
+                # the examples, moved into the ball as rounded inward (torchattacks rounds to
+                # nearest), count only after the exact re-check every attack passes
+                ball = LinfBall(xb, torch.tensor(float(eps), dtype=torch.float64))
+                x_adv = ball.project(attack(xb, yb).detach().to(xb.dtype))
+                broken, _ = recheck(model, ball, x_adv, yb)
                 robust[idx[broken.cpu()]] = False
     return robust
 
@@ -258,16 +260,16 @@ def attack_curves(models: Sequence[str | os.PathLike[str]], dataset: str, eps_gr
     if not models:
         raise SpecError("give at least one model file")
     if n is not None and n < 1:
-        raise SpecError(f"--num-samples must be >= 1, got {n}")
+        raise SpecError("{n} must be >= 1", n=n)
     if steps < 1 or restarts < 1:
-        raise SpecError(f"--steps and --restarts must be >= 1, got {steps} and {restarts}")
+        raise SpecError("{steps} and {restarts} must be >= 1", steps=steps, restarts=restarts)
     grid = sorted(float(e) for e in eps_grid)
     if not grid or any(not (math.isfinite(e) and e >= 0) for e in grid):
         raise SpecError(f"eps grid must hold finite eps >= 0, got {grid}")
     if attack == "autoattack":
         _import_torchattacks()
     if batch_size < 1:
-        raise SpecError(f"--batch-size must be >= 1, got {batch_size}")
+        raise SpecError("{batch_size} must be >= 1", batch_size=batch_size)
     names = model_labels(models, labels)
     ctx = distributed.init_from_env()
     dev = ctx.device_for(resolve_device(device))

@@ -210,7 +210,7 @@ def compare_models(models: Sequence[str | os.PathLike[str]], dataset: str, *,
         raise SpecError("give at least one model file to compare")
     names = model_labels(models, labels)
     if eps is not None and not (math.isfinite(eps) and eps >= 0):
-        raise SpecError(f"--eps must be >= 0, got {eps}")
+        raise SpecError("{eps} must be >= 0", eps=eps)
     base = AreaConfig(model="", dataset=dataset, n=n, methods=(method,), eps_max=eps_max,
                       tol=tol, attack_steps=attack_steps, seed=seed, device=device,
                       data_dir=str(data_dir) if data_dir is not None else None,

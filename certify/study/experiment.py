@@ -36,7 +36,7 @@ from typing import Any
 
 import tomllib
 
-from certify.errors import SpecError, unknown_name
+from certify.errors import NAME, SpecError, unknown_name
 from certify.study import claims as C
 
 STAGES = ("teachers", "distill", "prune", "robust", "attack", "certify", "report")
@@ -279,6 +279,7 @@ def validate(config: ExperimentConfig) -> None:
     from certify.data import get_dataset_info
     from certify.nets import list_archs, parse_arch
     from certify.study.attack_curves import ATTACK_NAMES, parse_eps_grid
+    from certify.train.distill import METHODS as DISTILL_METHODS
     from certify.train.robust import ROBUST_METHODS
 
     get_dataset_info(config.experiment.dataset)
@@ -295,9 +296,8 @@ def validate(config: ExperimentConfig) -> None:
     if config.distill.method not in ("hinton", "defensive"):
         raise unknown_name("temperature distillation method", config.distill.method,
                            ("hinton", "defensive"))
-    if config.distill.robust_method not in ("hinton", "logits", "defensive"):
-        raise unknown_name("distillation method", config.distill.robust_method,
-                           ("hinton", "logits", "defensive"))
+    if config.distill.robust_method not in DISTILL_METHODS:
+        raise unknown_name("distillation method", config.distill.robust_method, DISTILL_METHODS)
     if not config.distill.temperatures or any(t <= 0 for t in config.distill.temperatures):
         raise SpecError(f"[distill] temperatures must be > 0, got {config.distill.temperatures}")
     if not 0 < config.prune.ratio < 1:
@@ -676,7 +676,7 @@ def run_experiment(config: ExperimentConfig | str | os.PathLike[str], *,
         from dataclasses import replace
 
         if not seeds:
-            raise SpecError("--seeds needs at least one seed, e.g. --seeds 0,1,2")
+            raise SpecError("{seeds} needs at least one seed, e.g. (0, 1, 2)", seeds=NAME)
         config = replace(config, experiment=replace(config.experiment, seeds=tuple(seeds)))
         validate(config)
     if from_stage is not None and from_stage not in STAGES:

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from certify.errors import ReportError
+from certify.errors import ReportError, literal
 from certify.study import claims as C
 
 STUDY_FILE = "study.json"
@@ -35,8 +35,9 @@ def _steps(out: Path, stage: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
-        raise ReportError(f"stage record {path} is missing or unreadable; rerun the experiment "
-                          f"with --from {stage}") from None
+        raise ReportError(f"stage record {literal(path)} is missing or unreadable; rerun the "
+                          "experiment from that stage ({from_stage})",
+                          from_stage=stage) from None
     return {k: v.get("result") for k, v in data.get("steps", {}).items()}
 
 
@@ -159,7 +160,7 @@ def _figures(study: dict[str, Any], out: Path, *, tol: float | None = None,
         return {MODEL_LABELS[k]: rows[k] for k in labels}
 
     (out / "figures").mkdir(exist_ok=True)
-    m = method.upper() if method in ("crown", "ibp", "lp", "milp") else method
+    m = _cert_name(method)
     note = caption(runs(*MODEL_ORDER), tol=tol)
     save_figure(plot_sorted_eps(runs(C.TEACHER, C.STUDENT, C.PRUNED), caption=note,
                                 title=f"Teacher vs distilled students ({m}; cf. Figs 8.30/8.31)"),
@@ -263,7 +264,11 @@ def _prune_table(study: dict[str, Any]) -> str:
 
 
 def _cert_name(c: str) -> str:
-    return c.upper() if c in ("ibp", "crown", "lp", "milp") else c
+    """How tables and figures spell a certifier: the method's display name (``CROWN``)."""
+    import certify.bounds  # noqa: F401  (registers the methods)
+    from certify.bounds.base import display_name
+
+    return display_name(c)
 
 
 def certifier_section(study: dict[str, Any]) -> str:

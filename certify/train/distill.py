@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from certify.checkpoint import ModelMeta
-from certify.errors import SpecError
+from certify.errors import NAME, SpecError, literal
 from certify.train.loops import Step, TrainConfig
 from certify.train.standard import TrainedModel
 
@@ -222,8 +222,9 @@ def load_teacher(path: str | os.PathLike[str], *, dataset: str | None = None,
     info = get_dataset_info(resolve_dataset(dataset, meta, path))
     check_compatible(meta, info, model_name=f"teacher {path.name}", strict=True)
     if transfer_split == "test":
-        raise SpecError("--transfer-split test would train the student on the test set it is "
-                        "evaluated on; pick another split (e.g. SVHN 'extra').")
+        raise SpecError("{transfer_split} would train the student on the test set it is "
+                        "evaluated on; pick another split (e.g. SVHN 'extra').",
+                        transfer_split="test")
     train_set: Any = load_dataset(info.name, "train", data_dir)
     if transfer_split is not None and transfer_split != "train":
         train_set = ConcatSet([train_set, load_dataset(info.name, transfer_split, data_dir)])
@@ -268,8 +269,9 @@ def distill_from(teacher: Teacher, student_arch: str, *, method: str = "hinton",
 
         raise unknown_name("distillation method", method, METHODS)
     if teacher.transfer_split not in (None, "train") and method != "logits":
-        raise SpecError(f"a transfer split ('{teacher.transfer_split}') has no usable labels for "
-                        f"method '{method}'; use --method logits, or drop --transfer-split.")
+        raise SpecError(f"a transfer split ({literal(repr(teacher.transfer_split))}) has no "
+                        f"usable labels for method {literal(repr(method))}; use {{method}}, or "
+                        "drop {transfer_split}.", method="logits", transfer_split=NAME)
     uses_t = method != "logits"
     loss = DistillLoss(method, teacher.logits, temperature if uses_t else 1.0,
                        alpha if method == "hinton" else 1.0)
@@ -352,8 +354,9 @@ def _validate(student_arch: str, method: str, temperatures: Sequence[float], alp
         _check_temperature(t)
     _check_alpha(alpha)
     if transfer_split not in (None, "train") and method != "logits":
-        raise SpecError(f"--transfer-split {transfer_split} adds samples without usable labels; "
-                        f"it works with --method logits only, not '{method}'.")
+        raise SpecError("{transfer_split} adds samples without usable labels; it is for logits "
+                        f"only ({{method}}), not {literal(repr(method))}.",
+                        transfer_split=transfer_split, method="logits")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,7 +449,8 @@ def distill_sweep(teacher_path: str | os.PathLike[str], student_arch: str,
     config = config or TrainConfig()
     if method == "logits":
         raise SpecError("a temperature sweep compares temperature training with logit matching; "
-                        "use --method hinton or defensive (logit matching is included).")
+                        "use {method} or 'defensive' (logit matching is included).",
+                        method="hinton")
     _validate(student_arch, method, temperatures, alpha, None, student_kwargs)
     if len(set(temperatures)) != len(temperatures):
         raise SpecError(f"temperatures repeat: {list(temperatures)}; give each once.")

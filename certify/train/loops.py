@@ -85,7 +85,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
-            raise SpecError(f"epochs must be >= 1, got {self.epochs}; pass --epochs 1 or more.")
+            raise SpecError("{epochs} must be >= 1; train for 1 epoch or more.",
+                            epochs=self.epochs)
         if self.batch_size < 1:
             raise SpecError(f"batch size must be >= 1, got {self.batch_size}.")
         if not (self.lr > 0 and math.isfinite(self.lr)):

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from certify.checkpoint import ModelMeta
-from certify.errors import SpecError, unknown_name
+from certify.errors import NAME, SpecError, unknown_name
 from certify.train.loops import TrainConfig, TrainResult
 
 # Layers that act on each channel separately: a removed channel just passes through them.
@@ -385,7 +385,8 @@ def prune_checkpoint(path: str | os.PathLike[str], ratios: float | Mapping[str, 
     model, meta = load_checkpoint(path, device=dev)
     resolved = resolve_ratios(model, ratios)
     if distill_from_parent and finetune is None:
-        raise SpecError("--distill-from-parent needs fine-tuning; add --finetune-epochs N.")
+        raise SpecError("{distill_from_parent} needs fine-tuning; pass {finetune} (the "
+                        "fine-tuning recipe).", distill_from_parent=NAME, finetune=NAME)
     info = get_dataset_info(meta.dataset)
     test_set = load_dataset(info.name, "test", data_dir)
     before = evaluate(model, test_set, device=dev)

@@ -69,17 +69,20 @@ from certify.train.standard import TrainedModel
 
 __all__ = [
     "BOUND_METHODS",
+    "ROBUST_LOSSES",
     "ROBUST_METHODS",
     "EpochEvaluator",
     "RobustConfig",
     "RobustEval",
     "RobustLoss",
+    "RobustLossInfo",
     "RobustRun",
     "bound_loss",
     "plan_bound_batch",
     "default_ramp",
     "describe_result",
     "evaluate_robust",
+    "list_robust_losses",
     "pgd_loss",
     "retrain_checkpoint",
     "robust_cross_entropy",
@@ -88,11 +91,48 @@ __all__ = [
     "worst_case_logits",
 ]
 
-BOUND_METHODS = ("ibp", "crown-ibp", "wong-kolter")
-ROBUST_METHODS = (*BOUND_METHODS, "pgd")
 DEFAULT_BOUND_MEMORY_MB = 2048.0
 PGD_CERTIFIER = "crown-ibp"
 """The bound that certifies the held-out slice while training with ``pgd`` (no bound of its own)."""
+
+
+@dataclass(frozen=True)
+class RobustLossInfo:
+    """One robust training loss of the registry (:data:`ROBUST_LOSSES`).
+
+    Attributes:
+        name: What ``RobustConfig(method=...)`` and ``--robust`` take.
+        bound_method: The bound method whose margin lower bounds give the robust cross-entropy
+            (Wong & Kolter), or None for the cross-entropy at PGD points (Madry et al.).
+        certifier: The bound that certifies the evaluation slice by default.
+    """
+
+    name: str
+    bound_method: str | None
+    certifier: str
+
+    @property
+    def uses_attack(self) -> bool:
+        """The robust term comes from PGD examples (no bound of its own)."""
+        return self.bound_method is None
+
+
+#: The robust losses by name: the single source of ``--robust``'s choices.
+ROBUST_LOSSES: dict[str, RobustLossInfo] = {
+    info.name: info for info in (
+        RobustLossInfo("ibp", "ibp", "ibp"),
+        RobustLossInfo("crown-ibp", "crown-ibp", "crown-ibp"),
+        RobustLossInfo("wong-kolter", "wong-kolter", "wong-kolter"),
+        RobustLossInfo("pgd", None, PGD_CERTIFIER),
+    )
+}
+BOUND_METHODS = tuple(n for n, info in ROBUST_LOSSES.items() if not info.uses_attack)
+ROBUST_METHODS = tuple(ROBUST_LOSSES)
+
+
+def list_robust_losses() -> list[str]:
+    """The names of the robust training losses, bound-based first."""
+    return list(ROBUST_LOSSES)
 
 
 # ------------------------------------------------------------------------------------- losses
@@ -222,8 +262,11 @@ def pgd_loss(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, steps: int =
     """
     if eps > 0:
         from certify.attacks import pgd
+        from certify.spec import LinfBall
 
-        x = pgd(model, (x, eps), y, steps=steps, restarts=restarts, loss="ce",
+        # training points need no claim: the radius is eps as the inputs' dtype holds it
+        region = LinfBall(x, torch.full((x.shape[0],), eps, dtype=x.dtype, device=x.device))
+        x = pgd(model, region, y, steps=steps, restarts=restarts, loss="ce",
                 generator=generator).x_adv.detach()
     return F.cross_entropy(model(x), y)
 
@@ -236,8 +279,8 @@ class RobustConfig:
     """How to train robustly (on top of a :class:`certify.train.loops.TrainConfig`).
 
     Attributes:
-        method: ``wong-kolter``, ``crown-ibp``, ``ibp`` (robust cross-entropy on the bound) or
-            ``pgd`` (cross-entropy on PGD examples).
+        method: A name of :data:`ROBUST_LOSSES`: ``wong-kolter``, ``crown-ibp``, ``ibp``
+            (robust cross-entropy on the bound) or ``pgd`` (cross-entropy on PGD examples).
         eps: The eps schedule; its ``final`` value is the training eps.
         kappa: Weight of the clean cross-entropy at the end of the ramp, in [0, 1].
         kappa_start: Its weight before the ramp (moved linearly to `kappa` along the eps ramp);
@@ -296,11 +339,16 @@ class RobustConfig:
                 raise unknown_name("bound method", self.certify_method, list_methods())
 
     @property
+    def loss(self) -> RobustLossInfo:
+        """The registry entry of `method`."""
+        return ROBUST_LOSSES[self.method]
+
+    @property
     def certifier(self) -> str:
         """The bound method that certifies the evaluation slice."""
         if self.certify_method is not None:
             return self.certify_method
-        return PGD_CERTIFIER if self.method == "pgd" else self.method
+        return self.loss.certifier
 
     def kappa_at(self, epochs_done: float) -> float:
         """The clean-loss weight after `epochs_done` epochs (a float)."""
@@ -312,8 +360,8 @@ class RobustConfig:
         """The recipe as plain data, for checkpoint provenance."""
         return {"method": self.method, **self.eps.to_dict(), "kappa": self.kappa,
                 "kappa_start": self.kappa if self.kappa_start is None else self.kappa_start,
-                "pgd_steps": self.pgd_steps if self.method == "pgd" else None,
-                "pgd_restarts": self.pgd_restarts if self.method == "pgd" else None,
+                "pgd_steps": self.pgd_steps if self.loss.uses_attack else None,
+                "pgd_restarts": self.pgd_restarts if self.loss.uses_attack else None,
                 "bound_batch_size": self.bound_batch_size,
                 "bound_memory_mb": self.bound_memory_mb, "eval_samples": self.eval_samples,
                 "eval_pgd_steps": self.eval_pgd_steps, "certify_method": self.certifier}
@@ -324,7 +372,7 @@ class RobustConfig:
         tag = (f"{self.method}:eps={e.final:g},start={e.start:g},ramp={e.ramp_epochs:g},"
                f"warmup={e.warmup_epochs:g}:kappa={self.to_dict()['kappa_start']:g}->"
                f"{self.kappa:g}")
-        return tag + (f":pgd={self.pgd_steps}x{self.pgd_restarts}" if self.method == "pgd"
+        return tag + (f":pgd={self.pgd_steps}x{self.pgd_restarts}" if self.loss.uses_attack
                       else "")
 
 
@@ -368,15 +416,16 @@ class RobustLoss:
                     step: Step) -> Tensor:
         """``L_rob`` at `eps` for this method (bound-based or PGD)."""
         c = self.config
-        if c.method == "pgd":
+        bound = c.loss.bound_method
+        if bound is None:
             generator = torch.Generator().manual_seed(
                 (self.seed * 1_000_003 + step.global_step) % (2 ** 63))
             return pgd_loss(model, x, y, eps, steps=c.pgd_steps, restarts=c.pgd_restarts,
                             generator=generator)
         size = c.bound_batch_size
         if size is None and torch.is_grad_enabled() and x.shape[0] > 1:
-            size = plan_bound_batch(model, x, y, eps, c.method, memory_mb=c.bound_memory_mb)
-        return bound_loss(model, x, y, eps, c.method, bound_batch_size=size)
+            size = plan_bound_batch(model, x, y, eps, bound, memory_mb=c.bound_memory_mb)
+        return bound_loss(model, x, y, eps, bound, bound_batch_size=size)
 
 
 # -------------------------------------------------------------------------------- evaluation
@@ -427,6 +476,7 @@ def evaluate_robust(model: nn.Module, x: Tensor, y: Tensor, eps: float, *,
     """
     from certify.attacks import eval_mode, pgd
     from certify.bounds import margin_bounds
+    from certify.spec import LinfBall
 
     n = x.shape[0]
     if n == 0:
@@ -442,8 +492,9 @@ def evaluate_robust(model: nn.Module, x: Tensor, y: Tensor, eps: float, *,
             sl = slice(start, start + batch_size)
             xb, yb = x[sl], y[sl]
             ok = (model(xb).argmax(1) == yb).cpu()
-            attacked = pgd(model, (xb, eps), yb, steps=pgd_steps, restarts=pgd_restarts,
-                           generator=generator).success.cpu()
+            region = LinfBall(xb, torch.tensor(float(eps), dtype=torch.float64))
+            attacked = pgd(model, region, yb, steps=pgd_steps,
+                           restarts=pgd_restarts, generator=generator).success.cpu()
             # a claim: the rigorous bound, in float64 (tight; it covers the model as it runs
             # in its own dtype too)
             lower = margin_bounds(model, xb.double(), yb, eps, certify_method).lower.amin(1).cpu()

@@ -133,3 +133,25 @@ def test_bad_training_options(tmp_path):  # type: ignore[no-untyped-def]
         line = one_line_error(run("train", "--dataset", "digits", "--arch", "mlp", "--device",
                                   "cuda", "-o", out))
         assert "no CUDA GPU" in line and not out.exists()
+
+
+def test_library_errors_name_arguments_and_the_cli_names_flags():  # type: ignore[no-untyped-def]
+    import click
+
+    from certify.cli import main
+    from certify.errors import NAME, SpecError
+
+    e = SpecError("{epochs} must be >= 1; or {resume}", epochs=0, resume=NAME)
+    assert str(e) == "epochs=0 must be >= 1; or resume"
+    train = main.get_command(click.Context(main), "train")
+    with click.Context(train):
+        assert str(e) == "--epochs 0 must be >= 1; or --resume"
+
+
+def test_robust_choices_come_from_the_registry():  # type: ignore[no-untyped-def]
+    from certify.cli.train import ROBUST_CHOICES
+    from certify.train.robust import ROBUST_LOSSES
+
+    assert list(ROBUST_CHOICES) == list(ROBUST_LOSSES)
+    line = run("train", "--dataset", "digits", "--arch", "mlp", "--robust", "nope").stderr
+    assert all(name in line for name in ROBUST_LOSSES)

@@ -92,3 +92,16 @@ def test_download_bundled_and_bad_input(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "no split 'extra'" in result.output
     result = CliRunner().invoke(main, ["data", "download", "imagenet"])
     assert result.exit_code == 2
+
+
+def test_a_newly_registered_dataset_is_a_cli_choice(monkeypatch):  # type: ignore[no-untyped-def]
+    """The CLI's dataset choices come from the registry: nothing else to update."""
+    from certify.cli.options import DATASET_NAMES
+    from certify.data import DATASETS, DatasetInfo
+
+    info = DatasetInfo("twin", 10, (1, 8, 8), (0.3,), (0.4,), ("train", "test"), title="Twin")
+    monkeypatch.setitem(DATASETS, "twin", info)
+    assert "twin" in DATASET_NAMES
+    result = CliRunner().invoke(main, ["data", "download", "twin"])
+    assert result.exit_code == 0 and "nothing to download" in result.output
+    assert list(DATASET_NAMES)[:4] == ["svhn", "cifar10", "mnist", "digits"]
