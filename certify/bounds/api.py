@@ -228,7 +228,7 @@ def margin_bounds(model: nn.Module | Network, x: Tensor, y: Tensor, eps: float |
     Raises:
         SpecError: for eps < 0, x outside [0, 1], labels out of range or mismatched shapes.
     """
-    region = LinfBall(x, eps)
+    region = LinfBall(x, eps)  # type: ignore[arg-type]  # a float eps is taken as float64
     if not isinstance(y, Tensor) or y.shape != (x.shape[0],):
         got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
         raise SpecError(f"labels must have shape ({x.shape[0]},), one per image, got {got}.")

@@ -565,7 +565,7 @@ def auto_lirpa_margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: float 
     _check_method(method)
     opts = AutoLirpaOptions.from_kwargs(options)
     require_auto_lirpa()
-    region = LinfBall(x, eps)
+    region = LinfBall(x, eps)  # type: ignore[arg-type]  # a float eps is taken as float64
     if not isinstance(y, Tensor) or y.shape != (x.shape[0],):
         got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
         raise SpecError(f"labels must have shape ({x.shape[0]},), one per image, got {got}.")
