@@ -328,7 +328,7 @@ def _ruled_out(model: nn.Module, box: tuple[Tensor, Tensor], rows: _Rows, open_r
     intermediate bounds and its problems (one per row); a problem it does not finish in time
     falls back to a sound bound inside the engine. `options` go to the method.
     """
-    from certify.bounds import compute_bounds
+    from certify.bounds import compute_bounds, get_method
 
     active = open_rows.to(rows.owner.device)[rows.owner]
     out = torch.zeros(rows.count, dtype=torch.bool)
@@ -341,14 +341,32 @@ def _ruled_out(model: nn.Module, box: tuple[Tensor, Tensor], rows: _Rows, open_r
     options = dict(options or {})  # a copy: the MILP's time is set here
     if getattr(method_class(method), "accepts_time_budget", False):
         options["time_limit"] = options["budget"] = max(seconds, 1e-3)
-    # rigorous for the network in exact arithmetic and for the model's own forward pass
-    bounds = compute_bounds(model, lower, upper, method, spec, model_rounding=True, **options)
+    configured = get_method(method, **options)
     # proven violated: the smallest value of (matrix @ y)_r over the box exceeds bound_r; the
     # property's decimal constant was rounded to float64, so compare with the next float above
     # it (the sign of a float64 difference is exact)
     bound = rows.bound[active]
     bound = torch.nextafter(bound, torch.full_like(bound, float("inf")))
-    violated = (bounds.lower[0].to(torch.float64) - bound) > 0
+
+    def violated_by(m: Any, matrix: Tensor) -> Tensor:
+        # rigorous for the network in exact arithmetic and for the model's own forward pass
+        b = compute_bounds(model, lower, upper, m, matrix, model_rounding=True)
+        return (b.lower[0].to(torch.float64) - bound) > 0
+
+    violated = violated_by(configured, spec)
+    if configured.takes_module and bool(violated.any()):
+        # a method without rounding control (auto_LiRPA's) only proposes: the native rigorous
+        # bound of the same method, in float64, must prove each row it found violated
+        _, confirm = configured.search_pair()
+        if confirm is None:
+            violated = torch.zeros_like(violated)
+        else:
+            keep = torch.nonzero(violated).flatten()
+            lower, upper = lower.double(), upper.double()
+            bound = bound[keep]
+            again = violated_by(confirm, spec[:, keep].double())
+            violated = torch.zeros_like(violated)
+            violated[keep[again]] = True
     owners = rows.owner[active][violated].cpu()
     out[owners] = True
     return out
