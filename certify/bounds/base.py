@@ -96,6 +96,9 @@ class BoundMethod(Protocol):
     serves_intermediate: ClassVar[bool]
     #: It solves optimization problems with an external solver (cvxpy); small networks only.
     uses_solver: ClassVar[bool]
+    #: Given the bounds of the earlier layers, its bound of a neuron can be tighter than
+    #: CROWN's: a complete method may re-bound the pre-activations with it, layer by layer.
+    refines_intermediate: ClassVar[bool]
     #: How tables and figures spell it, e.g. ``CROWN``.
     display_name: ClassVar[str]
 
@@ -125,6 +128,7 @@ class MethodBase:
     accepts_time_budget: ClassVar[bool] = False
     serves_intermediate: ClassVar[bool] = True
     uses_solver: ClassVar[bool] = False
+    refines_intermediate: ClassVar[bool] = False
     display_name: ClassVar[str] = ""
 
     def __call__(self, model: nn.Module | Network, region: LinfBall,
@@ -156,7 +160,7 @@ class MethodBase:
 
 _METHODS: dict[str, type] = {}
 CAPABILITIES = ("is_complete", "decides_threshold", "accepts_time_budget",
-                "serves_intermediate", "uses_solver")
+                "serves_intermediate", "uses_solver", "refines_intermediate")
 M = TypeVar("M", bound=type)
 
 
