@@ -211,9 +211,9 @@ def exact_radii(model: nn.Module | Network, x: Tensor, y: Tensor, *, eps_max: fl
         SpecError: shapes, labels, eps_max/tol/time_limit <= 0, negative attack eps.
         SoundnessError: a sandwich violation (with `certified_eps` or `attack_eps`).
     """
+    from certify._min_eps import solve_min_eps
     from certify.attacks import eval_mode, margins
     from certify.bounds import Bounds, to_network
-    from certify._min_eps import solve_min_eps
     from certify.bounds.milp import MILP
 
     n = _validate(x, y, eps_max, tol, time_limit)

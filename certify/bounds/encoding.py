@@ -67,7 +67,7 @@ from certify.bounds.layers import (
 from certify.errors import UnsupportedLayerError
 
 if TYPE_CHECKING:
-    import scipy.sparse
+    import scipy.sparse  # type: ignore[import-untyped, unused-ignore]
 
     from certify.bounds.network import Network
 
@@ -75,6 +75,7 @@ __all__ = [
     "ENCODINGS",
     "UNIT_ROUNDOFF",
     "WIDEN",
+    "ActivationEncoding",
     "AffineChain",
     "BinaryRows",
     "LinearProgram",
@@ -147,8 +148,9 @@ class AffineChain:
     def error(self, reach: Array) -> Array:
         """``|M - M*| r + |m - m*|``: how far ``M h + m`` is from the exact chain for every
         input ``|h| <= reach``, `(out,)`."""
-        return _zeros_if_none(self.matrix_err, self.matrix) @ reach + _zeros_if_none(
+        out: Array = _zeros_if_none(self.matrix_err, self.matrix) @ reach + _zeros_if_none(
             self.offset_err, self.offset)
+        return out
 
 
 def affine_chain(ops: list[Op], in_shape: tuple[int, ...]) -> AffineChain:
@@ -201,7 +203,7 @@ class Rows:
 
     def place(self, start: int, block: Any, n_rows: int) -> Any:
         """`block` (n_rows x k) placed at columns [start, start + k)."""
-        import scipy.sparse as sp
+        import scipy.sparse as sp  # type: ignore[import-untyped, unused-ignore]
 
         k = block.shape[1]
         return sp.hstack([sp.csr_matrix((n_rows, start)), sp.csr_matrix(block),
@@ -209,7 +211,7 @@ class Rows:
 
     def stacked(self) -> tuple[Any, Array, Any, Array]:
         """``(A_eq, b_eq, A_ub, b_ub)``."""
-        import scipy.sparse as sp
+        import scipy.sparse as sp  # type: ignore[import-untyped, unused-ignore]
 
         def stack(rows: list[Any]) -> Any:
             return sp.vstack(rows, format="csr") if rows else sp.csr_matrix((0, self.total))
@@ -250,20 +252,29 @@ SolverError = Callable[[Array, Array, Array, float], Array]
 
 
 @dataclass(frozen=True)
+class ActivationEncoding:
+    """How an activation enters the programs (see the type aliases): its output box, its
+    convex relaxation (LP rows), its exact encoding (MILP rows with binaries) and how a
+    tolerance-feasible solver point can move its output."""
+
+    output_box: OutputBox
+    relax: Relax
+    exact: Exact
+    solver_error: SolverError
+
+
+@dataclass(frozen=True)
 class OpEncoding:
     """How one op type enters the LP/MILP: a row of :data:`ENCODINGS`.
 
     Attributes:
         kind: ``"affine"`` (composed into a chain), ``"activation"`` (new variables, relaxed
             or exactly encoded), or ``"objective"`` (the folded specification, last).
-        output_box, relax, exact, solver_error: For activations (see the type aliases).
+        activation: The activation's rules (for ``"activation"`` only).
     """
 
     kind: Literal["affine", "activation", "objective"]
-    output_box: OutputBox | None = None
-    relax: Relax | None = None
-    exact: Exact | None = None
-    solver_error: SolverError | None = None
+    activation: ActivationEncoding | None = None
 
 
 def relu_box(l: Array, u: Array) -> Interval:
@@ -304,7 +315,7 @@ def relu_big_m(l: Array, u: Array, z: int, h: int) -> BinaryRows:
     for j in np.nonzero((l < 0) & (u > 0))[0]:
         # h - u a <= 0
         out.cont_rows.append(r)
-        out.cont_cols.append(h + j)
+        out.cont_cols.append(int(h + j))
         out.cont_vals.append(1.0)
         out.bin_rows.append(r)
         out.bin_cols.append(m)
@@ -312,7 +323,7 @@ def relu_big_m(l: Array, u: Array, z: int, h: int) -> BinaryRows:
         out.rhs.append(0.0)
         # h - z - l a <= -l
         out.cont_rows.extend([r + 1, r + 1])
-        out.cont_cols.extend([h + j, z + j])
+        out.cont_cols.extend([int(h + j), int(z + j)])
         out.cont_vals.extend([1.0, -1.0])
         out.bin_rows.append(r + 1)
         out.bin_cols.append(m)
@@ -337,7 +348,8 @@ ENCODINGS: dict[type, OpEncoding] = {
     ScaleShiftOp: AFFINE,
     AvgPoolOp: AFFINE,
     FlattenOp: AFFINE,
-    ReluOp: OpEncoding("activation", relu_box, relu_triangle, relu_big_m, relu_solver_error),
+    ReluOp: OpEncoding("activation", ActivationEncoding(relu_box, relu_triangle, relu_big_m,
+                                                        relu_solver_error)),
     SpecLinearOp: OpEncoding("objective"),
 }
 
@@ -348,6 +360,13 @@ def _rule(op: Op, index: int) -> OpEncoding:
         raise UnsupportedLayerError(
             f"op {index} ({type(op).__name__}) has no LP/MILP encoding; add a row to "
             "certify.bounds.encoding.ENCODINGS or use a method without a solver.")
+    return rule
+
+
+def _activation(op: Op, index: int) -> ActivationEncoding:
+    rule = _rule(op, index).activation
+    if rule is None:
+        raise ValueError(f"op {index} ({type(op).__name__}) is not an activation")
     return rule
 
 
@@ -404,7 +423,7 @@ class NetworkEncoding:
     """
 
     chains: list[AffineChain]
-    activations: list[OpEncoding]
+    activations: list[ActivationEncoding]
     spec: SpecLinearOp
 
     def slack(self, x_lo: Array, x_hi: Array, pre: list[Interval],
@@ -436,7 +455,7 @@ class NetworkEncoding:
         lo_parts, hi_parts = [x_lo], [x_hi]
         sizes = [x_lo.shape[0]]
         for rule, (l, u) in zip(self.activations, pre, strict=True):
-            out_lo, out_hi = rule.output_box(l, u)  # type: ignore[misc]
+            out_lo, out_hi = rule.output_box(l, u)
             lo_parts += [l, out_lo]
             hi_parts += [u, out_hi]
             sizes += [l.shape[0], out_lo.shape[0]]
@@ -445,7 +464,7 @@ class NetworkEncoding:
         for k, (l, u) in enumerate(pre):
             h_prev, z, h = offsets[2 * k], offsets[2 * k + 1], offsets[2 * k + 2]
             self._chain_rows(rows, k, h_prev, z, None if slack is None else slack[k])
-            self.activations[k].relax(rows, l, u, z, h, slack is not None)  # type: ignore[misc]
+            self.activations[k].relax(rows, l, u, z, h, slack is not None)
         objectives, constants, objective_slack = self._objective(
             i, rows.total, offsets[-2] if pre else 0, lo_parts[-1], hi_parts[-1],
             slack is not None)
@@ -456,15 +475,21 @@ class NetworkEncoding:
 
     def milp(self, lp: LinearProgram, pre: list[Interval]) -> MixedIntegerProgram:
         """`lp` (of :meth:`lp`) with binaries: the activations' exact encoding added."""
-        import scipy.sparse as sp
+        import scipy.sparse as sp  # type: ignore[import-untyped, unused-ignore]
 
         assert lp.offsets is not None
         total = lp.lo.shape[0]
         first = lp.a_ub.shape[0]
-        rows_c, cols_c, vals_c, rows_b, cols_b, vals_b, rhs = [], [], [], [], [], [], []
+        rows_c: list[int] = []
+        cols_c: list[int] = []
+        vals_c: list[float] = []
+        rows_b: list[int] = []
+        cols_b: list[int] = []
+        vals_b: list[float] = []
+        rhs: list[float] = []
         r = m = 0
         for k, (rule, (l, u)) in enumerate(zip(self.activations, pre, strict=True)):
-            part = rule.exact(l, u, lp.offsets[2 * k + 1], lp.offsets[2 * k + 2])  # type: ignore[misc]
+            part = rule.exact(l, u, lp.offsets[2 * k + 1], lp.offsets[2 * k + 2])
             rows_c += [r + q for q in part.cont_rows]
             cols_c += part.cont_cols
             vals_c += part.cont_vals
@@ -489,14 +514,14 @@ class NetworkEncoding:
         err = np.full(self.chains[0].matrix.shape[1], tau)  # input bounds violated by tau
         for chain, rule, (l, u) in zip(self.chains[:-1], self.activations, pre, strict=True):
             ez = np.abs(chain.matrix) @ err + tau
-            err = rule.solver_error(ez, l, u, tau)  # type: ignore[misc]
+            err = rule.solver_error(ez, l, u, tau)
         start = lp.lo.shape[0] - err.shape[0]
         weights = np.abs(lp.objectives[:, start:])  # the last layer's (folded) rows
         return weights @ err + tau  # type: ignore[no-any-return]
 
     def _chain_rows(self, rows: Rows, k: int, h_prev: int, z: int, slack: Array | None) -> None:
         """``z_k - M_k h_(k-1) = m_k``, or within ``slack`` of it."""
-        import scipy.sparse as sp
+        import scipy.sparse as sp  # type: ignore[import-untyped, unused-ignore]
 
         chain = self.chains[k]
         n = chain.matrix.shape[0]
@@ -536,9 +561,9 @@ class NetworkEncoding:
         return objectives, constants, 2.0 * (c_err @ reach + const_err)
 
 
-def _reach_box(rule: OpEncoding, l: Array, u: Array) -> Interval:
+def _reach_box(rule: ActivationEncoding, l: Array, u: Array) -> Interval:
     """The activation's output box spanned with 0: what error bounds over its output use."""
-    lo, hi = rule.output_box(l, u)  # type: ignore[misc]
+    lo, hi = rule.output_box(l, u)
     return np.minimum(lo, 0), hi
 
 
@@ -549,7 +574,7 @@ def encode(net: Network) -> NetworkEncoding:
         UnsupportedLayerError: for an op without a row in :data:`ENCODINGS`.
     """
     chains: list[AffineChain] = []
-    activations: list[OpEncoding] = []
+    activations: list[ActivationEncoding] = []
     ops: list[Op] = []
     shape = net.input_shape
     spec: SpecLinearOp | None = None
@@ -557,9 +582,9 @@ def encode(net: Network) -> NetworkEncoding:
         rule = _rule(op, index)
         if rule.kind == "affine":
             ops.append(op)
-        elif rule.kind == "activation":
+        elif rule.activation is not None:
             chains.append(affine_chain(ops, shape))
-            activations.append(rule)
+            activations.append(rule.activation)
             ops, shape = [], op.out_shape
         else:
             chains.append(affine_chain(ops, shape))
@@ -577,7 +602,7 @@ def model_perturbations(net: Network, x_lo: Tensor, x_hi: Tensor,
     if net.runs_in is None:
         return None
     chains = model_chains(net)
-    rules = [_rule(net.layers[p], p) for p in net.relu_positions]
+    rules = [_activation(net.layers[p], p) for p in net.relu_positions]
     out = []
     in_lo, in_hi = x_lo.detach().to("cpu", torch.float64), x_hi.detach().to("cpu", torch.float64)
     for k, (lo, hi) in enumerate(pre):

@@ -112,6 +112,5 @@ class LP(MethodBase):
                 lower, upper = solver.lp_rows(problem, self.solver)
                 lowers.append(lower)
                 uppers.append(upper)
-        lower = cast_outward(np.stack(lowers), x_lo, down=True)
-        upper = cast_outward(np.stack(uppers), x_lo, down=False)
-        return Bounds(lower, upper)
+        return Bounds(cast_outward(np.stack(lowers), x_lo, down=True),
+                      cast_outward(np.stack(uppers), x_lo, down=False))

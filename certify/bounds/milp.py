@@ -34,7 +34,7 @@ may be violated by ``TAU``, and these errors are propagated to the objective thr
 absolute weights ``|M_k|`` (ReLU is 1-Lipschitz). ``SAFETY = 10``. The tolerance is only ever
 subtracted (never in favour of verification) and is reported per row as ``tolerance``.
 Samples whose ReLUs are all stable have no binaries; their rows are bounded by the LP's
-rigorous dual bound instead (:mod:`certify.bounds.lp`), with no tolerance.
+rigorous dual bound instead (:func:`certify.bounds.solver.lp_rows`), with no tolerance.
 
 **Unknown rows.** A MILP that hits ``time_limit`` (seconds per problem) or fails is ``unknown``:
 its lower bound is the best *sound* value available, the larger of the dual bound reached (minus
@@ -44,8 +44,9 @@ so callers can tell exact rows from fallback ones. Upper bounds are CROWN's with
 intermediate bounds (sound, not exact) unless ``exact_upper=True``.
 
 Everything is computed in float64 (the float32 weights are exact in float64); the intermediate
-bounds are widened as in :mod:`certify.bounds.lp` so that their rounding cannot cut off a
-reachable point, and the result is rounded outward to the input's dtype.
+bounds are widened (:func:`certify.bounds.encoding.widen`) so that their rounding cannot cut off
+a reachable point, the program relaxes the exact network (its chains' rounding, as for the LP),
+and the result is rounded outward to the input's dtype.
 
 The program is :mod:`certify.bounds.encoding`'s (the relaxation's rows plus each activation's
 exact encoding), solved by :mod:`certify.bounds.solver` (the only module that imports cvxpy).
@@ -362,8 +363,8 @@ def refine_intermediate(net: Network, x_lo: Tensor, x_hi: Tensor, bounds: Sequen
         for samples in groups:
             idx = torch.tensor(samples)
             unstable_rows = torch.nonzero(unstable[idx].any(0)).flatten()
-            chunks = (unstable_rows.split(REFINE_ROWS) if deadline is not None
-                      and bounder.uses_solver else (unstable_rows,))
+            split = deadline is not None and bounder.uses_solver
+            chunks = (torch.split(unstable_rows, REFINE_ROWS) if split else (unstable_rows,))
             for rows in chunks:
                 if deadline is not None and time.perf_counter() >= deadline:
                     break

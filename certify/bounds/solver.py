@@ -39,7 +39,7 @@ import numpy as np
 from certify.bounds.encoding import LinearProgram, MixedIntegerProgram, gamma
 
 if TYPE_CHECKING:
-    import scipy.sparse
+    import scipy.sparse  # type: ignore[import-untyped, unused-ignore]
 
 __all__ = ["DEFAULT_LP_SOLVER", "HIGHS_OPTIONS", "SAFETY", "TAU", "BoundMilp", "MilpOutcome",
            "RadiusMilp", "dual_bound", "installed_solvers", "lp_rows", "solve_milp"]
@@ -66,7 +66,7 @@ def installed_solvers() -> list[str]:
     """The cvxpy solvers installed here, e.g. ``["CLARABEL", "HIGHS", ...]``."""
     import cvxpy as cp
 
-    return list(cp.installed_solvers())
+    return list(cp.installed_solvers())  # type: ignore[no-untyped-call, unused-ignore]
 
 
 # --- LP: rigorous bounds from dual values -----------------------------------------------------
@@ -94,7 +94,7 @@ def lp_rows(problem: LinearProgram, solver: str) -> tuple[np.ndarray, np.ndarray
         for row, const in zip(problem.objectives, problem.constants, strict=True):
             c.value = sign * row
             try:
-                lp.solve(solver=solver)
+                lp.solve(solver=solver)  # type: ignore[no-untyped-call, unused-ignore]
                 ok = lp.status in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE)
             except cp.SolverError:
                 ok = False
@@ -233,7 +233,7 @@ class RadiusMilp:
 
     def __init__(self, data: MixedIntegerProgram, x0: np.ndarray, cap: float) -> None:
         import cvxpy as cp
-        import scipy.sparse as sp
+        import scipy.sparse as sp  # type: ignore[import-untyped, unused-ignore]
 
         problem = data.lp
         n, d = problem.lo.shape[0], x0.shape[0]
