@@ -41,8 +41,9 @@ from certify.bounds.encoding import LinearProgram, MixedIntegerProgram, gamma
 if TYPE_CHECKING:
     import scipy.sparse  # type: ignore[import-untyped, unused-ignore]
 
-__all__ = ["DEFAULT_LP_SOLVER", "HIGHS_OPTIONS", "SAFETY", "TAU", "BoundMilp", "MilpOutcome",
-           "RadiusMilp", "dual_bound", "installed_solvers", "lp_rows", "solve_milp"]
+__all__ = ["DEFAULT_LP_SOLVER", "HIGHS_OPTIONS", "INFEASIBLE", "OPTIMAL", "SAFETY", "TAU",
+           "TIME_LIMIT", "BoundMilp", "MilpOutcome", "RadiusMilp", "dual_bound",
+           "installed_solvers", "lp_rows", "solve_milp"]
 
 #: The LP solver of the ``lp`` method and of the LP bounds the MILP uses.
 DEFAULT_LP_SOLVER = "HIGHS"
