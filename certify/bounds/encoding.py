@@ -88,6 +88,11 @@ __all__ = [
     "encode",
     "gamma",
     "model_perturbations",
+    "relu_big_m",
+    "relu_box",
+    "relu_solver_error",
+    "relu_triangle",
+    "sample_programs",
     "widen",
 ]
 
