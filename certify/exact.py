@@ -9,7 +9,7 @@ the distance to the decision boundary (a tie counts as adversarial, as for the a
 :mod:`certify.attacks`). Every sound certified eps is below it and every attack eps above it:
 **certified <= exact <= attack**, and certified/exact is the honest tightness of a relaxation.
 
-**How: eps as a variable, one MILP per target class** (:func:`certify.bounds.milp.solve_min_eps`),
+**How: eps as a variable, one MILP per target class** (:func:`certify._min_eps.solve_min_eps`),
 not bisection on the MILP verdict. ``min eps`` subject to the network's big-M encoding and
 ``f_j(x') >= f_y(x')`` gives the radius itself (to the solver's gap `tol`) with at most ``K - 1``
 MILPs, where bisection needs ``(K - 1) * log2(eps_max / tol)`` verification MILPs of the same size
@@ -122,11 +122,14 @@ class ExactResult:
 
 
 def _ball_box(x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
-    """A float64 box containing ``{|x' - x| <= eps} ∩ [0, 1]`` (ends rounded outward)."""
-    e = eps.view(-1, *([1] * (x.ndim - 1)))
-    lo = torch.nextafter(x - e, torch.full_like(x, -math.inf)).clamp(0.0, 1.0)
-    hi = torch.nextafter(x + e, torch.full_like(x, math.inf)).clamp(0.0, 1.0)
-    return lo, hi
+    """The box of the ball ``{|x' - x| <= eps} ∩ [0, 1]`` of float64 inputs `(N, ...)`: its
+    :meth:`LinfBall.box <certify.spec.LinfBall.box>` (ends rounded outward), over images
+    `(N, C, H, W)` (other shapes are viewed as `(N, 1, 1, D)`)."""
+    from certify.spec import LinfBall
+
+    images = x if x.ndim == 4 else x.reshape(x.shape[0], 1, 1, -1)
+    lo, hi = LinfBall(images, eps).box()
+    return lo.view_as(x), hi.view_as(x)
 
 
 def _margin64(net: Network, x: Tensor, label: int) -> tuple[float, Tensor, float]:
@@ -208,9 +211,10 @@ def exact_radii(model: nn.Module | Network, x: Tensor, y: Tensor, *, eps_max: fl
         SpecError: shapes, labels, eps_max/tol/time_limit <= 0, negative attack eps.
         SoundnessError: a sandwich violation (with `certified_eps` or `attack_eps`).
     """
+    from certify._min_eps import solve_min_eps
     from certify.attacks import eval_mode, margins
     from certify.bounds import Bounds, to_network
-    from certify.bounds.milp import MILP, solve_min_eps
+    from certify.bounds.milp import MILP
 
     n = _validate(x, y, eps_max, tol, time_limit)
     attack = _per_sample(attack_eps, n, "attack_eps")

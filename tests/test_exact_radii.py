@@ -18,7 +18,7 @@ from certify.radius import certified_radii
 
 pytest.importorskip("cvxpy")
 
-import certify.bounds.milp as milp_module  # noqa: E402
+import certify.bounds.solver as solver_module  # noqa: E402
 from certify.exact import STATUSES, ExactResult, check_sandwich, exact_radii  # noqa: E402
 
 pytestmark = pytest.mark.solver
@@ -134,14 +134,14 @@ def test_certified_below_exact_below_attack_on_a_digits_mlp(digits_mlp):  # type
 
 def test_a_time_limit_makes_the_sample_unknown(monkeypatch):  # type: ignore[no-untyped-def]
     def timed_out(problem, time_limit, variables, options=None):  # type: ignore[no-untyped-def]
-        return milp_module._Outcome("time_limit", 0.01, math.inf, None, time_limit)
+        return solver_module.MilpOutcome("time_limit", 0.01, math.inf, None, time_limit)
 
     model = make_net2d(11, [8, 8])
     x = _points(0, 3)
     y = model(x).argmax(1)
     honest = exact_radii(model, x, y, eps_max=0.6)
     assert honest.status == ("optimal",) * 3
-    monkeypatch.setattr(milp_module, "_solve", timed_out)
+    monkeypatch.setattr(solver_module, "solve_milp", timed_out)
     result = exact_radii(model, x, y, eps_max=0.6)
     assert result.status == ("unknown",) * 3
     for i in range(3):

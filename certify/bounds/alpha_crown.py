@@ -49,6 +49,7 @@ class AlphaCrown(LinearRelaxationMethod):
     lr: float = 0.1
     intermediate_mode: str = "auto"
     name: ClassVar[str] = "alpha-crown"
+    refines_intermediate: ClassVar[bool] = True
     slope_rule: ClassVar[str] = "adaptive"
     linear_intermediate: ClassVar[bool] = True
 

@@ -100,6 +100,9 @@ class BoundMethod(Protocol):
     takes_module: ClassVar[bool]
     #: It needs an optional package (auto_LiRPA); listed, but failing with install steps.
     external: ClassVar[bool]
+    #: Given the bounds of the earlier layers, its bound of a neuron can be tighter than
+    #: CROWN's: a complete method may re-bound the pre-activations with it, layer by layer.
+    refines_intermediate: ClassVar[bool]
     #: How tables and figures spell it, e.g. ``CROWN``.
     display_name: ClassVar[str]
 
@@ -137,6 +140,7 @@ class MethodBase:
     uses_solver: ClassVar[bool] = False
     takes_module: ClassVar[bool] = False
     external: ClassVar[bool] = False
+    refines_intermediate: ClassVar[bool] = False
     display_name: ClassVar[str] = ""
 
     def search_pair(self) -> tuple[BoundMethod, BoundMethod | None]:
@@ -176,7 +180,8 @@ class MethodBase:
 
 _METHODS: dict[str, type] = {}
 CAPABILITIES = ("is_complete", "decides_threshold", "accepts_time_budget",
-                "serves_intermediate", "uses_solver", "takes_module", "external")
+                "serves_intermediate", "uses_solver", "refines_intermediate", "takes_module",
+                "external")
 M = TypeVar("M", bound=type)
 
 

@@ -18,20 +18,25 @@ from certify.bounds import (
     margin_bounds,
     to_network,
 )
+from certify.bounds.base import method_class
 from certify.nets import Normalize
 from certify.spec import LinfBall, margin_spec
 
 F64 = torch.float64
-FAST = [m for m in list_methods() if m not in ("lp", "milp")]
+FAST = list_methods(uses_solver=False)
+
+
+def _uses_solver(method: str) -> bool:
+    return bool(method_class(method).uses_solver)
 
 
 def _needs_solver(method: str) -> None:
-    if method in ("lp", "milp"):
+    if _uses_solver(method):
         pytest.importorskip("cvxpy")
 
 
 def _methods() -> list:  # type: ignore[type-arg]
-    return [pytest.param(m, marks=pytest.mark.solver) if m in ("lp", "milp") else m
+    return [pytest.param(m, marks=pytest.mark.solver) if _uses_solver(m) else m
             for m in list_methods()]
 
 
@@ -72,7 +77,7 @@ def test_single_linear_layer_is_analytic(method, dtype):  # type: ignore[no-unty
 @pytest.mark.parametrize("method", _methods())
 def test_batch_equals_per_sample(method):  # type: ignore[no-untyped-def]
     _needs_solver(method)
-    if method in ("lp", "milp"):
+    if _uses_solver(method):
         model, in_shape, k = make_mlp(4, [4, 3]).double(), (1, 4, 4), 3
     else:
         (model, in_shape), k = make_cnn(4, 1), 4

@@ -19,7 +19,7 @@ from certify.errors import SpecError
 pytest.importorskip("cvxpy")
 from brute_force import grid_min_spec, make_net2d, min_spec, regions  # noqa: E402
 
-import certify.bounds.milp as milp_module  # noqa: E402
+import certify.bounds.solver as solver_module  # noqa: E402
 from certify.bounds.milp import MilpBounds, refine_intermediate  # noqa: E402
 
 pytestmark = pytest.mark.solver
@@ -163,7 +163,7 @@ def test_no_unstable_relu_uses_the_rigorous_lp_dual():  # type: ignore[no-untype
 
 def _timed_out(problem, time_limit, variables, options=None):  # type: ignore[no-untyped-def]
     """A solve that ran out of time before any dual bound or point."""
-    return milp_module._Outcome("time_limit", -math.inf, math.inf, None, time_limit)
+    return solver_module.MilpOutcome("time_limit", -math.inf, math.inf, None, time_limit)
 
 
 def test_a_time_limit_gives_unknown_rows_with_a_sound_fallback(monkeypatch):  # type: ignore[no-untyped-def]
@@ -171,7 +171,7 @@ def test_a_time_limit_gives_unknown_rows_with_a_sound_fallback(monkeypatch):  # 
     x = torch.tensor([[[[0.45, 0.5]]]], dtype=F64)
     y = torch.tensor([int(model(x).argmax())])
     exact = margin_bounds(model, x, y, 0.3, "milp")
-    monkeypatch.setattr(milp_module, "_solve", _timed_out)
+    monkeypatch.setattr(solver_module, "solve_milp", _timed_out)
     forced = margin_bounds(model, x, y, 0.3, "milp")
     assert all(s.startswith("unknown: time limit") for s in forced.status[0])
     assert not forced.optimal.any()
@@ -204,7 +204,7 @@ def test_the_radius_search_does_not_count_unknown_rows(monkeypatch):  # type: ig
     x = torch.rand(4, 1, 1, 2, dtype=F64, generator=torch.Generator().manual_seed(2))
     y = model(x).argmax(1)
     exact = certified_radii(model, x, y, "milp", eps_max=0.5, tol=1e-4)
-    monkeypatch.setattr(milp_module, "_solve", _timed_out)
+    monkeypatch.setattr(solver_module, "solve_milp", _timed_out)
     forced = certified_radii(model, x, y, "milp", eps_max=0.5, tol=1e-4)
     # every MILP timed out: only what the sound fallback proves is certified
     assert (forced.certified_eps <= exact.certified_eps + 1e-12).all()

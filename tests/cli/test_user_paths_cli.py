@@ -125,11 +125,10 @@ def test_attack_range_without_count_is_refused(models, tmp_path) -> None:
 
 def test_verify_keeps_its_timeout_with_a_slow_milp(models, tmp_path, monkeypatch) -> None:
     """LP refinement and MILPs that take as long as they are allowed: still within T + 5 s."""
-    import certify.bounds.lp as lp
-    import certify.bounds.milp as milp
+    import certify.bounds.solver as solver
     import certify.verify
 
-    solve_rows = lp._solve_rows
+    solve_rows = solver.lp_rows
 
     def slow_rows(problem, solver):  # noqa: ANN001, ANN202
         time.sleep(0.1 * problem.objectives.shape[0])  # 0.1 s per LP
@@ -137,10 +136,10 @@ def test_verify_keeps_its_timeout_with_a_slow_milp(models, tmp_path, monkeypatch
 
     def slow_milp(problem, time_limit, variables, options=None):  # noqa: ANN001, ANN202
         time.sleep(min(time_limit, 60.0))
-        return milp._Outcome("time_limit", -math.inf, math.inf, None, time_limit)
+        return solver.MilpOutcome("time_limit", -math.inf, math.inf, None, time_limit)
 
-    monkeypatch.setattr(lp, "_solve_rows", slow_rows)
-    monkeypatch.setattr(milp, "_solve", slow_milp)
+    monkeypatch.setattr(solver, "lp_rows", slow_rows)
+    monkeypatch.setattr(solver, "solve_milp", slow_milp)
     monkeypatch.setattr(certify.verify, "_attack", lambda *a, **k: None)  # no shortcut by sat
     from certify.checkpoint import ModelMeta, save_checkpoint
     from certify.nets import arch_kwargs_of, create_arch

@@ -1,0 +1,640 @@
+"""The LP/MILP encoding of a network: one encoding rule per op type in :data:`ENCODINGS`.
+
+A network with a folded specification (:func:`certify.bounds.network.fold_spec`) is encoded
+over the variables ``[x, z_1, h_1, ..., z_L, h_L]``: the input ``x`` in its box, and for every
+activation ``k`` its input ``z_k`` (within the given pre-activation bounds ``l_k <= z_k <=
+u_k``) and its output ``h_k`` (within the activation's image of that box). Every op type has
+one row in :data:`ENCODINGS`:
+
+``affine`` (Linear, Conv2d, ScaleShift, AvgPool2d, Flatten)
+    Composed with its neighbours into one dense *affine chain* ``z_k = M_k h_(k-1) + m_k``
+    between two activations (:func:`affine_chain`), with rigorous bounds on how far the float64
+    ``M_k``, ``m_k`` are from the exact chain's (the ``gamma_k`` error bounds of
+    :mod:`certify.bounds.rounding` and the ops' own ``*_err`` fields).
+``activation`` (ReLU)
+    Its output box, its convex relaxation (the LP rows: ReLU's triangle ``h >= 0, h >= z,
+    h <= u (z - l) / (u - l)`` on unstable neurons, ``h = z`` on active ones, ``h = 0`` by the
+    box on inactive ones), its exact encoding with binaries (the MILP rows: ReLU's big-M ``h <=
+    u a, h <= z - l (1 - a)``, Tjeng et al., ICLR 2019) and how far a solver point within a
+    tolerance can move its output (:func:`relu_solver_error`).
+``objective`` (the folded specification)
+    One objective row per specification row over the last activation's output, with a bound
+    on its distance from the exact one.
+
+A new layer is one row here (and its rules in :mod:`certify.bounds.layers`).
+
+**Floating-point soundness.** The float64 program must be a *relaxation* of the exact network
+(and, when ``net.runs_in`` is set, of the model's own floating-point forward pass):
+
+* the given intermediate bounds were computed in float32 or float64 and are widened by
+  :data:`WIDEN` ``* (1 + |bound|)`` (:func:`widen`) so that their own rounding cannot cut off a
+  reachable point;
+* with ``slack`` (:meth:`NetworkEncoding.slack`: ``|M - M*| |h| + |m - m*|`` over the chain's
+  input box, plus the model's own rounding of the chain, :func:`model_perturbations`) every
+  chain equality becomes two inequalities ``|z_k - M_k h - m_k| <= slack_k``, the triangle's
+  upper lines are loosened by their own rounding, and the objective's distance from the exact
+  one is recorded as ``objective_slack``, to be subtracted from every bound;
+* bounds computed in float64 are cast to the input's dtype outward (:func:`cast_outward`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from certify.bounds import rounding
+from certify.bounds.base import Bounds
+from certify.bounds.forward_error import chain_error, model_chains
+from certify.bounds.layers import (
+    RULES,
+    AvgPoolOp,
+    ConvOp,
+    FlattenOp,
+    LinearOp,
+    Op,
+    ReluOp,
+    ScaleShiftOp,
+    SpecLinearOp,
+    abs_op,
+    err_op,
+    numel,
+)
+from certify.errors import UnsupportedLayerError
+
+if TYPE_CHECKING:
+    import scipy.sparse  # type: ignore[import-untyped, unused-ignore]
+
+    from certify.bounds.network import Network
+
+__all__ = [
+    "ENCODINGS",
+    "UNIT_ROUNDOFF",
+    "WIDEN",
+    "ActivationEncoding",
+    "AffineChain",
+    "BinaryRows",
+    "LinearProgram",
+    "MixedIntegerProgram",
+    "NetworkEncoding",
+    "OpEncoding",
+    "Rows",
+    "affine_chain",
+    "cast_outward",
+    "encode",
+    "gamma",
+    "model_perturbations",
+    "relu_big_m",
+    "relu_box",
+    "relu_solver_error",
+    "relu_triangle",
+    "sample_programs",
+    "widen",
+]
+
+UNIT_ROUNDOFF = 2.0**-53
+#: Relative widening of intermediate bounds computed in each dtype (see :func:`widen`).
+WIDEN = {torch.float32: 2.0**-16, torch.float64: 2.0**-40}
+
+Array = np.ndarray
+Interval = tuple[Array, Array]
+
+
+def gamma(k: int) -> float:
+    """Higham's ``gamma_k = k u / (1 - k u)``: relative error bound of a k-term float64 sum."""
+    return k * UNIT_ROUNDOFF / (1 - k * UNIT_ROUNDOFF)
+
+
+# --- conversions in and out of float64 --------------------------------------------------------
+
+
+def widen(bounds: Bounds, dtype: torch.dtype) -> Interval:
+    """Intermediate bounds as float64 arrays `(N, n)`, widened by `WIDEN[dtype] * (1 + |v|)`.
+
+    They were computed in `dtype` and can miss the exact pre-activation by a rounding error;
+    the exact LP would then be infeasible (a zero-width box makes that likely). Widening only
+    enlarges the relaxation, so the bound stays sound.
+    """
+    rel = WIDEN.get(dtype, WIDEN[torch.float32])
+    lo = bounds.lower.detach().to("cpu", torch.float64).flatten(1).numpy()
+    hi = bounds.upper.detach().to("cpu", torch.float64).flatten(1).numpy()
+    return lo - rel * (1 + np.abs(lo)), hi + rel * (1 + np.abs(hi))
+
+
+def cast_outward(values: Array, like: Tensor, *, down: bool) -> Tensor:
+    """float64 bounds in `like`'s dtype and device, rounded outward (never inward)."""
+    exact = torch.as_tensor(values, dtype=torch.float64)
+    cast = exact.to(like.dtype)
+    if like.dtype != torch.float64:
+        inward = cast.double() > exact if down else cast.double() < exact
+        step = torch.full_like(cast, -np.inf if down else np.inf)
+        cast = torch.where(inward, torch.nextafter(cast, step), cast)
+    return cast.to(like.device)
+
+
+# --- affine chains ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AffineChain:
+    """An affine chain between activations as ``out = M @ in + m`` (dense float64), with bounds
+    on the distance of `matrix` and `offset` from the exact chain's (their rounding and the
+    ops' error fields)."""
+
+    matrix: Array  # (out, in)
+    offset: Array  # (out,)
+    matrix_err: Array | None = None
+    offset_err: Array | None = None
+
+    def error(self, reach: Array) -> Array:
+        """``|M - M*| r + |m - m*|``: how far ``M h + m`` is from the exact chain for every
+        input ``|h| <= reach``, `(out,)`."""
+        out: Array = _zeros_if_none(self.matrix_err, self.matrix) @ reach + _zeros_if_none(
+            self.offset_err, self.offset)
+        return out
+
+
+def affine_chain(ops: list[Op], in_shape: tuple[int, ...]) -> AffineChain:
+    """Dense matrix and offset of a chain of affine ops (applied to the identity basis), with
+    rigorous error bounds (``E' = |L| E + gamma_k |L| |M| + L_err (|M| + E)``, see
+    :mod:`certify.bounds.rounding`)."""
+    d = numel(in_shape)
+    f64 = torch.float64
+    basis = torch.eye(d, dtype=f64).reshape(d, *in_shape)
+    zero = torch.zeros(1, *in_shape, dtype=f64)
+    basis_err, zero_err = torch.zeros_like(basis), torch.zeros_like(zero)
+    for op in ops:
+        rules = RULES[type(op)]
+        k = rules.terms(op)[0]
+        absolute, exact = abs_op(op), err_op(op)
+        g = rounding.gamma(k, f64)
+        lin_abs = rules.linear(absolute, basis_err + g * basis.abs())  # type: ignore[misc]
+        # |L| E + gamma (|L| |m| + |b|)
+        off_abs = (rules.linear(absolute, zero_err)  # type: ignore[misc]
+                   + g * rules.forward(absolute, zero.abs()))
+        if exact is not None:
+            lin_abs = lin_abs + rules.linear(exact, basis.abs() + basis_err)  # type: ignore[misc]
+            off_abs = off_abs + rules.forward(exact, zero.abs() + zero_err)
+        basis = rules.linear(op, basis)  # type: ignore[misc]
+        zero = rules.forward(op, zero)
+        basis_err = lin_abs + k * rounding.tiny(f64)
+        zero_err = off_abs + k * rounding.tiny(f64)
+    safety = rounding.SAFETY
+    return AffineChain(basis.reshape(d, -1).T.numpy(), zero.reshape(-1).numpy(),
+                       safety * basis_err.reshape(d, -1).T.numpy(),
+                       safety * zero_err.reshape(-1).numpy())
+
+
+def _zeros_if_none(err: Array | None, like: Array) -> Array:
+    return np.zeros_like(like) if err is None else err
+
+
+# --- rows of a program ------------------------------------------------------------------------
+
+
+@dataclass
+class Rows:
+    """Sparse constraint rows over all `total` variables of a program, in order."""
+
+    total: int
+    eq: list[Any]
+    eq_rhs: list[Array]
+    ub: list[Any]
+    ub_rhs: list[Array]
+
+    def place(self, start: int, block: Any, n_rows: int) -> Any:
+        """`block` (n_rows x k) placed at columns [start, start + k)."""
+        import scipy.sparse as sp  # type: ignore[import-untyped, unused-ignore]
+
+        k = block.shape[1]
+        return sp.hstack([sp.csr_matrix((n_rows, start)), sp.csr_matrix(block),
+                          sp.csr_matrix((n_rows, self.total - start - k))], format="csr")
+
+    def stacked(self) -> tuple[Any, Array, Any, Array]:
+        """``(A_eq, b_eq, A_ub, b_ub)``."""
+        import scipy.sparse as sp  # type: ignore[import-untyped, unused-ignore]
+
+        def stack(rows: list[Any]) -> Any:
+            return sp.vstack(rows, format="csr") if rows else sp.csr_matrix((0, self.total))
+
+        return (stack(self.eq), np.concatenate(self.eq_rhs) if self.eq_rhs else np.zeros(0),
+                stack(self.ub), np.concatenate(self.ub_rhs) if self.ub_rhs else np.zeros(0))
+
+
+@dataclass(frozen=True)
+class BinaryRows:
+    """Inequality rows with binaries of one activation layer (an exact encoding), numbered
+    from 0 (rows and binaries): ``sum cont_vals v[cont_cols] + sum bin_vals a[bin_cols] <=
+    rhs`` per row."""
+
+    cont_rows: list[int]
+    cont_cols: list[int]
+    cont_vals: list[float]
+    bin_rows: list[int]
+    bin_cols: list[int]
+    bin_vals: list[float]
+    rhs: list[float]
+    n_rows: int
+    n_bin: int
+
+
+# --- the encoding table -----------------------------------------------------------------------
+
+#: ``(l, u) -> (lo, hi)``: the box of an activation's output given its input's bounds.
+OutputBox = Callable[[Array, Array], Interval]
+#: ``(rows, l, u, z, h, rigorous)``: append the relaxation's rows on input columns
+#: ``[z, z + n)`` and output columns ``[h, h + n)`` (loosened for their rounding if rigorous).
+Relax = Callable[[Rows, Array, Array, int, int, bool], None]
+#: ``(l, u, z, h) -> BinaryRows``: the exact encoding's rows, with binaries.
+Exact = Callable[[Array, Array, int, int], BinaryRows]
+#: ``(err, l, u, tau) -> err'``: how far the output of a point that satisfies the rows only up
+#: to `tau` (binaries included) can be, given its input's distance `err`.
+SolverError = Callable[[Array, Array, Array, float], Array]
+
+
+@dataclass(frozen=True)
+class ActivationEncoding:
+    """How an activation enters the programs (see the type aliases): its output box, its
+    convex relaxation (LP rows), its exact encoding (MILP rows with binaries) and how a
+    tolerance-feasible solver point can move its output."""
+
+    output_box: OutputBox
+    relax: Relax
+    exact: Exact
+    solver_error: SolverError
+
+
+@dataclass(frozen=True)
+class OpEncoding:
+    """How one op type enters the LP/MILP: a row of :data:`ENCODINGS`.
+
+    Attributes:
+        kind: ``"affine"`` (composed into a chain), ``"activation"`` (new variables, relaxed
+            or exactly encoded), or ``"objective"`` (the folded specification, last).
+        activation: The activation's rules (for ``"activation"`` only).
+    """
+
+    kind: Literal["affine", "activation", "objective"]
+    activation: ActivationEncoding | None = None
+
+
+def relu_box(l: Array, u: Array) -> Interval:
+    """ReLU's output box: ``[max(l, 0), max(u, 0)]``."""
+    return np.maximum(l, 0), np.maximum(u, 0)
+
+
+def relu_triangle(rows: Rows, l: Array, u: Array, z: int, h: int, rigorous: bool) -> None:
+    """``h = z`` where ``l >= 0``; the triangle ``h >= z``, ``h <= u (z - l) / (u - l)`` where
+    ``l < 0 < u`` (``h >= 0`` and ``h = 0`` where ``u <= 0`` are the output box). With
+    `rigorous`, the rounded chord and intercept are valid up to ``4u (|u| + |s l|)``."""
+    import scipy.sparse as sp
+
+    n = l.shape[0]
+    active = l >= 0
+    unstable = (l < 0) & (u > 0)
+    if active.any():  # h = z
+        sel = sp.identity(n, format="csr")[active]
+        rows.eq.append(rows.place(h, sel, sel.shape[0]) - rows.place(z, sel, sel.shape[0]))
+        rows.eq_rhs.append(np.zeros(sel.shape[0]))
+    if unstable.any():
+        sel = sp.identity(n, format="csr")[unstable]
+        m = sel.shape[0]
+        slope = u[unstable] / (u[unstable] - l[unstable])
+        rows.ub.append(rows.place(z, sel, m) - rows.place(h, sel, m))  # z - h <= 0
+        rows.ub_rhs.append(np.zeros(m))
+        rows.ub.append(rows.place(h, sel, m) - rows.place(z, sp.diags(slope) @ sel, m))
+        rhs = -slope * l[unstable]  # h - s z <= -s l
+        if rigorous:
+            rhs = rhs + 4 * UNIT_ROUNDOFF * (np.abs(u[unstable]) + np.abs(rhs)) + 1e-300
+        rows.ub_rhs.append(rhs)
+
+
+def relu_big_m(l: Array, u: Array, z: int, h: int) -> BinaryRows:
+    """Per unstable neuron, ``h - u a <= 0`` and ``h - z - l a <= -l`` (``a`` binary)."""
+    out = BinaryRows([], [], [], [], [], [], [], 0, 0)
+    r = m = 0
+    for j in np.nonzero((l < 0) & (u > 0))[0]:
+        # h - u a <= 0
+        out.cont_rows.append(r)
+        out.cont_cols.append(int(h + j))
+        out.cont_vals.append(1.0)
+        out.bin_rows.append(r)
+        out.bin_cols.append(m)
+        out.bin_vals.append(-u[j])
+        out.rhs.append(0.0)
+        # h - z - l a <= -l
+        out.cont_rows.extend([r + 1, r + 1])
+        out.cont_cols.extend([int(h + j), int(z + j)])
+        out.cont_vals.extend([1.0, -1.0])
+        out.bin_rows.append(r + 1)
+        out.bin_cols.append(m)
+        out.bin_vals.append(-l[j])
+        out.rhs.append(-l[j])
+        r += 2
+        m += 1
+    return replace(out, n_rows=r, n_bin=m)
+
+
+def relu_solver_error(err: Array, l: Array, u: Array, tau: float) -> Array:
+    """A binary off by `tau` lets an unstable output move by ``tau max(|l|, |u|)`` (the big-M
+    scale), and every row by `tau`; ReLU is 1-Lipschitz."""
+    unstable = (l < 0) & (u > 0)
+    return err + np.where(unstable, tau * np.maximum(np.abs(l), np.abs(u)) + 2 * tau, tau)
+
+
+AFFINE = OpEncoding("affine")
+ENCODINGS: dict[type, OpEncoding] = {
+    LinearOp: AFFINE,
+    ConvOp: AFFINE,
+    ScaleShiftOp: AFFINE,
+    AvgPoolOp: AFFINE,
+    FlattenOp: AFFINE,
+    ReluOp: OpEncoding("activation", ActivationEncoding(relu_box, relu_triangle, relu_big_m,
+                                                        relu_solver_error)),
+    SpecLinearOp: OpEncoding("objective"),
+}
+
+
+def _rule(op: Op, index: int) -> OpEncoding:
+    rule = ENCODINGS.get(type(op))
+    if rule is None:
+        raise UnsupportedLayerError(
+            f"op {index} ({type(op).__name__}) has no LP/MILP encoding; add a row to "
+            "certify.bounds.encoding.ENCODINGS or use a method without a solver.")
+    return rule
+
+
+def _activation(op: Op, index: int) -> ActivationEncoding:
+    rule = _rule(op, index).activation
+    if rule is None:
+        raise ValueError(f"op {index} ({type(op).__name__}) is not an activation")
+    return rule
+
+
+# --- programs ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinearProgram:
+    """``min c·v + const`` s.t. ``A_eq v = b_eq``, ``A_ub v <= b_ub``, ``lo <= v <= hi``.
+
+    `offsets` are the first columns of ``x, z_1, h_1, ..., z_L, h_L`` and the end.
+    """
+
+    objectives: Array  # (S, n): one objective per specification row
+    constants: Array  # (S,)
+    a_eq: scipy.sparse.csr_matrix
+    b_eq: Array
+    a_ub: scipy.sparse.csr_matrix
+    b_ub: Array
+    lo: Array
+    hi: Array
+    objective_slack: Array | None = None  # (S,): bound on |exact - stored| objective
+    offsets: Array | None = None
+
+    def rows(self, keep: list[int]) -> LinearProgram:
+        """The program with only the objective rows `keep` (and no objective slack)."""
+        return replace(self, objectives=self.objectives[keep], constants=self.constants[keep],
+                       objective_slack=None)
+
+
+@dataclass(frozen=True)
+class MixedIntegerProgram:
+    """A :class:`LinearProgram` plus binaries and the rows of the activations' exact encoding.
+
+    ``a_eq v = b_eq``, ``a_ub v + a_ub_bin a <= b_ub``, ``lo <= v <= hi``, ``a`` binary.
+    """
+
+    lp: LinearProgram
+    a_ub: scipy.sparse.csr_matrix  # (R, n) continuous part of all inequality rows
+    a_ub_bin: scipy.sparse.csr_matrix  # (R, m) binary part
+    b_ub: Array  # (R,)
+    n_bin: int
+    width: float  # sum of the variables' box widths (binaries: 1 each)
+
+
+@dataclass(frozen=True)
+class NetworkEncoding:
+    """The encoding of one network with a folded specification (see :func:`encode`).
+
+    Attributes:
+        chains: The affine chain before each activation and, last, before the specification.
+        activations: The encoding row of each activation, in order.
+        spec: The folded specification (per-sample weights).
+    """
+
+    chains: list[AffineChain]
+    activations: list[ActivationEncoding]
+    spec: SpecLinearOp
+
+    def slack(self, x_lo: Array, x_hi: Array, pre: list[Interval],
+              perturbation: list[Array] | None) -> list[Array]:
+        """For each activation: how far its input ``z_k`` may be from ``M_k h + m_k`` (the
+        chain's :meth:`AffineChain.error` over its input's range, plus the model's own
+        rounding of that chain where given) for one sample."""
+        out = []
+        reach = np.maximum(np.abs(x_lo), np.abs(x_hi))
+        for k, (l, u) in enumerate(pre):
+            value = self.chains[k].error(reach)
+            if perturbation is not None:
+                value = value + perturbation[k]
+            out.append(value)
+            lo, hi = _reach_box(self.activations[k], l, u)
+            reach = np.maximum(np.abs(lo), np.abs(hi))
+        return out
+
+    def lp(self, i: int, x_lo: Array, x_hi: Array, pre: list[Interval],
+           slack: list[Array] | None = None) -> LinearProgram:
+        """The relaxation LP of sample `i` over ``[x, z_1, h_1, ..., z_L, h_L]``.
+
+        With `slack` (one nonnegative vector per activation, :meth:`slack`) each chain
+        equality becomes two inequalities ``|z_k - M_k h - m_k| <= slack_k``, the relaxation
+        rows are loosened by their own rounding, and the objective's distance from the exact
+        one is recorded in ``objective_slack``: the LP is then a relaxation of the exact (or
+        exactly perturbed) network.
+        """
+        lo_parts, hi_parts = [x_lo], [x_hi]
+        sizes = [x_lo.shape[0]]
+        for rule, (l, u) in zip(self.activations, pre, strict=True):
+            out_lo, out_hi = rule.output_box(l, u)
+            lo_parts += [l, out_lo]
+            hi_parts += [u, out_hi]
+            sizes += [l.shape[0], out_lo.shape[0]]
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        rows = Rows(int(offsets[-1]), [], [], [], [])
+        for k, (l, u) in enumerate(pre):
+            h_prev, z, h = offsets[2 * k], offsets[2 * k + 1], offsets[2 * k + 2]
+            self._chain_rows(rows, k, h_prev, z, None if slack is None else slack[k])
+            self.activations[k].relax(rows, l, u, z, h, slack is not None)
+        objectives, constants, objective_slack = self._objective(
+            i, rows.total, offsets[-2] if pre else 0, lo_parts[-1], hi_parts[-1],
+            slack is not None)
+        a_eq, b_eq, a_ub, b_ub = rows.stacked()
+        return LinearProgram(objectives, constants, a_eq, b_eq, a_ub, b_ub,
+                             np.concatenate(lo_parts), np.concatenate(hi_parts), objective_slack,
+                             offsets)
+
+    def milp(self, lp: LinearProgram, pre: list[Interval]) -> MixedIntegerProgram:
+        """`lp` (of :meth:`lp`) with binaries: the activations' exact encoding added."""
+        import scipy.sparse as sp  # type: ignore[import-untyped, unused-ignore]
+
+        assert lp.offsets is not None
+        total = lp.lo.shape[0]
+        first = lp.a_ub.shape[0]
+        rows_c: list[int] = []
+        cols_c: list[int] = []
+        vals_c: list[float] = []
+        rows_b: list[int] = []
+        cols_b: list[int] = []
+        vals_b: list[float] = []
+        rhs: list[float] = []
+        r = m = 0
+        for k, (rule, (l, u)) in enumerate(zip(self.activations, pre, strict=True)):
+            part = rule.exact(l, u, lp.offsets[2 * k + 1], lp.offsets[2 * k + 2])
+            rows_c += [r + q for q in part.cont_rows]
+            cols_c += part.cont_cols
+            vals_c += part.cont_vals
+            rows_b += [first + r + q for q in part.bin_rows]
+            cols_b += [m + q for q in part.bin_cols]
+            vals_b += part.bin_vals
+            rhs += part.rhs
+            r += part.n_rows
+            m += part.n_bin
+        big_c = sp.csr_matrix((vals_c, (np.array(rows_c), cols_c)), shape=(r, total))
+        a_ub = sp.vstack([lp.a_ub, big_c], format="csr")
+        a_ub_bin = sp.csr_matrix((vals_b, (rows_b, cols_b)), shape=(first + r, m))
+        b_ub = np.concatenate([lp.b_ub, np.array(rhs)])
+        width = float(np.sum(lp.hi - lp.lo)) + m
+        return MixedIntegerProgram(lp, a_ub, a_ub_bin, b_ub, m, width)
+
+    def solver_error(self, pre: list[Interval], lp: LinearProgram, tau: float) -> Array:
+        """How far, per objective row `(S,)`, the objective at a point that satisfies every
+        row, bound and integrality within `tau` can be from the network's value at a true
+        input: input bounds violated by `tau`, propagated through ``|M_k|`` and the
+        activations (:attr:`OpEncoding.solver_error`)."""
+        err = np.full(self.chains[0].matrix.shape[1], tau)  # input bounds violated by tau
+        for chain, rule, (l, u) in zip(self.chains[:-1], self.activations, pre, strict=True):
+            ez = np.abs(chain.matrix) @ err + tau
+            err = rule.solver_error(ez, l, u, tau)
+        start = lp.lo.shape[0] - err.shape[0]
+        weights = np.abs(lp.objectives[:, start:])  # the last layer's (folded) rows
+        return weights @ err + tau  # type: ignore[no-any-return]
+
+    def _chain_rows(self, rows: Rows, k: int, h_prev: int, z: int, slack: Array | None) -> None:
+        """``z_k - M_k h_(k-1) = m_k``, or within ``slack`` of it."""
+        import scipy.sparse as sp  # type: ignore[import-untyped, unused-ignore]
+
+        chain = self.chains[k]
+        n = chain.matrix.shape[0]
+        row = rows.place(z, sp.identity(n), n) - rows.place(h_prev, chain.matrix, n)
+        if slack is None:
+            rows.eq.append(row)
+            rows.eq_rhs.append(chain.offset)
+        else:
+            rows.ub += [row, -row]
+            rows.ub_rhs += [chain.offset + slack, -chain.offset + slack]
+
+    def _objective(self, i: int, total: int, start: int, last_lo: Array, last_hi: Array,
+                   rigorous: bool) -> tuple[Array, Array, Array | None]:
+        """Objectives `(S, total)` over the last activation's output, constants `(S,)` and,
+        if `rigorous`, the bound on their distance from the exact ones (over the output's box
+        ``[last_lo, last_hi]``)."""
+        last, spec = self.chains[-1], self.spec
+        weight = spec.weight[i].numpy()  # (S, I)
+        objectives_h = weight @ last.matrix  # (S, n_last)
+        constants = weight @ last.offset + spec.bias[i].numpy()
+        objectives = np.zeros((weight.shape[0], total))
+        objectives[:, start:start + objectives_h.shape[1]] = objectives_h
+        if not rigorous:
+            return objectives, constants, None
+        # c = W M_last: its rounding, W's and M_last's own errors, over |h_last| <= reach
+        w_abs = np.abs(weight)
+        g = gamma(weight.shape[1] + 1)
+        m_abs, m_err = np.abs(last.matrix), _zeros_if_none(last.matrix_err, last.matrix)
+        w_err = (np.zeros_like(weight) if spec.weight_err is None
+                 else spec.weight_err[i].numpy())
+        c_err = w_abs @ m_err + w_err @ (m_abs + m_err) + g * (w_abs @ m_abs)
+        o_abs, o_err = np.abs(last.offset), _zeros_if_none(last.offset_err, last.offset)
+        b_err = 0.0 if spec.bias_err is None else spec.bias_err[i].numpy()
+        const_err = (w_abs @ o_err + w_err @ (o_abs + o_err) + g * (w_abs @ o_abs + np.abs(
+            spec.bias[i].numpy())) + b_err)
+        reach = np.maximum(np.abs(last_lo), np.abs(last_hi))
+        return objectives, constants, 2.0 * (c_err @ reach + const_err)
+
+
+def _reach_box(rule: ActivationEncoding, l: Array, u: Array) -> Interval:
+    """The activation's output box spanned with 0: what error bounds over its output use."""
+    lo, hi = rule.output_box(l, u)
+    return np.minimum(lo, 0), hi
+
+
+def encode(net: Network) -> NetworkEncoding:
+    """The encoding of `net`, which ends in a folded specification (``fold_spec``), in float64.
+
+    Raises:
+        UnsupportedLayerError: for an op without a row in :data:`ENCODINGS`.
+    """
+    chains: list[AffineChain] = []
+    activations: list[ActivationEncoding] = []
+    ops: list[Op] = []
+    shape = net.input_shape
+    spec: SpecLinearOp | None = None
+    for index, op in enumerate(net.layers):
+        rule = _rule(op, index)
+        if rule.kind == "affine":
+            ops.append(op)
+        elif rule.activation is not None:
+            chains.append(affine_chain(ops, shape))
+            activations.append(rule.activation)
+            ops, shape = [], op.out_shape
+        else:
+            chains.append(affine_chain(ops, shape))
+            spec = op  # type: ignore[assignment]
+    if spec is None:
+        raise ValueError("encode: the network must end in a folded specification (fold_spec)")
+    return NetworkEncoding(chains, activations, spec)
+
+
+def model_perturbations(net: Network, x_lo: Tensor, x_hi: Tensor,
+                        pre: list[Interval]) -> list[Array] | None:
+    """The model's own rounding of each chain into an activation, `(N, n)` float64 per layer
+    (None for the network in exact arithmetic, ``net.runs_in`` unset); see
+    :mod:`certify.bounds.forward_error`."""
+    if net.runs_in is None:
+        return None
+    chains = model_chains(net)
+    rules = [_activation(net.layers[p], p) for p in net.relu_positions]
+    out = []
+    in_lo, in_hi = x_lo.detach().to("cpu", torch.float64), x_hi.detach().to("cpu", torch.float64)
+    for k, (lo, hi) in enumerate(pre):
+        err = chain_error(chains[k], in_lo, in_hi, net.runs_in)
+        out.append(err.flatten(1).numpy())
+        box_lo, box_hi = _reach_box(rules[k], lo, hi)
+        in_lo, in_hi = torch.from_numpy(box_lo), torch.from_numpy(box_hi)
+        shape = chains[k + 1][0].in_shape if chains[k + 1] else None
+        if shape is not None:
+            in_lo, in_hi = in_lo.reshape(-1, *shape), in_hi.reshape(-1, *shape)
+    return out
+
+
+def sample_programs(encoding: NetworkEncoding, x_lo: Array, x_hi: Array, pre: list[Interval],
+                    perturbation: list[Array] | None
+                    ) -> Iterator[tuple[list[Interval], LinearProgram]]:
+    """Per sample ``i``: its intermediate bounds and its rigorous LP (with :meth:`slack
+    <NetworkEncoding.slack>`), a relaxation of the exact network (and of the model's own
+    forward pass when `perturbation` is given).
+
+    Args:
+        x_lo, x_hi: Input boxes `(N, D)` float64.
+        pre: Widened intermediate bounds (:func:`widen`), `(N, n_k)` each.
+        perturbation: :func:`model_perturbations`, or None.
+    """
+    for i in range(x_lo.shape[0]):
+        pre_i = [(lo[i], hi[i]) for lo, hi in pre]
+        slack = encoding.slack(x_lo[i], x_hi[i], pre_i,
+                               None if perturbation is None else [p[i] for p in perturbation])
+        yield pre_i, encoding.lp(i, x_lo[i], x_hi[i], pre_i, slack)
