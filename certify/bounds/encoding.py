@@ -96,7 +96,7 @@ __all__ = [
     "widen",
 ]
 
-UNIT_ROUNDOFF = 2.0**-53
+UNIT_ROUNDOFF = rounding.unit_roundoff(torch.float64)
 #: Relative widening of intermediate bounds computed in each dtype (see :func:`widen`).
 WIDEN = {torch.float32: 2.0**-16, torch.float64: 2.0**-40}
 
@@ -105,8 +105,8 @@ Interval = tuple[Array, Array]
 
 
 def gamma(k: int) -> float:
-    """Higham's ``gamma_k = k u / (1 - k u)``: relative error bound of a k-term float64 sum."""
-    return k * UNIT_ROUNDOFF / (1 - k * UNIT_ROUNDOFF)
+    """Higham's ``gamma_k`` of a k-term float64 sum (:func:`certify.bounds.rounding.gamma`)."""
+    return rounding.gamma(k, torch.float64)
 
 
 # --- conversions in and out of float64 --------------------------------------------------------
@@ -128,12 +128,8 @@ def widen(bounds: Bounds, dtype: torch.dtype) -> Interval:
 def cast_outward(values: Array, like: Tensor, *, down: bool) -> Tensor:
     """float64 bounds in `like`'s dtype and device, rounded outward (never inward)."""
     exact = torch.as_tensor(values, dtype=torch.float64)
-    cast = exact.to(like.dtype)
-    if like.dtype != torch.float64:
-        inward = cast.double() > exact if down else cast.double() < exact
-        step = torch.full_like(cast, -np.inf if down else np.inf)
-        cast = torch.where(inward, torch.nextafter(cast, step), cast)
-    return cast.to(like.device)
+    cast = rounding.cast_down if down else rounding.cast_up
+    return cast(exact, like.dtype).to(like.device)
 
 
 # --- affine chains ----------------------------------------------------------------------------
