@@ -51,7 +51,7 @@ def _affine_ops(seed: int) -> list:  # type: ignore[type-arg]
 def test_every_op_type_has_one_encoding_row() -> None:
     assert set(ENCODINGS) == set(RULES)
     kinds = {t.__name__: row.kind for t, row in ENCODINGS.items()}
-    assert kinds["ReluOp"] == "activation" and kinds["SpecLinearOp"] == "objective"
+    assert kinds["ReluOp"] == "activation" and kinds["SpecRows"] == "objective"
     for row in ENCODINGS.values():
         assert (row.activation is not None) == (row.kind == "activation")
 

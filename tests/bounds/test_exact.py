@@ -23,7 +23,7 @@ from certify.nets import Normalize
 from certify.spec import LinfBall, margin_spec
 
 F64 = torch.float64
-FAST = list_methods(uses_solver=False)
+FAST = list_methods(uses_solver=False, external=False)
 
 
 def _uses_solver(method: str) -> bool:
@@ -37,7 +37,7 @@ def _needs_solver(method: str) -> None:
 
 def _methods() -> list:  # type: ignore[type-arg]
     return [pytest.param(m, marks=pytest.mark.solver) if _uses_solver(m) else m
-            for m in list_methods()]
+            for m in list_methods(external=False)]
 
 
 @pytest.mark.parametrize("method", _methods())
