@@ -53,7 +53,23 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[An
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         _raise_if_disk_full(e, path)
+        if not isinstance(e, KeyboardInterrupt) and _cause(e, KeyboardInterrupt) is not None:
+            # Ctrl-C inside a writer that turns it into its own error (torch.save's zip writer
+            # raises a RuntimeError while the interrupt unwinds): it is still an interrupt
+            raise KeyboardInterrupt from e
         raise
+
+
+def _cause(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of `kind` in `error`'s cause/context chain, if any."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, kind):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def disk_full_cause(error: BaseException) -> OSError | None:

@@ -383,3 +383,28 @@ def test_area_num_samples_selects_the_first_n(model: Path, tmp_path: Path) -> No
     assert [int(r["index"]) for r in read_rows(tmp_path / "run")] == [0, 1, 2, 3, 4]
     assert json.loads(done.stdout)["n_total"] == 5
 
+
+
+def test_ctrl_c_inside_a_writer_that_wraps_it_is_still_an_interrupt(tmp_path: Path) -> None:
+    """torch.save's zip writer turns a Ctrl-C during a save into its own RuntimeError; the save
+    must still end as an interrupt (so the command says how to continue), the old file intact."""
+    target = tmp_path / "state.pt"
+    torch.save({"epoch": 1}, target)
+
+    class Writer:
+        def write(self, f: Any) -> None:
+            try:
+                f.write(b"partial")
+                raise KeyboardInterrupt
+            finally:
+                f.seek(0)
+                raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos")
+
+    with pytest.raises(KeyboardInterrupt):
+        with certify._io.atomic_open(target, "wb") as f:
+            Writer().write(f)
+    assert torch.load(target, weights_only=True) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+    with pytest.raises(RuntimeError, match="plain failure"):  # other errors stay themselves
+        with certify._io.atomic_open(target, "wb"):
+            raise RuntimeError("plain failure")
