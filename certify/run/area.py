@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from certify.errors import ReportError, SpecError, unknown_name
+from certify.errors import NAME, ReportError, SpecError, literal, unknown_name
 from certify.records import SampleRow, json_safe
 from certify.report.area import AreaRun
 from certify.report.summary import MethodSummary, default_eps_grid, summarize
@@ -107,34 +107,38 @@ class AreaConfig:
         from certify.radius import SEARCHES
 
         if not (isinstance(self.tol, (int, float)) and math.isfinite(self.tol) and self.tol > 0):
-            raise SpecError(f"--tol must be a number > 0, got {self.tol}; e.g. --tol 1e-4")
+            raise SpecError(f"{{tol}} must be a number > 0, got {literal(self.tol)}; e.g. 1e-4",
+                            tol=NAME)
         if not (isinstance(self.eps_max, (int, float)) and math.isfinite(self.eps_max)
                 and self.eps_max > 0):
-            raise SpecError(f"--eps-max must be a number > 0, got {self.eps_max}; e.g. "
-                            "--eps-max 0.5")
+            raise SpecError(f"{{eps_max}} must be a number > 0, got {literal(self.eps_max)}; "
+                            "e.g. 0.5", eps_max=NAME)
         if self.dtype in ("float32", "float64"):
             smallest = smallest_tol(self.eps_max, self.dtype)
             if self.tol < smallest:
-                other = ", or --dtype float64" if self.dtype == "float32" else ""
-                raise SpecError(f"--tol {self.tol:g} is finer than {self.dtype} can resolve at "
-                                f"--eps-max {self.eps_max:g}; use --tol {smallest:.2g} or more"
-                                f"{other}")
+                other = ", or {dtype} float64" if self.dtype == "float32" else ""
+                raise SpecError(f"{{tol}} {self.tol:g} is finer than {self.dtype} can resolve at "
+                                f"{{eps_max}} {self.eps_max:g}; use {{tol}} {smallest:.2g} or "
+                                f"more{other}", tol=NAME, eps_max=NAME, dtype=NAME)
         if self.attack_tol is not None and not (math.isfinite(self.attack_tol)
                                                 and self.attack_tol > 0):
             raise SpecError(f"attack_tol must be > 0, got {self.attack_tol}")
         if self.n is not None and self.indices is not None:
-            raise SpecError("give --num-samples (the first N samples) or --indices, not both")
+            raise SpecError("give {n} (the first N samples) or {indices}, not both", n=NAME,
+                            indices=NAME)
         if self.n is not None and self.n < 1:
-            raise SpecError(f"--num-samples must be >= 1, got {self.n}")
+            raise SpecError(f"{{n}} must be >= 1, got {self.n}", n=NAME)
         if self.batch_size < 1:
-            raise SpecError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise SpecError(f"{{batch_size}} must be >= 1, got {self.batch_size}",
+                            batch_size=NAME)
         if self.attack_steps < 1 or self.attack_restarts < 1:
             raise SpecError("attack steps and restarts must be >= 1, got "
                             f"{self.attack_steps} and {self.attack_restarts}")
         if not self.methods:
-            raise SpecError("give at least one --method")
+            raise SpecError("give at least one {methods}", methods=NAME)
         if len(set(self.methods)) != len(self.methods):
-            raise SpecError(f"each --method once, got {', '.join(self.methods)}")
+            raise SpecError(f"each of {{methods}} once, got {literal(', '.join(self.methods))}",
+                            methods=NAME)
         _check_methods(self.methods, self.method_options)
         for m in self.method_options:
             if m not in self.methods:
@@ -145,14 +149,16 @@ class AreaConfig:
         if self.search not in SEARCHES:
             raise unknown_name("search", self.search, SEARCHES)
         if self.dtype not in ("float32", "float64"):
-            raise SpecError(f"--dtype must be float32 or float64, got {self.dtype}")
+            raise SpecError(f"{{dtype}} must be float32 or float64, got {literal(self.dtype)}",
+                            dtype=NAME)
         if self.eps_grid is not None and any(not (e >= 0 and math.isfinite(e))
                                              for e in self.eps_grid):
             raise SpecError(f"eps_grid must hold finite eps >= 0, got {list(self.eps_grid)}")
         if not (isinstance(self.exact_time_limit, (int, float))
                 and math.isfinite(self.exact_time_limit) and self.exact_time_limit > 0):
-            raise SpecError(f"--exact-time-limit must be a number of seconds > 0, got "
-                            f"{self.exact_time_limit}; e.g. --exact-time-limit 60")
+            raise SpecError(f"{{exact_time_limit}} must be a number of seconds > 0, got "
+                            f"{literal(self.exact_time_limit)}; e.g. 60",
+                            exact_time_limit=NAME)
 
     def select(self, size: int, where: str) -> list[int]:
         """The sample positions this run certifies in a split of `size` samples.
@@ -163,18 +169,20 @@ class AreaConfig:
         if self.indices is not None:
             idx = [int(i) for i in self.indices]
             if not idx:
-                raise SpecError("--indices is empty; give positions like 0,5,10 or 0:100")
+                raise SpecError("{indices} is empty; give positions like 0,5,10 or 0:100",
+                                indices=NAME)
             bad = [i for i in idx if not 0 <= i < size]
             if bad:
-                raise SpecError(f"--indices {bad[0]} is out of range for {where} ({size} "
-                                f"samples: 0..{size - 1})")
+                raise SpecError(f"{{indices}} {bad[0]} is out of range for {literal(where)} "
+                                f"({size} samples: 0..{size - 1})", indices=NAME)
             if len(set(idx)) != len(idx):
-                raise SpecError("--indices lists a sample twice; give each position once")
+                raise SpecError("{indices} lists a sample twice; give each position once",
+                                indices=NAME)
             return idx
         if self.n is not None:
             if self.n > size:
-                raise SpecError(f"--num-samples {self.n} but {where} has only {size} samples; "
-                                f"use --num-samples {size} or less")
+                raise SpecError(f"{{n}} {self.n} but {literal(where)} has only {size} samples; "
+                                f"use {{n}} {size} or less", n=NAME)
             return list(range(self.n))
         return list(range(size))
 
