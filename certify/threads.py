@@ -85,12 +85,12 @@ def set_threads(threads: int | None = None) -> int:
     """
     import torch
 
-    from certify.errors import SpecError
+    from certify.errors import NAME, SpecError
 
     if threads is None:
         threads = default_threads()
     if threads < 1:
-        raise SpecError(f"--threads must be >= 1, got {threads}; e.g. --threads 1")
+        raise SpecError(f"{{threads}} must be >= 1, got {threads}; e.g. 1", threads=NAME)
     torch.set_num_threads(int(threads))
     try:
         torch.set_num_interop_threads(1)

@@ -288,8 +288,8 @@ def _open_folder(settings: Mapping[str, Any], *, out_dir: str | os.PathLike[str]
     folder = RunFolder(path, exact=exact)
     folder.lock(held)  # one line if a file is in the way or the place is read-only
     if folder.has_run():
-        raise ReportError(f"{path} already holds a run; continue it with --resume, or pick "
-                          "another folder with -o")
+        raise ReportError(f"{literal(path)} already holds a run; continue it with {{resume}}, "
+                          "or pick another folder ({out_dir})", resume=NAME, out_dir=NAME)
     folder.write_config(settings, _versions(settings["methods"]))
     return folder, []
 
