@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from certify.errors import SpecError
+from certify.spec import round_to
 
 __all__ = ["MAX_DISJUNCTS", "OutputConstraint", "VnnlibProperty", "parse_vnnlib", "read_vnnlib"]
 
@@ -114,8 +115,8 @@ class VnnlibProperty:
             raise SpecError(f"{self.source} declares {self.num_inputs} inputs X_i but the model "
                             f"input {shape} has {count} values; use the property written for "
                             "this network.")
-        lower = _round(self.lower, dtype, down=True).reshape(1, *shape).to(device)
-        upper = _round(self.upper, dtype, down=False).reshape(1, *shape).to(device)
+        lower = round_to(self.lower, dtype, up=False).reshape(1, *shape).to(device)
+        upper = round_to(self.upper, dtype, up=True).reshape(1, *shape).to(device)
         return lower, upper
 
     def contains(self, x: Tensor) -> Tensor:
@@ -136,17 +137,6 @@ class VnnlibProperty:
         if y.ndim != 2 or y.shape[1] != self.num_outputs:
             raise SpecError(f"{self.source} is about {self.num_outputs} outputs Y_j but the model "
                             f"gives outputs of shape {tuple(y.shape)}.")
-
-
-def _round(values: Tensor, dtype: torch.dtype, *, down: bool) -> Tensor:
-    """Round float64 `values` to `dtype` towards -inf (`down`) or +inf."""
-    rounded = values.to(dtype)
-    if dtype == torch.float64:
-        return rounded
-    back = rounded.to(torch.float64)
-    inf = torch.full_like(rounded, float("-inf") if down else float("inf"))
-    wrong = back > values if down else back < values
-    return torch.where(wrong, torch.nextafter(rounded, inf), rounded)
 
 
 # ---- reading ----------------------------------------------------------------------------------

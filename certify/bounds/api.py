@@ -16,7 +16,7 @@ from certify.bounds.forward_error import chain_error, model_chains, model_dtype
 from certify.bounds.network import Network, identity_spec, to_network
 from certify.bounds.propagation import EngineOptions, Propagator
 from certify.errors import SpecError
-from certify.spec import LinfBall, margin_spec
+from certify.spec import LinfBall, margin_spec, round_to
 
 no_tf32 = rounding.no_tf32
 
@@ -198,7 +198,7 @@ def _widen(bounds: Bounds, by_row: Tensor) -> Bounds:
 def _cast_down(values: Tensor, like: Tensor) -> Tensor:
     """float64 `values` (from a subtraction, rounded down first) in `like`'s dtype, never
     above the exact value."""
-    return rounding.cast_down(rounding.down(values), like.dtype)
+    return round_to(rounding.down(values), like.dtype, up=False)
 
 
 def margin_bounds(model: nn.Module | Network, x: Tensor, y: Tensor, eps: float | Tensor,

@@ -65,6 +65,7 @@ from certify.bounds.layers import (
     numel,
 )
 from certify.errors import UnsupportedLayerError
+from certify.spec import round_to
 
 if TYPE_CHECKING:
     import scipy.sparse  # type: ignore[import-untyped, unused-ignore]
@@ -128,8 +129,7 @@ def widen(bounds: Bounds, dtype: torch.dtype) -> Interval:
 def cast_outward(values: Array, like: Tensor, *, down: bool) -> Tensor:
     """float64 bounds in `like`'s dtype and device, rounded outward (never inward)."""
     exact = torch.as_tensor(values, dtype=torch.float64)
-    cast = rounding.cast_down if down else rounding.cast_up
-    return cast(exact, like.dtype).to(like.device)
+    return round_to(exact, like.dtype, up=not down).to(like.device)
 
 
 # --- affine chains ----------------------------------------------------------------------------

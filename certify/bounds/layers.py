@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from certify.bounds import rounding
 from certify.nets.layers import Normalize
+from certify.spec import round_to
 
 Shape = tuple[int, ...]
 
@@ -197,10 +198,7 @@ def cast_op(op: Op, dtype: torch.dtype, device: torch.device) -> Op:
         return torch.finfo(dtype).eps > torch.finfo(t.dtype).eps
 
     def cast_up(t: Tensor) -> Tensor:
-        cast = t.to(device=device, dtype=dtype)
-        if narrower(t):
-            cast = torch.where(cast.to(t.dtype) < t.to(cast.device), rounding.up(cast), cast)
-        return cast
+        return round_to(t, dtype, up=True).to(device)
 
     for name in tensor_fields(op):  # weights first: a narrowing cast adds to their errors
         t = getattr(op, name)

@@ -31,8 +31,7 @@ from torch import Tensor
 
 from certify.errors import SpecError
 
-__all__ = ["SAFETY", "cast_down", "cast_up", "down", "gamma", "no_tf32", "tiny", "unit_roundoff",
-           "up"]
+__all__ = ["SAFETY", "down", "gamma", "no_tf32", "tiny", "unit_roundoff", "up"]
 
 SAFETY = 2.0
 
@@ -80,20 +79,6 @@ def _step(t: Tensor, toward: float) -> Tensor:
     # t + (moved - t) is `moved` exactly (adjacent floats differ exactly); keep non-finite
     # values as nextafter gives them
     return torch.where(torch.isfinite(t), t + (moved - t).detach(), moved)
-
-
-def cast_up(values: Tensor, dtype: torch.dtype) -> Tensor:
-    """`values` (any float dtype) in `dtype`, each the smallest value of `dtype` that is >= it
-    (exact comparisons: float64 holds every float32 exactly)."""
-    cast = values.to(dtype)
-    wide = torch.promote_types(values.dtype, dtype)
-    below = cast.to(wide) < values.to(wide)
-    return torch.where(below, torch.nextafter(cast, torch.full_like(cast, float("inf"))), cast)
-
-
-def cast_down(values: Tensor, dtype: torch.dtype) -> Tensor:
-    """`values` in `dtype`, each the largest value of `dtype` that is <= it."""
-    return -cast_up(-values, dtype)
 
 
 @contextmanager
