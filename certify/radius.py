@@ -510,17 +510,13 @@ def certified_radii(model: nn.Module, x: Tensor, y: Tensor,
         UnknownNameError: unknown method or search.
         SoundnessError: a radius above the attack eps (a bug in the bound or the attack).
     """
-    from certify.bounds import BoundMethod, get_method, to_network
-    from certify.bounds.base import with_options
+    from certify.bounds import to_network
+    from certify.bounds.base import resolve_method, with_options
 
     _validate(x, y, eps_max, tol, max_iter)
     if search not in SEARCHES:
         raise unknown_name("search", search, SEARCHES)
-    configured = (get_method(method, **method_options) if isinstance(method, str)
-                  else with_options(method, method_options))
-    if not isinstance(configured, BoundMethod):
-        raise SpecError(f"method must be a name or a configured bound method, got "
-                        f"{type(method).__name__}.")
+    configured = resolve_method(method, method_options)
     if configured.decides_threshold:
         # the search needs the sign of each margin, not its minimum; a decided margin is a
         # verdict, not a distance to interpolate on, so the search bisects

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from certify.bounds import rounding
-from certify.bounds.base import BoundMethod, Bounds, get_method, with_options
+from certify.bounds.base import BoundMethod, Bounds, resolve_method, with_options
 from certify.bounds.forward_error import chain_error, model_chains, model_dtype
 from certify.bounds.network import Network, identity_spec, to_network
 from certify.bounds.propagation import EngineOptions, Propagator
@@ -23,15 +23,6 @@ no_tf32 = rounding.no_tf32
 __all__ = ["compute_bounds", "margin_bounds"]
 
 _DTYPES = (torch.float32, torch.float64)
-
-
-def _resolve(method: str | BoundMethod, options: dict[str, Any]) -> BoundMethod:
-    if isinstance(method, str):
-        return get_method(method, **options)
-    if not isinstance(method, BoundMethod):
-        raise SpecError(f"method must be a name (see list_methods()) or a configured method "
-                        f"from get_method(), got {type(method).__name__}.")
-    return with_options(method, options)
 
 
 def check_box(x_lo: Tensor, x_hi: Tensor) -> None:
@@ -122,7 +113,7 @@ def compute_bounds(model: nn.Module | Network, x_lo: Tensor, x_hi: Tensor,
         UnsupportedLayerError: for a layer without a bound rule.
         UnknownNameError: for an unknown method name.
     """
-    bound_method = _resolve(method, options)
+    bound_method = resolve_method(method, options)
     check_box(x_lo, x_hi)
     if getattr(bound_method, "takes_module", False) and isinstance(model, nn.Module):
         # a method that bounds the module itself (auto_LiRPA's): no conversion, no rounding
@@ -232,7 +223,7 @@ def margin_bounds(model: nn.Module | Network, x: Tensor, y: Tensor, eps: float |
     if not isinstance(y, Tensor) or y.shape != (x.shape[0],):
         got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
         raise SpecError(f"labels must have shape ({x.shape[0]},), one per image, got {got}.")
-    bound_method = _resolve(method, options)
+    bound_method = resolve_method(method, options)
     if x.dtype not in _DTYPES:
         raise SpecError(f"x must be float32 or float64, got {x.dtype}.")
     x_lo, x_hi = region.box()

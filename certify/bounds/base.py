@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from certify.spec import LinfBall
 
 __all__ = ["CAPABILITIES", "BoundMethod", "Bounds", "display_name", "get_method",
-           "list_methods", "method_class", "register_method"]
+           "list_methods", "method_class", "register_method", "resolve_method"]
 
 
 @dataclass(frozen=True)
@@ -256,6 +256,22 @@ def get_method(name: str, **options: Any) -> BoundMethod:
         raise SpecError(f"unknown option {', '.join(repr(u) for u in unknown)} for method "
                         f"'{name}'; its options are: {', '.join(fields) or '(none)'}.")
     return cls(**options)  # type: ignore[no-any-return]
+
+
+def resolve_method(method: str | BoundMethod, options: dict[str, Any]) -> BoundMethod:
+    """A configured method from a name (:func:`get_method`) or a configured method with some
+    options replaced (:func:`with_options`).
+
+    Raises:
+        SpecError: `method` is neither, or an option is unknown or invalid.
+        UnknownNameError: for an unknown name.
+    """
+    if isinstance(method, str):
+        return get_method(method, **options)
+    if not isinstance(method, BoundMethod):
+        raise SpecError(f"method must be a name (see list_methods()) or a configured method "
+                        f"from get_method(), got {type(method).__name__}.")
+    return with_options(method, options)
 
 
 def with_options(method: BoundMethod, options: dict[str, Any]) -> BoundMethod:
