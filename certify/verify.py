@@ -348,25 +348,21 @@ def _ruled_out(model: nn.Module, box: tuple[Tensor, Tensor], rows: _Rows, open_r
     bound = rows.bound[active]
     bound = torch.nextafter(bound, torch.full_like(bound, float("inf")))
 
-    def violated_by(m: Any, matrix: Tensor) -> Tensor:
+    def violated_by(m: Any, matrix: Tensor, lo: Tensor, hi: Tensor, against: Tensor) -> Tensor:
         # rigorous for the network in exact arithmetic and for the model's own forward pass
-        b = compute_bounds(model, lower, upper, m, matrix, model_rounding=True)
-        return (b.lower[0].to(torch.float64) - bound) > 0
+        b = compute_bounds(model, lo, hi, m, matrix, model_rounding=True)
+        return (b.lower[0].to(torch.float64) - against) > 0
 
-    violated = violated_by(configured, spec)
+    violated = violated_by(configured, spec, lower, upper, bound)
     if configured.takes_module and bool(violated.any()):
         # a method without rounding control (auto_LiRPA's) only proposes: the native rigorous
         # bound of the same method, in float64, must prove each row it found violated
         _, confirm = configured.search_pair()
-        if confirm is None:
-            violated = torch.zeros_like(violated)
-        else:
-            keep = torch.nonzero(violated).flatten()
-            lower, upper = lower.double(), upper.double()
-            bound = bound[keep]
-            again = violated_by(confirm, spec[:, keep].double())
-            violated = torch.zeros_like(violated)
-            violated[keep[again]] = True
+        keep = torch.nonzero(violated).flatten()
+        violated = torch.zeros_like(violated)
+        if confirm is not None:
+            violated[keep] = violated_by(confirm, spec[:, keep].double(), lower.double(),
+                                         upper.double(), bound[keep])
     owners = rows.owner[active][violated].cpu()
     out[owners] = True
     return out
