@@ -40,14 +40,15 @@ from certify.data import load_dataset
 from certify.radius import certified_radii, search_radii
 
 
-def train_digits(arch: str, *, epochs: int, seed: int, **kwargs: Any) -> nn.Module:
-    """A digits classifier trained with Adam and cross-entropy for a few epochs."""
+def train_digits(arch: str, *, epochs: int, seed: int, lr: float = 3e-3,
+                 **kwargs: Any) -> nn.Module:
+    """A digits classifier trained with Adam (`lr`) and cross-entropy for a few epochs."""
     from certify.nets import create_arch
 
     train = load_dataset("digits", "train")
     torch.manual_seed(seed)
     model = create_arch(arch, (1, 8, 8), 10, mean=[0.3052], std=[0.376], **kwargs)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         for xb, yb in train.batches(64, shuffle=True, generator=g):

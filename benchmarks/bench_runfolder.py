@@ -55,19 +55,9 @@ def digits_model(path: str | None) -> nn.Module:
         from certify.model_io import load_model
 
         return load_model(Path(path), device=torch.device("cpu"), dataset="digits")[0].eval()
-    from certify.nets import create_arch
+    from bench_radius import train_digits  # benchmarks/ is on the path of a script here
 
-    train = load_dataset("digits", "train")
-    torch.manual_seed(0)
-    model = create_arch("mlp-32-16", (1, 8, 8), 10, mean=[0.3052], std=[0.376])
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(4):
-        for xb, yb in train.batches(64, shuffle=True, generator=g):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xb), yb).backward()
-            opt.step()
-    return model.eval()
+    return train_digits("mlp-32-16", epochs=4, seed=0, lr=1e-2)
 
 
 def old_write(folder: RunFolder, rows: list[SampleRow], settings: dict[str, Any]) -> None:

@@ -10,11 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
-from torch import nn
 
 from certify.cli import main
+from tests.digits_models import train_digits_mlp
 
 pytest.importorskip("certify.bounds")
 
@@ -23,22 +22,12 @@ pytest.importorskip("certify.bounds")
 def digits_ckpt(tmp_path_factory) -> Path:
     """A digits MLP trained for a few epochs with plain torch, saved as a checkpoint."""
     from certify.checkpoint import ModelMeta, save_checkpoint
-    from certify.data import load_dataset
-    from certify.nets import arch_kwargs_of, create_arch
+    from certify.nets import arch_kwargs_of
 
-    train = load_dataset("digits", "train")
-    torch.manual_seed(0)
-    model = create_arch("mlp-32-16", (1, 8, 8), 10, mean=[0.3052], std=[0.376])
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(4):
-        for xb, yb in train.batches(64, shuffle=True, generator=g):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xb), yb).backward()
-            opt.step()
+    model = train_digits_mlp(4)
     path = tmp_path_factory.mktemp("models") / "digits-mlp.pt"
     meta = ModelMeta("mlp", arch_kwargs_of(model), "digits", (1, 8, 8), 10, (0.3052,), (0.376,))
-    save_checkpoint(path, model.eval(), meta)
+    save_checkpoint(path, model, meta)
     return path
 
 

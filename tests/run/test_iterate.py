@@ -7,7 +7,6 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-import torch
 from torch import nn
 
 from certify.records import SampleRow
@@ -17,6 +16,7 @@ from certify.run.iterate import (
     certify_dataset,
     guess_batches,
 )
+from tests.digits_models import train_digits_mlp
 
 pytest.importorskip("certify.bounds")
 
@@ -34,20 +34,7 @@ def digits() -> Any:
 
 @pytest.fixture(scope="module")
 def model() -> nn.Module:
-    from certify.data import load_dataset
-    from certify.nets import create_arch
-
-    train = load_dataset("digits", "train")
-    torch.manual_seed(0)
-    net = create_arch("mlp-32-16", (1, 8, 8), 10, mean=[0.3052], std=[0.376])
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        for xb, yb in train.batches(64, shuffle=True, generator=g):
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(xb), yb).backward()
-            opt.step()
-    return net.eval()
+    return train_digits_mlp(3)
 
 
 def plain(rows: Any) -> list[SampleRow]:
