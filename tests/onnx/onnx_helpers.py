@@ -85,3 +85,24 @@ def robustness_vnnlib(x: torch.Tensor, label: int, k: int, eps: float) -> str:
         lines += [f"(assert (<= X_{i} {v + eps!r}))", f"(assert (>= X_{i} {v - eps!r}))"]
     others = " ".join(f"(and (>= Y_{j} Y_{label}))" for j in range(k) if j != label)
     return "\n".join([*lines, f"(assert (or {others}))", ""])
+
+
+def crown_proves_ibp_does_not(model: nn.Module, x: torch.Tensor, spec: torch.Tensor,
+                              eps_grid: np.ndarray) -> float:
+    """The first eps of `eps_grid` at which CROWN proves every row of `spec` positive over the
+    box ``x ± eps`` (the robustness property's box, as :func:`robustness_vnnlib` writes it) and
+    IBP does not, in float64; fails the test if there is none. `model` is left as it is."""
+    import copy
+
+    import pytest
+
+    from certify.bounds import compute_bounds
+
+    net = copy.deepcopy(model).double()
+    for eps in eps_grid:
+        lo, hi = x.double() - eps, x.double() + eps
+        ibp = compute_bounds(net, lo, hi, "ibp", spec)
+        crown = compute_bounds(net, lo, hi, "crown", spec)
+        if (crown.lower > 0).all() and not (ibp.lower > 0).all():
+            return float(eps)
+    pytest.fail("no eps where crown proves and ibp does not")
