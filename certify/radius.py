@@ -33,6 +33,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -489,7 +490,8 @@ def certified_radii(model: nn.Module, x: Tensor, y: Tensor,
             none): caps the bracket from above. Before a search ends against it, the method is
             evaluated there and must fail.
         lower_hint: `(N,)` a likely lower bound, e.g. a cheaper method's radius; evaluated first
-            and used as the lower end only where the proof succeeds there.
+            and used as the lower end only where the proof succeeds there. Default: the radius
+            of the method's ``bracket()`` method, if it names one (``bab``: alpha-CROWN's).
         guess: `(N,)` an unverified estimate of each radius: the fast search's first point
             (default ``ATTACK_FRACTION * attack_eps``, else ``LINEAR_FRACTION *``
             :func:`linear_radius`). Only affects the number of evaluations, never soundness.
@@ -524,6 +526,19 @@ def certified_radii(model: nn.Module, x: Tensor, y: Tensor,
             configured = with_options(configured, {"threshold": 0.0})
         if getattr(configured, "threshold", None) is not None:
             search = "bisection"
+    bracket = configured.bracket()
+    if bracket is not None and lower_hint is None:
+        # a complete method starts from an incomplete one's radius (a proof there is cheap)
+        # and the attack's above: each of its evaluations is a proof or a search at one eps
+        hint = certified_radii(model, x, y, bracket, eps_max=eps_max, tol=tol,
+                               attack_eps=attack_eps, search="fast", max_iter=max_iter,
+                               index=index)
+        result = certified_radii(model, x, y, configured, eps_max=eps_max, tol=tol,
+                                 attack_eps=attack_eps, lower_hint=hint.certified_eps,
+                                 guess=guess, search=search, max_iter=max_iter, index=index)
+        # the bracket's search is part of the method's work
+        return dataclasses.replace(result, seconds=result.seconds + hint.seconds,
+                                   evaluations=result.evaluations + hint.evaluations)
     steer, rigorous = configured.search_pair()
     module_bound = configured.takes_module
     net = model if module_bound else to_network(model, tuple(x.shape[1:]))  # once, not per step

@@ -42,7 +42,7 @@ from certify.bounds.base import BoundMethod, Bounds, get_method, list_methods, r
 from certify.bounds.network import Network, to_network
 
 # Importing a method's module registers it; list_methods() keeps this order (cheap to costly).
-for _module in ("ibp", "crown", "wong_kolter", "alpha_crown", "lp", "milp", "auto_lirpa"):
+for _module in ("ibp", "crown", "wong_kolter", "alpha_crown", "lp", "milp", "bab", "auto_lirpa"):
     importlib.import_module(f"certify.bounds.{_module}")
 
 __all__ = [

@@ -29,7 +29,7 @@ from certify.bounds.propagation import BACKWARD_FACTOR, MB, Propagator
 from certify.bounds.relaxations import activation_rule
 from certify.errors import SpecError
 
-__all__ = ["AlphaCrown"]
+__all__ = ["AlphaCrown", "adam_ascent"]
 
 
 @register_method("alpha-crown")
@@ -137,7 +137,7 @@ class AlphaCrown(LinearRelaxationMethod):
                 grads = torch.autograd.grad(lower.sum(), params)
             with torch.no_grad():
                 for alpha, grad, (m, v) in zip(params, grads, state, strict=True):
-                    _adam_ascent(alpha, grad, m, v, step + 1, self.lr)
+                    adam_ascent(alpha, grad, m, v, step + 1, self.lr)
         assert best is not None
         if not prop.rigorous:
             return best
@@ -147,11 +147,13 @@ class AlphaCrown(LinearRelaxationMethod):
                                        const_err=const_err)[0]
 
 
-def _adam_ascent(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, t: int, lr: float,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-    """One Adam step *up* the gradient (Kingma & Ba 2015), then projection onto [0, 1]."""
+def adam_ascent(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, t: int, lr: float, *,
+                upper: float | None = 1.0, betas: tuple[float, float] = (0.9, 0.999),
+                eps: float = 1e-8) -> None:
+    """One Adam step *up* the gradient (Kingma & Ba 2015), then projection onto [0, `upper`]
+    (``[0, inf)`` for ``upper=None``)."""
     m.mul_(betas[0]).add_(grad, alpha=1 - betas[0])
     v.mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
     m_hat = m / (1 - betas[0] ** t)
     v_hat = v / (1 - betas[1] ** t)
-    param.add_(lr * m_hat / (v_hat.sqrt() + eps)).clamp_(0.0, 1.0)
+    param.add_(lr * m_hat / (v_hat.sqrt() + eps)).clamp_(0.0, upper)

@@ -140,12 +140,18 @@ def compute_bounds(model: nn.Module | Network, x_lo: Tensor, x_hi: Tensor,
     else:
         by_row = None
         threshold = getattr(bound_method, "threshold", None)
-        if model_rounding and isinstance(threshold, (int, float)):
+        if model_rounding and isinstance(threshold, (int, float, tuple)):
             # a method that only decides "above the threshold" must decide it for the model's
-            # computed output: raise the threshold by that output's rounding error
+            # computed output: raise the threshold by that output's rounding error (per row
+            # for per-row thresholds)
             by_row = _output_error(net, x_lo, x_hi, spec_t, None)
-            bound_method = with_options(bound_method, {
-                "threshold": float(rounding.up(by_row.max()).item()) + threshold})
+            if isinstance(threshold, tuple):
+                raised: float | tuple[float, ...] = tuple(
+                    float(rounding.up(torch.tensor(t, dtype=torch.float64) + e).item())
+                    for t, e in zip(threshold, by_row.max(0).values.tolist(), strict=True))
+            else:
+                raised = float(rounding.up(by_row.max()).item()) + threshold
+            bound_method = with_options(bound_method, {"threshold": raised})
         with no_tf32():
             bounds = bound_method.bound(net, x_lo, x_hi, spec_t, intermediate=intermediate)
         if model_rounding:

@@ -115,6 +115,11 @@ class BoundMethod(Protocol):
         """Bounds of the input of every ReLU, in order; each `(N, *shape)`."""
         ...
 
+    def bracket(self) -> str | None:
+        """The incomplete method whose certified radius a radius search with this method starts
+        from (None: from 0)."""
+        ...
+
     def search_pair(self) -> tuple[BoundMethod, BoundMethod | None]:
         """``(steer, confirm)``: the bound that steers a radius search (fast), and the rigorous
         bound that confirms each radius it reports, evaluated in float64 (None: the steering
@@ -150,6 +155,11 @@ class MethodBase:
             return (with_options(self, {"rigorous": False}),  # type: ignore[arg-type]
                     with_options(self, {"rigorous": True}))  # type: ignore[arg-type]
         return self, None  # type: ignore[return-value]
+
+    def bracket(self) -> str | None:
+        """The incomplete method whose certified radius a radius search with this method starts
+        from (its bracket's lower end); None: the search starts from 0."""
+        return None
 
     def __call__(self, model: nn.Module | Network, region: LinfBall,
                  spec: Tensor | None = None) -> Bounds:

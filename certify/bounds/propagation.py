@@ -482,7 +482,9 @@ class Propagator:
     def backward_chunk(self, start: int, a: Tensor, const: Tensor, samples: Tensor, *,
                        both: bool, alphas: dict[int, Tensor] | None = None,
                        window: Window | None = None, rows_err: Tensor | None = None,
-                       const_err: Tensor | None = None, rigorous: bool | None = None
+                       const_err: Tensor | None = None, rigorous: bool | None = None,
+                       betas: dict[int, Tensor] | None = None,
+                       record: dict[int, Tensor] | None = None
                        ) -> tuple[Tensor, Tensor | None]:
         """Lower (and upper) bounds of linear functions of the input of ``layers[start]``.
 
@@ -500,6 +502,18 @@ class Propagator:
             rows_err, const_err: Elementwise bounds on the distance of `a` and `const` from the
                 exact rows and constants (a folded specification's rounding); None: exact.
             rigorous: Override the engine's setting (alpha-CROWN optimizes without it).
+            betas: Optional split multipliers per activation position, `(B, R, *shape)` each
+                (only with ``both=False`` and no window): the term ``-beta s`` of a split
+                constraint ``s z >= 0`` (beta >= 0, s = +-1 on split neurons, 0 elsewhere),
+                added to the rows of the activation's input (beta-CROWN, see
+                :mod:`certify.bounds.bab`). Valid for inputs that satisfy the constraints, and
+                whatever its rounding: ``fl(nu - beta s)`` moves ``nu`` in the direction of
+                ``-s`` or not at all (rounding is monotone), so the term that was added is
+                ``-beta' s`` with ``beta' >= 0`` exactly.
+            record: If given, filled with the rows `(B, R, *shape)` of every activation's
+                output as they reach it (key: its position) and the rows of the input (key
+                -1), as computed (the branching scores and the candidate points of
+                branch and bound).
 
         Rigorous mode (the default): the result bounds the *exact* rows over the box in exact
         arithmetic. Between ReLUs every transposed op's rounding is tracked as an elementwise
@@ -513,6 +527,7 @@ class Propagator:
             `(lower, upper)`, each `(B, R)`; `upper` is None unless `both`.
         """
         assert alphas is None or (not both and window is None)
+        assert betas is None or (not both and window is None)
         rigorous = self.rigorous if rigorous is None else rigorous
         dtype = a.dtype
         u = rounding.unit_roundoff(dtype)
@@ -543,9 +558,16 @@ class Propagator:
                                                          *a.shape[2:])
                                               for f in dataclasses.fields(relaxation)))
                 mu = a3
+                if record is not None:
+                    record[j] = a3
                 a3, c = act.backward(a3, relaxation, samples,
                                      None if alphas is None else alphas.get(j),
                                      constant=err is None)
+                if betas is not None and j in betas:
+                    # split neurons are stable (their bounds are clamped at 0): the constant
+                    # of the substitution does not depend on their rows (0 is a valid minimum
+                    # of (mu - nu') z on [0, u] and of -nu' z on [l, 0] for the moved nu')
+                    a3 = a3 + betas[j]
                 perturbation = self.perturbation.get(j)
                 if perturbation is not None and window is not None:
                     perturbation = _window_of(perturbation, window, *a.shape[2:])
@@ -585,6 +607,8 @@ class Propagator:
                 const = const + c.reshape(b, -1)
                 if cerr is not None:
                     cerr = cerr + u * const.abs()
+        if record is not None:
+            record[-1] = a.reshape(b, -1, *a.shape[1:])
         center, radius = self.center, self.radius
         if window is not None:
             center = _window_of(center, window, *a.shape[2:])

@@ -1,0 +1,771 @@
+"""Complete verification by branch and bound over ReLU splits, bounded by alpha/beta-CROWN.
+
+A property is ``spec @ f(x) > threshold`` for every ``x`` in a box, row by row. One linear
+relaxation proves it or not; **branch and bound** (BaB) splits the box's preimage instead: an
+unstable ReLU ``z`` is split into the *domains* ``z >= 0`` and ``z <= 0``, on each of which it
+is linear, and each domain is bounded again, tighter. Every point of the box lies in some leaf
+of the split tree, so the property holds when every leaf's bound is above the threshold; a
+point of the box below it (a counterexample) ends the search the other way. With budgets
+(time, domains) the answer may stay ``unknown``; without them the search is complete (once every
+ReLU of a domain is split, its input is split).
+
+**Bounding a batch of domains** (hundreds at once, one :class:`Propagator` call; domains of
+different properties share the batch). A domain inherits its parent's pre-activation bounds
+(valid: it is a subset), clamps its split neurons (``l = 0`` for ``z >= 0``, ``u = 0`` for
+``z <= 0``), and re-bounds the unstable neurons of the layers after its newest split by a CROWN
+pass with the clamped relaxations (``recompute_intermediate``), intersected with what it had. A
+domain whose bounds cross (``l > u``) is empty: nothing to prove there. The output rows are then
+bounded by **beta-CROWN** (Wang et al., "Beta-CROWN: Efficient Bound Propagation with
+Per-neuron Split Constraints for Neural Network Robustness Verification", NeurIPS 2021): the
+split constraints ``s z >= 0`` enter the bound through multipliers ``beta >= 0``,
+
+    min_{x in domain} f(x)  >=  min_{x in box} f(x) - sum_j beta_j s_j z_j(x),
+
+(the subtracted terms are >= 0 on the domain), which the backward pass carries as the rows
+``-beta s`` added at each split layer; ``beta`` and alpha-CROWN's lower slopes are optimized
+jointly by projected gradient ascent, warm-started from the parent's. Any ``beta >= 0`` and
+``alpha in [0, 1]`` give a sound bound; the optimization runs without rounding control and the
+bound at the best parameters is then computed **rigorously** (every rounding accounted for, as
+for every method of the engine), so each domain's decision holds in exact arithmetic.
+
+**Branching**: the BaBSR-style intercept score (Bunel et al., "Branch and Bound for Piecewise
+Linear Neural Network Verification", JMLR 2020): for the domain's worst row, a free unstable
+neuron whose output row ``mu`` is negative pays ``mu t`` through the chord's intercept ``t =
+-u l / (u - l)``; the neuron with the largest ``-mu t`` is split (ties and all-zero scores
+fall back to ``|mu| min(-l, u)``). A domain without free unstable neurons, and every domain
+with ``branching="input"`` (the default for inputs of at most :data:`INPUT_SPLIT_DIMS`
+coordinates), splits its input box in half along the coordinate with the largest
+``(|row| + |row|_mean / 4) (hi - lo)``.
+
+**Counterexamples**: every bounded domain proposes the corner of its box that minimizes its
+worst row's linear bound; the most promising ones are improved by a few PGD steps in the box
+(:func:`certify.attacks.pgd`). A point whose row value, evaluated in floating point, is at or
+below the threshold ends its property as ``"at or below threshold"`` (callers that claim a
+counterexample re-check it with the model: :func:`certify.attacks.recheck`).
+
+**Results** (:class:`BabBounds`): per property ``"above threshold"`` (proved: every leaf's
+rigorous bound is above it), ``"at or below threshold"`` (a point was found) or ``"unknown: time
+budget spent"`` / ``"unknown: domain budget spent"``; the lower bound of each row is the smallest
+over the leaves, always sound. Without a threshold (``threshold=None``) the search tightens the
+lower bounds until the budget is spent or each row is within ``gap`` of the best point found.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from certify.bounds import rounding
+from certify.bounds.alpha_crown import adam_ascent
+from certify.bounds.base import Bounds, MethodBase, register_method
+from certify.bounds.layers import RULES, numel
+from certify.bounds.network import Network, identity_spec, spec_rows
+from certify.bounds.propagation import BACKWARD_FACTOR, MB, EngineOptions, Propagator
+from certify.errors import SpecError
+from certify.spec import round_to
+
+__all__ = ["BabBounds", "BranchAndBound", "INPUT_SPLIT_DIMS"]
+
+ABOVE = "above threshold"
+BELOW = "at or below threshold"
+TIME_SPENT = "unknown: time budget spent"
+DOMAINS_SPENT = "unknown: domain budget spent"
+GAP_CLOSED = "gap closed"
+#: Inputs with at most this many coordinates are split on the input with ``branching="auto"``.
+INPUT_SPLIT_DIMS = 16
+BRANCHINGS = ("auto", "relu", "input")
+#: Most domains bounded in one call (the memory budget may allow fewer).
+MAX_BATCH = 1024
+
+
+@dataclass(frozen=True, repr=False)
+class BabBounds(Bounds):
+    """Bounds from ``bab``, with each property's verdict and the search's statistics.
+
+    Attributes:
+        lower, upper: `(N, S)` as for :class:`Bounds`; `lower` is the smallest bound over the
+            leaves of the split tree (sound), `upper` the root's CROWN bound.
+        status: `N` strings: ``"above threshold"``, ``"at or below threshold"``,
+            ``"unknown: <reason>"`` (with a threshold), or ``"gap closed"`` /
+            ``"unknown: ..."`` without one.
+        points: `(N, *input_shape)`: the best point found per property (the lowest worst row
+            value), NaN where none was evaluated.
+        domains: `(N,)` domains bounded, the root included.
+        depth: `(N,)` the deepest split.
+        seconds: `(N,)` time spent per property (a batch's time is shared by its domains).
+    """
+
+    status: tuple[str, ...] = ()
+    points: Tensor = field(default_factory=lambda: torch.zeros(0))
+    domains: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    depth: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    seconds: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+
+    @property
+    def proved(self) -> Tensor:
+        """`(N,)` bool: where every row is proven above the threshold."""
+        return torch.tensor([s == ABOVE for s in self.status], dtype=torch.bool)
+
+
+@dataclass
+class _Domains:
+    """A batch of domains (structure of arrays, first dimension `D`).
+
+    `lo`/`hi`/`split` per activation layer are flat `(D, n_k)`; `alpha`/`beta` `(D, S, n_k)`
+    per layer warm-start the next optimization of each spec row; `bound` `(D, S)` holds each
+    row's best rigorous lower bound so far (a parent's bound holds for its children).
+    """
+
+    sample: Tensor
+    x_lo: Tensor
+    x_hi: Tensor
+    lo: list[Tensor]
+    hi: list[Tensor]
+    split: list[Tensor]
+    alpha: list[Tensor]
+    beta: list[Tensor]
+    bound: Tensor
+    depth: Tensor
+    newest: Tensor  # (D,) the layer of the newest split (-1: the input; the root: n_layers)
+    layer: Tensor  # (D,) the branching choice: an activation layer, or -1 for the input
+    index: Tensor  # (D,) its neuron (flat), or the input coordinate
+
+    def __len__(self) -> int:
+        return int(self.sample.shape[0])
+
+    def take(self, index: Tensor) -> _Domains:
+        def pick(ts: list[Tensor]) -> list[Tensor]:
+            return [t.index_select(0, index) for t in ts]
+
+        return _Domains(self.sample[index], self.x_lo[index], self.x_hi[index], pick(self.lo),
+                        pick(self.hi), pick(self.split), pick(self.alpha), pick(self.beta),
+                        self.bound[index], self.depth[index], self.newest[index],
+                        self.layer[index], self.index[index])
+
+    @staticmethod
+    def cat(parts: list[_Domains]) -> _Domains:
+        def join(get: Any) -> Any:
+            first = get(parts[0])
+            if isinstance(first, list):
+                return [torch.cat([get(p)[k] for p in parts]) for k in range(len(first))]
+            return torch.cat([get(p) for p in parts])
+
+        return _Domains(*(join(lambda p, f=f: getattr(p, f)) for f in (
+            "sample", "x_lo", "x_hi", "lo", "hi", "split", "alpha", "beta", "bound", "depth",
+            "newest", "layer", "index")))
+
+
+def _ids(t: Tensor) -> list[int]:
+    """The distinct values of an integer tensor, sorted."""
+    return sorted(set(t.tolist()))
+
+
+class _AsModule(nn.Module):
+    """A :class:`Network` as a module (what the attack takes)."""
+
+    def __init__(self, net: Network) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net.forward(x).flatten(1)
+
+
+@register_method("bab")
+@dataclass(frozen=True)
+class BranchAndBound(MethodBase):
+    """Branch and bound over ReLU splits with alpha/beta-CROWN bounds (see the module docstring).
+
+    Options:
+        threshold: Decide every row against this value, or against its own value (a tuple,
+            one per specification row): the search stops once each property is proven above
+            them or a point at or below one is found; None: tighten the lower bounds within
+            the budgets.
+        time_limit: Seconds per property (a batch's time is shared by its domains).
+        max_domains: Most domains bounded per property.
+        batch_size: Domains bounded per call; None: as many as the memory budget allows (at
+            most :data:`MAX_BATCH`).
+        root_steps: alpha-CROWN iterations at the root.
+        steps: alpha/beta iterations per batch of domains (warm-started from the parents).
+        lr_alpha, lr_beta: Adam learning rates of the slopes and of the split multipliers.
+        branching: ``"relu"`` (BaBSR-style scores), ``"input"`` (halve the input box), or
+            ``"auto"`` (input splits for inputs of at most :data:`INPUT_SPLIT_DIMS`
+            coordinates, else ReLU splits).
+        recompute_intermediate: Re-bound the layers after a domain's newest split with its
+            clamped relaxations (tighter, costlier per domain).
+        attack_steps: PGD steps from the most promising domains' candidate points each round
+            (0: only the corner candidates).
+        gap: Without a threshold: a row is done once its bound is within `gap` of the best
+            point's value.
+        bracket_method: The incomplete method whose radius a radius search starts from (the
+            bracket's lower end, see :func:`certify.radius.certified_radii`).
+        float64: Bound in float64 whatever the input's dtype (the rigorous accounting of
+            float32's rounding costs far more than the splits gain next to the threshold); the
+            result is rounded outward to the input's dtype.
+        memory_budget_mb: Working memory of one batch (autograd's included).
+    """
+
+    threshold: float | tuple[float, ...] | None = None
+    time_limit: float = 60.0
+    max_domains: int = 200_000
+    batch_size: int | None = None
+    root_steps: int = 20
+    steps: int = 10
+    lr_alpha: float = 0.1
+    lr_beta: float = 0.05
+    branching: str = "auto"
+    recompute_intermediate: bool = True
+    attack_steps: int = 10
+    gap: float = 1e-4
+    bracket_method: str | None = "alpha-crown"
+    float64: bool = True
+    memory_budget_mb: float = 2048
+    name: ClassVar[str] = "bab"
+    display_name: ClassVar[str] = "BaB"
+    is_complete: ClassVar[bool] = True
+    decides_threshold: ClassVar[bool] = True
+    accepts_time_budget: ClassVar[bool] = True
+    serves_intermediate: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        self._check_options()
+        values = (self.threshold if isinstance(self.threshold, tuple)
+                  else () if self.threshold is None else (self.threshold,))
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise SpecError(f"bab: threshold must be a finite number, one per row, or None, "
+                            f"got {self.threshold!r}.")
+        for option in ("time_limit", "lr_alpha", "lr_beta", "gap"):
+            value = getattr(self, option)
+            if not (isinstance(value, (int, float)) and value > 0):
+                raise SpecError(f"bab: {option} must be > 0, got {value!r}.")
+        for option in ("root_steps", "steps", "attack_steps"):
+            value = getattr(self, option)
+            if not (isinstance(value, int) and value >= 0):
+                raise SpecError(f"bab: {option} must be an int >= 0, got {value!r}.")
+        if not (isinstance(self.max_domains, int) and self.max_domains >= 1):
+            raise SpecError(f"bab: max_domains must be an int >= 1, got {self.max_domains!r}.")
+        if self.batch_size is not None and not (isinstance(self.batch_size, int)
+                                                and self.batch_size >= 1):
+            raise SpecError(f"bab: batch_size must be None or an int >= 1, got "
+                            f"{self.batch_size!r}.")
+        if self.branching not in BRANCHINGS:
+            raise SpecError(f"bab: branching must be one of {', '.join(BRANCHINGS)}, got "
+                            f"{self.branching!r}.")
+
+    def bracket(self) -> str | None:
+        """The incomplete method a radius search brackets from (see `bracket_method`)."""
+        return self.bracket_method
+
+    def intermediate(self, net: Network, x_lo: Tensor, x_hi: Tensor) -> tuple[Bounds, ...]:
+        """The root's pre-activation bounds (CROWN's)."""
+        prop = Propagator(net, x_lo, x_hi, EngineOptions(self.memory_budget_mb))
+        prop.compute_intermediate("adaptive", linear=True)
+        return prop.intermediate_bounds()
+
+    def bound(self, net: Network, x_lo: Tensor, x_hi: Tensor, spec: Tensor | None = None, *,
+              intermediate: tuple[Bounds, ...] | None = None) -> Bounds:
+        """Bounds of `spec @ net(x)` over `[x_lo, x_hi]`, `(N, S)`, as a :class:`BabBounds`."""
+        spec = identity_spec(net, x_lo) if spec is None else spec
+        dtype = x_lo.dtype
+        work = torch.float64 if self.float64 else dtype
+        net = net.detach().to(dtype=work, device=x_lo.device)
+        if intermediate is not None:
+            intermediate = tuple(Bounds(b.lower.detach().to(work), b.upper.detach().to(work))
+                                 for b in intermediate)
+        with torch.no_grad():
+            out = _Search(self, net, x_lo.detach().to(work), x_hi.detach().to(work),
+                          spec.detach().to(work), intermediate).run()
+        if work == dtype:
+            return out
+        # the float64 bounds in the input's dtype, rounded outward
+        return replace(out, lower=round_to(out.lower, dtype, up=False),
+                       upper=round_to(out.upper, dtype, up=True),
+                       points=out.points.to(dtype))
+
+
+class _Search:
+    """One branch-and-bound run over a batch of properties."""
+
+    def __init__(self, method: BranchAndBound, net: Network, x_lo: Tensor, x_hi: Tensor,
+                 spec: Tensor, intermediate: tuple[Bounds, ...] | None) -> None:
+        self.m = method
+        self.net = net
+        self.spec = spec
+        self.x_lo, self.x_hi = x_lo, x_hi
+        self.n = int(x_lo.shape[0])
+        self.body, self.rows = spec_rows(net, spec)
+        self.positions = self.body.relu_positions
+        self.shapes = [self.body.layers[p].in_shape for p in self.positions]
+        self.options = EngineOptions(method.memory_budget_mb)
+        self.intermediate = intermediate
+        self.s = int(spec.shape[1])
+        self.threshold: Tensor | None = None
+        if method.threshold is not None:
+            self.threshold = torch.as_tensor(method.threshold, dtype=torch.float64,
+                                             device=x_lo.device).expand(self.s)
+        d_in = numel(net.input_shape)
+        self.input_split = method.branching == "input" or (
+            method.branching == "auto" and d_in <= INPUT_SPLIT_DIMS)
+        dev = x_lo.device
+        self.status: list[str | None] = [None] * self.n
+        self.domains = torch.zeros(self.n, dtype=torch.int64)
+        self.depth = torch.zeros(self.n, dtype=torch.int64)
+        self.seconds = torch.zeros(self.n, dtype=torch.float64)
+        # the best point per property and its worst row value (what is "at or below")
+        self.points = torch.full_like(x_lo, math.nan)
+        self.point_value = torch.full((self.n,), math.inf, dtype=torch.float64, device=dev)
+        self.point_rows = torch.full((self.n, self.s), math.inf, dtype=torch.float64,
+                                     device=dev)
+        # smallest row bounds over the leaves that are done (proven, empty or closed)
+        self.done_bound = torch.full((self.n, self.s), math.inf, dtype=x_lo.dtype, device=dev)
+        self.perturbation: dict[int, Tensor] = {}
+        self.upper = torch.full((self.n, self.s), math.inf, dtype=x_lo.dtype, device=dev)
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> BabBounds:
+        t0 = time.perf_counter()
+        root = self._root()
+        self.seconds += (time.perf_counter() - t0) / self.n
+        open_ = self._settle(root)
+        while len(open_):
+            alive = self._alive(open_)
+            open_ = open_.take(alive.nonzero(as_tuple=True)[0])
+            if not len(open_):
+                break
+            # worst first: the domains most likely to hold a counterexample or to fail
+            order = torch.argsort(self._margin(open_).min(1).values)
+            take = order[:self._batch_size()]
+            rest = order[self._batch_size():]
+            batch, waiting = open_.take(take), open_.take(rest)
+            t0 = time.perf_counter()
+            children = self._branch(batch)
+            self._attack(children, self._bound(children, root=False))
+            counts = torch.bincount(children.sample.cpu(), minlength=self.n)
+            self.seconds += (time.perf_counter() - t0) * counts.double() / len(children)
+            self.domains += counts
+            depth = torch.zeros(self.n, dtype=torch.int64).scatter_reduce(
+                0, children.sample.cpu(), children.depth.cpu(), "amax")
+            self.depth = torch.maximum(self.depth, depth)
+            open_ = _Domains.cat([waiting, self._settle(children)])
+        return self._result()
+
+    def _alive(self, doms: _Domains) -> Tensor:
+        """Domains of properties still undecided and within budget (others end here)."""
+        keep = torch.ones(len(doms), dtype=torch.bool, device=doms.sample.device)
+        for i in _ids(doms.sample):
+            reason = None
+            if self.status[i] is not None:
+                reason = self.status[i]
+            elif self.seconds[i] >= self.m.time_limit:
+                reason = TIME_SPENT
+            elif int(self.domains[i]) >= self.m.max_domains:
+                reason = DOMAINS_SPENT
+            if reason is not None:
+                mine = doms.sample == i
+                keep &= ~mine
+                if self.status[i] is None:
+                    self.status[i] = reason
+                # the leaves left open still bound the rows
+                self.done_bound[i] = torch.minimum(self.done_bound[i],
+                                                   doms.bound[mine].min(0).values)
+        return keep
+
+    def _margin(self, doms: _Domains) -> Tensor:
+        """`(D, S)` each row's bound minus its target; rows done are +inf."""
+        target = self._target(doms.sample)
+        return torch.where(doms.bound > target, math.inf, doms.bound - target)
+
+    def _target(self, sample: Tensor) -> Tensor:
+        """`(D, S)` the value each row must exceed: the threshold, or the best point's value
+        minus `gap` (bound mode)."""
+        if self.threshold is not None:  # never below the threshold in the working dtype
+            return round_to(self.threshold, self.x_lo.dtype, up=True).expand(sample.shape[0], -1)
+        return (self.point_rows[sample] - self.m.gap).to(self.x_lo.dtype)
+
+    def _settle(self, doms: _Domains) -> _Domains:
+        """Record the domains that are done (every row above its target) and return the rest;
+        decide the properties left without open domains."""
+        margin = self._margin(doms)
+        done = torch.isinf(margin).all(1)
+        for i in _ids(doms.sample[done]):
+            mine = done & (doms.sample == i)
+            self.done_bound[i] = torch.minimum(self.done_bound[i],
+                                               doms.bound[mine].min(0).values)
+        rest = doms.take((~done).nonzero(as_tuple=True)[0])
+        still = set(_ids(rest.sample))
+        for i in _ids(doms.sample):
+            if i not in still and self.status[i] is None:
+                self.status[i] = ABOVE if self.threshold is not None else GAP_CLOSED
+        return rest
+
+    def _batch_size(self) -> int:
+        if self.m.batch_size is not None:
+            return self.m.batch_size
+        widest = max([numel(self.net.input_shape)] + [numel(op.out_shape)
+                                                      for op in self.body.layers])
+        relus = sum(numel(s) for s in self.shapes)
+        # per domain and row: the backward pass (with autograd), slopes, multipliers, Adam
+        per_row = (BACKWARD_FACTOR * widest * 3 + 8 * relus) * self.x_lo.element_size()
+        rows = max(1, int(self.m.memory_budget_mb * MB // per_row))
+        return max(1, min(MAX_BATCH, rows // max(1, min(self.s, 4))))
+
+    def _result(self) -> BabBounds:
+        lower = self.done_bound.clone()
+        status = tuple(s if s is not None else ABOVE for s in self.status)
+        return BabBounds(lower, torch.maximum(self.upper, lower), status=status,
+                         points=self.points, domains=self.domains, depth=self.depth,
+                         seconds=self.seconds)
+
+    # --- the root ----------------------------------------------------------------------------
+
+    def _root(self) -> _Domains:
+        n, dev, dtype = self.n, self.x_lo.device, self.x_lo.dtype
+        prop = Propagator(self.body, self.x_lo, self.x_hi, self.options, spec=self.rows)
+        if self.intermediate is None:
+            prop.compute_intermediate("adaptive", linear=True)
+        else:
+            prop.set_intermediate(self.intermediate, "adaptive")
+        self.perturbation = dict(prop.perturbation)
+        # the root's CROWN upper bounds (sound; BaB tightens only the lower ones)
+        rows = self.rows.weight.reshape(n, self.s, *self.rows.in_shape)
+        rows_err = (None if self.rows.weight_err is None
+                    else self.rows.weight_err.reshape(rows.shape))
+        _, upper = prop.backward_uniform(len(self.body.layers), rows, self.rows.bias, both=True,
+                                         rows_err=rows_err, const_err=self.rows.bias_err)
+        assert upper is not None
+        self.upper = torch.where(prop.nonfinite[:, None], math.inf, upper)
+        lo = [prop.pre_bounds[p][0].reshape(n, -1) for p in self.positions]
+        hi = [prop.pre_bounds[p][1].reshape(n, -1) for p in self.positions]
+        root = _Domains(
+            torch.arange(n, device=dev), self.x_lo, self.x_hi, lo, hi,
+            [torch.zeros(t.shape, dtype=torch.int8, device=dev) for t in lo],
+            [prop.relaxations[p].lower.reshape(n, 1, -1).expand(-1, self.s, -1).clone()
+             for p in self.positions],
+            [torch.zeros(n, self.s, t.shape[1], dtype=dtype, device=dev) for t in lo],
+            torch.full((n, self.s), -math.inf, dtype=dtype, device=dev),
+            torch.zeros(n, dtype=torch.int64, device=dev),
+            torch.full((n,), len(self.positions), dtype=torch.int64, device=dev),
+            torch.zeros(n, dtype=torch.int64, device=dev),
+            torch.zeros(n, dtype=torch.int64, device=dev))
+        self.domains += 1
+        self._attack(root, self._bound(root, root=True, prop=prop))
+        return root
+
+    # --- branching ---------------------------------------------------------------------------
+
+    def _branch(self, doms: _Domains) -> _Domains:
+        """Two children per domain, split on its chosen ReLU (or input coordinate)."""
+        every = torch.arange(len(doms), device=doms.sample.device)
+        left, right = doms.take(every), doms.take(every)
+        layer, index = doms.layer, doms.index
+        for k in range(len(self.positions)):
+            mine = layer == k
+            if bool(mine.any()):
+                rows, nrn = every[mine], index[mine]
+                left.split[k][rows, nrn] = 1
+                right.split[k][rows, nrn] = -1
+                left.lo[k][rows, nrn] = left.lo[k][rows, nrn].clamp(min=0)
+                right.hi[k][rows, nrn] = right.hi[k][rows, nrn].clamp(max=0)
+        inp = layer < 0
+        if bool(inp.any()):
+            rows, dim = every[inp], index[inp]
+            lo_d = doms.x_lo.flatten(1)[rows, dim]
+            hi_d = doms.x_hi.flatten(1)[rows, dim]
+            # any cut point in [lo, hi] keeps the union of the halves the whole box
+            mid = torch.maximum(torch.minimum((lo_d + hi_d) / 2, hi_d), lo_d)
+            left_hi, right_lo = left.x_hi.flatten(1).clone(), right.x_lo.flatten(1).clone()
+            left_hi[rows, dim] = mid
+            right_lo[rows, dim] = mid
+            left.x_hi = left_hi.reshape(doms.x_hi.shape)
+            right.x_lo = right_lo.reshape(doms.x_lo.shape)
+        for child in (left, right):
+            child.depth = child.depth + 1
+            child.newest = layer.clone()
+        return _Domains.cat([left, right])
+
+    # --- bounding ----------------------------------------------------------------------------
+
+    def _bound(self, doms: _Domains, *, root: bool, prop: Propagator | None = None) -> Tensor:
+        """Bound `doms` in place: their intermediate bounds, row bounds, slopes, multipliers and
+        their branching choice; returns each domain's candidate point."""
+        d = len(doms)
+        dev = doms.sample.device
+        if prop is None:
+            prop = Propagator(self.body, doms.x_lo, doms.x_hi, self.options)
+            for pos, e in self.perturbation.items():
+                prop.perturbation[pos] = e.index_select(0, doms.sample)
+            empty = self._intermediate(prop, doms)
+        else:
+            empty = torch.zeros(d, dtype=torch.bool, device=dev)
+        target = self._target(doms.sample)
+        open_rows = (doms.bound <= target) & ~empty[:, None]
+        counts = open_rows.sum(1)
+        r = max(1, int(counts.max())) if d else 1
+        order = torch.sort(open_rows.to(torch.int8), dim=1, descending=True,
+                           stable=True).indices[:, :r]  # (D, R): open rows first
+        valid = torch.arange(r, device=dev)[None, :] < counts[:, None]
+        new, record, best_alpha, best_beta = self._optimize(prop, doms, order, valid,
+                                                            root=root)
+        # each row keeps its best rigorous bound (a parent's holds for its children)
+        full = torch.full_like(doms.bound, -math.inf).scatter(
+            1, order, torch.where(valid, new, -math.inf))
+        doms.bound = torch.maximum(doms.bound, full)
+        doms.bound[empty] = math.inf  # an empty domain holds no point
+        for k in range(len(self.positions)):
+            index = order.unsqueeze(2).expand(-1, -1, doms.alpha[k].shape[2])
+            keep = valid.unsqueeze(2)
+            doms.alpha[k] = doms.alpha[k].scatter(
+                1, index, torch.where(keep, best_alpha[k], doms.alpha[k].gather(1, index)))
+            doms.beta[k] = doms.beta[k].scatter(
+                1, index, torch.where(keep, best_beta[k], doms.beta[k].gather(1, index)))
+        point = self._candidates(doms, record, order, valid, new)
+        doms.layer, doms.index = self._scores(prop, doms, record, order, valid, new,
+                                              best_alpha, point)
+        return point
+
+    def _intermediate(self, prop: Propagator, doms: _Domains) -> Tensor:
+        """Set `prop`'s relaxations from the domains' bounds, re-bounding the layers after each
+        domain's newest split; returns `(D,)` True for empty domains."""
+        d = len(doms)
+        empty = torch.zeros(d, dtype=torch.bool, device=doms.sample.device)
+        for k, pos in enumerate(self.positions):
+            lo, hi = doms.lo[k], doms.hi[k]
+            if self.m.recompute_intermediate:
+                mask = (lo < 0) & (hi > 0) & (doms.newest < k)[:, None] & ~empty[:, None]
+                if bool(mask.any()):
+                    sample, neuron, lin_lo, lin_hi = prop.backward_neurons(
+                        pos, mask.view(d, *self.shapes[k]))
+                    e = prop.perturbation.get(pos)
+                    if e is not None:  # the model's own rounding widens its pre-activations
+                        e_flat = e.reshape(d, -1)[sample, neuron]
+                        lin_lo = rounding.down(lin_lo - e_flat)
+                        lin_hi = rounding.up(lin_hi + e_flat)
+                    lo = lo.index_put((sample, neuron), torch.maximum(lo[sample, neuron], lin_lo))
+                    hi = hi.index_put((sample, neuron), torch.minimum(hi[sample, neuron], lin_hi))
+            split = doms.split[k]
+            lo = torch.where(split > 0, lo.clamp(min=0), lo)
+            hi = torch.where(split < 0, hi.clamp(max=0), hi)
+            empty |= (lo > hi).any(1) | torch.isnan(lo).any(1) | torch.isnan(hi).any(1)
+            # an empty domain is dropped; give it harmless bounds for the rest of the batch
+            lo = torch.where(empty[:, None], 0.0, lo)
+            hi = torch.where(empty[:, None], 0.0, hi)
+            doms.lo[k], doms.hi[k] = lo, hi
+            prop._store(pos, lo.view(d, *self.shapes[k]), hi.view(d, *self.shapes[k]),
+                        "adaptive")
+        return empty
+
+    def _optimize(self, prop: Propagator, doms: _Domains, order: Tensor, valid: Tensor, *,
+                  root: bool) -> tuple[Tensor, dict[int, Tensor], list[Tensor], list[Tensor]]:
+        """Optimize slopes and multipliers of the open rows, then the rigorous bound at the
+        best ones; returns `(bound (D, R), record, alphas, betas)`."""
+        d, r = order.shape
+        start = len(self.body.layers)
+        rows, const, rows_err, const_err = self._rows(doms.sample, order, valid)
+        samples = torch.arange(d, device=order.device)
+        signs = []
+        for k, pos in enumerate(self.positions):
+            relax = prop.relaxations[pos]
+            split = doms.split[k]
+            lo, hi = relax.pre_lower.reshape(d, -1), relax.pre_upper.reshape(d, -1)
+            # only split neurons whose clamped bounds are stable carry a multiplier
+            s = torch.where((split > 0) & (lo >= 0), 1.0, 0.0) - torch.where(
+                (split < 0) & (hi <= 0), 1.0, 0.0)
+            signs.append(s.to(rows.dtype).unsqueeze(1))
+        index = [order.unsqueeze(2).expand(-1, -1, a.shape[2]) for a in doms.alpha]
+        alphas = [a.gather(1, i).clone() for a, i in zip(doms.alpha, index, strict=True)]
+        betas = [b.gather(1, i).clone() for b, i in zip(doms.beta, index, strict=True)]
+        steps = self.m.root_steps if root else self.m.steps
+        has_split = any(bool((s != 0).any()) for s in signs)
+        has_free = any(bool(prop.relaxations[p].unstable.any()) for p in self.positions)
+        params: list[Tensor] = []
+        if has_free:
+            params += alphas
+        if has_split:
+            params += betas
+        best = torch.full((d, r), -math.inf, dtype=rows.dtype, device=rows.device)
+        best_alpha = [a.detach().clone() for a in alphas]
+        best_beta = [b.detach().clone() for b in betas]
+
+        def pass_(rigorous: bool, al: list[Tensor], be: list[Tensor],
+                  record: dict[int, Tensor] | None = None) -> Tensor:
+            a_map = {p: al[k].view(d, r, *self.shapes[k]) for k, p in enumerate(self.positions)}
+            b_map = ({p: (-(be[k].clamp(min=0) * signs[k])).view(d, r, *self.shapes[k])
+                      for k, p in enumerate(self.positions)} if has_split else None)
+            lower, _ = prop.backward_chunk(
+                start, rows, const, samples, both=False, alphas=a_map, betas=b_map,
+                rigorous=rigorous, rows_err=rows_err if rigorous else None,
+                const_err=const_err if rigorous else None, record=record)
+            return lower
+
+        if params and steps:
+            for p in params:
+                p.requires_grad_(True)
+            state = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+            # (learning rate, upper end of the projection): slopes in [0, 1], multipliers >= 0
+            rates = ([(self.m.lr_alpha, 1.0)] * len(alphas) if has_free else []) + (
+                [(self.m.lr_beta, None)] * len(betas) if has_split else [])
+            for step in range(steps + 1):
+                with torch.enable_grad():
+                    lower = pass_(False, alphas, betas)
+                    value = torch.where(valid, lower.detach(), -math.inf)
+                    better = value > best
+                    best = torch.where(better, value, best)
+                    for k in range(len(self.positions)):
+                        mask = better.unsqueeze(2)
+                        best_alpha[k] = torch.where(mask, alphas[k].detach(), best_alpha[k])
+                        best_beta[k] = torch.where(mask, betas[k].detach(), best_beta[k])
+                    if step == steps:
+                        break
+                    grads = torch.autograd.grad(torch.where(valid, lower, 0.0).sum(), params)
+                with torch.no_grad():
+                    for p, g, (m, v), (lr, top) in zip(params, grads, state, rates, strict=True):
+                        adam_ascent(p, g, m, v, step + 1, lr, upper=top)
+        record: dict[int, Tensor] = {}
+        lower = pass_(True, best_alpha, best_beta, record)
+        lower = torch.where(prop.nonfinite[:, None] | torch.isnan(lower), -math.inf, lower)
+        return lower, record, best_alpha, [b.clamp(min=0) for b in best_beta]
+
+    def _rows(self, sample: Tensor, order: Tensor, valid: Tensor
+              ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """The spec rows `order` `(D, R)` of each domain's property (zero where not valid)."""
+        d, r = order.shape
+        spec = self.rows
+        w = spec.weight.index_select(0, sample)
+        idx = order.unsqueeze(2).expand(-1, -1, w.shape[2])
+        keep = valid.unsqueeze(2)
+        rows = torch.where(keep, w.gather(1, idx), 0.0).reshape(d, r, *spec.in_shape)
+        const = torch.where(valid, spec.bias.index_select(0, sample).gather(1, order), 0.0)
+        rows_err = const_err = None
+        if spec.weight_err is not None:
+            rows_err = torch.where(keep, spec.weight_err.index_select(0, sample).gather(1, idx),
+                                   0.0).reshape(rows.shape)
+        if spec.bias_err is not None:
+            const_err = torch.where(valid, spec.bias_err.index_select(0, sample).gather(1, order),
+                                    0.0)
+        return rows, const, rows_err, const_err
+
+    def _scores(self, prop: Propagator, doms: _Domains, record: dict[int, Tensor],
+                order: Tensor, valid: Tensor, new: Tensor, alphas: list[Tensor],
+                point: Tensor) -> tuple[Tensor, Tensor]:
+        """The branching choice `(layer, index)` per domain (see the module docstring)."""
+        d = len(doms)
+        dev = order.device
+        worst = torch.where(valid, new, math.inf).argmin(1)  # (D,) the worst open row
+        pick = torch.arange(d, device=dev)
+        layer = torch.full((d,), -1, dtype=torch.int64, device=dev)
+        index = torch.zeros(d, dtype=torch.int64, device=dev)
+        if not self.input_split:
+            z = self._pre_activations(point)
+            best = torch.zeros(d, dtype=new.dtype, device=dev)
+            for k, pos in enumerate(self.positions):
+                mu = record[pos][pick, worst].reshape(d, -1)
+                relax = prop.relaxations[pos]
+                free = relax.unstable.reshape(d, -1) & (doms.split[k] == 0)
+                lo, hi = relax.pre_lower.reshape(d, -1), relax.pre_upper.reshape(d, -1)
+                slope = relax.upper.reshape(d, -1)
+                t = relax.upper_bias.reshape(d, -1)
+                alpha = alphas[k][pick, worst].clamp(0.0, 1.0)
+                zk = torch.minimum(torch.maximum(z[k], lo), hi)
+                # the gap of each line at the candidate, weighted by its row (exact split of
+                # f(x) - L(x) over the neurons), plus the intercept score as a tie-breaker
+                gap = (mu.clamp(min=0) * (zk.clamp(min=0) - alpha * zk)
+                       + (-mu).clamp(min=0) * (slope * zk + t - zk.clamp(min=0)))
+                score = torch.where(free, gap + 1e-3 * (-mu).clamp(min=0) * t, -1.0)
+                top, arg = score.max(1)
+                better = top > best
+                layer = torch.where(better, k, layer)
+                index = torch.where(better, arg, index)
+                best = torch.where(better, top, best)
+        inp = layer < 0
+        if bool(inp.any()):  # input splits: the widest coordinate weighted by its row
+            a = record[-1][pick, worst].reshape(d, -1)
+            width = (doms.x_hi - doms.x_lo).reshape(d, -1)
+            # (a floor on the weight keeps every coordinate shrinking: the row's own
+            # coefficient can be 0 where the relaxations' gaps still depend on it)
+            weight = a.abs() + 0.25 * a.abs().mean(1, keepdim=True) + 1e-30
+            index = torch.where(inp, (weight * width).argmax(1), index)
+        return layer, index
+
+    def _pre_activations(self, x: Tensor) -> list[Tensor]:
+        """The inputs `(D, n_k)` of every activation at points `x` (floating point)."""
+        out: list[Tensor] = []
+        h = x
+        for i, op in enumerate(self.body.layers):
+            if i in self.positions:
+                out.append(h.flatten(1))
+            h = RULES[type(op)].forward(op, h)
+        return out
+
+    def _candidates(self, doms: _Domains, record: dict[int, Tensor], order: Tensor,
+                    valid: Tensor, new: Tensor) -> Tensor:
+        """Per domain, the corner of its box minimizing its worst row's linear bound."""
+        d = len(doms)
+        worst = torch.where(valid, new, math.inf).argmin(1)
+        a = record[-1][torch.arange(d, device=order.device), worst].reshape(doms.x_lo.shape)
+        return torch.where(a >= 0, doms.x_lo, doms.x_hi)
+
+    # --- counterexamples ---------------------------------------------------------------------
+
+    def _values(self, x: Tensor, sample: Tensor) -> Tensor:
+        """`(D, S)` the spec rows evaluated at points `x` (floating point, float64 result)."""
+        out = self.net.forward(x).flatten(1)
+        return torch.bmm(self.spec.index_select(0, sample), out.unsqueeze(2)).squeeze(2).double()
+
+    def _attack(self, doms: _Domains, x: Tensor) -> None:
+        """Evaluate the domains' candidate points `x`, improve the most promising with PGD, and
+        end the properties where a point is at or below the threshold."""
+        if not len(doms):
+            return
+        self._consider(x, doms.sample)
+        if self.m.attack_steps and self.threshold is not None:
+            # one start per undecided property: its domain with the lowest bound
+            undecided = torch.tensor([self.status[i] is None for i in doms.sample.tolist()],
+                                     dtype=torch.bool, device=x.device)
+            if not bool(undecided.any()):
+                return
+            worst = doms.bound.min(1).values
+            worst = torch.where(undecided, worst, math.inf)
+            firsts = []
+            for i in _ids(doms.sample[undecided]):
+                mine = (doms.sample == i).nonzero(as_tuple=True)[0]
+                firsts.append(int(mine[worst[mine].argmin()]))
+            pick = torch.tensor(firsts, device=x.device)
+            self._descend(x[pick], doms.sample[pick])
+
+    def _descend(self, start: Tensor, sample: Tensor) -> None:
+        from certify.attacks import pgd
+        from certify.spec import Box
+
+        spec = self.spec.index_select(0, sample)
+        threshold = (self.threshold if self.threshold is not None
+                     else torch.full((self.s,), -math.inf, dtype=torch.float64))
+
+        def rows(logits: Tensor) -> Tensor:
+            return torch.bmm(spec.to(logits.dtype), logits.unsqueeze(2)).squeeze(2)
+
+        with torch.enable_grad():
+            result = pgd(_AsModule(self.net), Box(self.x_lo[sample], self.x_hi[sample]),
+                         success=lambda z: (rows(z) <= threshold.to(z)).any(1),
+                         loss=lambda z: -rows(z).min(1).values, steps=self.m.attack_steps,
+                         start=start, random_start=False)
+        self._consider(result.x_adv.detach(), sample)
+
+    def _consider(self, x: Tensor, sample: Tensor) -> None:
+        """Keep the best point per property; decide properties with a point at or below the
+        threshold."""
+        values = self._values(x, sample)
+        worst = values.min(1).values
+        for j, i in enumerate(sample.tolist()):
+            if float(worst[j]) < float(self.point_value[i]):
+                self.point_value[i] = worst[j]
+                self.points[i] = x[j]
+            self.point_rows[i] = torch.minimum(self.point_rows[i], values[j])
+            if (self.threshold is not None and self.status[i] is None
+                    and bool((values[j] <= self.threshold).any())):
+                self.status[i] = BELOW

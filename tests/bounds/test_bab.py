@@ -1,0 +1,190 @@
+"""Branch and bound (``bab``): exact against enumeration, sound on generated nets, decisive.
+
+References independent of the engine: the activation regions of 2-D networks enumerated by
+LPs (``tests/brute_force.py``), sampled/corner/PGD points, and the MILP on small MLPs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from bound_helpers import all_points, make_box, make_cnn, make_mlp, random_spec, spec_values
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from certify.bounds import compute_bounds, get_method
+from certify.bounds.bab import ABOVE, BELOW, DOMAINS_SPENT, BabBounds
+from certify.errors import SpecError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from brute_force import make_net2d, min_adv_eps, min_spec, regions  # noqa: E402
+
+BOX_LO = np.array([0.15, 0.2])
+BOX_HI = np.array([0.75, 0.7])
+
+
+def _box2d() -> tuple[torch.Tensor, torch.Tensor]:
+    lo = torch.tensor(BOX_LO, dtype=torch.float64).reshape(1, 1, 1, 2)
+    hi = torch.tensor(BOX_HI, dtype=torch.float64).reshape(1, 1, 1, 2)
+    return lo, hi
+
+
+def _exact_min(model: nn.Sequential, row: np.ndarray) -> float:
+    return min_spec(regions(model, BOX_LO, BOX_HI), row, BOX_LO, BOX_HI)
+
+
+@pytest.mark.parametrize("branching", ["input", "relu"])
+@pytest.mark.parametrize("seed", range(4))
+def test_decisions_agree_with_enumeration(seed: int, branching: str) -> None:
+    """Just above the exact minimum a point is found; just below it the proof succeeds."""
+    model = make_net2d(seed, [8, 8])
+    row = np.random.default_rng(seed).normal(size=3)
+    exact = _exact_min(model, row)
+    lo, hi = _box2d()
+    spec = torch.tensor(row, dtype=torch.float64).reshape(1, 1, 3)
+    for delta, expected in ((-0.02, ABOVE), (0.02, BELOW)):
+        b = compute_bounds(model, lo, hi, "bab", spec, threshold=exact + delta,
+                           branching=branching, time_limit=30.0)
+        assert isinstance(b, BabBounds)
+        assert b.status == (expected,), (seed, delta, b.status, exact)
+        assert float(b.lower[0, 0]) <= exact + 1e-9  # sound whatever the verdict
+        if expected == BELOW:  # the point it reports is in the box and below the threshold
+            p = b.points[0].flatten().numpy()
+            assert np.all(p >= BOX_LO) and np.all(p <= BOX_HI)
+            with torch.no_grad():
+                value = float(row @ model(b.points).double()[0].numpy())
+            assert value <= exact + delta
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_bound_mode_closes_the_gap(seed: int) -> None:
+    """Without a threshold, the lower bound ends within `gap` of the exact minimum."""
+    model = make_net2d(10 + seed, [6, 6])
+    row = np.random.default_rng(seed).normal(size=3)
+    exact = _exact_min(model, row)
+    lo, hi = _box2d()
+    spec = torch.tensor(row, dtype=torch.float64).reshape(1, 1, 3)
+    b = compute_bounds(model, lo, hi, "bab", spec, gap=1e-3, time_limit=30.0)
+    assert float(b.lower[0, 0]) <= exact + 1e-9
+    assert float(b.lower[0, 0]) >= exact - 2e-3
+    crown = compute_bounds(model, lo, hi, "crown", spec)
+    assert float(b.lower[0, 0]) >= float(crown.lower[0, 0]) - 1e-9
+
+
+def test_radius_between_alpha_crown_and_exact() -> None:
+    """bab's certified radius is at most the exact one (enumerated) and at least alpha-CROWN's
+    (the bracket it starts from)."""
+    from certify.radius import certified_radii
+
+    model = make_net2d(3, [8, 8])
+    parts = regions(model, np.zeros(2), np.ones(2))
+    x = torch.tensor([[0.45, 0.5], [0.3, 0.6], [0.6, 0.35]], dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x.reshape(3, 1, 1, 2)).argmax(1)
+    exact = [min_adv_eps(parts, x[i].numpy(), int(y[i])) for i in range(3)]
+    xs = x.reshape(3, 1, 1, 2)
+    bab = certified_radii(model, xs, y, "bab", tol=1e-4, time_limit=20.0)
+    alpha = certified_radii(model, xs, y, "alpha-crown", tol=1e-4)
+    for i in range(3):
+        r = float(bab.certified_eps[i])
+        assert r <= exact[i] + 1e-9, (i, r, exact[i])
+        assert r >= float(alpha.certified_eps[i]) - 1e-4
+        assert r >= 0.97 * exact[i] - 2e-4, (i, r, exact[i])  # complete on so small a net
+
+
+SOUND_ATOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**20), widths=st.lists(st.integers(1, 10), min_size=1, max_size=3),
+       eps_max=st.sampled_from([0.05, 0.3]), threshold=st.sampled_from([None, 0.0]))
+def test_sound_on_generated_mlps(dtype: torch.dtype, seed: int, widths: list[int],
+                                 eps_max: float, threshold: float | None) -> None:
+    model = make_mlp(seed, widths).to(dtype)
+    x_lo, x_hi, x = make_box(seed, 2, (1, 4, 4), eps_max, dtype)
+    spec = random_spec(seed, 2, 2, 3, dtype)
+    b = compute_bounds(model, x_lo, x_hi, "bab", spec, threshold=threshold, max_domains=60,
+                       time_limit=5.0)
+    assert b.lower.dtype == dtype
+    values = spec_values(model, all_points(model, x_lo, x_hi, spec, x), spec)
+    atol = SOUND_ATOL[dtype] * (1 + values.abs().max().item())
+    assert (values >= b.lower - atol).all()
+    assert (values <= b.upper + atol).all()
+
+
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**20), variant=st.integers(0, 2))
+def test_sound_on_generated_cnns(seed: int, variant: int) -> None:
+    model, in_shape = make_cnn(seed, variant)
+    x_lo, x_hi, x = make_box(seed, 2, in_shape, 0.1, torch.float32)
+    spec = random_spec(seed, 2, 2, 4, torch.float32)
+    b = compute_bounds(model, x_lo, x_hi, "bab", spec, threshold=0.0, max_domains=40,
+                       time_limit=5.0)
+    values = spec_values(model, all_points(model, x_lo, x_hi, spec, x), spec)
+    assert (values >= b.lower - 1e-5 * (1 + values.abs().max().item())).all()
+
+
+def _small_mlp(seed: int) -> nn.Sequential:
+    gen = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(),
+                          nn.Linear(12, 3)).double()
+    for p in model.parameters():
+        p.data = torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.8
+    return model.eval()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_agrees_with_the_milp(seed: int) -> None:
+    """Thresholds between CROWN's bound and the MILP's exact minimum: bab proves them all (the
+    MILP's minimum is above), and finds points for thresholds above the minimum."""
+    model = _small_mlp(seed)
+    gen = torch.Generator().manual_seed(100 + seed)
+    x = torch.rand(1, 1, 1, 6, generator=gen, dtype=torch.float64)
+    lo, hi = x - 0.25, x + 0.25
+    spec = torch.randn(1, 1, 3, generator=gen, dtype=torch.float64)
+    exact = float(compute_bounds(model, lo, hi, "milp", spec).lower[0, 0])
+    crown = float(compute_bounds(model, lo, hi, "crown", spec).lower[0, 0])
+    for t in (crown + 0.5 * (exact - crown), exact - 0.01 * abs(exact) - 1e-3):
+        b = compute_bounds(model, lo, hi, "bab", spec, threshold=t, branching="relu")
+        assert b.status == (ABOVE,) and float(b.lower[0, 0]) > t
+    b = compute_bounds(model, lo, hi, "bab", spec, threshold=exact + 0.02, branching="relu")
+    assert b.status == (BELOW,)
+
+
+def test_budget_spent_is_unknown_and_still_sound() -> None:
+    model = _small_mlp(7)
+    x = torch.full((1, 1, 1, 6), 0.5, dtype=torch.float64)
+    lo, hi = x - 0.4, x + 0.4
+    spec = torch.tensor([[[1.0, -1.0, 0.0]]], dtype=torch.float64)
+    exact = float(compute_bounds(model, lo, hi, "milp", spec).lower[0, 0])
+    b = compute_bounds(model, lo, hi, "bab", spec, threshold=exact - 1e-6, max_domains=3,
+                       attack_steps=0, branching="relu")
+    assert b.status == (DOMAINS_SPENT,)
+    assert float(b.lower[0, 0]) <= exact
+    assert int(b.domains[0]) >= 3
+
+
+def test_float32_inputs_get_outward_rounded_float32_bounds() -> None:
+    model = make_mlp(3, [8, 8]).float()
+    x_lo, x_hi, _ = make_box(3, 2, (1, 4, 4), 0.1, torch.float32)
+    spec = random_spec(3, 2, 2, 3, torch.float32)
+    b32 = compute_bounds(model, x_lo, x_hi, "bab", spec, gap=1e-2, max_domains=50)
+    b64 = compute_bounds(model.double(), x_lo.double(), x_hi.double(), "bab", spec.double(),
+                         gap=1e-2, max_domains=50)
+    assert b32.lower.dtype == torch.float32
+    assert (b32.lower.double() <= b64.lower).all()
+
+
+@pytest.mark.parametrize("options", [{"branching": "sideways"}, {"time_limit": 0},
+                                     {"max_domains": 0}, {"threshold": float("nan")},
+                                     {"steps": -1}, {"threshold": (0.0, "a")}])
+def test_bad_options_are_one_line_errors(options: dict) -> None:  # type: ignore[type-arg]
+    with pytest.raises(SpecError) as err:
+        get_method("bab", **options)
+    assert "bab:" in str(err.value) and "\n" not in str(err.value)
