@@ -3,7 +3,11 @@
 An ONNX graph that is a *chain* (one input, one output, every computed tensor read by the next
 node only) of the operators below becomes a flat ``nn.Sequential`` of the layers the bound
 engine supports: ``Normalize``, ``Conv2d``, ``BatchNorm2d`` (eval), ``ReLU``, ``AvgPool2d``,
-``Flatten`` and ``Linear``.
+``Flatten``, ``Linear``, and certify's ``Reshape`` and ``Permute``.
+
+The converted model takes the file's input as it is (its shape, or a re-shaping of it that keeps
+the values' order): flattened, it is the ONNX input flattened, so a VNNLIB property's ``X_i`` and
+a counterexample mean the same value for both.
 
 ================================  ==========================================================
 ONNX operator                     becomes
@@ -14,19 +18,26 @@ Relu                              ``nn.ReLU``
 BatchNormalization (inference)    ``nn.BatchNorm2d`` on images; folded into the affine map on
                                   vectors
 AveragePool, GlobalAveragePool    ``nn.AvgPool2d``
-Flatten (axis 1), Reshape         ``nn.Flatten`` (only ``(N, ...) -> (N, D)``)
+Flatten (axis 1), Reshape         ``nn.Flatten`` for ``(N, ...) -> (N, D)``, otherwise a
+                                  ``Reshape`` of each sample (the batch stays first)
+Transpose (``perm[0] = 0``)        a ``Permute`` of each sample's dimensions; consecutive ones
+                                  are composed (and dropped when they cancel), elementwise maps
+                                  move through them. An exporter's NHWC->NCHW input Transpose
+                                  (Keras, TensorFlow) is the model's first layer: the model
+                                  takes the file's NHWC input
 Add, Sub, Mul, Div (constants)    elementwise affine maps: a ``Normalize`` when they are the
                                   per-channel input normalization, otherwise folded exactly
                                   into the neighbouring ``Linear``/``Conv2d``, or a
                                   ``BatchNorm2d``/diagonal ``Linear`` of their own
 Identity, Dropout                 nothing (inference)
 Constant, Shape, Gather,          evaluated at conversion time (the ``x.view(x.size(0), -1)``
-Unsqueeze, Squeeze, Concat, Cast  pattern of exported models); they may not touch the data
+Unsqueeze, Squeeze, Concat, Cast, pattern of exported models); they may not touch the data
+Transpose, Reshape (constants)
 ================================  ==========================================================
 
 Anything else (an unknown operator, an unsupported attribute value, a branch or a skip
-connection) raises :class:`~certify.errors.UnsupportedLayerError` naming the ONNX node, its
-operator and, where it applies, the attribute.
+connection) raises :class:`~certify.errors.UnsupportedLayerError` naming the ONNX node (its
+name, its index and its operator) and, where it applies, the attribute.
 """
 
 from __future__ import annotations
@@ -35,7 +46,8 @@ import gzip
 import os
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,8 +57,9 @@ import torch
 from torch import nn
 
 from certify.checkpoint import ModelMeta
-from certify.errors import CheckpointError, SpecError, UnsupportedLayerError
+from certify.errors import CertifyError, CheckpointError, SpecError, UnsupportedLayerError
 from certify.nets import Normalize
+from certify.nets.layers import Permute, Reshape
 
 __all__ = ["SUPPORTED_OPS", "import_onnx", "onnx_input_dims", "read_onnx"]
 
@@ -57,11 +70,12 @@ SUPPORTED_OPS: tuple[str, ...] = (
     "Add", "AveragePool", "BatchNormalization", "Cast", "Concat", "Constant", "Conv", "Div",
     "Dropout", "Flatten", "Gather", "Gemm", "GlobalAveragePool", "Identity", "MatMul", "Mul",
     "Relu", "Reshape", "Shape", "Squeeze", "Sub", "Unsqueeze",
+    "Transpose",
 )
 
 # Operators evaluated on constants at conversion time (never on the network's data).
 _CONSTANT_OPS = ("Cast", "Concat", "Constant", "Gather", "Identity", "Reshape", "Shape",
-                 "Squeeze", "Unsqueeze")
+                 "Squeeze", "Unsqueeze", "Transpose")
 
 
 def read_onnx(path: str | os.PathLike[str]) -> Any:
@@ -175,6 +189,11 @@ class _Affine:
     def reshaped(self, shape: Shape) -> _Affine:
         return _Affine(self.scale.reshape(shape), self.shift.reshape(shape))
 
+    def permuted(self, dims: tuple[int, ...]) -> _Affine:
+        """The same map after a permutation of the data: ``P(x * s + t) = P(x) * P(s) + P(t)``
+        (exact: values are only moved)."""
+        return _Affine(np.transpose(self.scale, dims), np.transpose(self.shift, dims))
+
     def per_channel(self) -> tuple[np.ndarray, np.ndarray] | None:
         """``(scale, shift)`` of shape ``(C,)`` when constant over each channel of a (C,H,W) map."""
         if self.scale.ndim != 3:
@@ -219,16 +238,19 @@ class _Converter:
         self.layers: list[tuple[str, nn.Module]] = []
         self.counts: dict[str, int] = {}
         self.pending: _Affine | None = None
+        self.pending_nodes: list[str] = []  # the nodes whose elementwise maps are pending
+        self.node_label = ""  # the node being converted, for pending_nodes
         self.open_affine = False  # the last layer is a Linear/Conv2d its output map can fold into
         self.norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None
         self.num_classes = 0
         self.consumers: dict[str, list[str]] = {}
-        for node in self.graph.node:
+        for index, node in enumerate(self.graph.node):
             if node.op_type == "Shape":
                 continue  # reads only the shape; not a branch of the data
             for name in node.input:
                 if name:
-                    self.consumers.setdefault(name, []).append(node.name or node.op_type)
+                    self.consumers.setdefault(name, []).append(
+                        node.name or f"{node.op_type} (node {index})")
         self.handlers: dict[str, Callable[[Any, str], None]] = {
             "Gemm": self._gemm, "MatMul": self._matmul, "Add": self._add, "Sub": self._sub,
             "Mul": self._mul, "Div": self._div, "Relu": self._relu, "Conv": self._conv,
@@ -236,6 +258,7 @@ class _Converter:
             "BatchNormalization": self._batchnorm, "AveragePool": self._avgpool,
             "GlobalAveragePool": self._global_avgpool, "Identity": self._passthrough,
             "Dropout": self._dropout, "Cast": self._cast,
+            "Transpose": self._transpose,
         }
 
     # ---- input shape ---------------------------------------------------------------------
@@ -282,10 +305,12 @@ class _Converter:
                     f"{where} is from operator domain '{node.domain}', which is not supported.")
             data = [name for name in node.input if name and name not in self.consts]
             if node.op_type == "Shape":
-                self._shape(node, where)
+                with _malformed(where):
+                    self._shape(node, where)
                 continue
             if not data:
-                self._constant_node(node, where)
+                with _malformed(where):
+                    self._constant_node(node, where)
                 continue
             handler = self.handlers.get(node.op_type)
             if handler is None:
@@ -307,7 +332,9 @@ class _Converter:
                     f"({', '.join(map(repr, readers))}); only chain networks are supported "
                     "(no branches or skip connections).")
             self._check_attributes(node, where)
-            handler(node, where)
+            self.node_label = f"'{node.name}'" if node.name else f"{node.op_type} (node {index})"
+            with _malformed(where):
+                handler(node, where)
             self.current = node.output[0]
             self.shapes[self.current] = self.shape
         where = f"{self.source}: the graph output '{self.output_name}'"
@@ -352,6 +379,7 @@ class _Converter:
                         "kernel_shape", "pads", "strides"),
         "GlobalAveragePool": (), "Identity": (), "Dropout": ("ratio", "seed", "is_test"),
         "Cast": ("to", "saturate"),
+        "Transpose": ("perm",),
     }
 
     def _check_attributes(self, node: Any, where: str) -> None:
@@ -378,13 +406,21 @@ class _Converter:
         """Fix the model's input shape before the first layer (flatten a re-shaped input)."""
         if self.model_input_shape is not None:
             return
-        shape = self.shape
         target = self._input_target()
         self.model_input_shape = target
+        self._reshape_input(target, where)
+
+    def _reshape_input(self, target: Shape, where: str) -> None:
+        """Layers that take the model's input `target` to the data's shape, keeping the values'
+        order: nothing, a Flatten, or (for a flat file input given an image shape) a Reshape."""
+        shape = self.shape
         if target == shape:
             return
         if len(shape) == 1:
             self._emit("flatten", nn.Flatten())
+            return
+        if len(self.file_shape) == 1:  # --input-shape for a flat input: the same order
+            self._emit("reshape", Reshape(shape))
             return
         raise UnsupportedLayerError(
             f"{where}: the network re-shapes its input to {shape}, which does not match the model "
@@ -410,6 +446,7 @@ class _Converter:
             conv_padded: the next conv pads its input (a shift does not commute with padding).
         """
         pending, self.pending = self.pending, None
+        nodes, self.pending_nodes = self.pending_nodes, []
         if pending is None or pending.is_identity():
             self._start_layers(where)
             return None
@@ -423,13 +460,7 @@ class _Converter:
                 self.model_input_shape = target  # type: ignore[assignment]
                 self._emit("norm", Normalize(mean.tolist(), std.tolist()))
                 self.norm = (tuple(mean.tolist()), tuple(std.tolist()))
-                if target != self.shape:
-                    if len(self.shape) != 1:
-                        raise UnsupportedLayerError(
-                            f"{where}: the network re-shapes its input to {self.shape}, which does "
-                            f"not match the model input {target}; pass --input-shape "
-                            f"{','.join(map(str, self.shape))}.")
-                    self._emit("flatten", nn.Flatten())
+                self._reshape_input(target, where)
                 return None
             self._start_layers(where)
         last = self.layers[-1][1] if self.layers else None
@@ -452,8 +483,9 @@ class _Converter:
             self._emit("affine", _diagonal_linear(pending))
             return None
         raise UnsupportedLayerError(
-            f"{where}: a constant elementwise Add/Sub/Mul/Div that varies within a channel of "
-            f"the {self.shape} feature map can not be expressed with the engine's layers.")
+            f"{where}: the constant elementwise Add/Sub/Mul/Div of node(s) "
+            f"{', '.join(nodes) or '?'} varies within a channel of the {self.shape} feature map "
+            "and can not be expressed with the engine's layers.")
 
     # ---- elementwise ---------------------------------------------------------------------
 
@@ -483,6 +515,8 @@ class _Converter:
     def _affine(self) -> _Affine:
         if self.pending is None:
             self.pending = _Affine(np.ones(self.shape), np.zeros(self.shape))
+        if self.node_label not in self.pending_nodes:
+            self.pending_nodes.append(self.node_label)
         return self.pending
 
     def _add(self, node: Any, where: str) -> None:
@@ -747,16 +781,76 @@ class _Converter:
                 self.pending = self.pending.reshaped(shape)
             self.shape = shape
             return
-        if len(shape) != 1:
-            raise UnsupportedLayerError(
-                f"{where}: reshape from {_batched(self.shape)} to {_batched(shape)} is not "
-                "supported; only flattening to (N, D).")
-        if self.pending is not None and self.pending.per_channel() is not None and (
-                self.open_affine and isinstance(self.layers[-1][1], nn.Conv2d)):
-            self._flush(where)  # fold into the conv while it is still per channel
-        if self.pending is not None:
-            self.pending = self.pending.reshaped(shape)
-        self._emit("flatten", nn.Flatten())
+        # exact: the map is elementwise and the reshape keeps the values' order
+        self._place_pending(None if self.pending is None else self.pending.reshaped(shape), where)
+        self._emit("flatten" if len(shape) == 1 else "reshape",
+                   nn.Flatten() if len(shape) == 1 else Reshape(shape))
+        self.shape = shape
+
+    def _place_pending(self, moved: _Affine | None, where: str) -> None:
+        """Before a reshape or permutation of the data: where the pending elementwise map goes.
+
+        `moved` is the map in the new layout (exact: the values are only moved). When it folds
+        into the Linear/Conv2d before it, or is the input normalization, it does so now (no
+        layer). Otherwise it moves along when the new layout can express it (it may fold into
+        the next layer), else it becomes a layer now (a per-channel BatchNorm2d or a diagonal
+        Linear), else it moves along (an error names its nodes if it never becomes expressible).
+        """
+        pending = self.pending
+        if pending is None or moved is None:
+            return
+        last = self.layers[-1][1] if self.layers else None
+        if self.model_input_shape is None:
+            channel = pending.reshaped(self._input_target()).per_channel()
+            free = channel is not None and bool(np.all(channel[0] > 0))
+        else:
+            channel = pending.per_channel()
+            free = self.open_affine and (isinstance(last, nn.Linear) or (
+                isinstance(last, nn.Conv2d) and channel is not None))
+        now = channel is not None or pending.scale.ndim == 1
+        later = moved.per_channel() is not None or moved.scale.ndim == 1
+        if free or now and not later:
+            self._flush(where)
+        else:
+            self.pending = moved
+
+    def _transpose(self, node: Any, where: str) -> None:
+        rank = len(self.shape) + 1
+        perm = [int(p) for p in _attributes(node).get("perm", range(rank - 1, -1, -1))]
+        if sorted(perm) != list(range(rank)):
+            raise UnsupportedLayerError(f"{where}: attribute perm={perm} is not a permutation of "
+                                        f"the {rank} dimensions of its data "
+                                        f"{_batched(self.shape)}.")
+        if perm[0] != 0:
+            raise UnsupportedLayerError(f"{where}: attribute perm={perm} moves the batch "
+                                        "dimension; only permutations of each sample's dimensions "
+                                        "(perm[0] = 0) are supported.")
+        self._permute(tuple(p - 1 for p in perm[1:]), where)
+
+    def _permute(self, dims: tuple[int, ...], where: str) -> None:
+        """Permute each sample's dimensions: output dimension ``i`` is dimension ``dims[i]``.
+
+        A pending elementwise map goes where :meth:`_place_pending` says. Before the first layer
+        the model's input frame is fixed first: the model keeps the file's input order and
+        starts with the permutation (a Keras NHWC input stays NHWC, so a VNNLIB property's X_i
+        keep their meaning). A permutation right after another is composed with it, and both
+        are dropped when they cancel (exact: values are only moved).
+        """
+        if dims == tuple(range(len(dims))):
+            return
+        self._place_pending(None if self.pending is None else self.pending.permuted(dims), where)
+        self._start_layers(where)
+        shape = tuple(self.shape[d] for d in dims)
+        last = self.layers[-1][1] if self.layers else None
+        if isinstance(last, Permute):
+            dims = tuple(last.dims[d] for d in dims)
+            self.layers.pop()
+            if dims == tuple(range(len(dims))):  # the two cancel
+                previous = self.layers[-1][1] if self.layers else None
+                self.open_affine = isinstance(previous, (nn.Linear, nn.Conv2d))
+                self.shape = shape
+                return
+        self._emit("permute", Permute(dims))
         self.shape = shape
 
     # ---- constants -----------------------------------------------------------------------
@@ -808,6 +902,10 @@ class _Converter:
             shape = [int(v) for v in np.asarray(args[1]).reshape(-1)]
             shape = [np.shape(args[0])[i] if v == 0 else v for i, v in enumerate(shape)]
             value = np.reshape(args[0], shape)
+        elif op == "Transpose":
+            perm = attrs.get("perm")
+            axes = None if perm is None else [int(p) for p in perm]
+            value = np.transpose(np.asarray(args[0]), axes)
         else:  # Unsqueeze / Squeeze: axes from the attribute (opset < 13) or the input
             axes = attrs.get("axes")
             if axes is None and len(args) > 1 and args[1] is not None:
@@ -820,6 +918,20 @@ class _Converter:
             else:
                 value = np.squeeze(value, axis=tuple(axes) if axes is not None else None)
         self.consts[node.output[0]] = np.asarray(value)
+
+
+@contextmanager
+def _malformed(where: str) -> Iterator[None]:
+    """A node the converter can not read (missing inputs or attributes, constants of the wrong
+    shape) as one UnsupportedLayerError naming the node."""
+    try:
+        yield
+    except CertifyError:
+        raise
+    except (KeyError, IndexError, ValueError) as e:
+        raise UnsupportedLayerError(
+            f"{where} is malformed or uses a form the converter does not support "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}).") from None
 
 
 def _attributes(node: Any) -> dict[str, Any]:

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from certify.bounds import rounding
-from certify.nets.layers import Normalize
+from certify.nets.layers import Normalize, Permute, Reshape
 from certify.spec import round_to
 
 Shape = tuple[int, ...]
@@ -61,6 +61,7 @@ __all__ = [
     "FlattenOp",
     "LinearOp",
     "Op",
+    "PermuteOp",
     "ReluOp",
     "ScaleShiftOp",
     "SpecLinearOp",
@@ -153,6 +154,29 @@ class ReluOp:
 
 
 @dataclass(frozen=True, eq=False)
+class PermuteOp:
+    """Per sample: re-shape to ``source`` (row-major order kept), then permute its dimensions by
+    `dims` (output dimension ``i`` is ``source`` dimension ``dims[i]``).
+
+    A permutation of the coordinates, ``y = P x`` with a 0/1 matrix ``P`` having one 1 per row
+    and per column: exact in floating point (values are moved, never computed), ``|P| = P``,
+    and its transpose is the inverse permutation. A pure reshape is ``dims = (0, 1, ...)``.
+    """
+
+    dims: tuple[int, ...]
+    in_shape: Shape
+    out_shape: Shape
+
+    @property
+    def source(self) -> Shape:
+        """The shape the input is re-shaped to before the permutation."""
+        shape = [0] * len(self.dims)
+        for i, d in enumerate(self.dims):
+            shape[d] = self.out_shape[i]
+        return tuple(shape)
+
+
+@dataclass(frozen=True, eq=False)
 class SpecRows:
     """The specification as the starting matrix of the backward pass: one matrix per sample.
 
@@ -174,7 +198,7 @@ class SpecRows:
 SpecLinearOp = SpecRows  # the LP/MILP encodings' name for the rows at the end of a network
 
 
-Op = LinearOp | ConvOp | ScaleShiftOp | AvgPoolOp | FlattenOp | ReluOp
+Op = LinearOp | ConvOp | ScaleShiftOp | AvgPoolOp | FlattenOp | ReluOp | PermuteOp
 # an op or the specification's rows: what the error-field helpers take and give back
 _AnyOp = TypeVar("_AnyOp", bound="Op | SpecRows")
 
@@ -382,6 +406,25 @@ def backward_flatten(op: FlattenOp, a: Tensor) -> tuple[Tensor, Tensor | None]:
     return a.reshape(a.shape[0], *op.in_shape), None
 
 
+# --- rules: per-sample reshape and permutation ----------------------------------------------
+
+
+def forward_permute(op: PermuteOp, x: Tensor) -> Tensor:
+    """``P x``: moves values only (exact); also its linear part and ``|P| x`` (``|P| = P``)."""
+    moved = x.reshape(x.shape[0], *op.source).permute(0, *(d + 1 for d in op.dims))
+    return moved.contiguous()
+
+
+def backward_permute(op: PermuteOp, a: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``A P``: the inverse permutation applied to the rows (``P^T = P^-1``), then the inverse
+    reshape; exact, and no constant (a permutation has no bias)."""
+    inverse = [0] * len(op.dims)
+    for i, d in enumerate(op.dims):
+        inverse[d] = i
+    rows = a.reshape(a.shape[0], *op.out_shape).permute(0, *(i + 1 for i in inverse))
+    return rows.reshape(a.shape[0], *op.in_shape).contiguous(), None
+
+
 # --- rules: the folded specification ---------------------------------------------------------
 
 
@@ -466,6 +509,9 @@ RULES: dict[type, OpRules] = {
     AvgPoolOp: OpRules(forward_avg_pool, forward_avg_pool, forward_avg_pool, backward_avg_pool,
                        cost_avg_pool, terms_avg_pool),
     FlattenOp: OpRules(forward_flatten, forward_flatten, forward_flatten, backward_flatten,
+                       cost_elementwise, terms_exact),
+    # A permutation moves values: exact (terms 0), its own |L| and its transpose the inverse.
+    PermuteOp: OpRules(forward_permute, forward_permute, forward_permute, backward_permute,
                        cost_elementwise, terms_exact),
     # The folded specification starts backward passes; it is never propagated through.
     SpecRows: OpRules(forward_spec_linear, linear_spec_linear, abs_linear_spec_linear, None,
@@ -647,6 +693,19 @@ def _convert_relu(m: nn.ReLU, shape: Shape) -> Op:
     return ReluOp(shape, shape)
 
 
+def _convert_reshape(m: Reshape, shape: Shape) -> Op:
+    if prod(m.shape) != prod(shape):
+        raise ShapeMismatch(f"re-shapes {prod(m.shape)} values per sample to {m.shape}, gets "
+                            f"{shape} ({prod(shape)} values)")
+    return PermuteOp(tuple(range(len(m.shape))), shape, m.shape)
+
+
+def _convert_permute(m: Permute, shape: Shape) -> Op:
+    if len(m.dims) != len(shape):
+        raise ShapeMismatch(f"permutes {len(m.dims)} dimensions per sample, gets {shape}")
+    return PermuteOp(m.dims, shape, tuple(shape[d] for d in m.dims))
+
+
 def _skip(m: nn.Module, shape: Shape) -> None:
     return None  # identity in eval mode
 
@@ -661,9 +720,12 @@ CONVERTERS: dict[type[nn.Module], Converter] = {
     nn.AvgPool2d: _convert_avg_pool,
     nn.Dropout: _skip,
     nn.Identity: _skip,
+    Reshape: _convert_reshape,
+    Permute: _convert_permute,
 }
 SUPPORTED = ("Linear, Conv2d, ReLU, Flatten, Normalize, BatchNorm2d (eval statistics), AvgPool2d, "
-             "Dropout and Identity (identity), nested Sequential")
+             "Dropout and Identity (identity), nested Sequential, Reshape and Permute "
+             "(certify.nets.layers)")
 
 
 class UnsupportedConfig(Exception):

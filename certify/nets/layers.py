@@ -1,4 +1,4 @@
-"""Layers of our own: the in-model input normalization."""
+"""Layers of our own: the in-model input normalization, per-sample reshapes and permutations."""
 
 from __future__ import annotations
 
@@ -35,3 +35,47 @@ class Normalize(nn.Module):
         mean = [round(v, 4) for v in self.mean.flatten().tolist()]
         std = [round(v, 4) for v in self.std.flatten().tolist()]
         return f"mean={mean}, std={std}"
+
+
+class Reshape(nn.Module):
+    """Re-shape each sample to `shape` (the batch dimension stays first): ``(N, ...) -> (N,
+    *shape)``, keeping the values' row-major order (an ONNX ``Reshape`` inside a network).
+
+    Args:
+        shape: The per-sample shape; it holds as many values as the input's samples.
+    """
+
+    def __init__(self, shape: Sequence[int]) -> None:
+        super().__init__()
+        self.shape = tuple(int(v) for v in shape)
+        if not self.shape or any(v < 1 for v in self.shape):
+            raise ValueError(f"shape must be positive sizes, got {self.shape}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], *self.shape)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}"
+
+
+class Permute(nn.Module):
+    """Permute the dimensions of each sample (the batch dimension stays first): output dimension
+    ``i`` is input dimension ``dims[i]`` of the sample (an ONNX ``Transpose`` with ``perm =
+    [0, *(d + 1 for d in dims)]``, e.g. ``dims=(2, 0, 1)`` takes NHWC images to NCHW).
+
+    Args:
+        dims: A permutation of ``0 .. rank - 1`` over the per-sample dimensions.
+    """
+
+    def __init__(self, dims: Sequence[int]) -> None:
+        super().__init__()
+        self.dims = tuple(int(d) for d in dims)
+        if sorted(self.dims) != list(range(len(self.dims))):
+            raise ValueError(f"dims must be a permutation of 0..{len(self.dims) - 1}, got "
+                             f"{self.dims}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.permute(0, *(d + 1 for d in self.dims))
+
+    def extra_repr(self) -> str:
+        return f"dims={self.dims}"
