@@ -764,3 +764,63 @@ def test_constant_with_row_and_input_errors():  # type: ignore[no-untyped-def]
     # without the rows' and the input's errors the constant would be wrong somewhere
     c0, _ = maxpool_constant(op, mu, nu, relax, samples, None)
     assert (value < c0 - 1e-9).any()
+
+
+# --- auto_LiRPA: the external methods, and parity where it has MaxPool -------------------------
+
+EXTERNAL = list_methods(external=True)
+
+
+def _auto_lirpa() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # its import warns about torch.jit
+        pytest.importorskip("auto_LiRPA", reason="auto_LiRPA not installed (see README)")
+
+
+@pytest.mark.parametrize("method", EXTERNAL)
+def test_external_methods_sound(method):  # type: ignore[no-untyped-def]
+    """auto_LiRPA's MaxPool needs stride == kernel; its alpha-CROWN keeps MaxPool slopes in
+    float32 and fails on a conv after a MaxPool ("use conv_mode matrix"), so that method runs
+    in float32 on the textbook shape only."""
+    _auto_lirpa()
+    alpha = method == "lirpa-alpha-crown"
+    dtype = torch.float32 if alpha else F64
+    for variant in (0,) if alpha else (0, 1):
+        model, in_shape = make_pool_cnn(21 + variant, POOLS[0], variant)
+        x_lo, x_hi, x = make_box(variant, 2, in_shape, 0.1, dtype)
+        assert_sound(model, x_lo, x_hi, x, random_spec(variant, 2, 2, 3, dtype), method, dtype)
+
+
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**20), variant=st.integers(0, 1), eps=st.sampled_from([0.05, 0.2]))
+def test_parity_with_auto_lirpa(seed, variant, eps):  # type: ignore[no-untyped-def]
+    """On MaxPool CNNs auto_LiRPA bounds (non-overlapping, unpadded windows): IBP and
+    CROWN-IBP end to end, and CROWN with the same ReLU input bounds (auto_LiRPA takes those of
+    ReLUs only; each MaxPool's input bounds then follow the same way in both engines) equal
+    auto_LiRPA's within 1e-5 relative: the same MaxPool lines."""
+    _auto_lirpa()
+    from certify.bounds.auto_lirpa import auto_lirpa_bounds
+    from certify.bounds.layers import ReluOp
+
+    model, in_shape = make_pool_cnn(seed, POOLS[0], variant)
+    model = model.double()
+    x_lo, x_hi, _ = make_box(seed, 2, in_shape, eps, F64)
+    spec = random_spec(seed, 2, 3, 3, F64)
+    net = to_network(model, in_shape)
+    inter = get_method("crown").intermediate(net, x_lo, x_hi)
+    relus = tuple(b for pos, b in zip(net.activation_positions, inter, strict=True)
+                  if isinstance(net.layers[pos], ReluOp))
+    for method in ("ibp", "crown-ibp", "crown"):
+        if method == "crown":
+            ours = compute_bounds(net, x_lo, x_hi, method, spec, intermediate=inter)
+            theirs = auto_lirpa_bounds(model, x_lo, x_hi, method, spec, intermediate=relus,
+                                       intersect_ibp=False)
+        else:
+            ours = compute_bounds(model, x_lo, x_hi, method, spec)
+            theirs = auto_lirpa_bounds(model, x_lo, x_hi, method, spec)
+        scale = max(1.0, float(theirs.lower.detach().abs().max()),
+                    float(theirs.upper.detach().abs().max()))
+        assert float((ours.lower - theirs.lower).abs().max()) <= 1e-5 * scale, method
+        assert float((ours.upper - theirs.upper).abs().max()) <= 1e-5 * scale, method
