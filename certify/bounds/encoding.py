@@ -456,7 +456,9 @@ def maxpool_big_m(index: Array, valid: Array, l: Array, u: Array, z: int, h: int
         ``h_p <= z_j + M_j (1 - a_j)``,  ``M_j = max_(i in J, i != j) u_i - l_j`` (rounded up).
 
     With the LP's ``h_p >= z_j`` this is exact: ``a_j = 1`` forces ``h_p = z_j = max``, and the
-    true point with ``a`` at its argmax is feasible (``z_j + M_j >= max_(i != j) u_i``).
+    true point with ``a`` at its argmax is feasible (``z_j + M_j >= max_(i in J, i != j) u_i``,
+    and the max over the window is the max over ``J``). ``M_j`` is rounded up (a larger one is
+    as valid).
     """
     d = _decide(index, valid, l, u)
     uw = _window_values(u, index, valid)
@@ -467,7 +469,8 @@ def maxpool_big_m(index: Array, valid: Array, l: Array, u: Array, z: int, h: int
         first = m
         for q in cand:
             j = int(index[p, q])
-            big = float(np.nextafter(np.delete(uw[p], q).max() - l[j], np.inf))
+            others = uw[p, cand[cand != q]]  # at least one: an undecided window has two
+            big = float(np.nextafter(others.max() - l[j], np.inf))
             # h_p - z_j + M_j a_j <= M_j
             out.cont_rows.extend([r, r])
             out.cont_cols.extend([int(h + p), int(z + j)])

@@ -247,8 +247,8 @@ def interval_relu(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def crossing_zero(lower: Tensor, upper: Tensor) -> Tensor:
-    """The unstable neurons, ``l < 0 < u``: the only ones whose relaxation tighter bounds of
-    the input change (the default ``tighten`` of a row)."""
+    """The unstable neurons, ``l < 0 < u``: the only ReLUs whose relaxation changes when their
+    input bounds tighten (the default ``tighten`` of a row)."""
     return (lower < 0) & (upper > 0)
 
 
