@@ -3,7 +3,7 @@
 An ONNX graph that is a *chain* (one input, one output, every computed tensor read by the next
 node only) of the operators below becomes a flat ``nn.Sequential`` of the layers the bound
 engine supports: ``Normalize``, ``Conv2d``, ``BatchNorm2d`` (eval), ``ReLU``, ``AvgPool2d``,
-``Flatten``, ``Linear``, and certify's ``Reshape`` and ``Permute``.
+``MaxPool2d``, ``Flatten``, ``Linear``, and certify's ``Reshape`` and ``Permute``.
 
 The converted model takes the file's input as it is (its shape, or a re-shaping of it that keeps
 the values' order): flattened, it is the ONNX input flattened, so a VNNLIB property's ``X_i`` and
@@ -18,6 +18,8 @@ Relu                              ``nn.ReLU``
 BatchNormalization (inference)    ``nn.BatchNorm2d`` on images; folded into the affine map on
                                   vectors
 AveragePool, GlobalAveragePool    ``nn.AvgPool2d``
+MaxPool (2-D, dilation 1)         ``nn.MaxPool2d`` (symmetric pads, ``ceil_mode=0``, the
+                                  Indices output unused)
 Flatten (axis 1), Reshape         ``nn.Flatten`` for ``(N, ...) -> (N, D)``, otherwise a
                                   ``Reshape`` of each sample (the batch stays first)
 Transpose (``perm[0] = 0``)        a ``Permute`` of each sample's dimensions; consecutive ones
@@ -68,8 +70,8 @@ Shape = tuple[int, ...]
 #: The ONNX operators the converter understands (others raise UnsupportedLayerError).
 SUPPORTED_OPS: tuple[str, ...] = (
     "Add", "AveragePool", "BatchNormalization", "Cast", "Concat", "Constant", "Conv", "Div",
-    "Dropout", "Flatten", "Gather", "Gemm", "GlobalAveragePool", "Identity", "MatMul", "Mul",
-    "Relu", "Reshape", "Shape", "Squeeze", "Sub", "Unsqueeze",
+    "Dropout", "Flatten", "Gather", "Gemm", "GlobalAveragePool", "Identity", "MatMul",
+    "MaxPool", "Mul", "Relu", "Reshape", "Shape", "Squeeze", "Sub", "Unsqueeze",
     "Transpose",
 )
 
@@ -256,7 +258,8 @@ class _Converter:
             "Mul": self._mul, "Div": self._div, "Relu": self._relu, "Conv": self._conv,
             "Flatten": self._flatten, "Reshape": self._reshape,
             "BatchNormalization": self._batchnorm, "AveragePool": self._avgpool,
-            "GlobalAveragePool": self._global_avgpool, "Identity": self._passthrough,
+            "GlobalAveragePool": self._global_avgpool, "MaxPool": self._maxpool,
+            "Identity": self._passthrough,
             "Dropout": self._dropout, "Cast": self._cast,
             "Transpose": self._transpose,
         }
@@ -377,6 +380,8 @@ class _Converter:
                                "consumed_inputs"),
         "AveragePool": ("auto_pad", "ceil_mode", "count_include_pad", "dilations",
                         "kernel_shape", "pads", "strides"),
+        "MaxPool": ("auto_pad", "ceil_mode", "dilations", "kernel_shape", "pads",
+                    "storage_order", "strides"),
         "GlobalAveragePool": (), "Identity": (), "Dropout": ("ratio", "seed", "is_test"),
         "Cast": ("to", "saturate"),
         "Transpose": ("perm",),
@@ -706,6 +711,33 @@ class _Converter:
                                         count_include_pad=include_pad))
         self.shape = (c, (h + 2 * pad[0] - kernel[0]) // strides[0] + 1,
                       (w + 2 * pad[1] - kernel[1]) // strides[1] + 1)
+
+    def _maxpool(self, node: Any, where: str) -> None:
+        attrs = _attributes(node)
+        if len(self.shape) != 3:
+            raise UnsupportedLayerError(f"{where} needs (N, C, H, W) data.")
+        kernel = [int(k) for k in attrs.get("kernel_shape", [])]
+        if len(kernel) != 2:
+            raise UnsupportedLayerError(f"{where}: attribute kernel_shape={kernel} is not 2-D.")
+        if attrs.get("ceil_mode", 0):
+            raise UnsupportedLayerError(f"{where}: attribute ceil_mode=1 is not supported.")
+        if any(d != 1 for d in attrs.get("dilations", [1, 1])):
+            raise UnsupportedLayerError(f"{where}: attribute dilations={attrs['dilations']} is not "
+                                        "supported.")
+        if len(node.output) > 1 and node.output[1] and node.output[1] in self.consumers:
+            raise UnsupportedLayerError(f"{where}: its Indices output is used; only the pooled "
+                                        "values are supported.")
+        strides = [int(s) for s in attrs.get("strides", [1, 1])]
+        c, h, w = self.shape
+        pad = _pads_2d(attrs, (h, w), (kernel[0], kernel[1]), strides, where)
+        if any(2 * p > k for p, k in zip(pad, kernel, strict=True)):
+            raise UnsupportedLayerError(f"{where}: padding {pad} larger than half the kernel.")
+        self._flush(where)  # max does not commute with a pending elementwise map
+        self._emit("maxpool", nn.MaxPool2d(tuple(kernel), stride=tuple(strides), padding=pad))
+        self.shape = (c, (h + 2 * pad[0] - kernel[0]) // strides[0] + 1,
+                      (w + 2 * pad[1] - kernel[1]) // strides[1] + 1)
+        if min(self.shape) < 1:
+            raise UnsupportedLayerError(f"{where} gives an empty output {self.shape}.")
 
     def _global_avgpool(self, node: Any, where: str) -> None:
         if len(self.shape) != 3:

@@ -3,7 +3,7 @@
 
 auto_LiRPA (Xu et al., "Automatic Perturbation Analysis for Scalable Certified Robustness and
 Beyond", NeurIPS 2020) bounds general computation graphs, so it certifies models with layers the
-native engine has no rule for (MaxPool2d, residual blocks). It is **not** a dependency: its PyPI
+native engine has no rule for (residual blocks). It is **not** a dependency: its PyPI
 release does not import on torch 2.x, so users install it from its repository. Every function
 here fails with one line saying how (:func:`require_auto_lirpa`) when it is absent.
 

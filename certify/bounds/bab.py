@@ -63,7 +63,7 @@ from torch import Tensor, nn
 from certify.bounds import rounding
 from certify.bounds.alpha_crown import adam_ascent
 from certify.bounds.base import Bounds, MethodBase, register_method
-from certify.bounds.layers import RULES, numel
+from certify.bounds.layers import RULES, ReluOp, numel
 from certify.bounds.network import Network, identity_spec, spec_rows
 from certify.bounds.propagation import BACKWARD_FACTOR, MB, EngineOptions, Propagator
 from certify.errors import SpecError
@@ -300,6 +300,12 @@ class _Search:
         self.n = int(x_lo.shape[0])
         self.body, self.rows = spec_rows(net, spec)
         self.positions = self.body.relu_positions
+        for pos in self.positions:
+            if not isinstance(self.body.layers[pos], ReluOp):
+                name = self.body.names[pos]
+                raise SpecError(f"bab splits ReLUs only; layer {name!r} is a "
+                                f"{type(self.body.layers[pos]).__name__[:-2]}: use alpha-crown, "
+                                "lp or milp for this network.")
         self.shapes = [self.body.layers[p].in_shape for p in self.positions]
         self.options = EngineOptions(method.memory_budget_mb)
         self.intermediate = intermediate

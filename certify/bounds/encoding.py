@@ -17,6 +17,11 @@ one row in :data:`ENCODINGS`:
     box on inactive ones), its exact encoding with binaries (the MILP rows: ReLU's big-M ``h <=
     u a, h <= z - l (1 - a)``, Tjeng et al., ICLR 2019) and how far a solver point within a
     tolerance can move its output (:func:`relu_solver_error`).
+``activation`` (MaxPool2d, per op: its windows)
+    Output box ``[max_W l, max_W u]``; where the window is decided (``l_k >= u_j`` for every
+    other ``j``) ``h = z_k``, otherwise the LP rows ``h >= z_j`` and ``h <= max_W l + sum_j
+    (z_j - l_j)`` over the window's candidates and the MILP's exact encoding with one binary
+    per candidate (:func:`maxpool_big_m`).
 ``objective`` (the folded specification)
     One objective row per specification row over the last activation's output, with a bound
     on its distance from the exact one.
@@ -56,6 +61,7 @@ from certify.bounds.layers import (
     ConvOp,
     FlattenOp,
     LinearOp,
+    MaxPoolOp,
     Op,
     PermuteOp,
     ReluOp,
@@ -65,6 +71,7 @@ from certify.bounds.layers import (
     err_op,
     numel,
 )
+from certify.bounds.maxpool import windows
 from certify.errors import UnsupportedLayerError
 from certify.spec import round_to
 
@@ -89,6 +96,8 @@ __all__ = [
     "cast_outward",
     "encode",
     "gamma",
+    "maxpool_big_m",
+    "maxpool_encoding",
     "model_perturbations",
     "relu_big_m",
     "relu_box",
@@ -272,11 +281,17 @@ class OpEncoding:
     Attributes:
         kind: ``"affine"`` (composed into a chain), ``"activation"`` (new variables, relaxed
             or exactly encoded), or ``"objective"`` (the folded specification, last).
-        activation: The activation's rules (for ``"activation"`` only).
+        activation: The activation's rules (for ``"activation"`` only), or for an op with
+            parameters (MaxPool2d's windows) the function of the op that gives them.
     """
 
     kind: Literal["affine", "activation", "objective"]
-    activation: ActivationEncoding | None = None
+    activation: ActivationEncoding | Callable[[Any], ActivationEncoding] | None = None
+
+    def activation_of(self, op: Op) -> ActivationEncoding | None:
+        """The activation's rules for `op` (None for a row of another kind)."""
+        row = self.activation
+        return row if row is None or isinstance(row, ActivationEncoding) else row(op)
 
 
 def relu_box(l: Array, u: Array) -> Interval:
@@ -343,6 +358,162 @@ def relu_solver_error(err: Array, l: Array, u: Array, tau: float) -> Array:
     return err + np.where(unstable, tau * np.maximum(np.abs(l), np.abs(u)) + 2 * tau, tau)
 
 
+# --- MaxPool2d ---------------------------------------------------------------------------------
+
+
+def _windows_np(op: MaxPoolOp) -> tuple[Array, Array]:
+    """The windows of `op`: flat input indices `(m, K)` and where they are no padding."""
+    win = windows(op, "cpu")
+    return win.index.numpy(), win.valid.numpy()
+
+
+def _window_values(values: Array, index: Array, valid: Array) -> Array:
+    """`values` `(..., n)` gathered per window, `(..., m, K)`, -inf at padding positions."""
+    return np.where(valid, values[..., index], -np.inf)
+
+
+def maxpool_box(index: Array, valid: Array, l: Array, u: Array) -> Interval:
+    """MaxPool's output box: ``[max_W l, max_W u]`` (exact), for `(..., n)` bounds."""
+    return (_window_values(l, index, valid).max(-1), _window_values(u, index, valid).max(-1))
+
+
+@dataclass(frozen=True)
+class _Windows:
+    """One sample's decision per window (see :mod:`certify.bounds.maxpool`): `(m,)` each,
+    `candidates` `(m, K)` (the inputs that may be the max: the argmax of ``l`` and every
+    ``j`` with ``u_j > max_W l``)."""
+
+    k: Array  # flat input index of the argmax of l
+    low: Array  # max_W l
+    decided: Array
+    candidates: Array
+
+
+def _decide(index: Array, valid: Array, l: Array, u: Array) -> _Windows:
+    lw, uw = _window_values(l, index, valid), _window_values(u, index, valid)
+    rows = np.arange(index.shape[0])
+    kk = lw.argmax(1)
+    low = lw[rows, kk]
+    others = uw.copy()
+    others[rows, kk] = -np.inf
+    candidates = valid & (uw > low[:, None])
+    candidates[rows, kk] = True
+    return _Windows(index[rows, kk], low, low >= others.max(1), candidates)
+
+
+def maxpool_relax(index: Array, valid: Array, rows: Rows, l: Array, u: Array, z: int, h: int,
+                  rigorous: bool) -> None:
+    """Decided windows: ``h_p = z_k``. Otherwise, over the candidates ``J_p`` (the others never
+    are the max: ``z_j <= u_j <= max_W l <= z_k``): ``h_p >= z_j`` and ``h_p <= L_p + sum_J
+    (z_j - l_j)`` (``L_p = max l``; the max ``z_j*`` is ``l_j* + (z_j* - l_j*) <= L_p +`` that
+    sum, whose terms are all >= 0); ``h_p <= max u`` is the output box. With `rigorous`, the
+    last row's right-hand side is loosened by its rounding ``gamma_(K+1) (|L| + sum |l_J|)``.
+    """
+    import scipy.sparse as sp
+
+    d = _decide(index, valid, l, u)
+    m = index.shape[0]
+    out = np.arange(m)
+    dec = np.nonzero(d.decided)[0]
+    if dec.size:  # h_p - z_k = 0
+        r = np.arange(dec.size)
+        rows.eq.append(sp.csr_matrix(
+            (np.r_[np.ones(dec.size), -np.ones(dec.size)],
+             (np.r_[r, r], np.r_[h + out[dec], z + d.k[dec]])), shape=(dec.size, rows.total)))
+        rows.eq_rhs.append(np.zeros(dec.size))
+    cand = d.candidates & ~d.decided[:, None]
+    p, q = np.nonzero(cand)
+    if not p.size:
+        return
+    j = index[p, q]
+    r = np.arange(p.size)  # z_j - h_p <= 0
+    rows.ub.append(sp.csr_matrix((np.r_[np.ones(p.size), -np.ones(p.size)],
+                                  (np.r_[r, r], np.r_[z + j, h + p])),
+                                 shape=(p.size, rows.total)))
+    rows.ub_rhs.append(np.zeros(p.size))
+    und = np.nonzero(~d.decided)[0]
+    slot = np.full(m, -1)
+    slot[und] = np.arange(und.size)
+    # h_p - sum_J z_j <= L_p - sum_J l_j
+    rows.ub.append(sp.csr_matrix((np.r_[np.ones(und.size), -np.ones(p.size)],
+                                  (np.r_[np.arange(und.size), slot[p]], np.r_[h + und, z + j])),
+                                 shape=(und.size, rows.total)))
+    l_sum = np.zeros(m)
+    np.add.at(l_sum, p, l[j])
+    rhs = d.low[und] - l_sum[und]
+    if rigorous:
+        l_abs = np.zeros(m)
+        np.add.at(l_abs, p, np.abs(l[j]))
+        k = int(cand.sum(1).max()) + 1
+        rhs = rhs + 2 * gamma(k) * (np.abs(d.low[und]) + l_abs[und]) + 1e-300
+    rows.ub_rhs.append(rhs)
+
+
+def maxpool_big_m(index: Array, valid: Array, l: Array, u: Array, z: int, h: int
+                  ) -> BinaryRows:
+    """The exact encoding of every undecided window (decided ones are exact in the LP rows):
+    one binary ``a_j`` per candidate ``j``, ``sum_j a_j = 1`` and
+
+        ``h_p <= z_j + M_j (1 - a_j)``,  ``M_j = max_(i in J, i != j) u_i - l_j`` (rounded up).
+
+    With the LP's ``h_p >= z_j`` this is exact: ``a_j = 1`` forces ``h_p = z_j = max``, and the
+    true point with ``a`` at its argmax is feasible (``z_j + M_j >= max_(i in J, i != j) u_i``,
+    and the max over the window is the max over ``J``). ``M_j`` is rounded up (a larger one is
+    as valid).
+    """
+    d = _decide(index, valid, l, u)
+    uw = _window_values(u, index, valid)
+    out = BinaryRows([], [], [], [], [], [], [], 0, 0)
+    r = m = 0
+    for p in np.nonzero(~d.decided)[0]:
+        cand = np.nonzero(d.candidates[p])[0]
+        first = m
+        for q in cand:
+            j = int(index[p, q])
+            others = uw[p, cand[cand != q]]  # at least one: an undecided window has two
+            big = float(np.nextafter(others.max() - l[j], np.inf))
+            # h_p - z_j + M_j a_j <= M_j
+            out.cont_rows.extend([r, r])
+            out.cont_cols.extend([int(h + p), int(z + j)])
+            out.cont_vals.extend([1.0, -1.0])
+            out.bin_rows.append(r)
+            out.bin_cols.append(m)
+            out.bin_vals.append(big)
+            out.rhs.append(big)
+            r += 1
+            m += 1
+        for sign in (1.0, -1.0):  # sum a <= 1 and -sum a <= -1
+            out.bin_rows.extend([r] * (m - first))
+            out.bin_cols.extend(range(first, m))
+            out.bin_vals.extend([sign] * (m - first))
+            out.rhs.append(sign)
+            r += 1
+    return replace(out, n_rows=r, n_bin=m)
+
+
+def maxpool_solver_error(index: Array, valid: Array, err: Array, l: Array, u: Array,
+                         tau: float) -> Array:
+    """A max is 1-Lipschitz: the inputs' ``max_W err``; the rows within `tau` put ``h`` within
+    ``3 tau`` of ``max z`` where decided, and within ``(M + 1) tau`` otherwise (a binary within
+    `tau` of 1 lets ``h <= z_j + M_j tau + tau``; ``M <= max_W u - min_W l``)."""
+    d = _decide(index, valid, l, u)
+    spread = (_window_values(u, index, valid).max(1)
+              - np.where(valid, l[index], np.inf).min(1))
+    moved = np.where(d.decided, 3 * tau, (spread + 4) * tau)
+    return _window_values(err, index, valid).max(1) + moved  # type: ignore[no-any-return]
+
+
+def maxpool_encoding(op: MaxPoolOp) -> ActivationEncoding:
+    """The :class:`ActivationEncoding` of one MaxPool op (its windows bound in)."""
+    from functools import partial
+
+    index, valid = _windows_np(op)
+    return ActivationEncoding(partial(maxpool_box, index, valid),
+                              partial(maxpool_relax, index, valid),
+                              partial(maxpool_big_m, index, valid),
+                              partial(maxpool_solver_error, index, valid))
+
+
 AFFINE = OpEncoding("affine")
 ENCODINGS: dict[type, OpEncoding] = {
     LinearOp: AFFINE,
@@ -353,6 +524,7 @@ ENCODINGS: dict[type, OpEncoding] = {
     PermuteOp: AFFINE,
     ReluOp: OpEncoding("activation", ActivationEncoding(relu_box, relu_triangle, relu_big_m,
                                                         relu_solver_error)),
+    MaxPoolOp: OpEncoding("activation", maxpool_encoding),
     SpecLinearOp: OpEncoding("objective"),
 }
 
@@ -367,7 +539,7 @@ def _rule(op: Op, index: int) -> OpEncoding:
 
 
 def _activation(op: Op, index: int) -> ActivationEncoding:
-    rule = _rule(op, index).activation
+    rule = _rule(op, index).activation_of(op)
     if rule is None:
         raise ValueError(f"op {index} ({type(op).__name__}) is not an activation")
     return rule
@@ -585,9 +757,9 @@ def encode(net: Network) -> NetworkEncoding:
         rule = _rule(op, index)
         if rule.kind == "affine":
             ops.append(op)
-        elif rule.activation is not None:
+        elif rule.kind == "activation":
             chains.append(affine_chain(ops, shape))
-            activations.append(rule.activation)
+            activations.append(_activation(op, index))
             ops, shape = [], op.out_shape
         else:
             chains.append(affine_chain(ops, shape))

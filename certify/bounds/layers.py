@@ -1,7 +1,9 @@
 """The layer rule table: one small op type per supported layer, one function per (op, mode).
 
-A :class:`~certify.bounds.network.Network` is a tuple of ops. Every op except :class:`ReluOp`
-is affine, ``y = L(x) + b``, and has four rules in :data:`RULES`:
+A :class:`~certify.bounds.network.Network` is a tuple of ops. Every op except the nonlinear
+ones (:class:`ReluOp`, :class:`MaxPoolOp`: rows of
+:data:`certify.bounds.relaxations.ACTIVATIONS`, relaxed over bounds of their input) is affine,
+``y = L(x) + b``, and has four rules in :data:`RULES`:
 
 ``forward(op, x)``
     ``L(x) + b`` on a batch `(B, *in_shape)`.
@@ -27,8 +29,9 @@ Intervals of an affine op follow from ``forward`` and ``abs_linear`` (center and
 BatchNorm's ``rsqrt``, ``1/std``, a folded specification, a cast to a narrower dtype): the
 optional ``*_err`` fields bound that difference elementwise, and :func:`abs_op` /
 :func:`err_op` give the ops with ``|weights|`` and with the error bounds as weights, which the
-rigorous rules use to bound rounding. The relaxations of activations (ReLU) are rows of
-:data:`certify.bounds.relaxations.ACTIVATIONS`.
+rigorous rules use to bound rounding. The relaxations of the nonlinear ops (ReLU, MaxPool2d)
+are rows of :data:`certify.bounds.relaxations.ACTIVATIONS`; their rows here have only
+``forward`` (exact: a max of floats is one of them), ``cost`` and ``terms``.
 
 A new layer type means a new op dataclass, a row in :data:`RULES` and a converter in
 :data:`CONVERTERS`, all here (an activation also a row in ``ACTIVATIONS``, and LP/MILP a row in
@@ -60,6 +63,7 @@ __all__ = [
     "ConvOp",
     "FlattenOp",
     "LinearOp",
+    "MaxPoolOp",
     "Op",
     "PermuteOp",
     "ReluOp",
@@ -195,10 +199,26 @@ class SpecRows:
     bias_err: Tensor | None = None
 
 
+@dataclass(frozen=True, eq=False)
+class MaxPoolOp:
+    """2-D max pooling (``nn.MaxPool2d`` with dilation 1 and ``ceil_mode=False``): every output
+    is the max of its window of the input map, padding positions left out (they are -inf).
+
+    Nonlinear: relaxed over bounds of its input in :mod:`certify.bounds.maxpool` (a row of
+    :data:`certify.bounds.relaxations.ACTIVATIONS`), like a ReLU.
+    """
+
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    in_shape: Shape
+    out_shape: Shape
+
+
 SpecLinearOp = SpecRows  # the LP/MILP encodings' name for the rows at the end of a network
 
 
-Op = LinearOp | ConvOp | ScaleShiftOp | AvgPoolOp | FlattenOp | ReluOp | PermuteOp
+Op = LinearOp | ConvOp | ScaleShiftOp | AvgPoolOp | FlattenOp | ReluOp | PermuteOp | MaxPoolOp
 # an op or the specification's rows: what the error-field helpers take and give back
 _AnyOp = TypeVar("_AnyOp", bound="Op | SpecRows")
 
@@ -482,6 +502,17 @@ def forward_relu(op: ReluOp, x: Tensor) -> Tensor:
     return torch.relu(x)
 
 
+# --- MaxPool2d (forward only; relaxation in certify.bounds.maxpool) ----------------------------
+
+
+def forward_max_pool(op: MaxPoolOp, x: Tensor) -> Tensor:
+    return F.max_pool2d(x, op.kernel_size, op.stride, op.padding)
+
+
+def cost_max_pool(op: MaxPoolOp) -> int:
+    return numel(op.out_shape) * op.kernel_size[0] * op.kernel_size[1]
+
+
 WindowBackward = Callable[[Any, Tensor, int, int], tuple[Tensor, Tensor | None, int, int]]
 
 
@@ -517,6 +548,7 @@ RULES: dict[type, OpRules] = {
     SpecRows: OpRules(forward_spec_linear, linear_spec_linear, abs_linear_spec_linear, None,
                           cost_spec_linear, terms_spec_linear),
     ReluOp: OpRules(forward_relu, None, None, None, cost_elementwise, terms_exact),
+    MaxPoolOp: OpRules(forward_max_pool, None, None, None, cost_max_pool, terms_exact),
 }
 
 # The tensors an op's error fields bound (see "Exactness" in the module docstring).
@@ -533,7 +565,7 @@ def abs_op(op: _AnyOp) -> _AnyOp:
     """The op with absolute weights, scales and biases and no error fields: ``|L| x + |b|``."""
     main = _main_fields(op)
     if not main:
-        return op  # AvgPool (nonnegative), Flatten, ReLU
+        return op  # AvgPool (nonnegative), Flatten, ReLU, MaxPool
     changes: dict[str, Any] = {}
     for name in main:
         t = getattr(op, name)
@@ -682,6 +714,29 @@ def _convert_avg_pool(m: nn.AvgPool2d, shape: Shape) -> Op:
     return replace(op, out_shape=tuple(out.shape[1:]))
 
 
+def _convert_max_pool(m: nn.MaxPool2d, shape: Shape) -> Op:
+    # one option at a time, so the message names the one to change
+    if _pair(m.dilation) != (1, 1):
+        raise UnsupportedConfig(f"dilation={m.dilation}; only dilation=1 has a rule")
+    if m.ceil_mode:
+        raise UnsupportedConfig("ceil_mode=True; only ceil_mode=False has a rule")
+    if m.return_indices:
+        raise UnsupportedConfig("return_indices=True; the engine takes a module that returns "
+                                "one tensor (return_indices=False)")
+    kernel = _pair(m.kernel_size)
+    stride = _pair(m.stride if m.stride is not None else m.kernel_size)
+    padding = _pair(m.padding)
+    if any(2 * p > k for p, k in zip(padding, kernel, strict=True)):
+        raise UnsupportedConfig(f"padding={m.padding}, more than half the kernel {kernel} (torch "
+                                "refuses it too)")
+    if len(shape) != 3:
+        raise ShapeMismatch(f"expects (C, H, W) inputs, gets {shape}")
+    h, w = ((shape[1 + i] + 2 * padding[i] - kernel[i]) // stride[i] + 1 for i in range(2))
+    if h < 1 or w < 1:
+        raise ShapeMismatch(f"input {shape} is smaller than the kernel {kernel}")
+    return MaxPoolOp(kernel, stride, padding, shape, (shape[0], h, w))
+
+
 def _convert_flatten(m: nn.Flatten, shape: Shape) -> Op:
     if m.start_dim != 1 or m.end_dim != -1:
         raise UnsupportedConfig(f"start_dim={m.start_dim}, end_dim={m.end_dim}; only "
@@ -718,14 +773,15 @@ CONVERTERS: dict[type[nn.Module], Converter] = {
     Normalize: _convert_normalize,
     nn.BatchNorm2d: _convert_batch_norm,
     nn.AvgPool2d: _convert_avg_pool,
+    nn.MaxPool2d: _convert_max_pool,
     nn.Dropout: _skip,
     nn.Identity: _skip,
     Reshape: _convert_reshape,
     Permute: _convert_permute,
 }
 SUPPORTED = ("Linear, Conv2d, ReLU, Flatten, Normalize, BatchNorm2d (eval statistics), AvgPool2d, "
-             "Dropout and Identity (identity), nested Sequential, Reshape and Permute "
-             "(certify.nets.layers)")
+             "MaxPool2d (dilation 1, ceil_mode=False), Dropout and Identity (identity), nested "
+             "Sequential, Reshape and Permute (certify.nets.layers)")
 
 
 class UnsupportedConfig(Exception):

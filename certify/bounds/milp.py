@@ -83,6 +83,7 @@ from certify.bounds.encoding import (
     widen,
 )
 from certify.bounds.network import Network, fold_spec
+from certify.bounds.relaxations import activation_rule
 from certify.bounds.solver import SAFETY, TAU, BoundMilp
 from certify.errors import SpecError
 
@@ -247,14 +248,15 @@ class MILP(MethodBase):
             # the exact (or the model's perturbed) network: chains' rounding and errors
             programs = sample_programs(encoding, lo64, hi64, pre, perturbation)
             for i, (pre_i, problem) in enumerate(programs):
-                if not any(bool(((lo < 0) & (hi > 0)).any()) for lo, hi in pre_i):
+                program = encoding.milp(problem, pre_i)
+                if program.n_bin == 0:  # no binaries: the LP is the exact network
                     exact_lo, exact_hi = solver.lp_rows(problem, solver.DEFAULT_LP_SOLVER)
                     lower[i] = np.maximum(lower[i], exact_lo)
                     upper[i] = np.minimum(upper[i], exact_hi)
                     status.append((OPTIMAL,) * s)
                     upper_status.append((OPTIMAL,) * s)
                     continue
-                model = BoundMilp(encoding.milp(problem, pre_i))
+                model = BoundMilp(program)
                 tol = SAFETY * (TAU * model.data.width + encoding.solver_error(pre_i, problem,
                                                                                TAU))
                 if problem.objective_slack is not None:
@@ -322,7 +324,8 @@ def refine_intermediate(net: Network, x_lo: Tensor, x_hi: Tensor, bounds: Sequen
                         ) -> tuple[Bounds, ...]:
     """Tighter pre-activation bounds: each ReLU layer after the first re-bounded by `method`.
 
-    Layer by layer, the unstable neurons of layer ``k`` (``l < 0 < u``) are bounded by `method`
+    Layer by layer, the neurons of layer ``k`` its relaxation depends on (its row's
+    ``tighten``: a ReLU's unstable ones, ``l < 0 < u``) are bounded by `method`
     on the network truncated before ReLU ``k``, with the already refined bounds of the layers
     before it, and intersected with the given bounds (both sound, so the intersection is).
 
@@ -353,7 +356,9 @@ def refine_intermediate(net: Network, x_lo: Tensor, x_hi: Tensor, bounds: Sequen
         shape = refined[k].lower.shape[1:]
         lo = refined[k].lower.reshape(n, -1).clone()
         hi = refined[k].upper.reshape(n, -1).clone()
-        unstable = (lo < 0) & (hi > 0)
+        # the neurons whose bounds the relaxation depends on (ReLU: l < 0 < u)
+        tighten = activation_rule(net.layers[positions[k]]).tighten
+        unstable = tighten(lo.reshape(n, *shape), hi.reshape(n, *shape)).reshape(n, -1)
         if not bool(unstable.any()):
             continue
         before = refined[:k]

@@ -23,7 +23,9 @@ layer) and the ReLU relaxations found so far.
 Intermediate (pre-activation) bounds are computed layer by layer. A layer reached through at
 most one mixing op (Linear, Conv2d, AvgPool2d) and no ReLU is bounded exactly by intervals.
 Every other layer gets its interval bound intersected with the linear bound of its unstable
-neurons (both are sound, so their intersection is). The linear bound comes from backward mode,
+neurons, those its row's ``tighten`` names (both are sound, so their intersection is). An
+"activation" is any op relaxed over bounds of its input: ReLU, and MaxPool2d, whose rows on a
+spatial window are made dense before it. The linear bound comes from backward mode,
 or from forward mode where the two are provably equal and forward is cheaper
 (``intermediate_mode="auto"``, the default; see :func:`forward_is_exact`), or always from
 forward mode (``"forward"``: sound, but looser beyond the second ReLU layer because it chooses
@@ -286,7 +288,7 @@ class Propagator:
     def _tighten(self, pos: int, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
         """Intersect interval bounds of layer `pos`'s input with linear bounds."""
         n = self.n
-        unstable = (lo < 0) & (hi > 0)
+        unstable = activation_rule(self.layers[pos]).tighten(lo, hi)  # the neurons worth it
         use_forward = self._use_forward(pos, unstable.reshape(n, -1).sum(1))
         lo_flat, hi_flat = lo.reshape(n, -1), hi.reshape(n, -1)
         backward_mask = unstable & ~use_forward.view(-1, *([1] * (unstable.ndim - 1)))
@@ -357,6 +359,8 @@ class Propagator:
             if size is not None and not is_activation(op):
                 size = (rules.window(op, *size) if rules.window is not None
                         and len(op.in_shape) == 3 else None)
+            elif is_activation(op) and not activation_rule(op).elementwise:
+                size = None  # rows are made dense before it
             windows[j] = size
         return windows
 
@@ -545,6 +549,10 @@ class Propagator:
             op = self.layers[j]
             if is_activation(op):
                 act = activation_rule(op)
+                if window is not None and not act.elementwise:  # e.g. MaxPool: rows made dense
+                    a = _densify(a, window, op.out_shape)
+                    err = None if err is None else _densify(err, window, op.out_shape)
+                    window = None
                 a3 = a.reshape(b, -1, *a.shape[1:])
                 if both and not split:
                     a3, const, split = torch.cat([a3, -a3], 1), torch.cat([const, -const], 1), True

@@ -7,6 +7,11 @@ lines (with the rigorous constant), and forward. A new activation is a row here 
 a converter in :mod:`certify.bounds.layers`/:mod:`certify.bounds.network`). The bound methods
 choose the lower slope: the *mapper* of each method is its slope rule below.
 
+"Activation" means any op relaxed over bounds of its input: also MaxPool2d, which changes the
+shape (its row, :func:`certify.bounds.maxpool.maxpool_rule`, is built per op from the op's
+geometry, and says which inputs are worth tightening and that rows on a spatial window must be
+made dense before it).
+
 ReLU, the slope rules shared by CROWN, Wong-Kolter and alpha-CROWN:
 
 For a pre-activation ``z`` with sound bounds ``l <= z <= u`` the ReLU is sandwiched between
@@ -39,7 +44,8 @@ import torch
 from torch import Tensor
 
 from certify.bounds import rounding
-from certify.bounds.layers import ReluOp
+from certify.bounds.layers import MaxPoolOp, ReluOp
+from certify.bounds.maxpool import maxpool_rule
 
 __all__ = [
     "ACTIVATIONS",
@@ -47,6 +53,7 @@ __all__ = [
     "ActivationRule",
     "Relaxation",
     "backward_relu",
+    "crossing_zero",
     "forward_relu",
     "is_activation",
     "optimizable_alpha",
@@ -239,6 +246,12 @@ def interval_relu(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
     return lower.clamp(min=0), upper.clamp(min=0)
 
 
+def crossing_zero(lower: Tensor, upper: Tensor) -> Tensor:
+    """The unstable neurons, ``l < 0 < u``: the only ReLUs whose relaxation changes when their
+    input bounds tighten (the default ``tighten`` of a row)."""
+    return (lower < 0) & (upper > 0)
+
+
 class ActivationRule(NamedTuple):
     """How the engine bounds one activation type (a row of :data:`ACTIVATIONS`).
 
@@ -254,6 +267,12 @@ class ActivationRule(NamedTuple):
             linear bounds pushed through the lines.
         optimizable: ``(relaxation, samples, rows) -> alpha``, the free lower slopes of
             alpha-CROWN and their start.
+        tighten: ``(lo, hi) -> mask`` `(N, *in_shape)`, the inputs whose linear bounds are
+            worth computing to tighten the interval ones (:func:`crossing_zero`, ReLU's
+            unstable neurons, unless given).
+        elementwise: Output and input are the same neurons (rows on a spatial window pass
+            through with the window, the relaxation sliced to it); False for an op that
+            changes the shape (MaxPool2d), before which such rows are made dense.
     """
 
     interval: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -262,11 +281,15 @@ class ActivationRule(NamedTuple):
     constant: Callable[..., tuple[Tensor, Tensor]]
     forward: Callable[..., tuple[Tensor, Tensor]]
     optimizable: Callable[[Relaxation, Tensor, int], Tensor]
+    tighten: Callable[[Tensor, Tensor], Tensor] = crossing_zero
+    elementwise: bool = True
 
 
-ACTIVATIONS: dict[type, ActivationRule] = {
+#: A row is the rule, or for an op with parameters the function that builds its rule.
+ACTIVATIONS: dict[type, ActivationRule | Callable[[Any], ActivationRule]] = {
     ReluOp: ActivationRule(interval_relu, relax, backward_relu, relu_constant, forward_relu,
                            optimizable_alpha),
+    MaxPoolOp: maxpool_rule,
 }
 
 
@@ -276,5 +299,7 @@ def is_activation(op: Any) -> bool:
 
 
 def activation_rule(op: Any) -> ActivationRule:
-    """The :data:`ACTIVATIONS` row of `op`."""
-    return ACTIVATIONS[type(op)]
+    """The rule of `op`: its :data:`ACTIVATIONS` row (built for `op` where the row is a
+    function)."""
+    row = ACTIVATIONS[type(op)]
+    return row if isinstance(row, ActivationRule) else row(op)

@@ -13,9 +13,9 @@ from certify.nets import Normalize
 
 def test_unsupported_layer_is_named_with_the_supported_ones():  # type: ignore[no-untyped-def]
     model = nn.Sequential(Normalize([0.5], [0.2]), nn.Conv2d(1, 2, 3), nn.ReLU(),
-                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(18, 3))
+                          nn.LPPool2d(2, 2), nn.Flatten(), nn.Linear(18, 3))
     x = torch.rand(2, 1, 8, 8)
-    with pytest.raises(UnsupportedLayerError, match=r"layer 3 '3' \(MaxPool2d\) has no bound rule"
+    with pytest.raises(UnsupportedLayerError, match=r"layer 3 '3' \(LPPool2d\) has no bound rule"
                        r".*supported: Linear, Conv2d, ReLU") as info:
         compute_bounds(model, x, x, "crown")
     assert "certify/bounds/layers.py" in str(info.value)

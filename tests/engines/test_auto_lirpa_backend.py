@@ -25,7 +25,6 @@ with warnings.catch_warnings():
                         reason="auto_LiRPA not installed: backend tests need it (see README)")
 
 from certify.bounds import (  # noqa: E402
-    compute_bounds,  # noqa: E402
     get_method,
     margin_bounds,
 )
@@ -35,7 +34,7 @@ from certify.bounds.auto_lirpa import (  # noqa: E402
     engine_info,
     list_auto_lirpa_methods,
 )
-from certify.errors import SpecError, UnknownNameError, UnsupportedLayerError  # noqa: E402
+from certify.errors import SpecError, UnknownNameError  # noqa: E402
 from certify.nets import Normalize  # noqa: E402
 from certify.spec import LinfBall, margin_spec  # noqa: E402
 
@@ -77,11 +76,9 @@ def _maxpool_net() -> nn.Sequential:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_maxpool_model_unsupported_natively_gets_sound_bounds(dtype: torch.dtype) -> None:
+def test_maxpool_model_gets_sound_bounds(dtype: torch.dtype) -> None:
     model = _maxpool_net().to(dtype)
     ball = make_ball(6, 2, (1, 6, 6), 0.1, dtype)
-    with pytest.raises(UnsupportedLayerError, match="MaxPool2d"):
-        compute_bounds(model, *ball.box(), "crown")
     for method in METHODS:
         if method == "alpha-crown" and dtype == torch.float64:
             with pytest.raises(SpecError, match="MaxPool slopes in float32"):
