@@ -40,7 +40,8 @@ from certify.spec import LinfBall, margin_spec
 F64 = torch.float64
 DTYPES = [torch.float32, torch.float64]
 SOUND_ATOL = {torch.float32: 1e-5, torch.float64: 1e-10}
-FAST = list_methods(uses_solver=False, external=False)
+# bab (complete, ReLU splits only) has its own tests: tests/bounds/test_bab.py
+FAST = list_methods(uses_solver=False, external=False, is_complete=False)
 SOLVER = list_methods(uses_solver=True, external=False)
 
 # (kernel, stride, padding): non-overlapping, overlapping, padded, rectangular, 1x1

@@ -24,7 +24,8 @@ from certify.nets import Normalize
 from certify.onnx_import import import_onnx
 
 RNG = np.random.default_rng(0)
-NATIVE = list_methods(uses_solver=False, external=False)
+# bab (complete, ReLU splits only) has its own tests: tests/bounds/test_bab.py
+NATIVE = list_methods(uses_solver=False, external=False, is_complete=False)
 
 
 def pool_cnn(kernel: int | tuple, stride: int | tuple, padding: int | tuple,
