@@ -526,6 +526,10 @@ def certified_radii(model: nn.Module, x: Tensor, y: Tensor,
             configured = with_options(configured, {"threshold": 0.0})
         if getattr(configured, "threshold", None) is not None:
             search = "bisection"
+    if "optimize_upper" not in method_options and any(
+            f.name == "optimize_upper" for f in dataclasses.fields(configured)):  # type: ignore[arg-type]
+        # the search reads lower bounds only: no effort on the upper ones
+        configured = with_options(configured, {"optimize_upper": False})
     bracket = configured.bracket()
     if bracket is not None and lower_hint is None:
         # a complete method starts from an incomplete one's radius (a proof there is cheap)

@@ -61,7 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from certify.bounds import rounding
-from certify.bounds.alpha_crown import adam_ascent
+from certify.bounds.alpha_crown import AlphaCrown, adam_ascent, optimized_intermediate
 from certify.bounds.base import Bounds, MethodBase, register_method
 from certify.bounds.layers import RULES, ReluOp, numel
 from certify.bounds.network import Network, identity_spec, spec_rows
@@ -190,7 +190,8 @@ class BranchAndBound(MethodBase):
         max_domains: Most domains bounded per property.
         batch_size: Domains bounded per call; None: as many as the memory budget allows (at
             most :data:`MAX_BATCH`).
-        root_steps: alpha-CROWN iterations at the root.
+        root_steps: alpha-CROWN iterations at the root, where every layer's slopes are
+            optimized (the intermediate bounds every domain starts from).
         steps: alpha/beta iterations per batch of domains (warm-started from the parents).
         lr_alpha, lr_beta: Adam learning rates of the slopes and of the split multipliers.
         branching: ``"relu"`` (BaBSR-style scores), ``"input"`` (halve the input box), or
@@ -435,6 +436,17 @@ class _Search:
         prop = Propagator(self.body, self.x_lo, self.x_hi, self.options, spec=self.rows)
         if self.intermediate is None:
             prop.compute_intermediate("adaptive", linear=True)
+            if self.m.root_steps and len(self.positions) > 1:
+                # alpha-CROWN on every layer: fewer unstable neurons, fewer domains
+                rows = self.rows.weight.reshape(n, self.s, *self.rows.in_shape)
+                rows_err = (None if self.rows.weight_err is None
+                            else self.rows.weight_err.reshape(rows.shape))
+                _, optimized = optimized_intermediate(
+                    AlphaCrown(steps=self.m.root_steps, lr=self.m.lr_alpha,
+                               memory_budget_mb=self.m.memory_budget_mb),
+                    prop, rows, self.rows.bias, rows_err, self.rows.bias_err)
+                for p, (p_lo, p_hi) in optimized.items():
+                    prop._store(p, p_lo, p_hi, "adaptive")
         else:
             prop.set_intermediate(self.intermediate, "adaptive")
         self.perturbation = dict(prop.perturbation)
