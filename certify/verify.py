@@ -11,10 +11,14 @@ The cascade, cheap to costly, stops at the first decision:
 2. **bounds**: each method of `methods` (cheap to tight) bounds ``matrix @ y - bound`` over the
    box (in float64 by default); a conjunction is ruled out once one of its rows is *proven*
    violated (lower bound strictly > 0). When every conjunction is ruled out: ``unsat``.
-3. **the complete method** (the MILP: a registered method that ``is_complete`` and
-   ``accepts_time_budget``), when the network is small (``use_milp="auto"``); it gets the time
-   that remains as its budget, the refinement of its intermediate bounds included.
-4. **the budget**: rounds of longer attacks on the conjunctions left (fresh random starts, twice
+3. **branch and bound** (``bab``: the complete method without a solver, ``use_bab``): the rows
+   decided against their own constants, every row of the open conjunctions at once (the
+   property holds when each of them is proven on every leaf); it gets :data:`BAB_SHARE` of the
+   time left when the MILP follows, else all of it.
+4. **the MILP** (the complete method with a solver), only for small networks
+   (``use_milp="auto"``) and only where branch and bound left rows open; it gets the time that
+   remains as its budget, the refinement of its intermediate bounds included.
+5. **the budget**: rounds of longer attacks on the conjunctions left (fresh random starts, twice
    the steps each round), with alpha-CROWN at more steps after the first round when it is in
    the cascade, until only a small reserve of the time is left.
 
@@ -66,6 +70,8 @@ RESULTS: tuple[Result, ...] = ("sat", "unsat", "unknown", "timeout")
 RESULT_COLUMNS = ("onnx", "vnnlib", "result", "seconds", "method")
 #: Networks with at most this many ReLU units get the MILP with ``use_milp="auto"``.
 MILP_AUTO_MAX_RELUS = 256
+#: The share of the time left that branch and bound gets when the MILP follows it.
+BAB_SHARE = 0.6
 #: The part of the timeout kept back at the end (at most :data:`RESERVE_MAX` seconds), so that
 #: an undecided property ends as ``unknown`` before the deadline, not as ``timeout``.
 RESERVE_FRACTION = 0.05
@@ -113,6 +119,7 @@ def verify(
     attack_steps: int = 20,
     attack_restarts: int = 4,
     seed: int = 0,
+    use_bab: bool = True,
 ) -> Verdict:
     """Decide `prop` for `model`: ``sat`` with a validated counterexample, ``unsat``, or neither.
 
@@ -131,6 +138,7 @@ def verify(
             attacks after the bounds take 8 times the restarts and 5, 10, 20, ... times the
             steps, until the time left is the reserve.
         seed: Seed of the attack's random points.
+        use_bab: Run branch and bound (``bab``) after the bounds of `methods`.
     Returns:
         The :class:`Verdict`.
     Raises:
@@ -177,13 +185,14 @@ def verify(
         bound_model = _as_dtype(model, bound_dtype)
         box = prop.input_box(shape, dtype=bound_dtype, device=device)
         cascade = list(methods)
-        complete = _complete_method(use_milp, bound_model, box[0])
-        if complete is not None and complete not in cascade:
-            cascade.append(complete)
-        for name in cascade:
+        searches = _complete_methods(use_milp, use_bab, bound_model, box[0])
+        cascade += [name for name in searches if name not in cascade]
+        for k, name in enumerate(cascade):
             if time.perf_counter() >= deadline:
                 return done("timeout", None)
             left = deadline - time.perf_counter()
+            if name in searches and k + 1 < len(cascade):  # a search with another after it
+                left *= BAB_SHARE
             open_rows &= ~_ruled_out(bound_model, box, rows, open_rows, name, seconds=left)
             if not open_rows.any():
                 return done("unsat", name)
@@ -287,18 +296,24 @@ def _has_option(name: str, option: str) -> bool:
     return option in {f.name for f in dataclasses.fields(method_class(name))}
 
 
-def _complete_method(use_milp: bool | str, model: nn.Module, x: Tensor) -> str | None:
-    """The complete method (the MILP) to add to the cascade, or None: see `use_milp`."""
+def _complete_methods(use_milp: bool | str, use_bab: bool, model: nn.Module, x: Tensor
+                      ) -> list[str]:
+    """The complete methods to add to the cascade, in order: branch and bound (no solver),
+    then the MILP (a solver) for small networks; see `use_bab` and `use_milp`."""
     from certify.bounds import list_methods
+    from certify.bounds.bab import supports
 
     if use_milp not in (True, False, "auto"):
         raise SpecError(f"use_milp must be True, False or 'auto', got {use_milp!r}.")
-    complete = list_methods(is_complete=True, accepts_time_budget=True)
-    if use_milp is False or not complete:
-        return None
-    if use_milp is True or _relu_count(model, x) <= MILP_AUTO_MAX_RELUS:
-        return complete[0]
-    return None
+    out = []
+    searches = list_methods(is_complete=True, accepts_time_budget=True, uses_solver=False)
+    if use_bab and searches and supports(model, x):
+        out.append(searches[0])
+    solvers = list_methods(is_complete=True, accepts_time_budget=True, uses_solver=True)
+    if use_milp is not False and solvers and (
+            use_milp is True or _relu_count(model, x) <= MILP_AUTO_MAX_RELUS):
+        out.append(solvers[0])
+    return out
 
 
 def _relu_count(model: nn.Module, x: Tensor) -> int:
@@ -339,14 +354,21 @@ def _ruled_out(model: nn.Module, box: tuple[Tensor, Tensor], rows: _Rows, open_r
     from certify.bounds.base import method_class
 
     options = dict(options or {})  # a copy: the MILP's time is set here
-    if getattr(method_class(method), "accepts_time_budget", False):
-        options["time_limit"] = options["budget"] = max(seconds, 1e-3)
-    configured = get_method(method, **options)
+    cls = method_class(method)
+    if getattr(cls, "accepts_time_budget", False):
+        for option in ("time_limit", "budget"):
+            if _has_option(method, option):
+                options[option] = max(seconds, 1e-3)
     # proven violated: the smallest value of (matrix @ y)_r over the box exceeds bound_r; the
     # property's decimal constant was rounded to float64, so compare with the next float above
     # it (the sign of a float64 difference is exact)
     bound = rows.bound[active]
     bound = torch.nextafter(bound, torch.full_like(bound, float("inf")))
+    if cls.decides_threshold and not cls.uses_solver and "threshold" not in options:
+        # a search stops once every row is decided against its own constant (the MILP
+        # computes each row's exact minimum instead)
+        options["threshold"] = tuple(bound.tolist())
+    configured = get_method(method, **options)
 
     def violated_by(m: Any, matrix: Tensor, lo: Tensor, hi: Tensor, against: Tensor) -> Tensor:
         # rigorous for the network in exact arithmetic and for the model's own forward pass
@@ -517,6 +539,7 @@ def verify_files(
     std: Sequence[float] | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    use_bab: bool = True,
 ) -> Verdict:
     """Load a network (``.onnx``/``.pt``) and a ``.vnnlib`` property and :func:`verify` it.
 
@@ -528,12 +551,13 @@ def verify_files(
     start = time.perf_counter()
     model, meta = load_model(net, device=device, input_shape=input_shape, mean=mean, std=std)
     return _verify_spec(model, meta, spec, start=start, timeout=timeout, methods=methods,
-                        use_milp=use_milp, seed=seed)
+                        use_milp=use_milp, seed=seed, use_bab=use_bab)
 
 
 def _verify_spec(model: nn.Module, meta: ModelMeta, spec: str | os.PathLike[str], *,
                  start: float, timeout: float, methods: Sequence[str],
-                 use_milp: bool | Literal["auto"], seed: int) -> Verdict:
+                 use_milp: bool | Literal["auto"], seed: int, use_bab: bool = True
+                 ) -> Verdict:
     """Read `spec` for a loaded model and verify it in what is left of `timeout` since `start`."""
     from certify.vnnlib import read_vnnlib
 
@@ -543,7 +567,7 @@ def _verify_spec(model: nn.Module, meta: ModelMeta, spec: str | os.PathLike[str]
     if left <= 0:
         return Verdict("timeout", None, None, time.perf_counter() - start)
     verdict = verify(model, prop, timeout=left, methods=methods, use_milp=use_milp,
-                     input_shape=meta.input_shape, seed=seed)
+                     input_shape=meta.input_shape, seed=seed, use_bab=use_bab)
     return Verdict(verdict.result, verdict.counterexample, verdict.method,
                    time.perf_counter() - start)
 
@@ -655,6 +679,7 @@ def run_instances(
     seed: int = 0,
     resume: bool = True,
     on_result: Callable[[InstanceResult], None] | None = None,
+    use_bab: bool = True,
 ) -> list[InstanceResult]:
     """Run every instance of a VNN-COMP benchmark and write one results CSV.
 
@@ -711,7 +736,7 @@ def run_instances(
                 raise loaded
             verdict = _verify_spec(*loaded, instance.vnnlib_path, start=start,
                                    timeout=timeout or instance.timeout, methods=methods,
-                                   use_milp=use_milp, seed=seed)
+                                   use_milp=use_milp, seed=seed, use_bab=use_bab)
             item = InstanceResult(instance.onnx, instance.vnnlib, verdict.result, verdict.seconds,
                                   verdict.method or "")
         except CertifyError as e:

@@ -69,7 +69,7 @@ from certify.bounds.propagation import BACKWARD_FACTOR, MB, EngineOptions, Propa
 from certify.errors import SpecError
 from certify.spec import round_to
 
-__all__ = ["BabBounds", "BranchAndBound", "INPUT_SPLIT_DIMS"]
+__all__ = ["BabBounds", "BranchAndBound", "INPUT_SPLIT_DIMS", "supports"]
 
 ABOVE = "above threshold"
 BELOW = "at or below threshold"
@@ -163,6 +163,19 @@ class _Domains:
 def _ids(t: Tensor) -> list[int]:
     """The distinct values of an integer tensor, sorted."""
     return sorted(set(t.tolist()))
+
+
+def supports(model: nn.Module | Network, x: Tensor) -> bool:
+    """Whether ``bab`` can bound `model` on inputs like `x` `(1, ...)`: a network the engine
+    converts whose activations are all ReLUs (the splits are ReLU splits)."""
+    from certify.bounds.network import to_network
+    from certify.errors import CertifyError
+
+    try:
+        net = to_network(model, tuple(x.shape[1:]))
+    except CertifyError:
+        return False
+    return all(isinstance(net.layers[p], ReluOp) for p in net.relu_positions)
 
 
 class _AsModule(nn.Module):

@@ -42,6 +42,11 @@ from certify.cli.options import (
                    "networks): an exact_eps column, the exact curve, certified/exact ratios.")
 @click.option("--exact-time-limit", type=float, default=60.0, show_default=True,
               help="Seconds per MILP of --exact; a sample that hits it is 'unknown'.")
+@click.option("--bab-time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="--method bab: seconds per branch and bound (one per sample and search "
+                   "step; one that spends them is 'not proven') [default: the method's, 60].")
+@click.option("--bab-max-domains", type=click.IntRange(min=1), default=None,
+              help="--method bab: most domains per branch and bound [default: 200000].")
 @click.option("--batch-size", type=int, default=100, show_default=True,
               help="Samples per batch (partial results are saved after each).")
 @device_option
@@ -57,7 +62,8 @@ from certify.cli.options import (
 def area(model: str, dataset: str | None, split: str, n: int | None,
          indices: tuple[int, ...] | None, methods: tuple[str, ...], attack: str,
          eps_max: float, tol: float,
-         search: str, exact: bool, exact_time_limit: float, batch_size: int, device: str,
+         search: str, exact: bool, exact_time_limit: float, bab_time_limit: float | None,
+         bab_max_domains: int | None, batch_size: int, device: str,
          dtype: str, seed: int, out_dir: str | None, resume: bool, data_dir: str | None,
          quiet: bool, as_json: bool) -> None:
     """Largest certified eps of every test point, next to the smallest attack eps.
@@ -74,6 +80,7 @@ def area(model: str, dataset: str | None, split: str, n: int | None,
       certify area models/m.pt --dataset digits --method ibp --method crown -o reports/m
       certify area models/m.pt --dataset digits -o reports/m --resume
       certify area models/m.pt --dataset digits --method lirpa-alpha-crown
+      certify area models/m.pt --dataset digits --method bab --bab-time-limit 5
       certify area models/mlp.pt --dataset digits --num-samples 20 --method crown \\
           --method milp --exact
       torchrun --nproc_per_node=4 -m certify area models/m.pt --dataset svhn -o reports/m
@@ -86,11 +93,14 @@ def area(model: str, dataset: str | None, split: str, n: int | None,
     from certify.report.summary import summary_table
     from certify.run.area import AreaConfig, run_area
 
+    budgets = {k: v for k, v in (("time_limit", bab_time_limit),
+                                 ("max_domains", bab_max_domains)) if v is not None}
     config = AreaConfig(model=model, dataset=dataset, split=split, n=n, indices=indices,
                         methods=methods or ("crown",), attack=attack, eps_max=eps_max, tol=tol,
                         batch_size=batch_size, device=device, dtype=dtype, seed=seed,
                         search=search, data_dir=data_dir, exact=exact,
-                        exact_time_limit=exact_time_limit)
+                        exact_time_limit=exact_time_limit,
+                        method_options={"bab": budgets} if budgets else {})
     result = run_area(config, out_dir=out_dir, resume=resume, quiet=quiet)
     if not is_main():  # under torchrun, rank 0 prints the gathered result
         return

@@ -29,6 +29,8 @@ DEFAULT_METHODS = ("ibp", "crown", "alpha-crown")
               "alpha-crown].")
 @click.option("--milp", type=click.Choice(["auto", "always", "never"]), default="auto",
               show_default=True, help="Exact MILP at the end of the cascade (auto: small nets).")
+@click.option("--bab/--no-bab", "use_bab", default=True, show_default=True,
+              help="Branch and bound (bab) after the bounds, before the MILP.")
 @click.option("--no-resume", is_flag=True, help="--instances: run every instance again.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
 @model_input_options
@@ -36,7 +38,8 @@ DEFAULT_METHODS = ("ibp", "crown", "alpha-crown")
 @seed_option
 @quiet_option
 def verify(net: str | None, spec: str | None, instances: str | None, timeout: float | None,
-           results: str | None, methods: tuple[str, ...], milp: str, no_resume: bool,
+           results: str | None, methods: tuple[str, ...], milp: str, use_bab: bool,
+           no_resume: bool,
            as_json: bool, input_shape: tuple[int, ...] | None, mean: tuple[float, ...] | None,
            std: tuple[float, ...] | None, device: str, seed: int, quiet: bool) -> None:
     """Prove a VNNLIB property (unsat), find a counterexample (sat), or say unknown/timeout.
@@ -77,6 +80,7 @@ def verify(net: str | None, spec: str | None, instances: str | None, timeout: fl
 
         with hold_output(out, command="verify", folder=False):
             rows = run_instances(instances, out, methods=methods, use_milp=use_milp,
+                                 use_bab=use_bab,
                                  timeout=timeout, input_shape=input_shape, mean=mean, std=std,
                                  device=torch_device, seed=seed,
                                  resume=not no_resume, on_result=report)
@@ -95,7 +99,7 @@ def verify(net: str | None, spec: str | None, instances: str | None, timeout: fl
                                "--instances CSV.")
     if results:
         check_output_file(results)
-    verdict = verify_files(net, spec, timeout=timeout or 60.0, methods=methods,
+    verdict = verify_files(net, spec, timeout=timeout or 60.0, methods=methods, use_bab=use_bab,
                            use_milp=use_milp, input_shape=input_shape, mean=mean,
                            std=std, device=torch_device, seed=seed)
     if results:

@@ -120,12 +120,15 @@ def test_tighter_method_needed(tmp_path: Path) -> None:
     spec = margin_spec(label, 4)
     eps = crown_proves_ibp_does_not(model, x, spec, np.geomspace(1e-3, 0.2, 30))
     prop = parse_vnnlib(robustness_vnnlib(x, label, 4, eps))
-    only_ibp = verify(model, prop, timeout=3, methods=("ibp",), use_milp=False,
+    only_ibp = verify(model, prop, timeout=3, methods=("ibp",), use_milp=False, use_bab=False,
                       input_shape=(1, 4, 4))
     assert only_ibp.result == "unknown" and only_ibp.method is None
     assert 2.5 <= only_ibp.seconds < 3  # the budget spent on attacks, less the reserve
     cascade = verify(model, prop, timeout=30, methods=("ibp", "crown"), input_shape=(1, 4, 4))
     assert cascade.result == "unsat" and cascade.method == "crown"
+    # branch and bound after ibp proves it too (before any MILP)
+    searched = verify(model, prop, timeout=30, methods=("ibp",), input_shape=(1, 4, 4))
+    assert searched.result == "unsat" and searched.method == "bab"
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -239,9 +242,14 @@ def test_milp_decides_what_relaxations_can_not() -> None:
     x = torch.rand(1, 1, 4, 4, generator=g)
     label = int(model(x).argmax())
     prop = parse_vnnlib(robustness_vnnlib(x, label, 4, 2e-3))
-    verdict = verify(model, prop, timeout=60, methods=(), use_milp=True, input_shape=(1, 4, 4))
+    verdict = verify(model, prop, timeout=60, methods=(), use_milp=True, use_bab=False,
+                     input_shape=(1, 4, 4))
     assert verdict.result in ("unsat", "sat")
     assert verdict.method == ("milp" if verdict.result == "unsat" else "attack")
+    # with branch and bound first, the MILP only runs where it left something open
+    searched = verify(model, prop, timeout=60, methods=(), use_milp=True, input_shape=(1, 4, 4))
+    assert searched.result == verdict.result
+    assert searched.method in ("bab", "milp", "attack")
 
 
 def test_bad_arguments() -> None:
