@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import math
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -35,7 +36,8 @@ from torch import Tensor
 from certify.errors import SpecError
 from certify.spec import round_to
 
-__all__ = ["MAX_DISJUNCTS", "OutputConstraint", "VnnlibProperty", "parse_vnnlib", "read_vnnlib"]
+__all__ = ["MAX_DISJUNCTS", "OutputConstraint", "VnnlibProperty", "parse_vnnlib", "read_vnnlib",
+           "robustness_vnnlib"]
 
 #: The most conjunctions the output constraint may expand to (disjunctive normal form).
 MAX_DISJUNCTS = 10_000
@@ -137,6 +139,32 @@ class VnnlibProperty:
         if y.ndim != 2 or y.shape[1] != self.num_outputs:
             raise SpecError(f"{self.source} is about {self.num_outputs} outputs Y_j but the model "
                             f"gives outputs of shape {tuple(y.shape)}.")
+
+
+# ---- writing ----------------------------------------------------------------------------------
+
+
+def robustness_vnnlib(x: Tensor, label: int, num_outputs: int, eps: float) -> str:
+    """The VNN-COMP local-robustness property of one input: the box ``x +- eps`` (not clipped)
+    and the unsafe set "some other output reaches `label`'s", as VNNLIB text.
+
+    Args:
+        x: One input (any shape; flattened in order as ``X_0, X_1, ...``).
+        label: The class that must stay strictly largest.
+        num_outputs: The number of outputs ``Y_j``.
+        eps: The L-inf radius (>= 0).
+    """
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise SpecError(f"eps must be a finite number >= 0, got {eps!r}")
+    if not 0 <= label < num_outputs:
+        raise SpecError(f"label must lie in [0, {num_outputs}), got {label}")
+    flat = x.detach().flatten().tolist()
+    lines = [f"(declare-const X_{i} Real)" for i in range(len(flat))]
+    lines += [f"(declare-const Y_{j} Real)" for j in range(num_outputs)]
+    for i, v in enumerate(flat):
+        lines += [f"(assert (<= X_{i} {v + eps!r}))", f"(assert (>= X_{i} {v - eps!r}))"]
+    others = " ".join(f"(and (>= Y_{j} Y_{label}))" for j in range(num_outputs) if j != label)
+    return "\n".join([*lines, f"(assert (or {others}))", ""])
 
 
 # ---- reading ----------------------------------------------------------------------------------

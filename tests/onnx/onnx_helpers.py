@@ -78,13 +78,9 @@ def assert_matches_ort(net: nn.Module, model: Path | bytes | onnx.ModelProto,
 
 def robustness_vnnlib(x: torch.Tensor, label: int, k: int, eps: float) -> str:
     """The VNN-COMP robustness property: some other class reaches `label` in the eps box."""
-    flat = x.flatten().tolist()
-    lines = [f"(declare-const X_{i} Real)" for i in range(len(flat))]
-    lines += [f"(declare-const Y_{j} Real)" for j in range(k)]
-    for i, v in enumerate(flat):
-        lines += [f"(assert (<= X_{i} {v + eps!r}))", f"(assert (>= X_{i} {v - eps!r}))"]
-    others = " ".join(f"(and (>= Y_{j} Y_{label}))" for j in range(k) if j != label)
-    return "\n".join([*lines, f"(assert (or {others}))", ""])
+    from certify.vnnlib import robustness_vnnlib as text
+
+    return text(x, label, k, eps)
 
 
 def crown_proves_ibp_does_not(model: nn.Module, x: torch.Tensor, spec: torch.Tensor,
