@@ -15,6 +15,7 @@ from certify.bounds.base import BoundMethod, Bounds, resolve_method, with_option
 from certify.bounds.forward_error import chain_error, model_chains, model_dtype
 from certify.bounds.network import Network, identity_spec, to_network
 from certify.bounds.propagation import EngineOptions, Propagator
+from certify.bounds.relaxations import activation_rule
 from certify.errors import SpecError
 from certify.spec import LinfBall, margin_spec, round_to
 
@@ -166,8 +167,9 @@ def _output_error(net: Network, x_lo: Tensor, x_hi: Tensor, spec: Tensor,
         prop = Propagator(net, x_lo, x_hi, EngineOptions())
         prop.interval()
         pre = prop.intermediate_bounds()
-    if pre:
-        in_lo, in_hi = pre[-1].lower.clamp(min=0), pre[-1].upper.clamp(min=0)
+    if pre:  # the last chain takes the last activation's output
+        act = activation_rule(net.layers[net.relu_positions[-1]])
+        in_lo, in_hi = act.interval(pre[-1].lower.detach(), pre[-1].upper.detach())
     else:
         in_lo, in_hi = x_lo, x_hi
     err = chain_error(model_chains(net)[-1], in_lo, in_hi, net.runs_in).flatten(1)  # (N, K)

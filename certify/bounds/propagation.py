@@ -286,7 +286,7 @@ class Propagator:
     def _tighten(self, pos: int, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
         """Intersect interval bounds of layer `pos`'s input with linear bounds."""
         n = self.n
-        unstable = (lo < 0) & (hi > 0)
+        unstable = activation_rule(self.layers[pos]).loose(lo, hi)
         use_forward = self._use_forward(pos, unstable.reshape(n, -1).sum(1))
         lo_flat, hi_flat = lo.reshape(n, -1), hi.reshape(n, -1)
         backward_mask = unstable & ~use_forward.view(-1, *([1] * (unstable.ndim - 1)))
