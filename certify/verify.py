@@ -64,7 +64,8 @@ Result = Literal["sat", "unsat", "unknown", "timeout"]
 RESULTS: tuple[Result, ...] = ("sat", "unsat", "unknown", "timeout")
 #: Columns of the results CSV written by :func:`run_instances`.
 RESULT_COLUMNS = ("onnx", "vnnlib", "result", "seconds", "method")
-#: Networks with at most this many ReLU units get the MILP with ``use_milp="auto"``.
+#: Piecewise-linear networks with at most this many activation units get the MILP with
+#: ``use_milp="auto"``.
 MILP_AUTO_MAX_RELUS = 256
 #: The part of the timeout kept back at the end (at most :data:`RESERVE_MAX` seconds), so that
 #: an undecided property ends as ``unknown`` before the deadline, not as ``timeout``.
@@ -123,7 +124,8 @@ def verify(
         methods: Bound methods tried in this order (names from
             :func:`certify.bounds.list_methods`).
         use_milp: ``"auto"`` runs the engine's ``milp`` method (when registered) for networks
-            with at most :data:`MILP_AUTO_MAX_RELUS` ReLU units; True always, False never.
+            with at most :data:`MILP_AUTO_MAX_RELUS` ReLU/LeakyReLU units and no activation
+            that is not piecewise linear (Sigmoid, Tanh); True always, False never.
         input_shape: The model's per-sample input shape; default the flat ``(D,)``.
         bound_dtype: Precision of the bound computations (float64 keeps proofs free of float32
             rounding).

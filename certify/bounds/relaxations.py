@@ -59,7 +59,15 @@ side of 0 and (ii) enclosures of ``f`` at float points, with the assumed evaluat
 computed value, plus ``EVAL_TINY`` = 16 smallest normal numbers -- torch's kernels are within a
 few ulps; ``tests/bounds/test_activations.py`` checks the assumption against a 60-digit
 ``decimal`` reference), and directed rounding (``nextafter``) of every other operation. The
-interval images and the LP's output boxes are enclosures of the same kind.
+interval images and the LP's output boxes are enclosures of the same kind. In a rigorous
+backward pass the lines only choose the new rows: the constant is :func:`s_constant`'s, which
+trusts no line, so alpha-CROWN's tangents (exact tangents at its points, computed in the rows'
+dtype) need no certificate; the certified intercepts serve the plain bounds (``rigorous=False``,
+forward mode) and the LP's rows.
+
+*The model as it runs* computes each activation itself: ReLU exactly, LeakyReLU with a rounded
+product, sigmoid and tanh with their kernels' error; each row's ``rounding`` bounds that for
+:mod:`certify.bounds.forward_error`, where it enters the next chain as an error of its input.
 """
 
 from __future__ import annotations
