@@ -153,3 +153,32 @@ def test_area_cli_certifies_a_smooth_digits_model(tmp_path):  # type: ignore[no-
                                        "--exact", "-o", str(tmp_path / "exact"), "--quiet"])
     assert result.exit_code == 1 and "not piecewise linear" in result.output
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_verify_cli_decides_a_smooth_onnx_network(tmp_path):  # type: ignore[no-untyped-def]
+    """``certify verify`` on an ONNX network with Sigmoid, LeakyRelu and Tanh: a tiny ball is
+    proven (the automatic MILP stage is skipped, it would claim exactness), and a ball where
+    sampling finds another class is never called ``unsat``."""
+    from onnx_helpers import robustness_vnnlib
+
+    model = smooth_mlp(0)
+    with torch.no_grad():  # steeper: the class changes inside the unit box
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                layer.weight.mul_(4)
+    net = export(model, tmp_path / "net.onnx", torch.rand(1, 1, 4, 4))
+    x = torch.full((1, 1, 4, 4), 0.5)
+    label = int(model(x).argmax())
+    gen = torch.Generator().manual_seed(0)
+    points = torch.where(torch.rand(4096, 1, 4, 4, generator=gen) < 0.5, 0.0, 1.0)
+    with torch.no_grad():
+        assert (model(points).argmax(1) != label).any()  # a counterexample in the unit box
+    answers = []
+    for name, eps in (("tiny", 1e-4), ("wide", 0.5)):
+        prop = tmp_path / f"{name}.vnnlib"
+        prop.write_text(robustness_vnnlib(x, label, 3, eps))
+        result = CliRunner().invoke(main, ["verify", str(net), str(prop), "--timeout", "30"])
+        assert result.exit_code == 0, result.output
+        answers.append(result.output.split()[0])
+    assert answers[0] == "unsat"
+    assert answers[1] == "sat"
