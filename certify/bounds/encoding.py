@@ -76,7 +76,15 @@ from certify.bounds.layers import (
     err_op,
     numel,
 )
-from certify.bounds.relaxations import SIGMOID, SLOPE_RULES, TANH, SShape, enclose, s_lines
+from certify.bounds.relaxations import (
+    SIGMOID,
+    SLOPE_RULES,
+    TANH,
+    SShape,
+    enclose,
+    s_lines,
+    s_tangents,
+)
 from certify.errors import UnsupportedLayerError
 from certify.spec import round_to
 
@@ -463,11 +471,17 @@ def s_box(f: SShape, l: Array, u: Array) -> Interval:
     return lo.numpy(), hi.numpy()
 
 
+#: Tangents per side of an S-shaped neuron in the LP, besides the slope rules' lines.
+S_TANGENTS = 5
+
+
 def s_relax(f: SShape, rows: Rows, l: Array, u: Array, z: int, h: int, rigorous: bool) -> None:
     """For every neuron, ``h >= kL z + bL`` and ``h <= kU z + bU`` for the lines of each slope
-    rule (:func:`certify.bounds.relaxations.s_lines`: certified intercepts, valid in exact
-    arithmetic for the float64 slopes as they are, whether or not `rigorous`); the LP relaxes
-    ``h = f(z)`` by their intersection with the output box."""
+    rule (:func:`certify.bounds.relaxations.s_lines`, so the LP holds CROWN's and Wong-Kolter's
+    lines) and :data:`S_TANGENTS` more tangents per side
+    (:func:`certify.bounds.relaxations.s_tangents`), all with certified intercepts, valid in
+    exact arithmetic for the float64 slopes as they are (whether or not `rigorous`); the LP
+    relaxes ``h = f(z)`` by their intersection with the output box."""
     import scipy.sparse as sp
 
     n = l.shape[0]
@@ -476,8 +490,10 @@ def s_relax(f: SShape, rows: Rows, l: Array, u: Array, z: int, h: int, rigorous:
     eye = sp.identity(n, format="csr")
     lt, ut = torch.from_numpy(np.asarray(l, dtype=np.float64)), torch.from_numpy(
         np.asarray(u, dtype=np.float64))
-    for rule in SLOPE_RULES:
-        k_lo, b_lo, k_up, b_up = (t.numpy() for t in s_lines(f, lt, ut, rule))
+    lines = [s_lines(f, lt, ut, rule) for rule in SLOPE_RULES] + s_tangents(f, lt, ut,
+                                                                              S_TANGENTS)
+    for line in lines:
+        k_lo, b_lo, k_up, b_up = (t.numpy() for t in line)
         rows.ub.append(rows.place(z, sp.diags(k_lo), n) - rows.place(h, eye, n))
         rows.ub_rhs.append(-b_lo)  # kL z - h <= -bL
         rows.ub.append(rows.place(h, eye, n) - rows.place(z, sp.diags(k_up), n))

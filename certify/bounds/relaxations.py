@@ -108,6 +108,7 @@ __all__ = [
     "relu_constant",
     "s_constant",
     "s_lines",
+    "s_tangents",
     "upper_intercept",
 ]
 
@@ -717,6 +718,28 @@ def s_lines(f: SShape, l: Tensor, u: Tensor, rule: str
     lower, upper = _choose(f, l, u, rule)
     return (lower.slope, lower_intercept(f, l, u, lower.slope, lower.anchor),
             upper.slope, upper_intercept(f, l, u, upper.slope, upper.anchor))
+
+
+def s_tangents(f: SShape, l: Tensor, u: Tensor, count: int
+               ) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """More certified lines for the LP, ``(kL, bL, kU, bU)`` float64 each: the tangents at
+    `count` evenly spaced points of the ranges alpha-CROWN may use (each touches ``f`` at its
+    point, so with the anchor there its certified intercept is tight); a fixed line (a chord)
+    where a range is a point. Their intersection approaches ``f``'s convex hull on ``[l, u]``."""
+    l, u = l.detach().to(torch.float64), u.detach().to(torch.float64)
+    lower, upper = _choose(f, l, u, "adaptive")
+    out = []
+    for i in range(count):
+        t = i / max(count - 1, 1)
+        lines = []
+        for line, bound in ((lower, lower_intercept), (upper, upper_intercept)):
+            free = line.range_lo < line.range_hi
+            d = torch.where(free, line.range_lo + t * (line.range_hi - line.range_lo),
+                            line.anchor)
+            k = torch.where(free, f.slope_of_value(f.value(d)), line.slope)
+            lines += [k, bound(f, l, u, k, d)]
+        out.append((lines[0], lines[1], lines[2], lines[3]))
+    return out
 
 
 def interval_s(f: SShape, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
