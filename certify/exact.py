@@ -214,6 +214,7 @@ def exact_radii(model: nn.Module | Network, x: Tensor, y: Tensor, *, eps_max: fl
     from certify._min_eps import solve_min_eps
     from certify.attacks import eval_mode, margins
     from certify.bounds import Bounds, to_network
+    from certify.bounds.encoding import require_exact_encoding
     from certify.bounds.milp import MILP
 
     n = _validate(x, y, eps_max, tol, time_limit)
@@ -224,6 +225,7 @@ def exact_radii(model: nn.Module | Network, x: Tensor, y: Tensor, *, eps_max: fl
     method = MILP(intermediate_method=intermediate_method, time_limit=time_limit)
     f64 = torch.float64
     net = to_network(model, tuple(x.shape[1:])).detach().to(dtype=f64, device="cpu")
+    require_exact_encoding(net)  # exact radii need piecewise-linear activations
     start = time.perf_counter()
     with torch.no_grad():
         if isinstance(model, nn.Module):

@@ -2,8 +2,9 @@
 
 An ONNX graph that is a *chain* (one input, one output, every computed tensor read by the next
 node only) of the operators below becomes a flat ``nn.Sequential`` of the layers the bound
-engine supports: ``Normalize``, ``Conv2d``, ``BatchNorm2d`` (eval), ``ReLU``, ``AvgPool2d``,
-``MaxPool2d``, ``Flatten``, ``Linear``, and certify's ``Reshape`` and ``Permute``.
+engine supports: ``Normalize``, ``Conv2d``, ``BatchNorm2d`` (eval), ``ReLU``, ``LeakyReLU``,
+``Sigmoid``, ``Tanh``, ``AvgPool2d``, ``MaxPool2d``, ``Flatten``, ``Linear``, and certify's
+``Reshape`` and ``Permute``.
 
 The converted model takes the file's input as it is (its shape, or a re-shaping of it that keeps
 the values' order): flattened, it is the ONNX input flattened, so a VNNLIB property's ``X_i`` and
@@ -15,6 +16,8 @@ ONNX operator                     becomes
 Gemm, MatMul (constant weight)    ``nn.Linear`` (``transA=0``; ``transB``, ``alpha``, ``beta``)
 Conv (2-D, group 1, dilation 1)   ``nn.Conv2d`` (symmetric pads, or ``auto_pad`` that is)
 Relu                              ``nn.ReLU``
+LeakyRelu (``0 <= alpha <= 1``)   ``nn.LeakyReLU``
+Sigmoid, Tanh                     ``nn.Sigmoid``, ``nn.Tanh``
 BatchNormalization (inference)    ``nn.BatchNorm2d`` on images; folded into the affine map on
                                   vectors
 AveragePool, GlobalAveragePool    ``nn.AvgPool2d``
@@ -70,9 +73,9 @@ Shape = tuple[int, ...]
 #: The ONNX operators the converter understands (others raise UnsupportedLayerError).
 SUPPORTED_OPS: tuple[str, ...] = (
     "Add", "AveragePool", "BatchNormalization", "Cast", "Concat", "Constant", "Conv", "Div",
-    "Dropout", "Flatten", "Gather", "Gemm", "GlobalAveragePool", "Identity", "MatMul",
-    "MaxPool", "Mul", "Relu", "Reshape", "Shape", "Squeeze", "Sub", "Unsqueeze",
-    "Transpose",
+    "Dropout", "Flatten", "Gather", "Gemm", "GlobalAveragePool", "Identity", "LeakyRelu",
+    "MatMul", "MaxPool", "Mul", "Relu", "Reshape", "Shape", "Sigmoid", "Squeeze", "Sub",
+    "Tanh", "Transpose", "Unsqueeze",
 )
 
 # Operators evaluated on constants at conversion time (never on the network's data).
@@ -261,7 +264,8 @@ class _Converter:
             "GlobalAveragePool": self._global_avgpool, "MaxPool": self._maxpool,
             "Identity": self._passthrough,
             "Dropout": self._dropout, "Cast": self._cast,
-            "Transpose": self._transpose,
+            "Transpose": self._transpose, "LeakyRelu": self._leaky_relu,
+            "Sigmoid": self._sigmoid, "Tanh": self._tanh,
         }
 
     # ---- input shape ---------------------------------------------------------------------
@@ -384,7 +388,7 @@ class _Converter:
                     "storage_order", "strides"),
         "GlobalAveragePool": (), "Identity": (), "Dropout": ("ratio", "seed", "is_test"),
         "Cast": ("to", "saturate"),
-        "Transpose": ("perm",),
+        "Transpose": ("perm",), "LeakyRelu": ("alpha",), "Sigmoid": (), "Tanh": (),
     }
 
     def _check_attributes(self, node: Any, where: str) -> None:
@@ -687,6 +691,22 @@ class _Converter:
     def _relu(self, node: Any, where: str) -> None:
         self._flush(where)
         self._emit("relu", nn.ReLU())
+
+    def _leaky_relu(self, node: Any, where: str) -> None:
+        alpha = float(_attributes(node).get("alpha", 0.01))
+        if not 0.0 <= alpha <= 1.0:
+            raise UnsupportedLayerError(f"{where}: attribute alpha={alpha} is not supported; "
+                                        "only slopes in [0, 1] (a convex, monotone LeakyRelu).")
+        self._flush(where)
+        self._emit("lrelu", nn.LeakyReLU(alpha))
+
+    def _sigmoid(self, node: Any, where: str) -> None:
+        self._flush(where)
+        self._emit("sigmoid", nn.Sigmoid())
+
+    def _tanh(self, node: Any, where: str) -> None:
+        self._flush(where)
+        self._emit("tanh", nn.Tanh())
 
     def _avgpool(self, node: Any, where: str) -> None:
         attrs = _attributes(node)

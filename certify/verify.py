@@ -68,7 +68,8 @@ Result = Literal["sat", "unsat", "unknown", "timeout"]
 RESULTS: tuple[Result, ...] = ("sat", "unsat", "unknown", "timeout")
 #: Columns of the results CSV written by :func:`run_instances`.
 RESULT_COLUMNS = ("onnx", "vnnlib", "result", "seconds", "method")
-#: Networks with at most this many ReLU units get the MILP with ``use_milp="auto"``.
+#: Piecewise-linear networks with at most this many activation units get the MILP with
+#: ``use_milp="auto"``.
 MILP_AUTO_MAX_RELUS = 256
 #: The share of the time left that branch and bound gets when the MILP follows it.
 BAB_SHARE = 0.6
@@ -130,7 +131,9 @@ def verify(
         methods: Bound methods tried in this order (names from
             :func:`certify.bounds.list_methods`).
         use_milp: ``"auto"`` runs the engine's ``milp`` method (when registered) for networks
-            with at most :data:`MILP_AUTO_MAX_RELUS` ReLU units; True always, False never.
+            with at most :data:`MILP_AUTO_MAX_RELUS` activation inputs (ReLU, LeakyReLU,
+            MaxPool2d) and no activation that is not piecewise linear (Sigmoid, Tanh); True
+            always, False never.
         input_shape: The model's per-sample input shape; default the flat ``(D,)``.
         bound_dtype: Precision of the bound computations (float64 keeps proofs free of float32
             rounding).
@@ -310,28 +313,26 @@ def _complete_methods(use_milp: bool | str, use_bab: bool, model: nn.Module, x: 
     if use_bab and searches and supports(model, x):
         out.append(searches[0])
     solvers = list_methods(is_complete=True, accepts_time_budget=True, uses_solver=True)
-    if use_milp is not False and solvers and (
-            use_milp is True or _relu_count(model, x) <= MILP_AUTO_MAX_RELUS):
-        out.append(solvers[0])
+    if use_milp is not False and solvers:
+        count = None if use_milp is True else _relu_count(model, x)
+        if use_milp is True or (count is not None and count <= MILP_AUTO_MAX_RELUS):
+            out.append(solvers[0])
     return out
 
 
-def _relu_count(model: nn.Module, x: Tensor) -> int:
-    """The number of ReLU units of `model` on input `x` ``(1, ...)``."""
-    count = 0
+def _relu_count(model: nn.Module, x: Tensor) -> int | None:
+    """The number of activation inputs (ReLU, LeakyReLU, MaxPool2d) the MILP would encode for
+    `model` on inputs like `x` ``(1, ...)``; None when it cannot be exact (an activation that is not
+    piecewise linear, such as Sigmoid or Tanh, or a model the engine does not convert)."""
+    from certify.bounds import to_network
+    from certify.bounds.encoding import exact_encoding_units
+    from certify.errors import CertifyError
 
-    def hook(_module: nn.Module, _inputs: object, output: Tensor) -> None:
-        nonlocal count
-        count += output[0].numel()
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.ReLU)]
     try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return count
+        net = to_network(model, tuple(x.shape[1:]))
+    except CertifyError:
+        return None
+    return exact_encoding_units(net)
 
 
 def _ruled_out(model: nn.Module, box: tuple[Tensor, Tensor], rows: _Rows, open_rows: Tensor,

@@ -173,9 +173,9 @@ def _output_error(net: Network, x_lo: Tensor, x_hi: Tensor, spec: Tensor,
         prop = Propagator(net, x_lo, x_hi, EngineOptions())
         prop.interval()
         pre = prop.intermediate_bounds()
-    if pre:  # the last activation's image of its input bounds (ReLU: clamped at 0)
+    if pre:  # the last chain takes the last activation's output: its image of its input bounds
         last = activation_rule(net.layers[net.relu_positions[-1]])
-        in_lo, in_hi = last.interval(pre[-1].lower, pre[-1].upper)
+        in_lo, in_hi = last.interval(pre[-1].lower.detach(), pre[-1].upper.detach())
     else:
         in_lo, in_hi = x_lo, x_hi
     err = chain_error(model_chains(net)[-1], in_lo, in_hi, net.runs_in).flatten(1)  # (N, K)

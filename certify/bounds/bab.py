@@ -318,8 +318,8 @@ class _Search:
             if not isinstance(self.body.layers[pos], ReluOp):
                 name = self.body.names[pos]
                 raise SpecError(f"bab splits ReLUs only; layer {name!r} is a "
-                                f"{type(self.body.layers[pos]).__name__[:-2]}: use alpha-crown, "
-                                "lp or milp for this network.")
+                                f"{type(self.body.layers[pos]).__name__[:-2]}: use alpha-crown "
+                                "or lp for this network (or milp if it is piecewise linear).")
         self.shapes = [self.body.layers[p].in_shape for p in self.positions]
         self.options = EngineOptions(method.memory_budget_mb)
         self.intermediate = intermediate

@@ -6,22 +6,33 @@ activation ``k`` its input ``z_k`` (within the given pre-activation bounds ``l_k
 u_k``) and its output ``h_k`` (within the activation's image of that box). Every op type has
 one row in :data:`ENCODINGS`:
 
-``affine`` (Linear, Conv2d, ScaleShift, AvgPool2d, Flatten)
+``affine`` (Linear, Conv2d, ScaleShift, AvgPool2d, AdaptiveAvgPool2d, Flatten, reshapes and
+permutations)
     Composed with its neighbours into one dense *affine chain* ``z_k = M_k h_(k-1) + m_k``
     between two activations (:func:`affine_chain`), with rigorous bounds on how far the float64
     ``M_k``, ``m_k`` are from the exact chain's (the ``gamma_k`` error bounds of
     :mod:`certify.bounds.rounding` and the ops' own ``*_err`` fields).
-``activation`` (ReLU)
+``activation`` (ReLU, LeakyReLU, Sigmoid, Tanh)
     Its output box, its convex relaxation (the LP rows: ReLU's triangle ``h >= 0, h >= z,
     h <= u (z - l) / (u - l)`` on unstable neurons, ``h = z`` on active ones, ``h = 0`` by the
     box on inactive ones), its exact encoding with binaries (the MILP rows: ReLU's big-M ``h <=
     u a, h <= z - l (1 - a)``, Tjeng et al., ICLR 2019) and how far a solver point within a
-    tolerance can move its output (:func:`relu_solver_error`).
-``activation`` (MaxPool2d, per op: its windows)
+    tolerance can move its output (:func:`relu_solver_error`). LeakyReLU(a) is piecewise
+    linear too: its triangle (``h >= z``, ``h >= a z``, the chord) and an exact big-M
+    (:func:`leaky_relu_big_m`). Sigmoid and Tanh are not: the LP takes their certified
+    tangent and secant lines (:func:`certify.bounds.relaxations.s_lines`, valid in exact
+    arithmetic), and they have **no exact encoding** -- the MILP, which claims exactness,
+    refuses them with one line (:func:`require_exact_encoding`) instead of solving a
+    relaxation it would report as exact.
+``activation`` (MaxPool2d)
     Output box ``[max_W l, max_W u]``; where the window is decided (``l_k >= u_j`` for every
     other ``j``) ``h = z_k``, otherwise the LP rows ``h >= z_j`` and ``h <= max_W l + sum_j
     (z_j - l_j)`` over the window's candidates and the MILP's exact encoding with one binary
     per candidate (:func:`maxpool_big_m`).
+
+A row whose rules need the op's parameters (LeakyReLU's slope, MaxPool's windows) holds a
+function of the op that gives them (:func:`leaky_relu_encoding`, :func:`maxpool_encoding`;
+:meth:`OpEncoding.activation_of` resolves a row).
 ``objective`` (the folded specification)
     One objective row per specification row over the last activation's output, with a bound
     on its distance from the exact one.
@@ -46,6 +57,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -57,21 +69,34 @@ from certify.bounds.base import Bounds
 from certify.bounds.forward_error import chain_error, model_chains
 from certify.bounds.layers import (
     RULES,
+    AdaptiveAvgPoolOp,
     AvgPoolOp,
     ConvOp,
     FlattenOp,
+    LeakyReluOp,
     LinearOp,
     MaxPoolOp,
     Op,
     PermuteOp,
     ReluOp,
     ScaleShiftOp,
+    SigmoidOp,
     SpecLinearOp,
+    TanhOp,
     abs_op,
     err_op,
     numel,
 )
 from certify.bounds.maxpool import windows
+from certify.bounds.relaxations import (
+    SIGMOID,
+    SLOPE_RULES,
+    TANH,
+    SShape,
+    enclose,
+    s_lines,
+    s_tangents,
+)
 from certify.errors import UnsupportedLayerError
 from certify.spec import round_to
 
@@ -95,7 +120,12 @@ __all__ = [
     "affine_chain",
     "cast_outward",
     "encode",
+    "exact_encoding_units",
     "gamma",
+    "leaky_relu_big_m",
+    "leaky_relu_box",
+    "leaky_relu_encoding",
+    "leaky_relu_triangle",
     "maxpool_big_m",
     "maxpool_encoding",
     "model_perturbations",
@@ -103,6 +133,9 @@ __all__ = [
     "relu_box",
     "relu_solver_error",
     "relu_triangle",
+    "require_exact_encoding",
+    "s_box",
+    "s_relax",
     "sample_programs",
     "widen",
 ]
@@ -265,12 +298,14 @@ SolverError = Callable[[Array, Array, Array, float], Array]
 @dataclass(frozen=True)
 class ActivationEncoding:
     """How an activation enters the programs (see the type aliases): its output box, its
-    convex relaxation (LP rows), its exact encoding (MILP rows with binaries) and how a
-    tolerance-feasible solver point can move its output."""
+    convex relaxation (LP rows), its exact encoding (MILP rows with binaries; None: it has
+    none, it is not piecewise linear) and how a tolerance-feasible solver point can move its
+    output. An op with parameters gets its own, from its row's function of the op
+    (:meth:`OpEncoding.activation_of`)."""
 
     output_box: OutputBox
     relax: Relax
-    exact: Exact
+    exact: Exact | None
     solver_error: SolverError
 
 
@@ -282,7 +317,8 @@ class OpEncoding:
         kind: ``"affine"`` (composed into a chain), ``"activation"`` (new variables, relaxed
             or exactly encoded), or ``"objective"`` (the folded specification, last).
         activation: The activation's rules (for ``"activation"`` only), or for an op with
-            parameters (MaxPool2d's windows) the function of the op that gives them.
+            parameters (LeakyReLU's slope, MaxPool2d's windows) the function of the op that
+            gives them.
     """
 
     kind: Literal["affine", "activation", "objective"]
@@ -356,6 +392,140 @@ def relu_solver_error(err: Array, l: Array, u: Array, tau: float) -> Array:
     scale), and every row by `tau`; ReLU is 1-Lipschitz."""
     unstable = (l < 0) & (u > 0)
     return err + np.where(unstable, tau * np.maximum(np.abs(l), np.abs(u)) + 2 * tau, tau)
+
+
+# --- LeakyReLU, S-shapes ---------------------------------------------------------------------
+
+
+def _up(x: Array) -> Array:
+    return np.nextafter(x, np.inf)  # type: ignore[no-any-return]
+
+
+def _dn(x: Array) -> Array:
+    return np.nextafter(x, -np.inf)  # type: ignore[no-any-return]
+
+
+def leaky_relu_box(slope: float, l: Array, u: Array) -> Interval:
+    """LeakyReLU's output box ``[lrelu(l), lrelu(u)]`` (monotone), ``a x`` rounded outward."""
+    return (np.where(l >= 0, l, _dn(slope * l)), np.where(u >= 0, u, _up(slope * u)))
+
+
+def leaky_relu_triangle(slope: float, rows: Rows, l: Array, u: Array, z: int, h: int,
+                        rigorous: bool) -> None:
+    """``h = z`` where ``l >= 0``, ``h = a z`` where ``u <= 0``; where ``l < 0 < u``: ``h >= z``,
+    ``h >= a z`` and the chord ``h <= s z + t``, ``s = (u - a l) / (u - l)``, with ``t`` the
+    maximum of the convex ``lrelu(z) - s z`` over ``[l, u]`` -- at an end -- rounded up, so the
+    row is valid for the rounded ``s`` as it is (whether or not `rigorous`)."""
+    import scipy.sparse as sp
+
+    n = l.shape[0]
+    unstable = (l < 0) & (u > 0) & (slope < 1)
+    active = (l >= 0) | ((slope >= 1) & ~unstable)
+    inactive = ~active & ~unstable
+    eye = sp.identity(n, format="csr")
+    for mask, factor in ((active, 1.0), (inactive, slope)):
+        if mask.any():  # h = factor z (factor is the exact slope)
+            sel = eye[mask]
+            m = sel.shape[0]
+            rows.eq.append(rows.place(h, sel, m) - factor * rows.place(z, sel, m))
+            rows.eq_rhs.append(np.zeros(m))
+    if unstable.any():
+        sel = eye[unstable]
+        m = sel.shape[0]
+        lo, hi = l[unstable], u[unstable]
+        s = (hi - slope * lo) / (hi - lo)
+        rows.ub.append(rows.place(z, sel, m) - rows.place(h, sel, m))  # z - h <= 0
+        rows.ub_rhs.append(np.zeros(m))
+        rows.ub.append(slope * rows.place(z, sel, m) - rows.place(h, sel, m))  # a z - h <= 0
+        rows.ub_rhs.append(np.zeros(m))
+        rows.ub.append(rows.place(h, sel, m) - rows.place(z, sp.diags(s) @ sel, m))
+        rows.ub_rhs.append(np.maximum(_up(_up(slope * lo) - _dn(s * lo)),
+                                      _up(hi - _dn(s * hi))))
+
+
+def leaky_relu_big_m(slope: float, l: Array, u: Array, z: int, h: int) -> BinaryRows:
+    """Per unstable neuron (binary ``a`` = 1 where active): ``h - z <= M1 (1 - a)`` and ``h -
+    a_s z <= M2 a`` with ``M1 >= (1 - a_s)(-l)`` and ``M2 >= (1 - a_s) u`` rounded up; with the
+    triangle's ``h >= z``, ``h >= a_s z`` they leave exactly ``h = z, z >= 0`` (``a = 1``) or
+    ``h = a_s z, z <= 0`` (``a = 0``). For slope 0 these are ReLU's rows."""
+    out = BinaryRows([], [], [], [], [], [], [], 0, 0)
+    r = m = 0
+    gap = _up(np.float64(1.0) - slope)
+    for j in np.nonzero((l < 0) & (u > 0) & (slope < 1))[0]:
+        m1, m2 = float(_up(gap * -l[j])), float(_up(gap * u[j]))
+        # h - z + M1 a <= M1
+        out.cont_rows.extend([r, r])
+        out.cont_cols.extend([int(h + j), int(z + j)])
+        out.cont_vals.extend([1.0, -1.0])
+        out.bin_rows.append(r)
+        out.bin_cols.append(m)
+        out.bin_vals.append(m1)
+        out.rhs.append(m1)
+        # h - a_s z - M2 a <= 0
+        out.cont_rows.extend([r + 1, r + 1])
+        out.cont_cols.extend([int(h + j), int(z + j)])
+        out.cont_vals.extend([1.0, -slope])
+        out.bin_rows.append(r + 1)
+        out.bin_cols.append(m)
+        out.bin_vals.append(-m2)
+        out.rhs.append(0.0)
+        r += 2
+        m += 1
+    return replace(out, n_rows=r, n_bin=m)
+
+
+def leaky_relu_encoding(op: LeakyReluOp) -> ActivationEncoding:
+    """The :class:`ActivationEncoding` of one LeakyReLU op (its slope bound in; its
+    :data:`ENCODINGS` row builds it per op)."""
+    a = op.negative_slope
+    return ActivationEncoding(partial(leaky_relu_box, a), partial(leaky_relu_triangle, a),
+                              partial(leaky_relu_big_m, a), relu_solver_error)
+
+
+def s_box(f: SShape, l: Array, u: Array) -> Interval:
+    """An S-shape's output box: enclosures of ``f(l)`` and ``f(u)``."""
+    lo = enclose(f, torch.from_numpy(np.asarray(l, dtype=np.float64)))[0]
+    hi = enclose(f, torch.from_numpy(np.asarray(u, dtype=np.float64)))[1]
+    return lo.numpy(), hi.numpy()
+
+
+#: Tangents per side of an S-shaped neuron in the LP, besides the slope rules' lines.
+S_TANGENTS = 5
+
+
+def s_relax(f: SShape, rows: Rows, l: Array, u: Array, z: int, h: int, rigorous: bool) -> None:
+    """For every neuron, ``h >= kL z + bL`` and ``h <= kU z + bU`` for the lines of each slope
+    rule (:func:`certify.bounds.relaxations.s_lines`, so the LP holds CROWN's and Wong-Kolter's
+    lines) and :data:`S_TANGENTS` more tangents per side
+    (:func:`certify.bounds.relaxations.s_tangents`), all with certified intercepts, valid in
+    exact arithmetic for the float64 slopes as they are (whether or not `rigorous`); the LP
+    relaxes ``h = f(z)`` by their intersection with the output box."""
+    import scipy.sparse as sp
+
+    n = l.shape[0]
+    if n == 0:
+        return
+    eye = sp.identity(n, format="csr")
+    lt, ut = torch.from_numpy(np.asarray(l, dtype=np.float64)), torch.from_numpy(
+        np.asarray(u, dtype=np.float64))
+    lines = [s_lines(f, lt, ut, rule) for rule in SLOPE_RULES] + s_tangents(f, lt, ut,
+                                                                              S_TANGENTS)
+    for line in lines:
+        k_lo, b_lo, k_up, b_up = (t.numpy() for t in line)
+        rows.ub.append(rows.place(z, sp.diags(k_lo), n) - rows.place(h, eye, n))
+        rows.ub_rhs.append(-b_lo)  # kL z - h <= -bL
+        rows.ub.append(rows.place(h, eye, n) - rows.place(z, sp.diags(k_up), n))
+        rows.ub_rhs.append(b_up)  # h - kU z <= bU
+
+
+def s_solver_error(f: SShape, err: Array, l: Array, u: Array, tau: float) -> Array:
+    """An S-shape is ``f'(0)``-Lipschitz; every row may be violated by `tau`."""
+    return f.peak * err + tau
+
+
+def _s_encoding(f: SShape) -> ActivationEncoding:
+    return ActivationEncoding(partial(s_box, f), partial(s_relax, f), None,
+                              partial(s_solver_error, f))
 
 
 # --- MaxPool2d ---------------------------------------------------------------------------------
@@ -504,9 +674,8 @@ def maxpool_solver_error(index: Array, valid: Array, err: Array, l: Array, u: Ar
 
 
 def maxpool_encoding(op: MaxPoolOp) -> ActivationEncoding:
-    """The :class:`ActivationEncoding` of one MaxPool op (its windows bound in)."""
-    from functools import partial
-
+    """The :class:`ActivationEncoding` of one MaxPool op (its windows bound in; its
+    :data:`ENCODINGS` row builds it per op)."""
     index, valid = _windows_np(op)
     return ActivationEncoding(partial(maxpool_box, index, valid),
                               partial(maxpool_relax, index, valid),
@@ -520,10 +689,14 @@ ENCODINGS: dict[type, OpEncoding] = {
     ConvOp: AFFINE,
     ScaleShiftOp: AFFINE,
     AvgPoolOp: AFFINE,
+    AdaptiveAvgPoolOp: AFFINE,
     FlattenOp: AFFINE,
     PermuteOp: AFFINE,
     ReluOp: OpEncoding("activation", ActivationEncoding(relu_box, relu_triangle, relu_big_m,
                                                         relu_solver_error)),
+    LeakyReluOp: OpEncoding("activation", leaky_relu_encoding),
+    SigmoidOp: OpEncoding("activation", _s_encoding(SIGMOID)),
+    TanhOp: OpEncoding("activation", _s_encoding(TANH)),
     MaxPoolOp: OpEncoding("activation", maxpool_encoding),
     SpecLinearOp: OpEncoding("objective"),
 }
@@ -543,6 +716,44 @@ def _activation(op: Op, index: int) -> ActivationEncoding:
     if rule is None:
         raise ValueError(f"op {index} ({type(op).__name__}) is not an activation")
     return rule
+
+
+def _layer_name(net: Network, index: int) -> str:
+    """Layer `index` of `net` as messages name it: ``layer 3 'conv1' (Sigmoid)``."""
+    name = net.names[index] if index < len(net.names) else str(index)
+    return f"layer {index} '{name}' ({type(net.layers[index]).__name__[:-2]})"
+
+
+def _no_exact_encoding(what: str) -> UnsupportedLayerError:
+    return UnsupportedLayerError(
+        f"{what} is not piecewise linear, so it has no exact MILP encoding (the MILP and "
+        "exact radii claim exactness); use lp (its linear relaxation), alpha-crown or crown.")
+
+
+def exact_encoding_units(net: Network) -> int | None:
+    """How many activation inputs the exact MILP of `net` encodes (binaries for the unstable
+    ones, or MaxPool's candidates), or None when one of its activations has no exact
+    encoding (Sigmoid, Tanh)."""
+    total = 0
+    for op in net.layers:
+        rule = ENCODINGS.get(type(op))
+        activation = None if rule is None else rule.activation_of(op)
+        if activation is None:
+            continue
+        if activation.exact is None:
+            return None
+        total += numel(op.in_shape)
+    return total
+
+
+def require_exact_encoding(net: Network) -> None:
+    """Raise a one-line error naming the first activation of `net` without an exact MILP
+    encoding (before any work is spent on a MILP)."""
+    for index, op in enumerate(net.layers):
+        rule = ENCODINGS.get(type(op))
+        activation = None if rule is None else rule.activation_of(op)
+        if activation is not None and activation.exact is None:
+            raise _no_exact_encoding(_layer_name(net, index))
 
 
 # --- programs ---------------------------------------------------------------------------------
@@ -600,6 +811,7 @@ class NetworkEncoding:
     chains: list[AffineChain]
     activations: list[ActivationEncoding]
     spec: SpecLinearOp
+    names: tuple[str, ...] = ()  # of the activations, for messages
 
     def slack(self, x_lo: Array, x_hi: Array, pre: list[Interval],
               perturbation: list[Array] | None) -> list[Array]:
@@ -664,6 +876,9 @@ class NetworkEncoding:
         rhs: list[float] = []
         r = m = 0
         for k, (rule, (l, u)) in enumerate(zip(self.activations, pre, strict=True)):
+            if rule.exact is None:
+                name = self.names[k] if k < len(self.names) else f"activation {k}"
+                raise _no_exact_encoding(name)
             part = rule.exact(l, u, lp.offsets[2 * k + 1], lp.offsets[2 * k + 2])
             rows_c += [r + q for q in part.cont_rows]
             cols_c += part.cont_cols
@@ -750,6 +965,7 @@ def encode(net: Network) -> NetworkEncoding:
     """
     chains: list[AffineChain] = []
     activations: list[ActivationEncoding] = []
+    names: list[str] = []
     ops: list[Op] = []
     shape = net.input_shape
     spec: SpecLinearOp | None = None
@@ -760,13 +976,14 @@ def encode(net: Network) -> NetworkEncoding:
         elif rule.kind == "activation":
             chains.append(affine_chain(ops, shape))
             activations.append(_activation(op, index))
+            names.append(_layer_name(net, index))
             ops, shape = [], op.out_shape
         else:
             chains.append(affine_chain(ops, shape))
             spec = op  # type: ignore[assignment]
     if spec is None:
         raise ValueError("encode: the network must end in a folded specification (fold_spec)")
-    return NetworkEncoding(chains, activations, spec)
+    return NetworkEncoding(chains, activations, spec, tuple(names))
 
 
 def model_perturbations(net: Network, x_lo: Tensor, x_hi: Tensor,
@@ -785,9 +1002,8 @@ def model_perturbations(net: Network, x_lo: Tensor, x_hi: Tensor,
         out.append(err.flatten(1).numpy())
         box_lo, box_hi = _reach_box(rules[k], lo, hi)
         in_lo, in_hi = torch.from_numpy(box_lo), torch.from_numpy(box_hi)
-        shape = chains[k + 1][0].in_shape if chains[k + 1] else None
-        if shape is not None:
-            in_lo, in_hi = in_lo.reshape(-1, *shape), in_hi.reshape(-1, *shape)
+        shape = chains[k + 1][0].out_shape  # the next chain starts with activation k
+        in_lo, in_hi = in_lo.reshape(-1, *shape), in_hi.reshape(-1, *shape)
     return out
 
 

@@ -5,24 +5,33 @@ A proof covers the network in exact arithmetic (every bound of the engine is rig
 computes every layer with rounding. Its computation is the exact network with a bounded
 perturbation added to every pre-activation and to the output:
 
-    z~_k = chain_k(a~_(k-1)) + e_k,   a~_k = relu(z~_k),   |e_k| <= E_k,
+    z~_k = chain_k(act_(k-1)(z~_(k-1))) + e_k,   |e_k| <= E_k,
 
 where ``chain_k`` is the exact affine chain of the model's own (unfolded) layers between two
-ReLUs and ``a~`` are the *computed* activations. The engine bounds this perturbed network --
-which contains the exact one (``e = 0``) -- when a proof must also hold for the model as it
-runs: intermediate bounds are widened by ``E_k`` and every backward pass pays ``|nu_k| E_k``
-at each ReLU (:class:`~certify.bounds.propagation.Propagator`), so the error is propagated
-with the cancellations of the relaxation's rows instead of worst-case ``|W|`` products.
+activations and ``act`` the *exact* activation of the computed pre-activation ``z~``. The
+engine bounds this perturbed network -- which contains the exact one (``e = 0``) -- when a proof
+must also hold for the model as it runs: intermediate bounds are widened by ``E_k`` and every
+backward pass pays ``|nu_k| E_k`` at each activation
+(:class:`~certify.bounds.propagation.Propagator`), so the error is propagated with the
+cancellations of the relaxation's rows instead of worst-case ``|W|`` products.
+
+``e_k`` holds both the rounding of the chain and that of the activation before it: the model
+computes ``act(z~)`` itself with an error (none for ReLU and MaxPool, a rounded product for
+LeakyReLU, sigmoid's and tanh's kernels; the row's ``rounding`` of
+:data:`~certify.bounds.relaxations.ACTIVATIONS`), which enters the chain as an error of its
+input. So the chains of :func:`model_chains` after the first start with their activation (and
+take its output box, in its output's shape).
 
 :func:`chain_error` bounds ``E_k`` for one chain over a box of inputs, op by op:
 
     F_out = |L| F + gamma_(k+1) (|L| (M + F) + |b|) + L_err (M + F) + b_err + (k+1) tiny
 
 where ``M`` bounds the magnitude of the exact op input (rigorous intervals), ``F`` the error
-of the computed input (0 at the chain's start), ``k`` the op's terms per output, ``L_err`` and
-``b_err`` how far the stored tensors are from the exact layer (the model computes ``1/std``
-and BatchNorm's ``rsqrt`` as well), in the *model's* unit roundoff. Flatten and the skipped
-modules (Dropout, Identity) are exact. Computed in float64 and rounded up.
+of the computed input (at the chain's start, the activation's rounding over its output box;
+0 for the first chain), ``k`` the op's terms per output, ``L_err`` and ``b_err`` how far the
+stored tensors are from the exact layer (the model computes ``1/std`` and BatchNorm's
+``rsqrt`` as well), in the *model's* unit roundoff. Flatten, reshapes and the skipped modules
+(Dropout, Identity) are exact. Computed in float64 and rounded up.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from torch import Tensor
 from certify.bounds import rounding
 from certify.bounds.layers import RULES, Op, abs_op, cast_op, err_op, interval_affine
 from certify.bounds.network import Network
-from certify.bounds.relaxations import is_activation
+from certify.bounds.relaxations import activation_rule, is_activation
 
 __all__ = ["chain_error", "model_chains", "model_dtype"]
 
@@ -50,11 +59,12 @@ def model_dtype(net: Network) -> torch.dtype | None:
 
 
 def model_chains(net: Network) -> list[list[Op]]:
-    """The model's affine chains: before the first ReLU, between ReLUs, after the last."""
+    """The model's chains: before the first activation, between activations, after the last;
+    every chain but the first starts with the activation whose output it takes."""
     chains: list[list[Op]] = [[]]
     for op in net.model_layers or net.layers:
         if is_activation(op):
-            chains.append([])
+            chains.append([op])
         elif type(op).__name__ != "SpecLinearOp":
             chains[-1].append(op)
     return chains
@@ -64,8 +74,10 @@ def chain_error(ops: list[Op], lo: Tensor, hi: Tensor, dtype: torch.dtype) -> Te
     """Bound on ``|computed chain(a) - exact chain(a)|`` for every input `a` in `[lo, hi]`.
 
     Args:
-        ops: One chain of :func:`model_chains`.
-        lo, hi: Rigorous bounds of the chain's input `(N, *shape)`, any float dtype.
+        ops: One chain of :func:`model_chains` (after its first, it starts with an activation:
+            its rounding is the error of the chain's input).
+        lo, hi: Rigorous bounds of the chain's input `(N, *shape)` (the exact output of its
+            activation), any float dtype.
         dtype: The dtype the model computes in.
 
     Returns:
@@ -75,6 +87,11 @@ def chain_error(ops: list[Op], lo: Tensor, hi: Tensor, dtype: torch.dtype) -> Te
     lo, hi = lo.detach().to(f64), hi.detach().to(f64)
     err = torch.zeros_like(lo)
     for op in ops:
+        if is_activation(op):  # the head: the model's rounding of the activation
+            bound = activation_rule(op).rounding
+            if bound is not None:
+                err = err + bound(lo, hi, dtype)
+            continue
         op = cast_op(op, f64, lo.device)
         op = replace(op, **{k: v.detach() for k, v in vars(op).items()  # type: ignore[arg-type]
                             if isinstance(v, Tensor)})

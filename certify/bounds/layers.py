@@ -1,8 +1,9 @@
 """The layer rule table: one small op type per supported layer, one function per (op, mode).
 
 A :class:`~certify.bounds.network.Network` is a tuple of ops. Every op except the nonlinear
-ones (:class:`ReluOp`, :class:`MaxPoolOp`: rows of
-:data:`certify.bounds.relaxations.ACTIVATIONS`, relaxed over bounds of their input) is affine,
+ones (:class:`ReluOp`, :class:`LeakyReluOp`, :class:`SigmoidOp`, :class:`TanhOp`,
+:class:`MaxPoolOp`: rows of :data:`certify.bounds.relaxations.ACTIVATIONS`, relaxed over
+bounds of their input) is affine,
 ``y = L(x) + b``, and has four rules in :data:`RULES`:
 
 ``forward(op, x)``
@@ -29,9 +30,10 @@ Intervals of an affine op follow from ``forward`` and ``abs_linear`` (center and
 BatchNorm's ``rsqrt``, ``1/std``, a folded specification, a cast to a narrower dtype): the
 optional ``*_err`` fields bound that difference elementwise, and :func:`abs_op` /
 :func:`err_op` give the ops with ``|weights|`` and with the error bounds as weights, which the
-rigorous rules use to bound rounding. The relaxations of the nonlinear ops (ReLU, MaxPool2d)
-are rows of :data:`certify.bounds.relaxations.ACTIVATIONS`; their rows here have only
-``forward`` (exact: a max of floats is one of them), ``cost`` and ``terms``.
+rigorous rules use to bound rounding. The relaxations of the nonlinear ops (ReLU, LeakyReLU,
+Sigmoid, Tanh, MaxPool2d) are rows of :data:`certify.bounds.relaxations.ACTIVATIONS`; their
+rows here have only ``forward`` (the model's own computation; its rounding is the
+``ACTIVATIONS`` row's ``rounding``), ``cost`` and ``terms``.
 
 A new layer type means a new op dataclass, a row in :data:`RULES` and a converter in
 :data:`CONVERTERS`, all here (an activation also a row in ``ACTIVATIONS``, and LP/MILP a row in
@@ -59,18 +61,23 @@ __all__ = [
     "CONVERTERS",
     "RULES",
     "SUPPORTED",
+    "AdaptiveAvgPoolOp",
     "AvgPoolOp",
     "ConvOp",
     "FlattenOp",
+    "LeakyReluOp",
     "LinearOp",
     "MaxPoolOp",
     "Op",
     "PermuteOp",
     "ReluOp",
     "ScaleShiftOp",
+    "SigmoidOp",
     "SpecLinearOp",
     "SpecRows",
+    "TanhOp",
     "interval_affine",
+    "reshape_op",
 ]
 
 
@@ -150,8 +157,46 @@ class FlattenOp:
 
 
 @dataclass(frozen=True, eq=False)
+class AdaptiveAvgPoolOp:
+    """``nn.AdaptiveAvgPool2d``: output cell ``(i, j)`` is the mean of the input rows
+    ``floor(i H / oh) .. ceil((i + 1) H / oh) - 1`` and the columns likewise (a nonnegative
+    linear map; ``output_size = (1, 1)`` is global average pooling)."""
+
+    output_size: tuple[int, int]
+    in_shape: Shape
+    out_shape: Shape
+
+
+@dataclass(frozen=True, eq=False)
 class ReluOp:
-    """``y = max(x, 0)``; the only nonlinearity, relaxed in :mod:`certify.bounds.relaxations`."""
+    """``y = max(x, 0)``, relaxed in :mod:`certify.bounds.relaxations`."""
+
+    in_shape: Shape
+    out_shape: Shape
+
+
+@dataclass(frozen=True, eq=False)
+class LeakyReluOp:
+    """``y = x`` for ``x >= 0``, ``negative_slope * x`` otherwise, with ``0 <= negative_slope
+    <= 1`` (then convex and monotone); `negative_slope` is the exact layer's slope (the Python
+    float of ``nn.LeakyReLU``, a float64 number)."""
+
+    negative_slope: float
+    in_shape: Shape
+    out_shape: Shape
+
+
+@dataclass(frozen=True, eq=False)
+class SigmoidOp:
+    """``y = 1 / (1 + exp(-x))``, relaxed by tangent and secant lines."""
+
+    in_shape: Shape
+    out_shape: Shape
+
+
+@dataclass(frozen=True, eq=False)
+class TanhOp:
+    """``y = tanh(x)``, relaxed by tangent and secant lines."""
 
     in_shape: Shape
     out_shape: Shape
@@ -164,7 +209,8 @@ class PermuteOp:
 
     A permutation of the coordinates, ``y = P x`` with a 0/1 matrix ``P`` having one 1 per row
     and per column: exact in floating point (values are moved, never computed), ``|P| = P``,
-    and its transpose is the inverse permutation. A pure reshape is ``dims = (0, 1, ...)``.
+    and its transpose is the inverse permutation. A pure reshape is ``dims = (0, 1, ...)``:
+    the one op of every reshape but a flatten to a vector (:func:`reshape_op`).
     """
 
     dims: tuple[int, ...]
@@ -218,7 +264,8 @@ class MaxPoolOp:
 SpecLinearOp = SpecRows  # the LP/MILP encodings' name for the rows at the end of a network
 
 
-Op = LinearOp | ConvOp | ScaleShiftOp | AvgPoolOp | FlattenOp | ReluOp | PermuteOp | MaxPoolOp
+Op = (LinearOp | ConvOp | ScaleShiftOp | AvgPoolOp | AdaptiveAvgPoolOp | FlattenOp | PermuteOp
+      | ReluOp | LeakyReluOp | SigmoidOp | TanhOp | MaxPoolOp)
 # an op or the specification's rows: what the error-field helpers take and give back
 _AnyOp = TypeVar("_AnyOp", bound="Op | SpecRows")
 
@@ -268,7 +315,7 @@ def is_mixing(op: Op) -> bool:
 
     Interval arithmetic is exact for a chain of affine ops with at most one mixing op.
     """
-    return isinstance(op, (LinearOp, ConvOp, AvgPoolOp, SpecRows))
+    return isinstance(op, (LinearOp, ConvOp, AvgPoolOp, AdaptiveAvgPoolOp, SpecRows))
 
 
 def numel(shape: Shape) -> int:
@@ -415,7 +462,47 @@ def cost_avg_pool(op: AvgPoolOp) -> int:
     return numel(op.out_shape) * op.kernel_size[0] * op.kernel_size[1]
 
 
-# --- rules: Flatten --------------------------------------------------------------------------
+# --- rules: AdaptiveAvgPool2d ----------------------------------------------------------------
+
+
+def forward_adaptive_pool(op: AdaptiveAvgPoolOp, x: Tensor) -> Tensor:
+    return F.adaptive_avg_pool2d(x, op.output_size)
+
+
+def backward_adaptive_pool(op: AdaptiveAvgPoolOp, a: Tensor) -> tuple[Tensor, Tensor | None]:
+    # The transpose is the gradient; only the template's size is read.
+    template = a.new_zeros(()).expand(a.shape[0], *op.in_shape)
+    return torch.ops.aten._adaptive_avg_pool2d_backward(a.contiguous(), template), None
+
+
+def adaptive_windows(size: int, out: int) -> tuple[int, int]:
+    """For one axis of adaptive pooling from `size` to `out` cells: the largest window and the
+    most windows any input index lies in."""
+    starts = [(i * size) // out for i in range(out)]
+    ends = [-((-(i + 1) * size) // out) for i in range(out)]
+    widest = max(e - s for s, e in zip(starts, ends, strict=True))
+    cover = max(sum(s <= x < e for s, e in zip(starts, ends, strict=True)) for x in range(size))
+    return widest, cover
+
+
+def _adaptive_sizes(op: AdaptiveAvgPoolOp) -> tuple[int, int]:
+    (kh, ch), (kw, cw) = (adaptive_windows(op.in_shape[1 + i], op.output_size[i])
+                          for i in range(2))
+    return kh * kw, ch * cw
+
+
+def cost_adaptive_pool(op: AdaptiveAvgPoolOp) -> int:
+    return numel(op.out_shape) * _adaptive_sizes(op)[0]
+
+
+def terms_adaptive_pool(op: AdaptiveAvgPoolOp) -> tuple[int, int, int]:
+    # forward: a sum of k terms and a division; transpose: a division and a sum per window an
+    # input lies in (counted generously, as for AvgPool2d)
+    k, cover = _adaptive_sizes(op)
+    return k + 1, 2 * max(k, cover), 1
+
+
+# --- rules: Flatten ---------------------------------------------------------------------------
 
 
 def forward_flatten(op: FlattenOp, x: Tensor) -> Tensor:
@@ -495,11 +582,23 @@ def terms_exact(op: Op) -> tuple[int, int, int]:
     return 0, 0, 0
 
 
-# --- ReLU (forward only; relaxations elsewhere) ----------------------------------------------
+# --- activations (forward only; relaxations in certify.bounds.relaxations) ------------------
 
 
 def forward_relu(op: ReluOp, x: Tensor) -> Tensor:
     return torch.relu(x)
+
+
+def forward_leaky_relu(op: LeakyReluOp, x: Tensor) -> Tensor:
+    return F.leaky_relu(x, op.negative_slope)
+
+
+def forward_sigmoid(op: SigmoidOp, x: Tensor) -> Tensor:
+    return torch.sigmoid(x)
+
+
+def forward_tanh(op: TanhOp, x: Tensor) -> Tensor:
+    return torch.tanh(x)
 
 
 # --- MaxPool2d (forward only; relaxation in certify.bounds.maxpool) ----------------------------
@@ -539,6 +638,9 @@ RULES: dict[type, OpRules] = {
                           backward_window_scale_shift, window_same),
     AvgPoolOp: OpRules(forward_avg_pool, forward_avg_pool, forward_avg_pool, backward_avg_pool,
                        cost_avg_pool, terms_avg_pool),
+    AdaptiveAvgPoolOp: OpRules(forward_adaptive_pool, forward_adaptive_pool,
+                               forward_adaptive_pool, backward_adaptive_pool, cost_adaptive_pool,
+                               terms_adaptive_pool),
     FlattenOp: OpRules(forward_flatten, forward_flatten, forward_flatten, backward_flatten,
                        cost_elementwise, terms_exact),
     # A permutation moves values: exact (terms 0), its own |L| and its transpose the inverse.
@@ -548,6 +650,9 @@ RULES: dict[type, OpRules] = {
     SpecRows: OpRules(forward_spec_linear, linear_spec_linear, abs_linear_spec_linear, None,
                           cost_spec_linear, terms_spec_linear),
     ReluOp: OpRules(forward_relu, None, None, None, cost_elementwise, terms_exact),
+    LeakyReluOp: OpRules(forward_leaky_relu, None, None, None, cost_elementwise, terms_exact),
+    SigmoidOp: OpRules(forward_sigmoid, None, None, None, cost_elementwise, terms_exact),
+    TanhOp: OpRules(forward_tanh, None, None, None, cost_elementwise, terms_exact),
     MaxPoolOp: OpRules(forward_max_pool, None, None, None, cost_max_pool, terms_exact),
 }
 
@@ -565,7 +670,7 @@ def abs_op(op: _AnyOp) -> _AnyOp:
     """The op with absolute weights, scales and biases and no error fields: ``|L| x + |b|``."""
     main = _main_fields(op)
     if not main:
-        return op  # AvgPool (nonnegative), Flatten, ReLU, MaxPool
+        return op  # pooling (nonnegative), reshapes, permutations, activations, MaxPool
     changes: dict[str, Any] = {}
     for name in main:
         t = getattr(op, name)
@@ -737,28 +842,91 @@ def _convert_max_pool(m: nn.MaxPool2d, shape: Shape) -> Op:
     return MaxPoolOp(kernel, stride, padding, shape, (shape[0], h, w))
 
 
+def _sample_dim(dim: int, rank: int, what: str) -> int:
+    """A dimension of the batched tensor `(N, *shape)` (rank ``rank + 1``) as an index into
+    `shape`; the batch dimension itself is refused."""
+    full = dim + rank + 1 if dim < 0 else dim
+    if not 1 <= full <= rank:
+        raise UnsupportedConfig(f"{what}={dim}; only dimensions after the batch (1..{rank}, or "
+                                "negative) have a rule")
+    return full - 1
+
+
 def _convert_flatten(m: nn.Flatten, shape: Shape) -> Op:
-    if m.start_dim != 1 or m.end_dim != -1:
-        raise UnsupportedConfig(f"start_dim={m.start_dim}, end_dim={m.end_dim}; only "
-                                "Flatten(1, -1) has a rule")
-    return FlattenOp(shape, (prod(shape),))
+    start = _sample_dim(m.start_dim, len(shape), "start_dim")
+    end = _sample_dim(m.end_dim, len(shape), "end_dim")
+    if end < start:
+        raise UnsupportedConfig(f"start_dim={m.start_dim} after end_dim={m.end_dim}")
+    return reshape_op(shape, (*shape[:start], prod(shape[start:end + 1]), *shape[end + 1:]))
+
+
+def _convert_unflatten(m: nn.Unflatten, shape: Shape) -> Op:
+    if not isinstance(m.dim, int):
+        raise UnsupportedConfig(f"dim={m.dim!r}; only an integer dimension has a rule")
+    dim = _sample_dim(m.dim, len(shape), "dim")
+    sizes = tuple(int(v) for v in m.unflattened_size)
+    if sizes.count(-1) > 1 or any(v < 1 and v != -1 for v in sizes):
+        raise UnsupportedConfig(f"unflattened_size={sizes}")
+    known = prod(v for v in sizes if v != -1)
+    if shape[dim] % known:
+        raise ShapeMismatch(f"cannot unflatten {shape[dim]} values into {sizes}")
+    sizes = tuple(shape[dim] // known if v == -1 else v for v in sizes)
+    if prod(sizes) != shape[dim]:
+        raise ShapeMismatch(f"cannot unflatten {shape[dim]} values into {sizes}")
+    return reshape_op(shape, (*shape[:dim], *sizes, *shape[dim + 1:]))
+
+
+def _convert_adaptive_avg_pool(m: nn.AdaptiveAvgPool2d, shape: Shape) -> Op:
+    if len(shape) != 3:
+        raise ShapeMismatch(f"expects (C, H, W) inputs, gets {shape}")
+    size: Any = m.output_size
+    pair = (size, size) if isinstance(size, int) or size is None else tuple(size)
+    out = tuple(shape[1 + i] if pair[i] is None else int(pair[i]) for i in range(2))
+    if min(out) < 1:
+        raise UnsupportedConfig(f"output_size={size}")
+    return AdaptiveAvgPoolOp((out[0], out[1]), shape, (shape[0], out[0], out[1]))
 
 
 def _convert_relu(m: nn.ReLU, shape: Shape) -> Op:
     return ReluOp(shape, shape)
 
 
+def reshape_op(in_shape: Shape, out_shape: Shape) -> Op:
+    """The op of a per-sample reshape (values kept in row-major order), whatever layer asks
+    for it (a partial ``nn.Flatten``, ``nn.Unflatten``, certify's ``Reshape``): a
+    :class:`FlattenOp` to a vector, else the :class:`PermuteOp` that moves no dimension."""
+    if len(out_shape) == 1:
+        return FlattenOp(in_shape, out_shape)
+    return PermuteOp(tuple(range(len(out_shape))), in_shape, out_shape)
+
+
 def _convert_reshape(m: Reshape, shape: Shape) -> Op:
     if prod(m.shape) != prod(shape):
         raise ShapeMismatch(f"re-shapes {prod(m.shape)} values per sample to {m.shape}, gets "
                             f"{shape} ({prod(shape)} values)")
-    return PermuteOp(tuple(range(len(m.shape))), shape, m.shape)
+    return reshape_op(shape, m.shape)
 
 
 def _convert_permute(m: Permute, shape: Shape) -> Op:
     if len(m.dims) != len(shape):
         raise ShapeMismatch(f"permutes {len(m.dims)} dimensions per sample, gets {shape}")
     return PermuteOp(m.dims, shape, tuple(shape[d] for d in m.dims))
+
+
+def _convert_leaky_relu(m: nn.LeakyReLU, shape: Shape) -> Op:
+    slope = float(m.negative_slope)
+    if not 0.0 <= slope <= 1.0:
+        raise UnsupportedConfig(f"negative_slope={slope}; only slopes in [0, 1] (a convex, "
+                                "monotone LeakyReLU) have a rule")
+    return LeakyReluOp(slope, shape, shape)
+
+
+def _convert_sigmoid(m: nn.Sigmoid, shape: Shape) -> Op:
+    return SigmoidOp(shape, shape)
+
+
+def _convert_tanh(m: nn.Tanh, shape: Shape) -> Op:
+    return TanhOp(shape, shape)
 
 
 def _skip(m: nn.Module, shape: Shape) -> None:
@@ -769,17 +937,23 @@ CONVERTERS: dict[type[nn.Module], Converter] = {
     nn.Linear: _convert_linear,
     nn.Conv2d: _convert_conv,
     nn.ReLU: _convert_relu,
+    nn.LeakyReLU: _convert_leaky_relu,
+    nn.Sigmoid: _convert_sigmoid,
+    nn.Tanh: _convert_tanh,
     nn.Flatten: _convert_flatten,
+    nn.Unflatten: _convert_unflatten,
     Normalize: _convert_normalize,
     nn.BatchNorm2d: _convert_batch_norm,
     nn.AvgPool2d: _convert_avg_pool,
+    nn.AdaptiveAvgPool2d: _convert_adaptive_avg_pool,
     nn.MaxPool2d: _convert_max_pool,
     nn.Dropout: _skip,
     nn.Identity: _skip,
     Reshape: _convert_reshape,
     Permute: _convert_permute,
 }
-SUPPORTED = ("Linear, Conv2d, ReLU, Flatten, Normalize, BatchNorm2d (eval statistics), AvgPool2d, "
+SUPPORTED = ("Linear, Conv2d, ReLU, LeakyReLU (slope in [0, 1]), Sigmoid, Tanh, Flatten, "
+             "Unflatten, Normalize, BatchNorm2d (eval statistics), AvgPool2d, AdaptiveAvgPool2d, "
              "MaxPool2d (dilation 1, ceil_mode=False), Dropout and Identity (identity), nested "
              "Sequential, Reshape and Permute (certify.nets.layers)")
 

@@ -79,6 +79,7 @@ from certify.bounds.encoding import (
     cast_outward,
     encode,
     model_perturbations,
+    require_exact_encoding,
     sample_programs,
     widen,
 )
@@ -214,6 +215,7 @@ class MILP(MethodBase):
         """Bounds of `spec @ net(x)` over `[x_lo, x_hi]`; see :func:`compute_bounds`."""
         if spec is None:
             raise ValueError("pass a specification; compute_bounds supplies the identity")
+        require_exact_encoding(net)  # it claims exactness: no relaxed Sigmoid/Tanh
         check_solver()
         deadline = None if self.budget is None else time.perf_counter() + self.budget
         f64, cpu = torch.float64, torch.device("cpu")

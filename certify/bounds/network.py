@@ -85,8 +85,9 @@ class Network:
     @property
     def activation_positions(self) -> tuple[int, ...]:
         """Indices of the activation ops (rows of
-        :data:`~certify.bounds.relaxations.ACTIVATIONS`: ReLU, and MaxPool2d, which is relaxed
-        over bounds of its input too); their inputs are the pre-activations to bound."""
+        :data:`~certify.bounds.relaxations.ACTIVATIONS`: ReLU, LeakyReLU, Sigmoid, Tanh, and
+        MaxPool2d, which is relaxed over bounds of its input too); their inputs are the
+        pre-activations to bound."""
         from certify.bounds.relaxations import is_activation
 
         return tuple(i for i, op in enumerate(self.layers) if is_activation(op))

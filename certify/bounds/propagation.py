@@ -24,9 +24,9 @@ Intermediate (pre-activation) bounds are computed layer by layer. A layer reache
 most one mixing op (Linear, Conv2d, AvgPool2d) and no ReLU is bounded exactly by intervals.
 Every other layer gets its interval bound intersected with the linear bound of its unstable
 neurons, those its row's ``tighten`` names (both are sound, so their intersection is). An
-"activation" is any op relaxed over bounds of its input: ReLU, and MaxPool2d, whose rows on a
-spatial window are made dense before it. The linear bound comes from backward mode,
-or from forward mode where the two are provably equal and forward is cheaper
+"activation" is any op relaxed over bounds of its input: ReLU, LeakyReLU, Sigmoid, Tanh, and
+MaxPool2d, whose rows on a spatial window are made dense before it. The linear bound comes
+from backward mode, or from forward mode where the two are provably equal and forward is cheaper
 (``intermediate_mode="auto"``, the default; see :func:`forward_is_exact`), or always from
 forward mode (``"forward"``: sound, but looser beyond the second ReLU layer because it chooses
 the lower or upper line per path instead of per neuron -- on a random ``wk-large`` at eps 0.01

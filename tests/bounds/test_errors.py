@@ -19,8 +19,8 @@ def test_unsupported_layer_is_named_with_the_supported_ones():  # type: ignore[n
                        r".*supported: Linear, Conv2d, ReLU") as info:
         compute_bounds(model, x, x, "crown")
     assert "certify/bounds/layers.py" in str(info.value)
-    nested = nn.Sequential(nn.Flatten(), nn.Sequential(nn.Linear(4, 3), nn.Tanh()))
-    with pytest.raises(UnsupportedLayerError, match=r"'1.1' \(Tanh\)"):
+    nested = nn.Sequential(nn.Flatten(), nn.Sequential(nn.Linear(4, 3), nn.GELU()))
+    with pytest.raises(UnsupportedLayerError, match=r"'1.1' \(GELU\)"):
         to_network(nested, (1, 2, 2))
 
 
@@ -30,7 +30,8 @@ def test_unsupported_layer_is_named_with_the_supported_ones():  # type: ignore[n
     (nn.Conv2d(1, 2, 3, padding=1, padding_mode="circular"), "circular"),
     (nn.Conv2d(1, 2, 2, padding="same"), "even kernel"),
     (nn.BatchNorm2d(1, track_running_stats=False), "running statistics"),
-    (nn.Flatten(2), "start_dim=2"),
+    (nn.Flatten(0), "start_dim=0"),
+    (nn.LeakyReLU(-0.1), "negative_slope=-0.1"),
 ])
 def test_unsupported_configurations(layer, match):  # type: ignore[no-untyped-def]
     shape = (2, 6, 6) if getattr(layer, "groups", 1) == 2 else (1, 6, 6)

@@ -254,6 +254,36 @@ def test_solver_methods_sound(method, dtype):  # type: ignore[no-untyped-def]
         assert_sound(model, x_lo, x_hi, x, spec, method, dtype)
 
 
+@pytest.mark.solver
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", SOLVER)
+def test_solver_methods_cover_the_model_as_it_runs(method, dtype):  # type: ignore[no-untyped-def]
+    """margin_bounds of the LP/MILP (model_rounding) on the model as it runs: the chain after a
+    MaxPool takes the MaxPool's output box (its shape, not its input's), whether the MaxPool
+    is the last activation or a LeakyReLU follows it."""
+    pytest.importorskip("cvxpy")
+    for variant, pool in ((0, POOLS[2]), (1, POOLS[4]), (2, POOLS[0])):
+        if variant < 2:
+            model, in_shape = _tiny_pool_cnn(5 + variant, pool, variant)
+        else:
+            model = _init(nn.Sequential(
+                Normalize([0.4], [0.3]), nn.Conv2d(1, 2, 2), nn.ReLU(), nn.MaxPool2d(*pool),
+                nn.Flatten(), nn.Linear(2, 4), nn.LeakyReLU(0.1), nn.Linear(4, 3)),
+                torch.Generator().manual_seed(7))
+            in_shape = (1, 4, 4)
+        model = model.to(dtype)
+        gen = torch.Generator().manual_seed(variant)
+        x = torch.rand(2, *in_shape, generator=gen).to(dtype)
+        y = torch.tensor([0, 1])
+        eps = torch.tensor([0.05, 0.2], dtype=dtype)
+        bounds = margin_bounds(model, x, y, eps, method)
+        x_lo, x_hi = LinfBall(x, eps).box()
+        spec = margin_spec(y, 3).to(dtype)
+        with torch.no_grad():
+            values = spec_values(model, all_points(model, x_lo, x_hi, spec, x), spec)
+        assert bounds.contains(values, atol=SOUND_ATOL[dtype]).all(), (method, variant)
+
+
 def _tiny_pool_cnn(seed: int, pool: tuple, variant: int) -> tuple[nn.Sequential, tuple]:
     """At most ~20 ReLUs (for the LP/MILP)."""
     gen = torch.Generator().manual_seed(seed)

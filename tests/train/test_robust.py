@@ -406,9 +406,9 @@ class _Pairs:
 def test_unsupported_layer_fails_before_training() -> None:
     from certify.errors import UnsupportedLayerError
 
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10), torch.nn.Tanh())
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10), torch.nn.GELU())
     x, y = _batch(8)
-    with pytest.raises(UnsupportedLayerError, match="Tanh"):
+    with pytest.raises(UnsupportedLayerError, match="GELU"):
         robust_fit(model, _Pairs(x, y), None, TrainConfig(epochs=1),
                    RobustConfig("crown-ibp", EpsSchedule(EPS)), quiet=True)
 
