@@ -97,8 +97,10 @@ def test_verify_decides_by_the_confirming_native_bound(liars: None) -> None:
     spec = margin_spec(torch.tensor([label]), 4).double()
     eps = crown_proves_ibp_does_not(model, x, spec, np.geomspace(1e-3, 0.3, 40))
     prop = parse_vnnlib(robustness_vnnlib(x, label, 4, eps))
-    unconfirmed = verify(model, prop, timeout=5, methods=("liar",), use_milp=False)
-    by_ibp = verify(model, prop, timeout=5, methods=("liar-ibp",), use_milp=False)
-    by_crown = verify(model, prop, timeout=20, methods=("liar-crown",), use_milp=False)
+    unconfirmed = verify(model, prop, timeout=5, methods=("liar",), use_milp=False, use_bab=False)
+    by_ibp = verify(model, prop, timeout=5, methods=("liar-ibp",), use_milp=False,
+                    use_bab=False)
+    by_crown = verify(model, prop, timeout=20, methods=("liar-crown",), use_milp=False,
+                      use_bab=False)
     assert unconfirmed.result == "unknown" and by_ibp.result == "unknown"
     assert by_crown.result == "unsat"
