@@ -181,6 +181,16 @@ def onnx_input_dims(proto: Any) -> tuple[int | None, ...] | None:
                  for d in list(dims)[1:])
 
 
+@dataclass(frozen=True)
+class _Window:
+    """A 2-D pooling window: kernel, stride, symmetric padding, and the (C, H, W) it gives."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    out_shape: tuple[int, int, int]
+
+
 @dataclass
 class _Affine:
     """A pending elementwise map ``x * scale + shift`` (float64, arrays of the feature shape)."""
@@ -708,7 +718,10 @@ class _Converter:
         self._flush(where)
         self._emit("tanh", nn.Tanh())
 
-    def _avgpool(self, node: Any, where: str) -> None:
+    def _pool_window(self, node: Any, where: str) -> tuple[dict[str, Any], _Window]:
+        """The attributes and the window of an AveragePool or MaxPool on (N, C, H, W) data:
+        2-D kernel, strides, symmetric padding (at most half the kernel) and output shape,
+        refusing what the pooling layers do not support (ceil_mode=1, dilations other than 1)."""
         attrs = _attributes(node)
         if len(self.shape) != 3:
             raise UnsupportedLayerError(f"{where} needs (N, C, H, W) data.")
@@ -725,37 +738,26 @@ class _Converter:
         pad = _pads_2d(attrs, (h, w), (kernel[0], kernel[1]), strides, where)
         if any(2 * p > k for p, k in zip(pad, kernel, strict=True)):
             raise UnsupportedLayerError(f"{where}: padding {pad} larger than half the kernel.")
+        out = (c, (h + 2 * pad[0] - kernel[0]) // strides[0] + 1,
+               (w + 2 * pad[1] - kernel[1]) // strides[1] + 1)
+        return attrs, _Window((kernel[0], kernel[1]), (strides[0], strides[1]), pad, out)
+
+    def _avgpool(self, node: Any, where: str) -> None:
+        attrs, win = self._pool_window(node, where)
         self._flush(where)
         include_pad = bool(attrs.get("count_include_pad", 0))
-        self._emit("pool", nn.AvgPool2d(tuple(kernel), stride=tuple(strides), padding=pad,
+        self._emit("pool", nn.AvgPool2d(win.kernel, stride=win.stride, padding=win.padding,
                                         count_include_pad=include_pad))
-        self.shape = (c, (h + 2 * pad[0] - kernel[0]) // strides[0] + 1,
-                      (w + 2 * pad[1] - kernel[1]) // strides[1] + 1)
+        self.shape = win.out_shape
 
     def _maxpool(self, node: Any, where: str) -> None:
-        attrs = _attributes(node)
-        if len(self.shape) != 3:
-            raise UnsupportedLayerError(f"{where} needs (N, C, H, W) data.")
-        kernel = [int(k) for k in attrs.get("kernel_shape", [])]
-        if len(kernel) != 2:
-            raise UnsupportedLayerError(f"{where}: attribute kernel_shape={kernel} is not 2-D.")
-        if attrs.get("ceil_mode", 0):
-            raise UnsupportedLayerError(f"{where}: attribute ceil_mode=1 is not supported.")
-        if any(d != 1 for d in attrs.get("dilations", [1, 1])):
-            raise UnsupportedLayerError(f"{where}: attribute dilations={attrs['dilations']} is not "
-                                        "supported.")
         if len(node.output) > 1 and node.output[1] and node.output[1] in self.consumers:
             raise UnsupportedLayerError(f"{where}: its Indices output is used; only the pooled "
                                         "values are supported.")
-        strides = [int(s) for s in attrs.get("strides", [1, 1])]
-        c, h, w = self.shape
-        pad = _pads_2d(attrs, (h, w), (kernel[0], kernel[1]), strides, where)
-        if any(2 * p > k for p, k in zip(pad, kernel, strict=True)):
-            raise UnsupportedLayerError(f"{where}: padding {pad} larger than half the kernel.")
+        _, win = self._pool_window(node, where)
         self._flush(where)  # max does not commute with a pending elementwise map
-        self._emit("maxpool", nn.MaxPool2d(tuple(kernel), stride=tuple(strides), padding=pad))
-        self.shape = (c, (h + 2 * pad[0] - kernel[0]) // strides[0] + 1,
-                      (w + 2 * pad[1] - kernel[1]) // strides[1] + 1)
+        self._emit("maxpool", nn.MaxPool2d(win.kernel, stride=win.stride, padding=win.padding))
+        self.shape = win.out_shape
         if min(self.shape) < 1:
             raise UnsupportedLayerError(f"{where} gives an empty output {self.shape}.")
 

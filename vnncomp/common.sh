@@ -25,6 +25,21 @@ check_version() {
     fi
 }
 
+# check_arguments COUNT USAGE "$@": the version string first, then exactly COUNT arguments
+# (else USAGE and exit 1); sets CATEGORY, ONNX and VNNLIB from arguments 2 to 4.
+check_arguments() {
+    local count="$1" usage="$2"
+    shift 2
+    check_version "${1:-}"
+    if [ $# -ne "$count" ]; then
+        echo "usage: $usage (got $# arguments)" >&2
+        exit 1
+    fi
+    CATEGORY="$2"
+    ONNX="$3"
+    VNNLIB="$4"
+}
+
 # The interpreter: $CERTIFY_PYTHON, else the one in the shebang of `certify` on PATH, else python3.
 find_python() {
     if [ -n "${CERTIFY_PYTHON:-}" ]; then

@@ -8,14 +8,7 @@
 set -u
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-check_version "${1:-}"
-if [ $# -ne 4 ]; then
-    echo "usage: prepare_instance.sh v1 CATEGORY ONNX VNNLIB (got $# arguments)" >&2
-    exit 1
-fi
-CATEGORY="$2"
-ONNX="$3"
-VNNLIB="$4"
+check_arguments 4 "prepare_instance.sh v1 CATEGORY ONNX VNNLIB" "$@"
 
 stop_previous
 

@@ -9,14 +9,7 @@ set -u
 STARTED="$(date +%s.%N)"
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-check_version "${1:-}"
-if [ $# -ne 6 ]; then
-    echo "usage: run_instance.sh v1 CATEGORY ONNX VNNLIB RESULTS_FILE TIMEOUT (got $# arguments)" >&2
-    exit 1
-fi
-CATEGORY="$2"
-ONNX="$3"
-VNNLIB="$4"
+check_arguments 6 "run_instance.sh v1 CATEGORY ONNX VNNLIB RESULTS_FILE TIMEOUT" "$@"
 RESULTS="$5"
 TIMEOUT="$6"
 

@@ -1,8 +1,10 @@
 """Helpers for the bound-engine tests: generated networks and boxes, sampled and attacked
-points, and an independent dense reference of the backward bound.
+points, the shared soundness and ordering checks, and an independent dense reference of the
+backward bound.
 
-Nothing here imports the engine's propagation code: the reference works on dense matrices
-taken from the ``nn.Module`` blocks themselves (by their Jacobians), so agreeing with it is
+The checks call the engine only through :func:`certify.bounds.compute_bounds` (the thing under
+test); the references import none of its propagation code: they work on dense matrices taken
+from the ``nn.Module`` blocks themselves (by their Jacobians), so agreeing with them is
 evidence, not a tautology.
 """
 
@@ -13,27 +15,35 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
+from certify.bounds import compute_bounds
 from certify.nets import Normalize
 from certify.spec import LinfBall
+
+F64 = torch.float64
+# slack of the soundness checks, relative to the largest reachable value (the reference
+# values are the model's own floating-point outputs)
+SOUND_ATOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 # --- generated networks ----------------------------------------------------------------------
 
 
-def _init(model: nn.Module, gen: torch.Generator, gain: float = 1.0) -> nn.Module:
-    """Random weights with fan-in scaling (outputs of order one), random eval BatchNorm stats."""
+def init_weights(model: nn.Module, gen: torch.Generator, gain: float = 1.0,
+                 bias_scale: float = 0.3) -> nn.Sequential:
+    """Random weights with fan-in scaling (times `gain`: outputs of order one for 1), biases of
+    scale `bias_scale`, random eval BatchNorm stats (negative scales too); in eval mode."""
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             fan_in = m.weight[0].numel()
             m.weight.data = torch.randn(m.weight.shape, generator=gen) * gain / fan_in**0.5
             if m.bias is not None:
-                m.bias.data = torch.randn(m.bias.shape, generator=gen) * 0.3
+                m.bias.data = torch.randn(m.bias.shape, generator=gen) * bias_scale
         elif isinstance(m, nn.BatchNorm2d):
             c = m.num_features
             m.running_mean = torch.randn(c, generator=gen) * 0.3
             m.running_var = torch.rand(c, generator=gen) + 0.5
             m.weight.data = torch.randn(c, generator=gen)  # negative scales too
             m.bias.data = torch.randn(c, generator=gen) * 0.3
-    return model.eval()
+    return model.eval()  # type: ignore[return-value]
 
 
 def make_mlp(seed: int, widths: list[int], *, in_shape: tuple[int, int, int] = (1, 4, 4),
@@ -52,7 +62,7 @@ def make_mlp(seed: int, widths: list[int], *, in_shape: tuple[int, int, int] = (
         layers[f"drop{i}"] = nn.Dropout(0.5) if i % 2 == 0 else nn.Identity()
         features = w
     layers["out"] = nn.Linear(features, classes)
-    return _init(nn.Sequential(layers), gen)
+    return init_weights(nn.Sequential(layers), gen)
 
 
 def make_cnn(seed: int, variant: int = 0, *, classes: int = 4) -> tuple[nn.Sequential,
@@ -87,7 +97,7 @@ def make_cnn(seed: int, variant: int = 0, *, classes: int = 4) -> tuple[nn.Seque
     model.add_module("fc1", nn.Linear(features, 6))
     model.add_module("relu_fc1", nn.ReLU())
     model.add_module("out", nn.Linear(6, classes))
-    return _init(model, gen), in_shape
+    return init_weights(model, gen), in_shape
 
 
 def make_box(seed: int, n: int, in_shape: tuple[int, ...], eps_max: float,
@@ -150,6 +160,50 @@ def all_points(model: nn.Module, x_lo: Tensor, x_hi: Tensor, spec: Tensor, x: Te
     corners = torch.where(c < 0.5, x_lo, x_hi)
     return torch.cat([uniform, corners, pgd_points(model, x_lo, x_hi, spec, seed=seed),
                       x[None]])
+
+
+# --- shared checks ---------------------------------------------------------------------------
+
+
+def assert_sound(model: nn.Module, x_lo: Tensor, x_hi: Tensor, x: Tensor, spec: Tensor,
+                 method: str, dtype: torch.dtype, **options: object):  # type: ignore[no-untyped-def]
+    """`method`'s bounds of ``spec @ model(x)`` over the box (computed on the model cast to
+    `dtype`) have that dtype and shape, are ordered, and contain the values at
+    :func:`all_points` up to ``SOUND_ATOL[dtype]`` relative. Returns the bounds."""
+    model = model.to(dtype)
+    bounds = compute_bounds(model, x_lo, x_hi, method, spec, **options)
+    assert bounds.lower.dtype == dtype and bounds.lower.shape == spec.shape[:2]
+    points = all_points(model, x_lo, x_hi, spec, x)
+    with torch.no_grad():
+        values = spec_values(model, points, spec)
+    atol = SOUND_ATOL[dtype] * (1 + values.abs().max().item())
+    low = (values < bounds.lower - atol).nonzero()
+    high = (values > bounds.upper + atol).nonzero()
+    assert low.numel() == 0, (f"{method}: lower bound above a reachable value at {low[:3]}: "
+                              f"{(bounds.lower - values).max().item():.3g}")
+    assert high.numel() == 0, (f"{method}: upper bound below a reachable value at {high[:3]}: "
+                               f"{(values - bounds.upper).max().item():.3g}")
+    assert (bounds.lower <= bounds.upper + atol).all()
+    return bounds
+
+
+def tol(*tensors: Tensor) -> float:
+    """Slack of the float64 orderings: ``1e-9`` relative to the largest bound compared."""
+    return 1e-9 * (1 + max(t.abs().max().item() for t in tensors))
+
+
+def assert_alpha_crown_never_looser(model: nn.Module, in_shape: tuple[int, ...], seed: int,
+                                    eps: float, *, classes: int, steps: int) -> None:
+    """alpha-CROWN (`steps` steps) is never looser than CROWN: it starts from CROWN's slopes
+    and keeps each row's best sound bound. Float64, a generated box of 3 samples, 3 rows."""
+    model = model.double()
+    x_lo, x_hi, _ = make_box(seed, 3, in_shape, eps, F64)
+    spec = random_spec(seed, 3, 3, classes, F64)
+    crown = compute_bounds(model, x_lo, x_hi, "crown", spec)
+    alpha = compute_bounds(model, x_lo, x_hi, "alpha-crown", spec, steps=steps)
+    t = tol(crown.lower, crown.upper)
+    assert (alpha.lower >= crown.lower - t).all()
+    assert (alpha.upper <= crown.upper + t).all()
 
 
 # --- an independent dense reference ----------------------------------------------------------

@@ -18,7 +18,17 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from bound_helpers import all_points, make_box, random_spec, spec_values
+from bound_helpers import (
+    F64,
+    SOUND_ATOL,
+    all_points,
+    assert_alpha_crown_never_looser,
+    assert_sound,
+    init_weights,
+    make_box,
+    random_spec,
+    spec_values,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -37,9 +47,7 @@ from certify.errors import SpecError, UnsupportedLayerError
 from certify.nets import Normalize
 from certify.spec import LinfBall, margin_spec
 
-F64 = torch.float64
 DTYPES = [torch.float32, torch.float64]
-SOUND_ATOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 # bab (complete, ReLU splits only) has its own tests: tests/bounds/test_bab.py
 FAST = list_methods(uses_solver=False, external=False, is_complete=False)
 SOLVER = list_methods(uses_solver=True, external=False)
@@ -51,21 +59,6 @@ POOLS = [((2, 2), (2, 2), (0, 0)), ((3, 3), (1, 1), (1, 1)), ((2, 2), (1, 1), (0
 
 
 # --- generated networks ----------------------------------------------------------------------
-
-
-def _init(model: nn.Module, gen: torch.Generator) -> nn.Sequential:
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            m.weight.data = torch.randn(m.weight.shape, generator=gen) / m.weight[0].numel()**0.5
-            if m.bias is not None:
-                m.bias.data = torch.randn(m.bias.shape, generator=gen) * 0.3
-        elif isinstance(m, nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean = torch.randn(c, generator=gen) * 0.3
-            m.running_var = torch.rand(c, generator=gen) + 0.5
-            m.weight.data = torch.randn(c, generator=gen)  # negative scales too
-            m.bias.data = torch.randn(c, generator=gen) * 0.3
-    return model.eval()  # type: ignore[return-value]
 
 
 def make_pool_cnn(seed: int, pool: tuple, variant: int, *, classes: int = 3
@@ -103,25 +96,10 @@ def make_pool_cnn(seed: int, pool: tuple, variant: int, *, classes: int = 3
         model.add_module("relu_fc1", nn.ReLU())
         features = 5
     model.add_module("out", nn.Linear(features, classes))
-    return _init(model, gen), in_shape
+    return init_weights(model, gen), in_shape
 
 
 pool_st = st.sampled_from(POOLS)
-
-
-def assert_sound(model: nn.Module, x_lo: Tensor, x_hi: Tensor, x: Tensor, spec: Tensor,
-                 method: str, dtype: torch.dtype, **options: object) -> None:
-    model = model.to(dtype)
-    bounds = compute_bounds(model, x_lo, x_hi, method, spec, **options)
-    assert bounds.lower.dtype == dtype and bounds.lower.shape == spec.shape[:2]
-    points = all_points(model, x_lo, x_hi, spec, x)
-    with torch.no_grad():
-        values = spec_values(model, points, spec)
-    atol = SOUND_ATOL[dtype] * (1 + values.abs().max().item())
-    low = (values < bounds.lower - atol).nonzero()
-    high = (values > bounds.upper + atol).nonzero()
-    assert low.numel() == 0, f"{method}: lower bound above a reachable value at {low[:3]}"
-    assert high.numel() == 0, f"{method}: upper bound below a reachable value at {high[:3]}"
 
 
 # --- the converter ---------------------------------------------------------------------------
@@ -266,7 +244,7 @@ def test_solver_methods_cover_the_model_as_it_runs(method, dtype):  # type: igno
         if variant < 2:
             model, in_shape = _tiny_pool_cnn(5 + variant, pool, variant)
         else:
-            model = _init(nn.Sequential(
+            model = init_weights(nn.Sequential(
                 Normalize([0.4], [0.3]), nn.Conv2d(1, 2, 2), nn.ReLU(), nn.MaxPool2d(*pool),
                 nn.Flatten(), nn.Linear(2, 4), nn.LeakyReLU(0.1), nn.Linear(4, 3)),
                 torch.Generator().manual_seed(7))
@@ -297,7 +275,7 @@ def _tiny_pool_cnn(seed: int, pool: tuple, variant: int) -> tuple[nn.Sequential,
     features = model(torch.zeros(1, 1, 4, 4)).numel()
     model.append(nn.Flatten())
     model.append(nn.Linear(features, 3))
-    return _init(model, gen), (1, 4, 4)
+    return init_weights(model, gen), (1, 4, 4)
 
 
 @pytest.mark.parametrize("method", FAST)
@@ -495,14 +473,7 @@ def test_forward_mode_equals_backward_where_exact(seed, pool, variant):  # type:
        eps=st.sampled_from([0.05, 0.3]))
 def test_alpha_crown_never_looser_than_crown(seed, pool, variant, eps):  # type: ignore[no-untyped-def]
     model, in_shape = make_pool_cnn(seed, pool, variant)
-    model = model.double()
-    x_lo, x_hi, _ = make_box(seed, 3, in_shape, eps, F64)
-    spec = random_spec(seed, 3, 3, 3, F64)
-    crown = compute_bounds(model, x_lo, x_hi, "crown", spec)
-    alpha = compute_bounds(model, x_lo, x_hi, "alpha-crown", spec, steps=6)
-    t = 1e-9 * (1 + crown.lower.abs().max().item() + crown.upper.abs().max().item())
-    assert (alpha.lower >= crown.lower - t).all()
-    assert (alpha.upper <= crown.upper + t).all()
+    assert_alpha_crown_never_looser(model, in_shape, seed, eps, classes=3, steps=6)
 
 
 @pytest.mark.solver

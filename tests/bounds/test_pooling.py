@@ -14,32 +14,25 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from bound_helpers import all_points, make_box, random_spec, spec_values
+from bound_helpers import F64, assert_sound, init_weights, make_box, random_spec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from certify.bounds import compute_bounds, list_methods, to_network
+from certify.bounds import list_methods, to_network
 from certify.bounds.layers import RULES, AdaptiveAvgPoolOp, interval_affine
 from certify.bounds.rounding import gamma
 from certify.errors import SpecError, UnsupportedLayerError
 from certify.nets import Normalize
 from certify.radius import certified_radii
 
-F64 = torch.float64
 DTYPES = [torch.float32, torch.float64]
 # branch and bound (complete, budgeted) has its own tests: tests/bounds/test_bab.py
 FAST = list_methods(uses_solver=False, external=False, is_complete=False)
-SOUND_ATOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
 def init(model: nn.Module, seed: int) -> nn.Sequential:
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            m.weight.data = torch.randn(m.weight.shape, generator=gen) / m.weight[0].numel()**0.5
-            m.bias.data = torch.randn(m.bias.shape, generator=gen) * 0.3
-    return model.eval()  # type: ignore[return-value]
+    return init_weights(model, torch.Generator().manual_seed(seed))
 
 
 def pooling_net(seed: int, variant: int) -> tuple[nn.Sequential, tuple[int, ...]]:
@@ -65,17 +58,6 @@ def pooling_net(seed: int, variant: int) -> tuple[nn.Sequential, tuple[int, ...]
                   nn.ReLU(), nn.Flatten(1, 2), nn.Unflatten(1, (1, -1)), nn.Flatten(),
                   nn.Linear(2, 4)]
     return init(nn.Sequential(*layers), seed), (2, 7, 7)
-
-
-def assert_sound(model, x_lo, x_hi, x, spec, method, dtype):  # type: ignore[no-untyped-def]
-    model = model.to(dtype)
-    bounds = compute_bounds(model, x_lo, x_hi, method, spec)
-    points = all_points(model, x_lo, x_hi, spec, x)
-    with torch.no_grad():
-        values = spec_values(model, points, spec)
-    atol = SOUND_ATOL[dtype] * (1 + values.abs().max().item())
-    assert (values >= bounds.lower - atol).all(), method
-    assert (values <= bounds.upper + atol).all(), method
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

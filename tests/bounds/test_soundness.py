@@ -8,35 +8,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bound_helpers import all_points, make_box, make_cnn, make_mlp, random_spec, spec_values
+from bound_helpers import (
+    SOUND_ATOL,
+    all_points,
+    assert_sound,
+    make_box,
+    make_cnn,
+    make_mlp,
+    random_spec,
+    spec_values,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from certify.bounds import compute_bounds, list_methods, margin_bounds
+from certify.bounds import list_methods, margin_bounds
 from certify.spec import LinfBall, margin_spec
 
-SOUND_ATOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 # branch and bound (complete, budgeted) has its own tests: tests/bounds/test_bab.py
 FAST = list_methods(uses_solver=False, external=False, is_complete=False)
 DTYPES = [torch.float32, torch.float64]
-
-
-def assert_sound(model, x_lo, x_hi, x, spec, method, dtype, **options):  # type: ignore[no-untyped-def]
-    model = model.to(dtype)
-    bounds = compute_bounds(model, x_lo, x_hi, method, spec, **options)
-    assert bounds.lower.dtype == dtype and bounds.lower.shape == spec.shape[:2]
-    points = all_points(model, x_lo, x_hi, spec, x)
-    with torch.no_grad():
-        values = spec_values(model, points, spec)
-    atol = SOUND_ATOL[dtype] * (1 + values.abs().max().item())
-    low = (values < bounds.lower - atol).nonzero()
-    high = (values > bounds.upper + atol).nonzero()
-    assert low.numel() == 0, (f"{method}: lower bound above a reachable value at {low[:3]}: "
-                              f"{(bounds.lower - values).max().item():.3g}")
-    assert high.numel() == 0, (f"{method}: upper bound below a reachable value at {high[:3]}: "
-                               f"{(values - bounds.upper).max().item():.3g}")
-    assert (bounds.lower <= bounds.upper + atol).all()
-    return bounds
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

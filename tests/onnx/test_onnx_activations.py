@@ -20,6 +20,7 @@ from certify.cli import main
 from certify.errors import UnsupportedLayerError
 from certify.nets import Normalize
 from certify.onnx_import import import_onnx
+from tests.digits_models import train_digits
 
 F64 = torch.float64
 
@@ -118,21 +119,12 @@ def test_unsupported_ops_still_name_the_node():  # type: ignore[no-untyped-def]
 
 
 def train_smooth_digits(epochs: int = 3) -> nn.Sequential:
-    from certify.data import load_dataset
-
-    train = load_dataset("digits", "train")
     torch.manual_seed(0)
     model = nn.Sequential(Normalize([0.3052], [0.376]), nn.Flatten(), nn.Linear(64, 24),
                           nn.Tanh(), nn.Linear(24, 16), nn.LeakyReLU(0.1), nn.Linear(16, 12),
                           nn.Sigmoid(), nn.Linear(12, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        for xb, yb in train.batches(64, shuffle=True, generator=g):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xb), yb).backward()
-            opt.step()
-    return model.eval()
+    train_digits(model, epochs, seed=0)
+    return model
 
 
 def test_area_cli_certifies_a_smooth_digits_model(tmp_path):  # type: ignore[no-untyped-def]
