@@ -356,6 +356,7 @@ class _Search:
         root = self._root()
         self.seconds += (time.perf_counter() - t0) / self.n
         open_ = self._settle(root)
+        per_domain: float | None = None  # seconds per child domain in the last batch
         while len(open_):
             alive = self._alive(open_)
             open_ = open_.take(alive.nonzero(as_tuple=True)[0])
@@ -363,14 +364,20 @@ class _Search:
                 break
             # worst first: the domains most likely to hold a counterexample or to fail
             order = torch.argsort(self._margin(open_).min(1).values)
-            take = order[:self._batch_size()]
-            rest = order[self._batch_size():]
+            size = self._batch_size()
+            if per_domain is not None:  # no batch runs far past a property's time limit
+                left = min(self.m.time_limit - float(self.seconds[i])
+                           for i in _ids(open_.sample))
+                size = max(1, min(size, int(left / (2 * per_domain))))
+            take, rest = order[:size], order[size:]
             batch, waiting = open_.take(take), open_.take(rest)
             t0 = time.perf_counter()
             children = self._branch(batch)
             self._attack(children, self._bound(children, root=False))
             counts = torch.bincount(children.sample.cpu(), minlength=self.n)
-            self.seconds += (time.perf_counter() - t0) * counts.double() / len(children)
+            spent = time.perf_counter() - t0
+            per_domain = spent / len(children)
+            self.seconds += spent * counts.double() / len(children)
             self.domains += counts
             depth = torch.zeros(self.n, dtype=torch.int64).scatter_reduce(
                 0, children.sample.cpu(), children.depth.cpu(), "amax")
