@@ -95,6 +95,9 @@ def area(model: str, dataset: str | None, split: str, n: int | None,
 
     budgets = {k: v for k, v in (("time_limit", bab_time_limit),
                                  ("max_domains", bab_max_domains)) if v is not None}
+    if budgets and "bab" not in methods:
+        raise click.UsageError("--bab-time-limit and --bab-max-domains apply to --method bab; "
+                               "add it or drop them.")
     config = AreaConfig(model=model, dataset=dataset, split=split, n=n, indices=indices,
                         methods=methods or ("crown",), attack=attack, eps_max=eps_max, tol=tol,
                         batch_size=batch_size, device=device, dtype=dtype, seed=seed,

@@ -121,6 +121,25 @@ def test_area_duplicate_indices_is_an_error(digits_ckpt, tmp_path):
     assert "twice" in result.output
 
 
+def test_area_bab_with_budgets(digits_ckpt, tmp_path):
+    """--method bab runs with its budgets, never below alpha-CROWN's radius (its bracket) and
+    never above the attack's; the budgets without --method bab are a usage error."""
+    out = tmp_path / "b"
+    result = area(str(digits_ckpt), "--dataset", "digits", "--n", "3", "--method", "alpha-crown",
+                  "--method", "bab", "--bab-time-limit", "1", "--bab-max-domains", "500",
+                  "--tol", "1e-3", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    rows = read_rows(out)
+    by = {(r["index"], r["method"]): r for r in rows}
+    for index in {r["index"] for r in rows}:
+        alpha, bab = by[(index, "alpha-crown")], by[(index, "bab")]
+        assert float(bab["certified_eps"]) >= float(alpha["certified_eps"])
+        assert float(bab["certified_eps"]) <= float(bab["attack_eps"])
+    bad = area(str(digits_ckpt), "--dataset", "digits", "--n", "1", "--bab-time-limit", "1",
+               "-o", str(tmp_path / "c"))
+    assert bad.exit_code == 2 and "--method bab" in bad.output
+
+
 def _strip_seconds(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
