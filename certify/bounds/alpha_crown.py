@@ -24,8 +24,9 @@ weights; the returned bounds carry no gradient.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -39,7 +40,7 @@ from certify.bounds.propagation import BACKWARD_FACTOR, MB, Propagator
 from certify.bounds.relaxations import activation_rule
 from certify.errors import SpecError
 
-__all__ = ["AlphaCrown", "adam_ascent"]
+__all__ = ["AlphaCrown", "adam_ascent", "keep_best", "optimized_intermediate"]
 
 
 @register_method("alpha-crown")
@@ -169,11 +170,7 @@ class AlphaCrown(LinearRelaxationMethod):
                 if best is None:
                     best = value
                 else:  # keep each row's best slopes
-                    better = value > best
-                    best = torch.where(better, value, best)
-                    for p, a in alphas.items():
-                        mask = better.view(*better.shape, *([1] * (a.ndim - 2)))
-                        best_alphas[p] = torch.where(mask, a.detach(), best_alphas[p])
+                    best = keep_best(value, best, alphas, best_alphas)
                 if step == self.steps:
                     break
                 grads = torch.autograd.grad(lower.sum(), params)
@@ -187,6 +184,17 @@ class AlphaCrown(LinearRelaxationMethod):
             return prop.backward_chunk(start, rows, const, samples, both=False,
                                        alphas=best_alphas, rows_err=rows_err,
                                        const_err=const_err)[0]
+
+
+def keep_best(value: Tensor, best: Tensor, current: Mapping[Any, Tensor],
+              kept: MutableMapping[Any, Tensor]) -> Tensor:
+    """Each row's best iterate: the larger of `value` and `best` `(B, R)`, returned; where
+    `value` is larger, the row's parameters `(B, R, ...)` of `current` are copied into `kept`."""
+    better = value > best
+    for key, a in current.items():
+        mask = better.view(*better.shape, *([1] * (a.ndim - 2)))
+        kept[key] = torch.where(mask, a.detach(), kept[key])
+    return torch.where(better, value, best)
 
 
 def adam_ascent(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, t: int, lr: float, *,
@@ -350,21 +358,12 @@ class _Layerwise:
                         continue
                     lo_rows, hi_rows = self._layer_bounds(p, inner[p], rigorous=False)
                     value = torch.cat([lo_rows, -hi_rows], 1).detach()
-                    better = value > best_rows[p]
-                    best_rows[p] = torch.where(better, value, best_rows[p])
-                    for q, a in inner[p].items():
-                        mask = better.view(*better.shape, *([1] * (a.ndim - 2)))
-                        best_inner[p][q] = torch.where(mask, a.detach(), best_inner[p][q])
+                    best_rows[p] = keep_best(value, best_rows[p], inner[p], best_inner[p])
                     self._set(p, lo_rows, hi_rows, ref[p], rigorous=False)
                 lower, _ = self.prop.backward_chunk(self.start, self.rows, self.const,
                                                     self.local, both=False, alphas=outer,
                                                     rigorous=False)
-                value = lower.detach()
-                better = value > best
-                best = torch.where(better, value, best)
-                for q, a in outer.items():
-                    mask = better.view(*better.shape, *([1] * (a.ndim - 2)))
-                    best_outer[q] = torch.where(mask, a.detach(), best_outer[q])
+                best = keep_best(lower.detach(), best, outer, best_outer)
                 if step == m.steps:
                     break
                 grads = torch.autograd.grad(lower.sum(), params, allow_unused=True)

@@ -62,7 +62,12 @@ import torch
 from torch import Tensor, nn
 
 from certify.bounds import rounding
-from certify.bounds.alpha_crown import AlphaCrown, adam_ascent, optimized_intermediate
+from certify.bounds.alpha_crown import (
+    AlphaCrown,
+    adam_ascent,
+    keep_best,
+    optimized_intermediate,
+)
 from certify.bounds.base import Bounds, MethodBase, register_method
 from certify.bounds.layers import RULES, ReluOp, numel
 from certify.bounds.network import Network, identity_spec, spec_rows
@@ -634,8 +639,8 @@ class _Search:
         if has_split:
             params += betas
         best = torch.full((d, r), -math.inf, dtype=rows.dtype, device=rows.device)
-        best_alpha = [a.detach().clone() for a in alphas]
-        best_beta = [b.detach().clone() for b in betas]
+        best_alpha = {k: a.detach().clone() for k, a in enumerate(alphas)}
+        best_beta = {k: b.detach().clone() for k, b in enumerate(betas)}
 
         def pass_(rigorous: bool, al: list[Tensor], be: list[Tensor],
                   record: dict[int, Tensor] | None = None) -> Tensor:
@@ -659,12 +664,8 @@ class _Search:
                 with torch.enable_grad():
                     lower = pass_(False, alphas, betas)
                     value = torch.where(valid, lower.detach(), -math.inf)
-                    better = value > best
-                    best = torch.where(better, value, best)
-                    for k in range(len(self.positions)):
-                        mask = better.unsqueeze(2)
-                        best_alpha[k] = torch.where(mask, alphas[k].detach(), best_alpha[k])
-                        best_beta[k] = torch.where(mask, betas[k].detach(), best_beta[k])
+                    keep_best(value, best, dict(enumerate(betas)), best_beta)
+                    best = keep_best(value, best, dict(enumerate(alphas)), best_alpha)
                     if step == steps:
                         break
                     grads = torch.autograd.grad(torch.where(valid, lower, 0.0).sum(), params)
@@ -672,9 +673,11 @@ class _Search:
                     for p, g, (m, v), (lr, top) in zip(params, grads, state, rates, strict=True):
                         adam_ascent(p, g, m, v, step + 1, lr, upper=top)
         record: dict[int, Tensor] = {}
-        lower = pass_(True, best_alpha, best_beta, record)
+        alpha_rows = [best_alpha[k] for k in range(len(alphas))]
+        beta_rows = [best_beta[k] for k in range(len(betas))]
+        lower = pass_(True, alpha_rows, beta_rows, record)
         lower = torch.where(prop.nonfinite[:, None] | torch.isnan(lower), -math.inf, lower)
-        return lower, record, best_alpha, [b.clamp(min=0) for b in best_beta]
+        return lower, record, alpha_rows, [b.clamp(min=0) for b in beta_rows]
 
     def _rows(self, sample: Tensor, order: Tensor, valid: Tensor
               ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
