@@ -51,6 +51,35 @@ def _lirpa(model: torch.nn.Module, lo: torch.Tensor, hi: torch.Tensor,
     return out
 
 
+def compare_alpha(arch: str, eps: float, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Print the comparison on one digits model at one eps."""
+    model = train_digits(arch, epochs=10, seed=0)
+    lo, hi = LinfBall(x, eps).box()
+    spec = margin_spec(y, 10).to(x.dtype)
+    rows: dict[str, tuple[float, float]] = {}
+    for label, method, options in (
+            ("crown", "crown", {}),
+            ("alpha-crown, last layer", "alpha-crown",
+             {"optimize_intermediate": False, "optimize_upper": False}),
+            ("alpha-crown, every layer", "alpha-crown", {"optimize_upper": False})):
+        t0 = time.process_time()
+        b = compute_bounds(model, lo, hi, method, spec, **options)
+        rows[label] = (float(b.lower.detach().mean()), time.process_time() - t0)
+    rows.update(_lirpa(model, lo, hi, spec))
+    print(f"\n{arch}, eps {eps}")
+    for label, (mean, seconds) in rows.items():
+        print(f"  {label:28s} mean lower {mean:9.4f}   {seconds:6.2f} CPU s")
+    ours = rows["alpha-crown, every layer"][0] - rows["crown"][0]
+    print(f"  improvement over CROWN: ours {ours:.4f}", end="")
+    if "auto_LiRPA alpha-CROWN" in rows:
+        theirs = rows["auto_LiRPA alpha-CROWN"][0] - rows["auto_LiRPA CROWN"][0]
+        ratio = rows["alpha-crown, every layer"][1] / rows["auto_LiRPA alpha-CROWN"][1]
+        print(f", auto_LiRPA {theirs:.4f} (ratio {ours / theirs:.3f}); time ratio "
+              f"{ratio:.3f}")
+    else:
+        print(" (auto_LiRPA not importable)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20)
@@ -59,32 +88,7 @@ def main() -> None:
     x, y = next(iter(load_dataset("digits", "test").batches(args.n)))
     print(f"digits test points 0..{args.n - 1}, float32, torch {torch.__version__}, 1 thread")
     for arch, eps in CASES:
-        model = train_digits(arch, epochs=10, seed=0)
-        lo, hi = LinfBall(x, eps).box()
-        spec = margin_spec(y, 10).to(x.dtype)
-        rows: dict[str, tuple[float, float]] = {}
-        for label, method, options in (
-                ("crown", "crown", {}),
-                ("alpha-crown, last layer", "alpha-crown",
-                 {"optimize_intermediate": False, "optimize_upper": False}),
-                ("alpha-crown, every layer", "alpha-crown", {"optimize_upper": False})):
-            t0 = time.process_time()
-            b = compute_bounds(model, lo, hi, method, spec, **options)
-            rows[label] = (float(b.lower.mean()), time.process_time() - t0)
-        rows.update(_lirpa(model, lo, hi, spec))
-        print(f"\n{arch}, eps {eps}")
-        for label, (mean, seconds) in rows.items():
-            print(f"  {label:28s} mean lower {mean:9.4f}   {seconds:6.2f} CPU s")
-        ours = rows["alpha-crown, every layer"][0] - rows["crown"][0]
-        print(f"  improvement over CROWN: ours {ours:.4f}", end="")
-        if "auto_LiRPA alpha-CROWN" in rows:
-            theirs = rows["auto_LiRPA alpha-CROWN"][0] - rows["auto_LiRPA CROWN"][0]
-            ratio = rows["alpha-crown, every layer"][1] / rows["auto_LiRPA alpha-CROWN"][1]
-            print(f", auto_LiRPA {theirs:.4f} (ratio {ours / theirs:.3f}); time ratio "
-                  f"{ratio:.3f}")
-        else:
-            print(" (auto_LiRPA not importable)")
-
+        compare_alpha(arch, eps, x, y)
 
 if __name__ == "__main__":
     main()

@@ -1,13 +1,14 @@
 """``certify verify`` on generated digits robustness instances: how many are decided, how fast.
 
 Two digits models trained here (``mlp-100-100`` and ``scn-16-32``: Adam, 10 epochs, seed 0), the
-first `--n` test points, each at eps 0.01, 0.03 and 0.08 (the VNN-COMP local-robustness
-property of :func:`certify.vnnlib.robustness_vnnlib`): per model and eps the verdicts (sat /
-unsat / unknown / timeout), the deciding phase, and the slowest instance, with the default
-cascade (attack, ibp/crown/alpha-crown, bab, the MILP where small) and, with ``--compare``, the
-same without branch and bound. Run one benchmark at a time.
+first `--n` test points, each at eps 0.01, 0.03 and 0.08: the VNN-COMP local-robustness property
+of :func:`certify.vnnlib.robustness_vnnlib`, its box clipped to the pixel range [0, 1] as the
+radius search's balls are (``--unclipped``: ``x +- eps`` as it is). Per model and eps the
+verdicts (sat / unsat / unknown / timeout), the deciding phase, and the slowest instance, with
+the default cascade (attack, ibp/crown/alpha-crown, bab, the MILP where small) and, with
+``--compare``, the same without branch and bound. Run one benchmark at a time.
 
-    python benchmarks/bench_verify.py [--n 15] [--timeout 30] [--compare]
+    python benchmarks/bench_verify.py [--n 15] [--timeout 30] [--compare] [--unclipped]
 """
 
 from __future__ import annotations
@@ -31,10 +32,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=15)
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--compare", action="store_true", help="also without branch and bound")
+    parser.add_argument("--unclipped", action="store_true",
+                        help="boxes x +- eps, not clipped to [0, 1]")
     args = parser.parse_args()
     torch.set_num_threads(1)
     x, _ = next(iter(load_dataset("digits", "test").batches(args.n)))
-    print(f"digits test points 0..{args.n - 1}, eps {EPS}, timeout {args.timeout} s, "
+    clip = None if args.unclipped else (0.0, 1.0)
+    print(f"digits test points 0..{args.n - 1}, eps {EPS}, boxes "
+          f"{'not clipped' if clip is None else 'clipped to [0, 1]'}, timeout {args.timeout} s, "
           f"torch {torch.__version__}, 1 thread")
     for arch in ("mlp-100-100", "scn-16-32"):
         model = train_digits(arch, epochs=10, seed=0)
@@ -46,7 +51,7 @@ def main() -> None:
                 counts: collections.Counter[str] = collections.Counter()
                 slowest = 0.0
                 for i in range(args.n):
-                    prop = parse_vnnlib(robustness_vnnlib(x[i], labels[i], 10, eps))
+                    prop = parse_vnnlib(robustness_vnnlib(x[i], labels[i], 10, eps, clip=clip))
                     t0 = time.perf_counter()
                     v = verify(model, prop, timeout=args.timeout, input_shape=(1, 8, 8),
                                use_bab=use_bab)

@@ -543,6 +543,9 @@ def certified_radii(model: nn.Module, x: Tensor, y: Tensor,
         # the bracket's search is part of the method's work
         return dataclasses.replace(result, seconds=result.seconds + hint.seconds,
                                    evaluations=result.evaluations + hint.evaluations)
+    # a method that carries something sound from one evaluation to the next (bab: its split
+    # trees) gets a fresh memory for this search
+    configured = getattr(configured, "searching", lambda: configured)()
     steer, rigorous = configured.search_pair()
     module_bound = configured.takes_module
     net = model if module_bound else to_network(model, tuple(x.shape[1:]))  # once, not per step

@@ -144,25 +144,35 @@ class VnnlibProperty:
 # ---- writing ----------------------------------------------------------------------------------
 
 
-def robustness_vnnlib(x: Tensor, label: int, num_outputs: int, eps: float) -> str:
-    """The VNN-COMP local-robustness property of one input: the box ``x +- eps`` (not clipped)
-    and the unsafe set "some other output reaches `label`'s", as VNNLIB text.
+def robustness_vnnlib(x: Tensor, label: int, num_outputs: int, eps: float, *,
+                      clip: tuple[float, float] | None = None) -> str:
+    """The VNN-COMP local-robustness property of one input: the box ``x +- eps`` and the unsafe
+    set "some other output reaches `label`'s", as VNNLIB text.
 
     Args:
         x: One input (any shape; flattened in order as ``X_0, X_1, ...``).
         label: The class that must stay strictly largest.
         num_outputs: The number of outputs ``Y_j``.
         eps: The L-inf radius (>= 0).
+        clip: The inputs' valid range, e.g. ``(0.0, 1.0)`` for pixels: the box is intersected
+            with it (as the radius search's balls are, and as VNN-COMP's image benchmarks
+            generate their boxes); None: ``x +- eps`` as it is.
     """
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
         raise SpecError(f"eps must be a finite number >= 0, got {eps!r}")
+    if clip is not None and not (len(clip) == 2 and all(math.isfinite(c) for c in clip)
+                                 and clip[0] <= clip[1]):
+        raise SpecError(f"clip must be a range (low, high) with low <= high, got {clip!r}")
     if not 0 <= label < num_outputs:
         raise SpecError(f"label must lie in [0, {num_outputs}), got {label}")
     flat = x.detach().flatten().tolist()
     lines = [f"(declare-const X_{i} Real)" for i in range(len(flat))]
     lines += [f"(declare-const Y_{j} Real)" for j in range(num_outputs)]
     for i, v in enumerate(flat):
-        lines += [f"(assert (<= X_{i} {v + eps!r}))", f"(assert (>= X_{i} {v - eps!r}))"]
+        hi, lo = v + eps, v - eps
+        if clip is not None:
+            hi, lo = min(max(hi, clip[0]), clip[1]), max(min(lo, clip[1]), clip[0])
+        lines += [f"(assert (<= X_{i} {hi!r}))", f"(assert (>= X_{i} {lo!r}))"]
     others = " ".join(f"(and (>= Y_{j} Y_{label}))" for j in range(num_outputs) if j != label)
     return "\n".join([*lines, f"(assert (or {others}))", ""])
 

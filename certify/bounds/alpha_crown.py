@@ -24,6 +24,7 @@ weights; the returned bounds carry no gradient.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -204,9 +205,9 @@ def adam_ascent(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, t: int, lr: f
     (``[0, inf)`` for ``upper=None``)."""
     m.mul_(betas[0]).add_(grad, alpha=1 - betas[0])
     v.mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
-    m_hat = m / (1 - betas[0] ** t)
-    v_hat = v / (1 - betas[1] ** t)
-    param.add_(lr * m_hat / (v_hat.sqrt() + eps)).clamp_(0.0, upper)
+    # lr m_hat / (sqrt(v_hat) + eps) with the bias corrections folded into scalars
+    denom = v.sqrt().div_(math.sqrt(1 - betas[1] ** t)).add_(eps)
+    param.addcdiv_(m, denom, value=lr / (1 - betas[0] ** t)).clamp_(0.0, upper)
 
 
 def optimized_intermediate(method: AlphaCrown, prop: Propagator, rows: Tensor, const: Tensor,

@@ -75,7 +75,7 @@ from certify.bounds.propagation import BACKWARD_FACTOR, MB, EngineOptions, Propa
 from certify.errors import SpecError
 from certify.spec import round_to
 
-__all__ = ["BabBounds", "BranchAndBound", "INPUT_SPLIT_DIMS", "supports"]
+__all__ = ["BabBounds", "BranchAndBound", "INPUT_SPLIT_DIMS", "SearchMemory", "supports"]
 
 ABOVE = "above threshold"
 BELOW = "at or below threshold"
@@ -166,6 +166,156 @@ class _Domains:
             "newest", "layer", "index")))
 
 
+#: Most megabytes a :class:`SearchMemory` holds (an entry that does not fit is not kept).
+REMEMBER_MB = 1024.0
+#: Most proven leaves one property collects for its memory entry.
+REMEMBER_MAX = 16_384
+
+
+class SearchMemory:
+    """What one radius search's branch-and-bound evaluations carry to the next, per property
+    (its specification rows and threshold):
+
+    - **a failed evaluation** (a budget spent) at a box ``B1``: its open leaves and the lowest
+      bound of each row over the leaves it proved. Every leaf proven on ``B1`` is proven on
+      any box ``B2`` inside ``B1`` (the property on the larger set restricted to the smaller),
+      the open leaves cover the rest of ``B2``, and their pre-activation and row bounds, valid
+      on ``B1``, hold there: an evaluation at a smaller eps starts from the open leaves instead
+      of the root, and the proven leaves' bounds still count in the rows' lower bounds.
+    - **a proof** at a box ``B1``: its leaves' splits. At a larger box nothing of theirs is
+      sound but the splits themselves (any split is sound), which save re-deriving the top of
+      the tree: an evaluation at a larger eps starts from them, bounded afresh.
+
+    Holds at most `budget_mb` megabytes. Scoped to one search over one model (see
+    :meth:`BranchAndBound.searching`); not thread-safe.
+    """
+
+    def __init__(self, budget_mb: float = REMEMBER_MB) -> None:
+        self.budget = int(budget_mb * MB)
+        self.entries: dict[bytes, list[_Entry]] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for entries in self.entries.values() for e in entries)
+
+    def store(self, key: bytes, entry: _Entry) -> None:
+        """Keep `entry` for the property `key` (its rows and threshold), replacing what it
+        supersedes: a failure at a box that holds its box, a proof at a box inside it."""
+        entries = self.entries.setdefault(key, [])
+        entries[:] = [e for e in entries if e.proof != entry.proof or not (
+            entry.inside(e) if entry.proof is False else e.inside(entry))]
+        if self.nbytes + entry.nbytes <= self.budget:
+            entries.append(entry)
+
+    def recall(self, key: bytes, x_lo: Tensor, x_hi: Tensor) -> _Entry | None:
+        """The entry to start from on the box ``[x_lo, x_hi]``: the newest failure at a box
+        holding it, else the newest proof at a box inside it; None: start from the root."""
+        box = _Entry(x_lo, x_hi)
+        entries = self.entries.get(key, [])
+        for e in reversed(entries):
+            if not e.proof and box.inside(e):
+                return e
+        for e in reversed(entries):
+            if e.proof and e.inside(box):
+                return e
+        return None
+
+
+@dataclass
+class _Entry:
+    """A remembered evaluation: its box, and either a failure's open leaves (`leaves`) and
+    proven rows' bounds, or a proof's leaves' splits (`split`, `depth`)."""
+
+    x_lo: Tensor
+    x_hi: Tensor
+    leaves: _Domains | None = None
+    proven_bound: Tensor | None = None  # (S,) the lowest bounds over a failure's proofs
+    split: list[Tensor] = field(default_factory=list)
+    depth: Tensor | None = None
+
+    @property
+    def proof(self) -> bool:
+        return self.leaves is None
+
+    def inside(self, other: _Entry) -> bool:
+        """Whether this entry's box lies inside `other`'s."""
+        return bool((self.x_lo >= other.x_lo).all()) and bool((self.x_hi <= other.x_hi).all())
+
+    @property
+    def nbytes(self) -> int:
+        tensors = list(self.split)
+        if self.leaves is not None:
+            d = self.leaves
+            tensors += [d.sample, d.x_lo, d.x_hi, d.bound, d.depth, d.newest, d.layer, d.index,
+                        *d.lo, *d.hi, *d.split, *d.alpha, *d.beta]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+class _Pool:
+    """The open domains: one chunk per bounded batch, each with a mask of the domains still in
+    it. Taking a batch copies only its domains; a chunk is compacted once half of it is gone,
+    so each round costs about its batch, not the whole pool."""
+
+    def __init__(self) -> None:
+        self.chunks: list[_Domains] = []
+        self.live: list[Tensor] = []
+
+    def __len__(self) -> int:
+        return sum(int(m.sum()) for m in self.live)
+
+    def add(self, doms: _Domains) -> None:
+        if len(doms):
+            self.chunks.append(doms)
+            self.live.append(torch.ones(len(doms), dtype=torch.bool, device=doms.sample.device))
+
+    def samples(self) -> list[int]:
+        """The properties with open domains, sorted."""
+        return sorted(set().union(*(set(c.sample[m].tolist())
+                                    for c, m in zip(self.chunks, self.live, strict=True))))
+
+    def take(self, size: int, margin: Any) -> _Domains:
+        """Remove and return the `size` domains with the lowest `margin(chunk)` `(D, S)` row."""
+        keys = torch.cat([torch.where(m, margin(c).min(1).values, math.inf)
+                          for c, m in zip(self.chunks, self.live, strict=True)])
+        alive = torch.cat(self.live)
+        order = torch.argsort(keys, stable=True)
+        order = order[alive[order]][:size]
+        starts = [0]
+        for c in self.chunks:
+            starts.append(starts[-1] + len(c))
+        parts = []
+        for k, c in enumerate(self.chunks):
+            mine = order[(order >= starts[k]) & (order < starts[k + 1])] - starts[k]
+            if len(mine):
+                parts.append(c.take(mine))
+                self.live[k] = self.live[k].index_fill(0, mine, False)
+        self._compact()
+        return _Domains.cat(parts)
+
+    def remove(self, sample: int) -> _Domains:
+        """Remove and return every domain of property `sample`."""
+        parts = []
+        for k, c in enumerate(self.chunks):
+            mine = self.live[k] & (c.sample == sample)
+            if bool(mine.any()):
+                parts.append(c.take(mine.nonzero(as_tuple=True)[0]))
+                self.live[k] = self.live[k] & ~mine
+        self._compact()
+        return _Domains.cat(parts)
+
+    def _compact(self) -> None:
+        chunks, live = [], []
+        for c, m in zip(self.chunks, self.live, strict=True):
+            n = int(m.sum())
+            if n == 0:
+                continue
+            if 2 * n < len(c):
+                c, m = c.take(m.nonzero(as_tuple=True)[0]), torch.ones(n, dtype=torch.bool,
+                                                                        device=m.device)
+            chunks.append(c)
+            live.append(m)
+        self.chunks, self.live = chunks, live
+
+
 def _ids(t: Tensor) -> list[int]:
     """The distinct values of an integer tensor, sorted."""
     return sorted(set(t.tolist()))
@@ -249,6 +399,7 @@ class BranchAndBound(MethodBase):
     bracket_method: str | None = "alpha-crown"
     float64: bool = True
     memory_budget_mb: float = 2048
+    memory: SearchMemory | None = field(default=None, compare=False, repr=False)
     name: ClassVar[str] = "bab"
     display_name: ClassVar[str] = "BaB"
     is_complete: ClassVar[bool] = True
@@ -285,6 +436,11 @@ class BranchAndBound(MethodBase):
         """The incomplete method a radius search brackets from (see `bracket_method`)."""
         return self.bracket_method
 
+    def searching(self) -> BranchAndBound:
+        """This method with a fresh :class:`SearchMemory`: one radius search's evaluations
+        reuse each other's split trees (see :class:`SearchMemory`)."""
+        return replace(self, memory=SearchMemory())
+
     def intermediate(self, net: Network, x_lo: Tensor, x_hi: Tensor) -> tuple[Bounds, ...]:
         """The root's pre-activation bounds (CROWN's)."""
         prop = Propagator(net, x_lo, x_hi, EngineOptions(self.memory_budget_mb))
@@ -303,7 +459,7 @@ class BranchAndBound(MethodBase):
                                  for b in intermediate)
         with torch.no_grad():
             out = _Search(self, net, x_lo.detach().to(work), x_hi.detach().to(work),
-                          spec.detach().to(work), intermediate).run()
+                          spec.detach().to(work), intermediate, self.memory).run()
         if work == dtype:
             return out
         # the float64 bounds in the input's dtype, rounded outward
@@ -316,8 +472,12 @@ class _Search:
     """One branch-and-bound run over a batch of properties."""
 
     def __init__(self, method: BranchAndBound, net: Network, x_lo: Tensor, x_hi: Tensor,
-                 spec: Tensor, intermediate: tuple[Bounds, ...] | None) -> None:
+                 spec: Tensor, intermediate: tuple[Bounds, ...] | None,
+                 memory: SearchMemory | None = None) -> None:
         self.m = method
+        self.memory = memory
+        # the leaves proven so far per property (for the memory), None once too many
+        self.proven: list[list[list[Tensor]] | None] = [[] for _ in range(int(x_lo.shape[0]))]
         self.net = net
         self.spec = spec
         self.x_lo, self.x_hi = x_lo, x_hi
@@ -362,26 +522,27 @@ class _Search:
         t0 = time.perf_counter()
         root = self._root()
         self.seconds += (time.perf_counter() - t0) / self.n
-        open_ = self._settle(root)
+        pool = _Pool()
+        pool.add(self._settle(root))
+        if self.memory is not None:
+            self._recall(pool)
         per_domain: float | None = None  # seconds per child domain in the last batch
-        while len(open_):
-            alive = self._alive(open_)
-            open_ = open_.take(alive.nonzero(as_tuple=True)[0])
-            if not len(open_):
+        while len(pool):
+            t0 = time.perf_counter()
+            self._retire(pool)
+            if not len(pool):
                 break
-            # worst first: the domains most likely to hold a counterexample or to fail
-            order = torch.argsort(self._margin(open_).min(1).values)
             size = self._batch_size()
             if per_domain is not None:  # no batch runs far past a property's time limit
-                left = min(self.m.time_limit - float(self.seconds[i])
-                           for i in _ids(open_.sample))
+                left = min(self.m.time_limit - float(self.seconds[i]) for i in pool.samples())
                 size = max(1, min(size, int(left / (2 * per_domain))))
-            take, rest = order[:size], order[size:]
-            batch, waiting = open_.take(take), open_.take(rest)
-            t0 = time.perf_counter()
+            # worst first: the domains most likely to hold a counterexample or to fail
+            batch = pool.take(size, self._margin)
             children = self._branch(batch)
             self._attack(children, self._bound(children, root=False))
+            pool.add(self._settle(children))
             counts = torch.bincount(children.sample.cpu(), minlength=self.n)
+            # the whole round counts, the pool's bookkeeping included
             spent = time.perf_counter() - t0
             per_domain = spent / len(children)
             self.seconds += spent * counts.double() / len(children)
@@ -389,13 +550,14 @@ class _Search:
             depth = torch.zeros(self.n, dtype=torch.int64).scatter_reduce(
                 0, children.sample.cpu(), children.depth.cpu(), "amax")
             self.depth = torch.maximum(self.depth, depth)
-            open_ = _Domains.cat([waiting, self._settle(children)])
+        if self.memory is not None:
+            self._remember_proven()
         return self._result()
 
-    def _alive(self, doms: _Domains) -> Tensor:
-        """Domains of properties still undecided and within budget (others end here)."""
-        keep = torch.ones(len(doms), dtype=torch.bool, device=doms.sample.device)
-        for i in _ids(doms.sample):
+    def _retire(self, pool: _Pool) -> None:
+        """End the properties decided or out of budget: their open domains leave the pool
+        (their bounds still bound the rows)."""
+        for i in pool.samples():
             reason = None
             if self.status[i] is not None:
                 reason = self.status[i]
@@ -404,14 +566,102 @@ class _Search:
             elif int(self.domains[i]) >= self.m.max_domains:
                 reason = DOMAINS_SPENT
             if reason is not None:
-                mine = doms.sample == i
-                keep &= ~mine
                 if self.status[i] is None:
                     self.status[i] = reason
-                # the leaves left open still bound the rows
-                self.done_bound[i] = torch.minimum(self.done_bound[i],
-                                                   doms.bound[mine].min(0).values)
-        return keep
+                left = pool.remove(i)
+                if self.memory is not None and reason in (TIME_SPENT, DOMAINS_SPENT):
+                    self.memory.store(self._key(i), _Entry(
+                        self.x_lo[i].clone(), self.x_hi[i].clone(), leaves=left,
+                        proven_bound=self.done_bound[i].clone()))
+                self.done_bound[i] = torch.minimum(self.done_bound[i], left.bound.min(0).values)
+
+    # --- reuse between evaluations (a radius search's SearchMemory) -----------------------------
+
+    def _key(self, i: int) -> bytes:
+        thr = b"" if self.threshold is None else self.threshold.cpu().numpy().tobytes()
+        return self.spec[i].cpu().numpy().tobytes() + thr
+
+    def _remember_proven(self) -> None:
+        assert self.memory is not None
+        if self.threshold is None:
+            return
+        for i in range(self.n):
+            kept = self.proven[i]
+            if self.status[i] == ABOVE and kept and not self.input_split:
+                parts = [torch.cat(ts) for ts in zip(*kept, strict=True)]
+                if len(parts[-1]) > 1:  # a proof at the root leaves nothing to reuse
+                    self.memory.store(self._key(i), _Entry(
+                        self.x_lo[i].clone(), self.x_hi[i].clone(), split=parts[:-1],
+                        depth=parts[-1]))
+
+    def _recall(self, pool: _Pool) -> None:
+        """Replace the root of each open property by the leaves a remembered evaluation left:
+        the open leaves of a failed one at a larger box (its proven leaves are proven here
+        too), else the leaves of a proof at a smaller box (their splits only)."""
+        assert self.memory is not None
+        if self.threshold is None:  # only decisions carry over
+            return
+        starts = []
+        for i in pool.samples():
+            entry = self.memory.recall(self._key(i), self.x_lo[i], self.x_hi[i])
+            if entry is None:
+                continue
+            root = pool.remove(i)
+            starts.append(self._restart(root, entry))
+            if entry.proven_bound is not None:  # those leaves are proven here too
+                self.done_bound[i] = torch.minimum(self.done_bound[i], entry.proven_bound)
+        if not starts:
+            return
+        every = _Domains.cat(starts)
+        size = self._batch_size()
+        for k in range(0, len(every), size):
+            part = every.take(torch.arange(k, min(k + size, len(every)),
+                                           device=every.sample.device))
+            t0 = time.perf_counter()
+            self._attack(part, self._bound(part, root=False))
+            pool.add(self._settle(part))
+            counts = torch.bincount(part.sample.cpu(), minlength=self.n)
+            self.seconds += (time.perf_counter() - t0) * counts.double() / len(part)
+            self.domains += counts
+
+    def _restart(self, root: _Domains, entry: _Entry) -> _Domains:
+        """The leaves of a remembered evaluation as domains of this one's property
+        (`root`, its root domain): a failure's open leaves with their boxes intersected with
+        this box and their pre-activation bounds with the root's (both hold on the failure's
+        larger box, so here too), their row bounds and parameters kept; or a proof's leaves'
+        splits on the root's bounds and parameters."""
+        dev = root.sample.device
+        leaves = entry.leaves
+        split = entry.split if leaves is None else leaves.split
+        depth = entry.depth if leaves is None else leaves.depth
+        assert depth is not None
+        d = len(depth)
+
+        def expand(t: Tensor) -> Tensor:
+            return t.expand(d, *t.shape[1:]).clone()
+
+        x_lo, x_hi = expand(root.x_lo), expand(root.x_hi)
+        bound = expand(root.bound)
+        alpha, beta = [expand(a) for a in root.alpha], [expand(b) for b in root.beta]
+        lo, hi = [expand(t) for t in root.lo], [expand(t) for t in root.hi]
+        if leaves is not None:
+            x_lo, x_hi = torch.maximum(leaves.x_lo, x_lo), torch.minimum(leaves.x_hi, x_hi)
+            lo = [torch.maximum(a, b) for a, b in zip(lo, leaves.lo, strict=True)]
+            hi = [torch.minimum(a, b) for a, b in zip(hi, leaves.hi, strict=True)]
+            bound = torch.maximum(bound, leaves.bound)
+            alpha, beta = [a.clone() for a in leaves.alpha], [b.clone() for b in leaves.beta]
+        lo = [torch.where(sp > 0, t.clamp(min=0), t) for sp, t in zip(split, lo, strict=True)]
+        hi = [torch.where(sp < 0, t.clamp(max=0), t) for sp, t in zip(split, hi, strict=True)]
+        # an input-split leaf may not meet this box: empty (its bound says so)
+        empty = (x_lo > x_hi).flatten(1).any(1)
+        x_hi = torch.maximum(x_lo, x_hi)
+        bound = torch.where(empty[:, None], math.inf, bound)
+        return _Domains(
+            torch.full((d,), int(root.sample[0]), dtype=torch.int64, device=dev), x_lo, x_hi,
+            lo, hi, [t.clone() for t in split], alpha, beta, bound, depth.clone(),
+            torch.full((d,), len(self.positions), dtype=torch.int64, device=dev),
+            torch.zeros(d, dtype=torch.int64, device=dev),
+            torch.zeros(d, dtype=torch.int64, device=dev))
 
     def _margin(self, doms: _Domains) -> Tensor:
         """`(D, S)` each row's bound minus its target; rows done are +inf."""
@@ -434,6 +684,13 @@ class _Search:
             mine = done & (doms.sample == i)
             self.done_bound[i] = torch.minimum(self.done_bound[i],
                                                doms.bound[mine].min(0).values)
+            kept = self.proven[i]
+            if self.memory is not None and self.threshold is not None and kept is not None:
+                # the leaves' splits (not the empty ones': nothing to split there)
+                leaves = mine & torch.isfinite(doms.bound).all(1)
+                kept.append([t[leaves] for t in doms.split] + [doms.depth[leaves]])
+                if sum(len(k[-1]) for k in kept) > REMEMBER_MAX:
+                    self.proven[i] = None
         rest = doms.take((~done).nonzero(as_tuple=True)[0])
         still = set(_ids(rest.sample))
         for i in _ids(doms.sample):

@@ -161,6 +161,11 @@ class MethodBase:
         from (its bracket's lower end); None: the search starts from 0."""
         return None
 
+    def searching(self) -> BoundMethod:
+        """The method to use for one radius search: an instance that may carry what is sound
+        from one evaluation to the next (``bab``: its split trees); by default this one."""
+        return self  # type: ignore[return-value]
+
     def __call__(self, model: nn.Module | Network, region: LinfBall,
                  spec: Tensor | None = None) -> Bounds:
         from certify.bounds.api import compute_bounds

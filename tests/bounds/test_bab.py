@@ -188,3 +188,73 @@ def test_bad_options_are_one_line_errors(options: dict) -> None:  # type: ignore
     with pytest.raises(SpecError) as err:
         get_method("bab", **options)
     assert "bab:" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_memory_restarts_are_decided_as_without_one(seed: int) -> None:
+    """A failed evaluation's open leaves restart a smaller box, a proof's splits a larger one:
+    every verdict is the one the MILP's exact minimum gives, every lower bound is below that
+    minimum (the leaves a failure proved still count), and both kinds of entry were used."""
+    from certify.bounds.bab import SearchMemory
+
+    model = _small_mlp(seed)
+    gen = torch.Generator().manual_seed(200 + seed)
+    x = torch.rand(1, 1, 1, 6, generator=gen, dtype=torch.float64)
+    spec = torch.randn(1, 1, 3, generator=gen, dtype=torch.float64)
+
+    def exact(width: float) -> float:
+        return float(compute_bounds(model, x - width, x + width, "milp", spec).lower[0, 0])
+
+    # just below the exact minimum at the first width: true there and at every smaller one,
+    # too close to prove with two domains
+    threshold = exact(0.25) - 1e-3 * (1 + abs(exact(0.25)))
+    memory = SearchMemory()
+    kinds = []
+    for k, width in enumerate((0.25, 0.2, 0.23, 0.35, 0.24, 0.1)):
+        lo, hi = x - width, x + width
+        # the first call spends a tiny budget: a failure; later ones start from what is left
+        method = get_method("bab", branching="relu", attack_steps=0, threshold=threshold,
+                            max_domains=2 if k == 0 else 100_000, memory=memory)
+        before = [(e.proof, e.x_lo.clone(), e.x_hi.clone()) for es in memory.entries.values()
+                  for e in es]
+        kinds += [proof for proof, e_lo, e_hi in before
+                  if (not proof and bool((lo >= e_lo).all() and (hi <= e_hi).all()))
+                  or (proof and bool((lo <= e_lo).all() and (hi >= e_hi).all()))]
+        b = compute_bounds(model, lo, hi, method, spec)
+        minimum = exact(width)
+        assert float(b.lower[0, 0]) <= minimum + 1e-9, (k, float(b.lower[0, 0]), minimum)
+        if k > 0 and abs(minimum - threshold) > 1e-6:
+            assert b.status == ((ABOVE if minimum > threshold else BELOW),), (k, b.status)
+        if k == 0:
+            assert b.status == (DOMAINS_SPENT,)
+    assert False in kinds, "no failure's leaves were reused"
+
+
+def test_radius_search_uses_a_fresh_memory() -> None:
+    """The radius search hands bab a memory of its own (reused across its evaluations), and
+    the radius stays between alpha-CROWN's and the exact one."""
+    from certify.bounds.bab import BranchAndBound, SearchMemory
+    from certify.radius import certified_radii
+
+    seen: list[SearchMemory | None] = []
+    original = BranchAndBound.bound
+
+    def spy(self: BranchAndBound, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        seen.append(self.memory)
+        return original(self, *args, **kwargs)
+
+    model = make_net2d(5, [8, 8])
+    parts = regions(model, np.zeros(2), np.ones(2))
+    x = torch.tensor([[0.4, 0.55], [0.62, 0.3]], dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x.reshape(2, 1, 1, 2)).argmax(1)
+    exact = [min_adv_eps(parts, x[i].numpy(), int(y[i])) for i in range(2)]
+    BranchAndBound.bound = spy  # type: ignore[method-assign]
+    try:
+        r = certified_radii(model, x.reshape(2, 1, 1, 2), y, "bab", tol=1e-4, time_limit=20.0)
+    finally:
+        BranchAndBound.bound = original  # type: ignore[method-assign]
+    memories = {id(m) for m in seen}
+    assert len(seen) >= 2 and len(memories) == 1 and seen[0] is not None
+    for i in range(2):
+        assert float(r.certified_eps[i]) <= exact[i] + 1e-9

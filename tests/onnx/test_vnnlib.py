@@ -165,3 +165,21 @@ def test_gap_in_declarations_and_empty_box() -> None:
 def test_missing_file() -> None:
     with pytest.raises(SpecError, match="not found"):
         read_vnnlib("/nonexistent/prop.vnnlib")
+
+
+def test_robustness_property_box_clipped_to_the_input_range() -> None:
+    """With `clip`, the box is ``x +- eps`` intersected with the range (as LinfBall's box is);
+    without, ``x +- eps`` as it is; a bad range is a one-line error."""
+    from certify.spec import LinfBall
+    from certify.vnnlib import robustness_vnnlib
+
+    x = torch.tensor([[[[0.0, 0.03, 0.5, 0.98, 1.0]]]], dtype=torch.float64)
+    clipped = parse_vnnlib(robustness_vnnlib(x[0], 2, 3, 0.05, clip=(0.0, 1.0)))
+    lo, hi = LinfBall(x, 0.05).box()
+    assert torch.allclose(clipped.lower, lo.flatten(), atol=1e-15)
+    assert torch.allclose(clipped.upper, hi.flatten(), atol=1e-15)
+    plain = parse_vnnlib(robustness_vnnlib(x[0], 2, 3, 0.05))
+    assert float(plain.lower.min()) == pytest.approx(-0.05)
+    assert float(plain.upper.max()) == pytest.approx(1.05)
+    with pytest.raises(SpecError, match="clip must be a range"):
+        robustness_vnnlib(x[0], 2, 3, 0.05, clip=(1.0, 0.0))
