@@ -1066,11 +1066,18 @@ class _Search:
         threshold."""
         values = self._values(x, sample)
         worst = values.min(1).values
-        for j, i in enumerate(sample.tolist()):
-            if float(worst[j]) < float(self.point_value[i]):
-                self.point_value[i] = worst[j]
-                self.points[i] = x[j]
-            self.point_rows[i] = torch.minimum(self.point_rows[i], values[j])
-            if (self.threshold is not None and self.status[i] is None
-                    and bool((values[j] <= self.threshold).any())):
-                self.status[i] = BELOW
+        worst = torch.where(torch.isnan(worst), math.inf, worst)
+        sample = sample.to(values.device)
+        best = torch.full_like(self.point_value, math.inf).scatter_reduce(0, sample, worst,
+                                                                          "amin")
+        for i in (best < self.point_value).nonzero(as_tuple=True)[0].tolist():
+            j = int(((sample == i) & (worst == best[i])).nonzero(as_tuple=True)[0][0])
+            self.point_value[i] = worst[j]
+            self.points[i] = x[j]
+        self.point_rows = torch.minimum(self.point_rows, torch.full_like(
+            self.point_rows, math.inf).index_reduce_(0, sample, values, "amin"))
+        if self.threshold is not None:
+            hit = (values <= self.threshold).any(1)
+            for i in set(sample[hit].tolist()):
+                if self.status[i] is None:
+                    self.status[i] = BELOW
