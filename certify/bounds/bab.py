@@ -1075,7 +1075,8 @@ class _Search:
             self.point_value[i] = worst[j]
             self.points[i] = x[j]
         self.point_rows = torch.minimum(self.point_rows, torch.full_like(
-            self.point_rows, math.inf).index_reduce_(0, sample, values, "amin"))
+            self.point_rows, math.inf).scatter_reduce(0, sample[:, None].expand_as(values),
+                                                      values, "amin"))
         if self.threshold is not None:
             hit = (values <= self.threshold).any(1)
             for i in set(sample[hit].tolist()):
