@@ -746,9 +746,23 @@ def exact_encoding_units(net: Network) -> int | None:
     return total
 
 
+def require_chain(net: Network) -> None:
+    """Raise a one-line error naming the first merge (Add, Concat) of a DAG network: the
+    encodings take chains only (each affine chain between two activations is one block of
+    equality rows)."""
+    if net.is_chain:
+        return
+    index = next((i for i, srcs in enumerate(net.inputs) if len(srcs) > 1), 0)
+    raise UnsupportedLayerError(
+        f"{_layer_name(net, index)} merges two branches: the LP/MILP encodings take chain "
+        "networks only; bound residual/concat networks with crown, alpha-crown, crown-ibp, "
+        "wong-kolter or ibp.")
+
+
 def require_exact_encoding(net: Network) -> None:
     """Raise a one-line error naming the first activation of `net` without an exact MILP
-    encoding (before any work is spent on a MILP)."""
+    encoding (before any work is spent on a MILP), or the first merge of a DAG."""
+    require_chain(net)
     for index, op in enumerate(net.layers):
         rule = ENCODINGS.get(type(op))
         activation = None if rule is None else rule.activation_of(op)
@@ -961,8 +975,9 @@ def encode(net: Network) -> NetworkEncoding:
     """The encoding of `net`, which ends in a folded specification (``fold_spec``), in float64.
 
     Raises:
-        UnsupportedLayerError: for an op without a row in :data:`ENCODINGS`.
+        UnsupportedLayerError: for an op without a row in :data:`ENCODINGS`, or a DAG.
     """
+    require_chain(net)
     chains: list[AffineChain] = []
     activations: list[ActivationEncoding] = []
     names: list[str] = []
