@@ -40,8 +40,12 @@ Unsqueeze, Squeeze, Concat, Cast, pattern of exported models); they may not touc
 Transpose, Reshape (constants)
 ================================  ==========================================================
 
-Anything else (an unknown operator, an unsupported attribute value, a branch or a skip
-connection) raises :class:`~certify.errors.UnsupportedLayerError` naming the ONNX node (its
+A graph with branches -- a residual ``Add`` of two computed tensors, a ``Concat`` of computed
+tensors -- becomes a ``torch.fx.GraphModule`` of such chains joined by those merges (see
+:class:`_DagImporter`), which the bound engine traces.
+
+Anything else (an unknown operator, an unsupported attribute value, another node merging
+computed tensors) raises :class:`~certify.errors.UnsupportedLayerError` naming the ONNX node (its
 name, its index and its operator) and, where it applies, the attribute.
 """
 

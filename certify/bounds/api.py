@@ -15,7 +15,6 @@ from certify.bounds.base import BoundMethod, Bounds, resolve_method, with_option
 from certify.bounds.forward_error import model_dtype, output_error
 from certify.bounds.network import Network, identity_spec, to_network
 from certify.bounds.propagation import EngineOptions, Propagator
-from certify.bounds.relaxations import activation_rule
 from certify.errors import SpecError
 from certify.spec import LinfBall, margin_spec, round_to
 

@@ -733,7 +733,9 @@ def _no_exact_encoding(what: str) -> UnsupportedLayerError:
 def exact_encoding_units(net: Network) -> int | None:
     """How many activation inputs the exact MILP of `net` encodes (binaries for the unstable
     ones, or MaxPool's candidates), or None when one of its activations has no exact
-    encoding (Sigmoid, Tanh)."""
+    encoding (Sigmoid, Tanh) or `net` is a DAG (the encodings take chains)."""
+    if not net.is_chain:
+        return None
     total = 0
     for op in net.layers:
         rule = ENCODINGS.get(type(op))

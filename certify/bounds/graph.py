@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,9 @@ from certify.bounds.layers import (
     reshape_op,
 )
 from certify.errors import SpecError, UnsupportedLayerError
+
+if TYPE_CHECKING:
+    from certify.bounds.network import Network
 
 __all__ = ["consumers", "evaluate", "graph_network"]
 
@@ -121,7 +124,7 @@ def _describe(node: fx.Node) -> str:
     return f"{node.op} {target!r}"
 
 
-def graph_network(model: nn.Module, given: Shape) -> Any:
+def graph_network(model: nn.Module, given: Shape) -> Network:
     """Trace `model` with ``torch.fx`` and convert its graph (see the module docstring).
 
     Raises:
@@ -273,14 +276,14 @@ def _convert_node(node: fx.Node, where: str, modules: dict[str, nn.Module], srcs
             raise UnsupportedLayerError(f"{where} must flatten one tensor between constant "
                                         "dimensions.")
         try:
-            s, e = (_sample_dim(start, len(shape), "start_dim"),
-                    _sample_dim(end, len(shape), "end_dim"))
+            first, last = (_sample_dim(start, len(shape), "start_dim"),
+                           _sample_dim(end, len(shape), "end_dim"))
         except UnsupportedConfig as err:
             raise UnsupportedLayerError(f"{where} is not supported with {err}.") from None
         size = 1
-        for v in shape[s:e + 1]:
+        for v in shape[first:last + 1]:
             size *= v
-        return reshape_op(shape, (*shape[:s], size, *shape[e + 1:]))
+        return reshape_op(shape, (*shape[:first], size, *shape[last + 1:]))
     raise UnsupportedLayerError(f"{where} has no bound rule; supported: {GRAPH_SUPPORTED}.")
 
 

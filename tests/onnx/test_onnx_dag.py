@@ -126,3 +126,29 @@ def test_unsupported_merges_get_one_line_naming_the_node(make, words):  # type: 
     assert "\n" not in message and "ONNX node" in message
     for word in words:
         assert word in message, message
+
+
+@pytest.mark.parametrize("eps", [0.002, 0.5])
+def test_verify_decides_a_property_of_a_residual_onnx_network(eps, tmp_path):  # type: ignore[no-untyped-def]
+    """The cascade (bounds, then no bab/MILP: they take chains) on an imported residual graph:
+    a tiny box is proven (unsat), a huge one gets a validated counterexample (sat)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from onnx_helpers import robustness_vnnlib
+
+    from certify.onnx_import import import_onnx
+    from certify.verify import verify
+    from certify.vnnlib import read_vnnlib
+
+    model = _random(NormalizedResidual(), 5)
+    imported, meta = import_onnx(onnx.load_from_string(_export(model, (1, 4, 4))))
+    x = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(4))
+    label = int(imported(x).argmax())
+    spec = tmp_path / "p.vnnlib"
+    spec.write_text(robustness_vnnlib(x, label, 3, eps))
+    verdict = verify(imported, read_vnnlib(spec), timeout=30, input_shape=meta.input_shape)
+    assert verdict.result == ("unsat" if eps < 0.01 else "sat"), verdict
+    if eps < 0.01:
+        assert verdict.method in ("ibp", "crown", "alpha-crown")
