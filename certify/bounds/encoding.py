@@ -70,7 +70,9 @@ from certify.bounds.forward_error import chain_error, model_chains
 from certify.bounds.layers import (
     RULES,
     AdaptiveAvgPoolOp,
+    AddOp,
     AvgPoolOp,
+    ConcatOp,
     ConvOp,
     FlattenOp,
     LeakyReluOp,
@@ -315,13 +317,15 @@ class OpEncoding:
 
     Attributes:
         kind: ``"affine"`` (composed into a chain), ``"activation"`` (new variables, relaxed
-            or exactly encoded), or ``"objective"`` (the folded specification, last).
+            or exactly encoded), ``"objective"`` (the folded specification, last), or
+            ``"merge"`` (Add, Concat: a DAG's, which the encodings refuse, see
+            :func:`require_chain`).
         activation: The activation's rules (for ``"activation"`` only), or for an op with
             parameters (LeakyReLU's slope, MaxPool2d's windows) the function of the op that
             gives them.
     """
 
-    kind: Literal["affine", "activation", "objective"]
+    kind: Literal["affine", "activation", "objective", "merge"]
     activation: ActivationEncoding | Callable[[Any], ActivationEncoding] | None = None
 
     def activation_of(self, op: Op) -> ActivationEncoding | None:
@@ -699,6 +703,8 @@ ENCODINGS: dict[type, OpEncoding] = {
     TanhOp: OpEncoding("activation", _s_encoding(TANH)),
     MaxPoolOp: OpEncoding("activation", maxpool_encoding),
     SpecLinearOp: OpEncoding("objective"),
+    AddOp: OpEncoding("merge"),
+    ConcatOp: OpEncoding("merge"),
 }
 
 

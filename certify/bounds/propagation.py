@@ -754,6 +754,7 @@ class Propagator:
             pending[node] = (total, e)
 
         n = len(self.layers)
+        assert start >= n or not is_merge(self.layers[start]), "rows start at one node"
         send(self.net.sources(start)[0] if start < n else n - 1, a, err)
         used: set[int] = set()
         for j in range(min(start, n) - 1, -1, -1):
