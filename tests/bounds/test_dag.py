@@ -280,3 +280,36 @@ def test_alpha_crown_with_given_intermediate_bounds_on_branches(kind):  # type: 
     crown = compute_bounds(model, x_lo, x_hi, "crown", intermediate=inter)
     assert (alpha.lower >= crown.lower - tol(crown.lower)).all()
     assert (alpha.lower > crown.lower + 1e-3).any()
+
+
+class _Spellings(nn.Module):
+    """Every spelling of the graph table: torch.add, Tensor.add, operator +, torch.concat,
+    F.relu, Tensor.relu, torch.sigmoid, Tensor.tanh, Tensor.flatten, torch.flatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.conv2 = nn.Conv2d(2, 2, 3, padding=1)
+        self.fc = nn.Linear(4 * 4 * 4, 6)
+        self.fc2 = nn.Linear(6, 6)
+        self.out = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.relu(self.conv(x))
+        r = torch.add(h, self.conv2(h)).relu()
+        y = torch.concat([r, torch.sigmoid(h)], dim=1).flatten(1)
+        z = self.fc(y)
+        w = z.add(self.fc2(z).tanh())
+        return self.out(torch.flatten(torch.cat((torch.relu(w), z + w), -1), 1))
+
+
+def test_every_spelling_of_the_graph_table_converts_and_bounds():  # type: ignore[no-untyped-def]
+    model = _Spellings().double().eval()
+    net = to_network(model, (1, 4, 4))
+    kinds = [type(op).__name__ for op in net.layers]
+    assert kinds.count("AddOp") == 3 and kinds.count("ConcatOp") == 2
+    assert {"SigmoidOp", "TanhOp", "ReluOp"} <= set(kinds)
+    x_lo, x_hi, x = make_box(0, 3, (1, 4, 4), 0.1, F64)
+    spec = random_spec(0, 3, 2, 3, F64)
+    for method in ("ibp", "crown", "alpha-crown"):
+        assert_sound(model, x_lo, x_hi, x, spec, method, F64)
