@@ -159,7 +159,9 @@ def to_network(model: nn.Module | Network, input_shape: Shape | torch.Size) -> N
 
     Args:
         model: An ``nn.Sequential`` (nested ones are flattened) of supported layers, a single
-            supported layer, or a Network (returned as is after a shape check).
+            supported layer, a Network (returned as is after a shape check), or any other
+            module made of them whose ``forward`` ``torch.fx`` traces -- a residual block, a
+            concatenation of branches -- which becomes a DAG (:mod:`certify.bounds.graph`).
         input_shape: The per-sample input shape, e.g. `(3, 32, 32)`.
 
     Returns:

@@ -33,6 +33,12 @@ the lower or upper line per path instead of per neuron -- on a random ``wk-large
 the mean margin lower bound was -472 against -13.8 in backward mode). The choice depends only
 on the sample and the network, so a batch gives the bounds of its samples one by one.
 
+**Graphs** (a network with ``inputs``: residual Adds, Concats): intervals walk the nodes in
+topological order; backward passes walk them in reverse, each node's rows being the sum of its
+consumers' (:meth:`Propagator._backward_dag`, the sum's rounding accounted); rows stay dense
+(no conv windows) and forward mode is not used. A chain takes exactly the code paths it took
+before graphs existed (its bounds are bit-identical).
+
 **Rounding** (``EngineOptions.rigorous``, the default): every interval is rounded outward and
 every backward pass tracks the rounding of its rows and constants (see
 :meth:`Propagator.backward_chunk` and :mod:`certify.bounds.rounding`), so each bound holds for
