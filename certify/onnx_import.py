@@ -40,8 +40,12 @@ Unsqueeze, Squeeze, Concat, Cast, pattern of exported models); they may not touc
 Transpose, Reshape (constants)
 ================================  ==========================================================
 
-Anything else (an unknown operator, an unsupported attribute value, a branch or a skip
-connection) raises :class:`~certify.errors.UnsupportedLayerError` naming the ONNX node (its
+A graph with branches -- a residual ``Add`` of two computed tensors, a ``Concat`` of computed
+tensors -- becomes a ``torch.fx.GraphModule`` of such chains joined by those merges (see
+:class:`_DagImporter`), which the bound engine traces.
+
+Anything else (an unknown operator, an unsupported attribute value, another node merging
+computed tensors) raises :class:`~certify.errors.UnsupportedLayerError` naming the ONNX node (its
 name, its index and its operator) and, where it applies, the attribute.
 """
 
@@ -117,7 +121,8 @@ def import_onnx(
     dataset: str | None = None,
     source: str | None = None,
 ) -> tuple[nn.Sequential, ModelMeta]:
-    """Convert an ONNX network into a flat ``nn.Sequential`` of bound-engine layers.
+    """Convert an ONNX network into a flat ``nn.Sequential`` of bound-engine layers (a graph
+    with branches: a ``torch.fx.GraphModule`` of such Sequentials, see :class:`_DagImporter`).
 
     The converted model takes inputs of shape ``(N, *meta.input_shape)``. When the file's input
     is a flat vector ``(N, D)`` and no image shape is given, the model takes ``(N, 1, 1, D)``
@@ -144,8 +149,13 @@ def import_onnx(
         proto, source = model, source or model.graph.name or "model"
     else:
         proto, source = read_onnx(model), source or Path(model).name
-    converter = _Converter(proto, source=source, input_shape=input_shape)
-    net = converter.run()
+    converter: _Converter
+    net: nn.Module
+    if _is_dag(proto):
+        net, converter = _DagImporter(proto, source=source, input_shape=input_shape).run()
+    else:
+        converter = _Converter(proto, source=source, input_shape=input_shape)
+        net = converter.run()
     shape = converter.model_input_shape
     assert shape is not None
     channels = shape[0]
@@ -164,7 +174,7 @@ def import_onnx(
         mean=tuple(float(v) for v in mean),
         std=tuple(float(v) for v in std),
     )
-    return net, meta
+    return net, meta  # type: ignore[return-value]
 
 
 def onnx_input_dims(proto: Any) -> tuple[int | None, ...] | None:
@@ -224,7 +234,8 @@ class _Affine:
 class _Converter:
     """One pass over the nodes of a chain-structured graph (ONNX keeps nodes topologically)."""
 
-    def __init__(self, proto: Any, *, source: str, input_shape: Shape | None) -> None:
+    def __init__(self, proto: Any, *, source: str, input_shape: Shape | None,
+                 segment_shape: Shape | None = None) -> None:
         from onnx import numpy_helper
 
         self.graph = proto.graph
@@ -250,6 +261,13 @@ class _Converter:
         self.file_shape = self.shape
         self.shapes: dict[str, Shape] = {self.current: self.shape}
         self.model_input_shape: tuple[int, int, int] | None = None
+        # a chain inside a DAG (not at its input, not at its output): it takes `segment_shape`
+        # as it is (no input normalization, no re-shaping) and ends without a flatten
+        self.final = segment_shape is None
+        if segment_shape is not None:
+            self.shape = self.file_shape = segment_shape
+            self.shapes = {self.current: self.shape}
+            self.model_input_shape = segment_shape  # type: ignore[assignment]
         self.layers: list[tuple[str, nn.Module]] = []
         self.counts: dict[str, int] = {}
         self.pending: _Affine | None = None
@@ -361,6 +379,10 @@ class _Converter:
                 "only chain networks are supported.")
         self._flush(where)
         self._start_layers(where)
+        if not self.final:
+            if not self.layers:
+                self._emit("identity", nn.Identity())
+            return nn.Sequential(OrderedDict(self.layers)).eval()
         if len(self.shape) != 1:
             self._emit("flatten", nn.Flatten())
             self.shape = (int(np.prod(self.shape)),)
@@ -972,6 +994,218 @@ class _Converter:
             else:
                 value = np.squeeze(value, axis=tuple(axes) if axes is not None else None)
         self.consts[node.output[0]] = np.asarray(value)
+
+
+# ---- graphs with branches (residual Add, Concat) ---------------------------------------------
+
+#: Operators that merge computed tensors (two or more data inputs).
+MERGE_OPS = ("Add", "Concat")
+
+
+def _data_consumers(proto: Any) -> tuple[dict[str, list[int]], set[str]]:
+    """For each tensor, the nodes reading it as data (Shape nodes left out: they read only
+    the shape); and the names of the constants (initializers, and outputs of nodes without data
+    inputs)."""
+    consts = {t.name for t in proto.graph.initializer}
+    consumers: dict[str, list[int]] = {}
+    for index, node in enumerate(proto.graph.node):
+        data = [n for n in node.input if n and n not in consts]
+        if node.op_type == "Shape" or not data:  # a shape is known at conversion time
+            consts.update(node.output)
+            continue
+        for name in data:
+            consumers.setdefault(name, []).append(index)
+    return consumers, consts
+
+
+def _is_dag(proto: Any) -> bool:
+    """Whether the graph has a node with several data inputs or a tensor read by several nodes
+    (then :class:`_DagImporter` converts it; a chain keeps the chain converter)."""
+    consumers, consts = _data_consumers(proto)
+    if any(len(v) > 1 for v in consumers.values()):
+        return True
+    return any(len([n for n in node.input if n and n not in consts]) > 1
+               for node in proto.graph.node if node.op_type != "Shape")
+
+
+class _DagImporter:
+    """An ONNX graph with branches: chains of single-input nodes (each converted by
+    :class:`_Converter` as a sub-graph, with every operator it supports) joined by merge nodes:
+    ``Add`` of two computed tensors of the same shape (a residual connection) and ``Concat`` of
+    computed tensors along a dimension after the batch. The result is a ``torch.fx.GraphModule``
+    whose submodules are the chains' ``nn.Sequential``s and whose graph adds and concatenates
+    their outputs: the bound engine traces it (:mod:`certify.bounds.graph`). The first chain
+    starts at the file's input (its input normalization and re-shaping as for a chain); any
+    other node with several computed inputs raises a one-line error naming it.
+    """
+
+    def __init__(self, proto: Any, *, source: str, input_shape: Shape | None) -> None:
+        self.proto = proto
+        self.source = source
+        self.input_shape = input_shape
+        self.consumers, self.consts = _data_consumers(proto)
+        self.data_nodes = {i for v in self.consumers.values() for i in v}
+
+    def _where(self, index: int) -> str:
+        node = self.proto.graph.node[index]
+        return (f"{self.source}: ONNX node '{node.name or '<unnamed>'}' (op {node.op_type}, "
+                f"node {index})")
+
+    def _segments(self) -> tuple[list[tuple[str, list[int], str]], list[int]]:
+        """Chains `(start tensor, node indices, end tensor)` and the merge nodes, in order."""
+        graph = self.proto.graph
+        output = graph.output[0].name
+        chains: list[tuple[str, list[int], str]] = []
+        merges: list[int] = []
+        open_at: dict[str, int] = {}  # end tensor -> its chain, while it may grow
+        for index, node in enumerate(graph.node):
+            if node.op_type == "Shape":
+                continue
+            data = [n for n in node.input if n and n not in self.consts]
+            if not data:
+                continue
+            if len(data) > 1:
+                if node.op_type not in MERGE_OPS:
+                    raise UnsupportedLayerError(
+                        f"{self._where(index)} combines computed tensors "
+                        f"{', '.join(map(repr, data))}; only Add and Concat may merge branches.")
+                merges.append(index)
+                continue
+            t = data[0]
+            k = open_at.pop(t, None)
+            if k is not None and len(self.consumers.get(t, [])) == 1 and t != output:
+                start, nodes, _ = chains[k]
+                chains[k] = (start, [*nodes, index], node.output[0])
+            else:
+                chains.append((t, [index], node.output[0]))
+                k = len(chains) - 1
+            open_at[node.output[0]] = k
+        return chains, merges
+
+    def _sub_proto(self, start: str, nodes: list[int], end: str, shape: Shape | None) -> Any:
+        """The chain as a graph of its own: its nodes, the constant nodes they can use, every
+        initializer; input `start` (of `shape`, or the file's input), output `end`."""
+        from onnx import TensorProto, helper
+
+        graph = self.proto.graph
+        chosen = set(nodes)
+        known = {t.name for t in graph.initializer}
+        available = {start} | {graph.node[i].output[0] for i in nodes}
+        keep = []
+        for index, node in enumerate(graph.node):
+            ins = [n for n in node.input if n]
+            if (index in chosen
+                    or (node.op_type == "Shape" and ins and ins[0] in available)
+                    or (node.op_type != "Shape" and index not in self.data_nodes
+                        and all(n in known for n in ins))):
+                keep.append(node)
+                known.update(node.output)
+        if shape is None:
+            inp = next(i for i in graph.input if i.name == start)
+        else:
+            inp = helper.make_tensor_value_info(start, TensorProto.FLOAT, ["N", *shape])
+        out = helper.make_tensor_value_info(end, TensorProto.FLOAT, None)
+        sub = helper.make_graph(keep, f"{graph.name}:{end}", [inp], [out],
+                                initializer=list(graph.initializer))
+        return helper.make_model(sub, opset_imports=list(self.proto.opset_import))
+
+    def run(self) -> tuple[nn.Module, _Converter]:
+        import operator
+
+        from torch import fx
+
+        graph = self.proto.graph
+        inputs = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]
+        if len(inputs) != 1 or len(graph.output) != 1:
+            raise UnsupportedLayerError(
+                f"{self.source}: the ONNX graph has {len(inputs)} data inputs and "
+                f"{len(graph.output)} outputs; only networks with one of each are supported.")
+        x_name, output = inputs[0].name, graph.output[0].name
+        chains, merges = self._segments()
+        # the model's input: a chain from the file's input (an empty one when the input feeds
+        # a merge or several nodes), which fixes the input shape and normalization
+        first = next((k for k, c in enumerate(chains) if c[0] == x_name), None)
+        if first is None or len(self.consumers.get(x_name, [])) > 1:
+            chains.insert(0, (x_name, [], x_name))
+            first = 0
+        order: list[tuple[int, str, int]] = []  # (position, kind, index)
+        for k, (_, nodes, _) in enumerate(chains):
+            order.append((nodes[0] if nodes else -1, "chain", k))
+        order += [(i, "merge", i) for i in merges]
+        order.sort(key=lambda t: t[0])  # node order (the empty input chain first)
+        root = nn.Module()
+        fx_graph = fx.Graph()
+        values: dict[str, Any] = {}
+        shapes: dict[str, Shape] = {}
+        head: _Converter | None = None
+        placeholder = fx_graph.placeholder("x")
+        for _, kind, k in order:
+            if kind == "chain":
+                start, nodes, end = chains[k]
+                if k == first:
+                    converter = _Converter(self._sub_proto(start, nodes, end, None),
+                                           source=self.source, input_shape=self.input_shape)
+                    head = converter
+                    source_value = placeholder
+                else:
+                    if start not in values:
+                        raise UnsupportedLayerError(
+                            f"{self._where(nodes[0])} reads '{start}', which is computed "
+                            "after it; the graph is not in topological order.")
+                    converter = _Converter(self._sub_proto(start, nodes, end, shapes[start]),
+                                           source=self.source, input_shape=None,
+                                           segment_shape=shapes[start])
+                    source_value = values[start]
+                converter.final = end == output
+                module = converter.run()
+                name = f"chain{k}"
+                root.add_module(name, module)
+                values[end] = fx_graph.call_module(name, (source_value,))
+                shapes[end] = converter.shape
+                continue
+            node = graph.node[k]
+            where = self._where(k)
+            data = [n for n in node.input if n and n not in self.consts]
+            if len(data) != len([n for n in node.input if n]):
+                raise UnsupportedLayerError(f"{where} mixes computed tensors and constants; "
+                                            "only merges of computed tensors are supported.")
+            missing = [n for n in data if n not in values]
+            if missing:
+                raise UnsupportedLayerError(f"{where} reads {missing[0]!r}, which no supported "
+                                            "node computes before it.")
+            got = [shapes[n] for n in data]
+            if node.op_type == "Add":
+                if len(data) != 2 or got[0] != got[1]:
+                    raise UnsupportedLayerError(
+                        f"{where} adds shapes {got}; only two tensors of the same shape (no "
+                        "broadcasting) are supported.")
+                values[node.output[0]] = fx_graph.call_function(
+                    operator.add, (values[data[0]], values[data[1]]))
+                shapes[node.output[0]] = got[0]
+            else:
+                axis = int(_attributes(node).get("axis", 1))
+                rank = len(got[0]) + 1
+                dim = axis + rank if axis < 0 else axis
+                if not 1 <= dim < rank or any(len(g) != len(got[0]) for g in got):
+                    raise UnsupportedLayerError(f"{where} concatenates along axis {axis}; only a "
+                                                "dimension after the batch is supported.")
+                values[node.output[0]] = fx_graph.call_function(
+                    torch.cat, ([values[n] for n in data],), {"dim": dim})
+                out = list(got[0])
+                out[dim - 1] = sum(g[dim - 1] for g in got)
+                shapes[node.output[0]] = tuple(out)
+        if output not in values:
+            raise UnsupportedLayerError(f"{self.source}: the graph output '{output}' is not "
+                                        "computed by the supported nodes.")
+        result = values[output]
+        if len(shapes[output]) != 1:  # the logits as a vector, as for a chain
+            root.add_module("flatten", nn.Flatten())
+            result = fx_graph.call_module("flatten", (result,))
+        fx_graph.output(result)
+        assert head is not None
+        head.shape = (int(np.prod(shapes[output])),)
+        head.num_classes = head.shape[0]
+        return fx.GraphModule(root, fx_graph, class_name="OnnxGraph").eval(), head
 
 
 @contextmanager

@@ -12,10 +12,9 @@ from torch import Tensor, nn
 
 from certify.bounds import rounding
 from certify.bounds.base import BoundMethod, Bounds, resolve_method, with_options
-from certify.bounds.forward_error import chain_error, model_chains, model_dtype
+from certify.bounds.forward_error import model_dtype, output_error
 from certify.bounds.network import Network, identity_spec, to_network
 from certify.bounds.propagation import EngineOptions, Propagator
-from certify.bounds.relaxations import activation_rule
 from certify.errors import SpecError
 from certify.spec import LinfBall, margin_spec, round_to
 
@@ -173,12 +172,7 @@ def _output_error(net: Network, x_lo: Tensor, x_hi: Tensor, spec: Tensor,
         prop = Propagator(net, x_lo, x_hi, EngineOptions())
         prop.interval()
         pre = prop.intermediate_bounds()
-    if pre:  # the last chain takes the last activation's output: its image of its input bounds
-        last = activation_rule(net.layers[net.relu_positions[-1]])
-        in_lo, in_hi = last.interval(pre[-1].lower.detach(), pre[-1].upper.detach())
-    else:
-        in_lo, in_hi = x_lo, x_hi
-    err = chain_error(model_chains(net)[-1], in_lo, in_hi, net.runs_in).flatten(1)  # (N, K)
+    err = output_error(net, pre, x_lo, x_hi, net.runs_in).flatten(1)  # (N, K)
     spec_abs = spec.detach().to(torch.float64).abs()
     k = spec_abs.shape[2]
     by_row = torch.bmm(spec_abs, err.unsqueeze(2)).squeeze(2)

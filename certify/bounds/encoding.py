@@ -70,7 +70,9 @@ from certify.bounds.forward_error import chain_error, model_chains
 from certify.bounds.layers import (
     RULES,
     AdaptiveAvgPoolOp,
+    AddOp,
     AvgPoolOp,
+    ConcatOp,
     ConvOp,
     FlattenOp,
     LeakyReluOp,
@@ -315,13 +317,15 @@ class OpEncoding:
 
     Attributes:
         kind: ``"affine"`` (composed into a chain), ``"activation"`` (new variables, relaxed
-            or exactly encoded), or ``"objective"`` (the folded specification, last).
+            or exactly encoded), ``"objective"`` (the folded specification, last), or
+            ``"merge"`` (Add, Concat: a DAG's, which the encodings refuse, see
+            :func:`require_chain`).
         activation: The activation's rules (for ``"activation"`` only), or for an op with
             parameters (LeakyReLU's slope, MaxPool2d's windows) the function of the op that
             gives them.
     """
 
-    kind: Literal["affine", "activation", "objective"]
+    kind: Literal["affine", "activation", "objective", "merge"]
     activation: ActivationEncoding | Callable[[Any], ActivationEncoding] | None = None
 
     def activation_of(self, op: Op) -> ActivationEncoding | None:
@@ -699,6 +703,8 @@ ENCODINGS: dict[type, OpEncoding] = {
     TanhOp: OpEncoding("activation", _s_encoding(TANH)),
     MaxPoolOp: OpEncoding("activation", maxpool_encoding),
     SpecLinearOp: OpEncoding("objective"),
+    AddOp: OpEncoding("merge"),
+    ConcatOp: OpEncoding("merge"),
 }
 
 
@@ -733,7 +739,9 @@ def _no_exact_encoding(what: str) -> UnsupportedLayerError:
 def exact_encoding_units(net: Network) -> int | None:
     """How many activation inputs the exact MILP of `net` encodes (binaries for the unstable
     ones, or MaxPool's candidates), or None when one of its activations has no exact
-    encoding (Sigmoid, Tanh)."""
+    encoding (Sigmoid, Tanh) or `net` is a DAG (the encodings take chains)."""
+    if not net.is_chain:
+        return None
     total = 0
     for op in net.layers:
         rule = ENCODINGS.get(type(op))
@@ -746,9 +754,23 @@ def exact_encoding_units(net: Network) -> int | None:
     return total
 
 
+def require_chain(net: Network) -> None:
+    """Raise a one-line error naming the first merge (Add, Concat) of a DAG network: the
+    encodings take chains only (each affine chain between two activations is one block of
+    equality rows)."""
+    if net.is_chain:
+        return
+    index = next((i for i, srcs in enumerate(net.inputs) if len(srcs) > 1), 0)
+    raise UnsupportedLayerError(
+        f"{_layer_name(net, index)} merges two branches: the LP/MILP encodings take chain "
+        "networks only; bound residual/concat networks with crown, alpha-crown, crown-ibp, "
+        "wong-kolter or ibp.")
+
+
 def require_exact_encoding(net: Network) -> None:
     """Raise a one-line error naming the first activation of `net` without an exact MILP
-    encoding (before any work is spent on a MILP)."""
+    encoding (before any work is spent on a MILP), or the first merge of a DAG."""
+    require_chain(net)
     for index, op in enumerate(net.layers):
         rule = ENCODINGS.get(type(op))
         activation = None if rule is None else rule.activation_of(op)
@@ -961,8 +983,9 @@ def encode(net: Network) -> NetworkEncoding:
     """The encoding of `net`, which ends in a folded specification (``fold_spec``), in float64.
 
     Raises:
-        UnsupportedLayerError: for an op without a row in :data:`ENCODINGS`.
+        UnsupportedLayerError: for an op without a row in :data:`ENCODINGS`, or a DAG.
     """
+    require_chain(net)
     chains: list[AffineChain] = []
     activations: list[ActivationEncoding] = []
     names: list[str] = []

@@ -37,16 +37,27 @@ stored tensors are from the exact layer (the model computes ``1/std`` and BatchN
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from certify.bounds import rounding
-from certify.bounds.layers import RULES, Op, abs_op, cast_op, err_op, interval_affine
+from certify.bounds.layers import (
+    RULES,
+    AddOp,
+    ConcatOp,
+    Op,
+    abs_op,
+    cast_op,
+    err_op,
+    interval_affine,
+    merge_interval,
+)
 from certify.bounds.network import Network
 from certify.bounds.relaxations import activation_rule, is_activation
 
-__all__ = ["chain_error", "model_chains", "model_dtype"]
+__all__ = ["chain_error", "graph_error", "model_chains", "model_dtype", "output_error"]
 
 
 def model_dtype(net: Network) -> torch.dtype | None:
@@ -60,7 +71,10 @@ def model_dtype(net: Network) -> torch.dtype | None:
 
 def model_chains(net: Network) -> list[list[Op]]:
     """The model's chains: before the first activation, between activations, after the last;
-    every chain but the first starts with the activation whose output it takes."""
+    every chain but the first starts with the activation whose output it takes (a chain
+    network only: a DAG's are bounded by :func:`graph_error`)."""
+    if not net.is_chain:
+        raise TypeError("model_chains takes a chain network; use graph_error for a DAG")
     chains: list[list[Op]] = [[]]
     for op in net.model_layers or net.layers:
         if is_activation(op):
@@ -92,22 +106,102 @@ def chain_error(ops: list[Op], lo: Tensor, hi: Tensor, dtype: torch.dtype) -> Te
             if bound is not None:
                 err = err + bound(lo, hi, dtype)
             continue
-        op = cast_op(op, f64, lo.device)
-        op = replace(op, **{k: v.detach() for k, v in vars(op).items()  # type: ignore[arg-type]
-                            if isinstance(v, Tensor)})
-        rules = RULES[type(op)]
-        k = rules.terms(op)[0]
-        if k == 0:  # a reshape
-            err = rules.forward(op, err)
-            lo, hi = rules.forward(op, lo), rules.forward(op, hi)
-            continue
-        reach = torch.maximum(lo.abs(), hi.abs()) + err
-        g = rounding.gamma(k + 1, dtype)
-        absolute = abs_op(op)
-        new = rules.linear(absolute, err) + g * rules.forward(absolute, reach)  # type: ignore[misc]
-        exact = err_op(op)
-        if exact is not None:
-            new = new + rules.forward(exact, reach)
-        err = rounding.up(new * (1 + rounding.gamma(k + 4, f64)) + (k + 1) * rounding.tiny(dtype))
-        lo, hi = interval_affine(op, lo, hi, rigorous=True)
+        lo, hi, err = _op_error(op, lo, hi, err, dtype)
     return err
+
+
+def _op_error(op: Op, lo: Tensor, hi: Tensor, err: Tensor, dtype: torch.dtype
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """One affine op of a chain: the exact output's bounds and the computed output's error
+    (the formula of the module docstring), all float64."""
+    op = cast_op(op, torch.float64, lo.device)
+    op = replace(op, **{k: v.detach() for k, v in vars(op).items()  # type: ignore[arg-type]
+                        if isinstance(v, Tensor)})
+    rules = RULES[type(op)]
+    k = rules.terms(op)[0]
+    if k == 0:  # a reshape
+        return rules.forward(op, lo), rules.forward(op, hi), rules.forward(op, err)
+    reach = torch.maximum(lo.abs(), hi.abs()) + err
+    g = rounding.gamma(k + 1, dtype)
+    absolute = abs_op(op)
+    new = rules.linear(absolute, err) + g * rules.forward(absolute, reach)  # type: ignore[misc]
+    exact = err_op(op)
+    if exact is not None:
+        new = new + rules.forward(exact, reach)
+    err = rounding.up(new * (1 + rounding.gamma(k + 4, torch.float64))
+                      + (k + 1) * rounding.tiny(dtype))
+    lo, hi = interval_affine(op, lo, hi, rigorous=True)
+    return lo, hi, err
+
+
+def graph_error(net: Network, upto: int, boxes: dict[int, tuple[Tensor, Tensor]],
+                x_lo: Tensor, x_hi: Tensor, dtype: torch.dtype) -> Tensor:
+    """:func:`chain_error` for a network that is a DAG (``net.model_inputs``).
+
+    The model's computed value of every node is within ``F`` of the exact function of the
+    computed outputs of the activations below it (the perturbed network of the module
+    docstring): ``F = 0`` at the input, an activation's own rounding at its output, the
+    affine ops' formula, and for a sum ``F = F_1 + F_2 + gamma_1 (R_1 + R_2)`` with ``R`` the
+    computed inputs' magnitudes (``|fl(a + b) - (a + b)| <= u |a + b|``); a concatenation
+    moves values (``F`` concatenated).
+
+    Args:
+        upto: The ordinal of the activation whose input's error is wanted (the number of
+            activations: the output's).
+        boxes: For the ordinal of every activation below, rigorous bounds of its exact output
+            (over the perturbed pre-activation bounds).
+        x_lo, x_hi: The input box.
+        dtype: The dtype the model computes in.
+
+    Returns:
+        `(N, *shape)` float64, the error bound of the node.
+    """
+    f64 = torch.float64
+    layers, inputs = net.model_layers, net.model_inputs
+    positions = [i for i, op in enumerate(layers) if is_activation(op)]
+    target = (positions[upto] if upto < len(positions) else len(layers))
+    want = inputs[target][0] if target < len(layers) else len(layers) - 1
+    vals: dict[int, tuple[Tensor, Tensor, Tensor]] = {
+        -1: (x_lo.detach().to(f64), x_hi.detach().to(f64),
+             torch.zeros_like(x_lo, dtype=f64))}
+    for i in range(want + 1):
+        op = layers[i]
+        args = [vals[k] for k in inputs[i]]
+        if is_activation(op):
+            lo, hi = (t.detach().to(f64) for t in boxes[positions.index(i)])
+            err = torch.zeros_like(lo)
+            bound = activation_rule(op).rounding
+            if bound is not None:
+                err = bound(lo, hi, dtype)
+            vals[i] = (lo, hi, err)
+        elif isinstance(op, AddOp):
+            (lo1, hi1, e1), (lo2, hi2, e2) = args
+            reach = (torch.maximum(lo1.abs(), hi1.abs()) + e1
+                     + torch.maximum(lo2.abs(), hi2.abs()) + e2)
+            lo, hi = merge_interval(op, [lo1, lo2], [hi1, hi2], rigorous=True)
+            err = rounding.up((e1 + e2 + rounding.gamma(1, dtype) * reach)
+                              * (1 + rounding.gamma(4, f64)) + rounding.tiny(dtype))
+            vals[i] = (lo, hi, err)
+        elif isinstance(op, ConcatOp):
+            lo, hi = merge_interval(op, [a[0] for a in args], [a[1] for a in args])
+            vals[i] = (lo, hi, torch.cat([a[2] for a in args], op.dim + 1))
+        else:
+            vals[i] = _op_error(op, *args[0], dtype)
+    return vals[want][2]
+
+
+def output_error(net: Network, pre: tuple[Any, ...], x_lo: Tensor, x_hi: Tensor,
+                 dtype: torch.dtype) -> Tensor:
+    """``E`` `(N, *output_shape)` float64: the model's rounding of its output after the last
+    activation (every earlier one is accounted by the methods), given the (perturbed)
+    pre-activation bounds `pre` (one ``Bounds`` per activation)."""
+    if net.is_chain:
+        if pre:  # the last chain takes the last activation's output: its image of its bounds
+            last = activation_rule(net.layers[net.relu_positions[-1]])
+            in_lo, in_hi = last.interval(pre[-1].lower.detach(), pre[-1].upper.detach())
+        else:
+            in_lo, in_hi = x_lo, x_hi
+        return chain_error(model_chains(net)[-1], in_lo, in_hi, dtype)
+    boxes = {k: activation_rule(net.layers[p]).interval(b.lower.detach(), b.upper.detach())
+             for k, (p, b) in enumerate(zip(net.relu_positions, pre, strict=True))}
+    return graph_error(net, len(pre), boxes, x_lo, x_hi, dtype)

@@ -62,7 +62,9 @@ __all__ = [
     "RULES",
     "SUPPORTED",
     "AdaptiveAvgPoolOp",
+    "AddOp",
     "AvgPoolOp",
+    "ConcatOp",
     "ConvOp",
     "FlattenOp",
     "LeakyReluOp",
@@ -77,6 +79,10 @@ __all__ = [
     "SpecRows",
     "TanhOp",
     "interval_affine",
+    "is_merge",
+    "merge_backward",
+    "merge_forward",
+    "merge_interval",
     "reshape_op",
 ]
 
@@ -261,11 +267,46 @@ class MaxPoolOp:
     out_shape: Shape
 
 
+@dataclass(frozen=True, eq=False)
+class AddOp:
+    """``y = x_1 + x_2``: the sum of two nodes of the same shape (a residual connection).
+
+    A *merge* op: it takes two inputs (see ``Network.inputs``), so it has no row in
+    :data:`RULES`' single-input form; :func:`merge_forward`, :func:`merge_backward` and
+    :func:`merge_interval` are its rules. Its transpose copies the rows to both inputs (exact:
+    nothing is computed); the sums happen where the rows of several consumers of one node meet
+    (accounted in ``Propagator``), and the model's own rounding of ``x_1 + x_2`` in
+    :mod:`certify.bounds.forward_error`.
+    """
+
+    in_shape: Shape
+    out_shape: Shape
+
+
+@dataclass(frozen=True, eq=False)
+class ConcatOp:
+    """Concatenation of its input nodes along per-sample dimension `dim` (0: channels of a
+    `(C, H, W)` map); `sizes` is each input's extent along `dim`, `in_shape` the first
+    input's shape. A merge op (see :class:`AddOp`): values are moved, never computed, so it is
+    exact in every mode, and its transpose splits the rows."""
+
+    dim: int
+    sizes: tuple[int, ...]
+    in_shape: Shape
+    out_shape: Shape
+
+    def input_shape(self, k: int) -> Shape:
+        """The shape of input `k`."""
+        shape = list(self.out_shape)
+        shape[self.dim] = self.sizes[k]
+        return tuple(shape)
+
+
 SpecLinearOp = SpecRows  # the LP/MILP encodings' name for the rows at the end of a network
 
 
 Op = (LinearOp | ConvOp | ScaleShiftOp | AvgPoolOp | AdaptiveAvgPoolOp | FlattenOp | PermuteOp
-      | ReluOp | LeakyReluOp | SigmoidOp | TanhOp | MaxPoolOp)
+      | ReluOp | LeakyReluOp | SigmoidOp | TanhOp | MaxPoolOp | AddOp | ConcatOp)
 # an op or the specification's rows: what the error-field helpers take and give back
 _AnyOp = TypeVar("_AnyOp", bound="Op | SpecRows")
 
@@ -612,6 +653,52 @@ def cost_max_pool(op: MaxPoolOp) -> int:
     return numel(op.out_shape) * op.kernel_size[0] * op.kernel_size[1]
 
 
+# --- merges: Add and Concat (several inputs; see certify.bounds.network.Network.inputs) ------
+
+
+def is_merge(op: Any) -> bool:
+    """Whether `op` takes several input nodes (Add, Concat)."""
+    return isinstance(op, (AddOp, ConcatOp))
+
+
+def merge_forward(op: AddOp | ConcatOp, xs: list[Tensor]) -> Tensor:
+    """The merge of batches `(B, *shape_k)` of its inputs (the model's own computation)."""
+    if isinstance(op, AddOp):
+        return xs[0] + xs[1]
+    return torch.cat(xs, op.dim + 1)
+
+
+def merge_backward(op: AddOp | ConcatOp, a: Tensor) -> list[Tensor]:
+    """The transpose on rows `(P, *out_shape)`: rows on each input. Exact (no arithmetic): an
+    Add gives its rows to both inputs, a Concat its slices."""
+    if isinstance(op, AddOp):
+        return [a, a]
+    return list(torch.split(a, list(op.sizes), op.dim + 1))
+
+
+def merge_interval(op: AddOp | ConcatOp, los: list[Tensor], his: list[Tensor], *,
+                   rigorous: bool = False) -> tuple[Tensor, Tensor]:
+    """Interval image of a merge. Concat is exact; Add is ``[l_1 + l_2, h_1 + h_2]`` (exact
+    in exact arithmetic), each sum rounded to nearest once, so with `rigorous` one step
+    outward (``rounding.down``/``up``) contains the exact sum (a rounded sum is within half a
+    step of it; sums of subnormals are exact)."""
+    if isinstance(op, ConcatOp):
+        return torch.cat(los, op.dim + 1), torch.cat(his, op.dim + 1)
+    lo, hi = los[0] + los[1], his[0] + his[1]
+    if rigorous:
+        lo, hi = rounding.down(lo), rounding.up(hi)
+    return lo, hi
+
+
+def _merge_single(op: Any, x: Tensor) -> Tensor:
+    raise TypeError(f"a {type(op).__name__} takes several inputs: use merge_forward (a network "
+                    "with merges is evaluated by Network.forward)")
+
+
+def terms_add(op: AddOp) -> tuple[int, int, int]:
+    return 1, 0, 0
+
+
 WindowBackward = Callable[[Any, Tensor, int, int], tuple[Tensor, Tensor | None, int, int]]
 
 
@@ -654,6 +741,10 @@ RULES: dict[type, OpRules] = {
     SigmoidOp: OpRules(forward_sigmoid, None, None, None, cost_elementwise, terms_exact),
     TanhOp: OpRules(forward_tanh, None, None, None, cost_elementwise, terms_exact),
     MaxPoolOp: OpRules(forward_max_pool, None, None, None, cost_max_pool, terms_exact),
+    # Merges take several inputs: their rules are merge_forward/backward/interval; these rows
+    # give their cost and terms (an Add is one rounded sum per output, a Concat exact).
+    AddOp: OpRules(_merge_single, None, None, None, cost_elementwise, terms_add),
+    ConcatOp: OpRules(_merge_single, None, None, None, cost_elementwise, terms_exact),
 }
 
 # The tensors an op's error fields bound (see "Exactness" in the module docstring).

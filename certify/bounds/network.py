@@ -64,6 +64,12 @@ class Network:
             the network in exact arithmetic only.
         source: The module it was converted from (methods that bound modules, such as
             auto_LiRPA's, use it); None for a network built from ops.
+        inputs: For a network that is a DAG (residual Add, Concat; see
+            :mod:`certify.bounds.graph`): for each op, the nodes it takes, in topological
+            order (``-1``: the network's input, ``j``: the output of ``layers[j]``); the last
+            op is the output and every other op's output is used. Empty: a chain (each op
+            takes the previous one), how every ``nn.Sequential`` converts.
+        model_inputs: The same for `model_layers` (empty for a chain).
     """
 
     layers: tuple[Op, ...]
@@ -72,6 +78,8 @@ class Network:
     model_layers: tuple[Op, ...] = ()
     runs_in: torch.dtype | None = None
     source: nn.Module | None = field(default=None, compare=False, repr=False)
+    inputs: tuple[tuple[int, ...], ...] = ()
+    model_inputs: tuple[tuple[int, ...], ...] = ()
 
     def __repr__(self) -> str:
         body = ", ".join(f"{n}:{type(op).__name__[:-2]}{op.out_shape}"
@@ -94,8 +102,21 @@ class Network:
 
     relu_positions = activation_positions
 
+    @property
+    def is_chain(self) -> bool:
+        """Whether every op takes the previous one's output (no ``inputs``)."""
+        return not self.inputs
+
+    def sources(self, i: int) -> tuple[int, ...]:
+        """The nodes ``layers[i]`` takes (``-1``: the network's input)."""
+        return self.inputs[i] if self.inputs else (i - 1,)
+
     def forward(self, x: Tensor) -> Tensor:
         """The network's output `(N, *output_shape)` for inputs `(N, *input_shape)`."""
+        if not self.is_chain:
+            from certify.bounds.graph import evaluate
+
+            return evaluate(self.layers, self.inputs, x)
         for op in self.layers:
             x = RULES[type(op)].forward(op, x)
         return x
@@ -138,7 +159,9 @@ def to_network(model: nn.Module | Network, input_shape: Shape | torch.Size) -> N
 
     Args:
         model: An ``nn.Sequential`` (nested ones are flattened) of supported layers, a single
-            supported layer, or a Network (returned as is after a shape check).
+            supported layer, a Network (returned as is after a shape check), or any other
+            module made of them whose ``forward`` ``torch.fx`` traces -- a residual block, a
+            concatenation of branches -- which becomes a DAG (:mod:`certify.bounds.graph`).
         input_shape: The per-sample input shape, e.g. `(3, 32, 32)`.
 
     Returns:
@@ -154,10 +177,16 @@ def to_network(model: nn.Module | Network, input_shape: Shape | torch.Size) -> N
             raise SpecError(f"the network takes inputs of shape {model.input_shape}, got "
                             f"{given}.")
         return model
+    modules = list(_modules(model))
+    if any(type(m) not in CONVERTERS and any(True for _ in m.children()) for _, m in modules):
+        # a module with its own forward (a residual block, ...): traced into a graph
+        from certify.bounds.graph import graph_network
+
+        return graph_network(model, given)
     shape = given
     layers: list[Op] = []
     names: list[str] = []
-    for index, (name, module) in enumerate(_modules(model)):
+    for index, (name, module) in enumerate(modules):
         label = f"layer {index} '{name}' ({type(module).__name__})"
         converter = CONVERTERS.get(type(module))
         if converter is None:
@@ -187,34 +216,43 @@ def _fold_scale_shift(layers: list[Op], names: list[str]) -> tuple[list[Op], lis
     out_names: list[str] = []
     for op, name in zip(layers, names, strict=True):
         prev = out_layers[-1] if out_layers else None
-        if (isinstance(op, ScaleShiftOp) and isinstance(prev, ConvOp)
-                and op.scale.shape == op.shift.shape == (prev.out_shape[0], 1, 1)):
-            scale = op.scale.flatten()
-            bias = prev.bias if prev.bias is not None else torch.zeros_like(scale)
-            weight = prev.weight * scale.view(-1, 1, 1, 1)
-            new_bias = bias * scale + op.shift.flatten()
-            # exact weight = W * (s + ds): |W| |ds| + the product's rounding (and W's own error)
-            s_err = _zero_if_none(op.scale_err, op.scale).flatten().view(-1, 1, 1, 1)
-            w_abs = prev.weight.detach().abs()
-            u = unit_of(weight)
-            weight_err = w_abs * s_err + 2 * u * weight.detach().abs()
-            if prev.weight_err is not None:
-                weight_err = weight_err + prev.weight_err * (scale.detach().abs().view(-1, 1, 1, 1)
-                                                             + s_err)
-            b_abs = bias.detach().abs()
-            t_err = _zero_if_none(op.shift_err, op.shift).flatten()
-            shift_abs = op.shift.detach().abs().flatten()
-            bias_err = (b_abs * s_err.flatten() + t_err
-                        + 4 * u * (b_abs * scale.detach().abs() + shift_abs))
-            if prev.bias_err is not None:
-                bias_err = bias_err + prev.bias_err * (scale.detach().abs() + s_err.flatten())
-            out_layers[-1] = replace(prev, weight=weight, bias=new_bias, weight_err=weight_err,
-                                     bias_err=bias_err)
+        folded = fold_pair(prev, op)
+        if folded is not None:
+            out_layers[-1] = folded
             out_names[-1] = f"{out_names[-1]}+{name}"
             continue
         out_layers.append(op)
         out_names.append(name)
     return out_layers, out_names
+
+
+def fold_pair(prev: Op | None, op: Op) -> Op | None:
+    """The convolution `prev` with the per-channel scale-shift `op` after it folded in (exact
+    weights ``W s``, bias ``b s + t``, their rounding and the inputs' errors in the error
+    fields), or None when `op` is not such a scale-shift of `prev`'s output."""
+    if not (isinstance(op, ScaleShiftOp) and isinstance(prev, ConvOp)
+            and op.scale.shape == op.shift.shape == (prev.out_shape[0], 1, 1)):
+        return None
+    scale = op.scale.flatten()
+    bias = prev.bias if prev.bias is not None else torch.zeros_like(scale)
+    weight = prev.weight * scale.view(-1, 1, 1, 1)
+    new_bias = bias * scale + op.shift.flatten()
+    # exact weight = W * (s + ds): |W| |ds| + the product's rounding (and W's own error)
+    s_err = _zero_if_none(op.scale_err, op.scale).flatten().view(-1, 1, 1, 1)
+    w_abs = prev.weight.detach().abs()
+    u = unit_of(weight)
+    weight_err = w_abs * s_err + 2 * u * weight.detach().abs()
+    if prev.weight_err is not None:
+        weight_err = weight_err + prev.weight_err * (scale.detach().abs().view(-1, 1, 1, 1)
+                                                     + s_err)
+    b_abs = bias.detach().abs()
+    t_err = _zero_if_none(op.shift_err, op.shift).flatten()
+    shift_abs = op.shift.detach().abs().flatten()
+    bias_err = (b_abs * s_err.flatten() + t_err
+                + 4 * u * (b_abs * scale.detach().abs() + shift_abs))
+    if prev.bias_err is not None:
+        bias_err = bias_err + prev.bias_err * (scale.detach().abs() + s_err.flatten())
+    return replace(prev, weight=weight, bias=new_bias, weight_err=weight_err, bias_err=bias_err)
 
 
 def _zero_if_none(err: Tensor | None, like: Tensor) -> Tensor:
@@ -259,13 +297,18 @@ def spec_rows(net: Network, spec: Tensor) -> tuple[Network, SpecRows]:
                 bias_err = bias_err + spec_abs @ last.bias_err
         rows = SpecRows(weight, bias, last.in_shape, (spec.shape[1],), weight_err=weight_err,
                         bias_err=bias_err)
-        return replace(net, layers=tuple(layers[:-1]), names=tuple(names[:-1])), rows
+        # (in a DAG the last op's input is the op before it: every other output is used)
+        return replace(net, layers=tuple(layers[:-1]), names=tuple(names[:-1]),
+                       inputs=net.inputs[:-1]), rows
+    inputs = net.inputs
     if len(net.output_shape) != 1 or not layers:
         layers.append(FlattenOp(net.output_shape, (math.prod(net.output_shape),)))
         names.append("flatten")
+        if inputs:
+            inputs = (*inputs, (len(layers) - 2,))
     flat = layers[-1].out_shape
     rows = SpecRows(spec, spec.new_zeros(spec.shape[:2]), flat, (spec.shape[1],))
-    return replace(net, layers=tuple(layers), names=tuple(names)), rows
+    return replace(net, layers=tuple(layers), names=tuple(names), inputs=inputs), rows
 
 
 def fold_spec(net: Network, spec: Tensor) -> Network:
@@ -273,5 +316,6 @@ def fold_spec(net: Network, spec: Tensor) -> Network:
     rows as a last op (the LP/MILP encodings' form)."""
     body, rows = spec_rows(net, spec)
     name = f"{net.names[-1]}+spec" if len(body.layers) < len(net.layers) else "spec"
+    inputs = (*body.inputs, (len(body.layers) - 1,)) if body.inputs else ()
     return replace(body, layers=(*body.layers, rows),  # type: ignore[arg-type]
-                   names=(*body.names, name))
+                   names=(*body.names, name), inputs=inputs)

@@ -33,6 +33,12 @@ the lower or upper line per path instead of per neuron -- on a random ``wk-large
 the mean margin lower bound was -472 against -13.8 in backward mode). The choice depends only
 on the sample and the network, so a batch gives the bounds of its samples one by one.
 
+**Graphs** (a network with ``inputs``: residual Adds, Concats): intervals walk the nodes in
+topological order; backward passes walk them in reverse, each node's rows being the sum of its
+consumers' (:meth:`Propagator._backward_dag`, the sum's rounding accounted); rows stay dense
+(no conv windows) and forward mode is not used. A chain takes exactly the code paths it took
+before graphs existed (its bounds are bit-identical).
+
 **Rounding** (``EngineOptions.rigorous``, the default): every interval is rounded outward and
 every backward pass tracks the rounding of its rows and constants (see
 :meth:`Propagator.backward_chunk` and :mod:`certify.bounds.rounding`), so each bound holds for
@@ -53,7 +59,7 @@ from torch import Tensor
 
 from certify.bounds import rounding
 from certify.bounds.base import Bounds
-from certify.bounds.forward_error import chain_error, model_chains
+from certify.bounds.forward_error import chain_error, graph_error, model_chains
 from certify.bounds.layers import (
     RULES,
     ConvOp,
@@ -62,7 +68,10 @@ from certify.bounds.layers import (
     abs_op,
     err_op,
     interval_affine,
+    is_merge,
     is_mixing,
+    merge_backward,
+    merge_interval,
     numel,
 )
 from certify.bounds.network import Network
@@ -179,7 +188,11 @@ class Propagator:
         # input, see certify.bounds.forward_error
         self.perturbation: dict[int, Tensor] = {}
         self._abs_cache: dict[int, tuple[Op, Op | None]] = {}
-        self._chains = model_chains(net) if net.runs_in is not None else None
+        self._chains = (model_chains(net) if net.runs_in is not None and net.is_chain
+                        else None)
+        # a DAG: rigorous bounds of every activation's exact output, once known (the model's
+        # own rounding of a node depends on all of them, see graph_error)
+        self._act_out: dict[int, tuple[Tensor, Tensor]] = {}
         self.itemsize = x_lo.element_size()
         # Samples with a non-finite pre-activation bound (overflow): their relaxations are
         # meaningless, so their final bounds are reported as (-inf, inf).
@@ -195,11 +208,17 @@ class Propagator:
                  ) -> tuple[Tensor, Tensor]:
         """`[lo, hi]` (bounds of the exact chain into ReLU `pos`) widened by the model's own
         rounding of that chain over its inputs `[in_lo, in_hi]` (nothing without runs_in)."""
-        if self._chains is None or self.net.runs_in is None:
+        if self.net.runs_in is None or (self._chains is None and self.net.is_chain):
             return lo, hi
         if pos not in self.perturbation:
             k = self.net.relu_positions.index(pos)
-            exact = chain_error(self._chains[k], in_lo, in_hi, self.net.runs_in)
+            if self._chains is None:
+                positions = self.net.relu_positions
+                boxes = {positions.index(p): box for p, box in self._act_out.items()}
+                exact = graph_error(self.net, k, boxes, self.x_lo, self.x_hi,
+                                    self.net.runs_in)
+            else:
+                exact = chain_error(self._chains[k], in_lo, in_hi, self.net.runs_in)
             cast = exact.to(lo.dtype)
             cast = torch.where(cast.to(torch.float64) < exact, rounding.up(cast), cast)
             self.perturbation[pos] = cast
@@ -212,6 +231,8 @@ class Propagator:
         """Interval bounds of the network's output (of the specification, if given); ReLU
         inputs are intersected with the pre-activation bounds already known (and recorded
         where none were)."""
+        if not self.net.is_chain:
+            return self._interval_dag()
         lo, hi = self.x_lo, self.x_hi
         chain_lo, chain_hi = lo, hi
         for i, op in enumerate(self.layers):
@@ -240,6 +261,8 @@ class Propagator:
             lo, hi = self._perturb(pos, chain_lo, chain_hi, b.lower, b.upper)
             self._store(pos, lo, hi, rule)
             chain_lo, chain_hi = activation_rule(self.layers[pos]).interval(lo, hi)
+            if not self.net.is_chain:
+                self._act_out[pos] = (chain_lo, chain_hi)
 
     def _store(self, pos: int, lo: Tensor, hi: Tensor, rule: str) -> None:
         self.pre_bounds[pos] = (lo, hi)
@@ -264,6 +287,9 @@ class Propagator:
             rule: The slope rule of the relaxations (``"adaptive"`` or ``"parallel"``).
             linear: Tighten interval bounds by linear (CROWN-style) bounds; False gives IBP.
         """
+        if not self.net.is_chain:
+            self._intermediate_dag(rule, linear=linear)
+            return
         lo, hi = self.x_lo, self.x_hi
         chain_lo, chain_hi = lo, hi
         exact = True  # no ReLU and at most one mixing op so far: intervals are exact
@@ -281,6 +307,60 @@ class Propagator:
                 lo, hi = interval_affine(op, lo, hi, rigorous=self.rigorous)
                 mixing += is_mixing(op)
                 exact = exact and mixing <= 1
+
+    def _interval_dag(self) -> tuple[Tensor, Tensor]:
+        """:meth:`interval` for a DAG: each node's interval from its inputs' (a merge's by
+        :func:`~certify.bounds.layers.merge_interval`)."""
+        vals: dict[int, tuple[Tensor, Tensor]] = {-1: (self.x_lo, self.x_hi)}
+        for i, op in enumerate(self.layers):
+            args = [vals[k] for k in self.net.sources(i)]
+            if is_activation(op):
+                lo, hi = self._perturb(i, *args[0], *args[0])
+                if i in self.pre_bounds:
+                    known_lo, known_hi = self.pre_bounds[i]
+                    lo, hi = torch.maximum(lo, known_lo), torch.minimum(hi, known_hi)
+                else:
+                    self.pre_bounds[i] = (lo, hi)
+                vals[i] = activation_rule(op).interval(lo, hi)
+                self._act_out.setdefault(i, vals[i])
+            elif is_merge(op):
+                vals[i] = merge_interval(op, [a[0] for a in args],  # type: ignore[arg-type]
+                                         [a[1] for a in args], rigorous=self.rigorous)
+            else:
+                vals[i] = interval_affine(op, *args[0], rigorous=self.rigorous)
+        lo, hi = vals[len(self.layers) - 1] if self.layers else vals[-1]
+        if self.spec is not None:
+            lo, hi = interval_affine(self.spec, lo, hi, rigorous=self.rigorous)
+        return lo, hi
+
+    def _intermediate_dag(self, rule: str, *, linear: bool) -> None:
+        """:meth:`compute_intermediate` for a DAG, node by node in topological order. A node
+        is bounded exactly by intervals when it is reached from the input by a chain of
+        affine ops with at most one mixing op (no activation, no merge: a sum of two paths
+        from the same input is not exact by intervals)."""
+        vals: dict[int, tuple[Tensor, Tensor]] = {-1: (self.x_lo, self.x_hi)}
+        mixing: dict[int, int | None] = {-1: 0}  # mixing ops on an exact chain; None: inexact
+        for i, op in enumerate(self.layers):
+            srcs = self.net.sources(i)
+            args = [vals[k] for k in srcs]
+            if is_activation(op):
+                lo, hi = args[0]
+                if linear and mixing[srcs[0]] is None:
+                    lo, hi = self._tighten(i, lo, hi)
+                lo, hi = self._perturb(i, lo, hi, lo, hi)
+                self._store(i, lo, hi, rule)
+                vals[i] = activation_rule(op).interval(lo, hi)
+                self._act_out[i] = vals[i]
+                mixing[i] = None
+            elif is_merge(op):
+                vals[i] = merge_interval(op, [a[0] for a in args],  # type: ignore[arg-type]
+                                         [a[1] for a in args], rigorous=self.rigorous)
+                mixing[i] = None
+            else:
+                vals[i] = interval_affine(op, *args[0], rigorous=self.rigorous)
+                m = mixing[srcs[0]]
+                m = None if m is None else m + is_mixing(op)
+                mixing[i] = None if m is None or m > 1 else m
 
     def intermediate_bounds(self) -> tuple[Bounds, ...]:
         return tuple(Bounds(*self.pre_bounds[p]) for p in self.net.relu_positions)
@@ -315,6 +395,8 @@ class Propagator:
             return torch.zeros_like(unstable_counts, dtype=torch.bool)
         if mode == "forward":
             return unstable_counts > 0
+        if not self.net.is_chain:  # forward mode has no rule for merges
+            return torch.zeros_like(unstable_counts, dtype=torch.bool)
         if mode == "backward" or not forward_is_exact(self.layers, pos):
             return torch.zeros_like(unstable_counts, dtype=torch.bool)
         forward_cost, backward_row_cost = self.intermediate_cost(pos)
@@ -397,7 +479,8 @@ class Propagator:
             `(sample, neuron, lower, upper)`, each `(P,)`: flat neuron indices and bounds.
         """
         shape = self.layers[pos].in_shape
-        if len(shape) == 3 and any(isinstance(op, ConvOp) for op in self.layers[:pos]):
+        if (len(shape) == 3 and self.net.is_chain
+                and any(isinstance(op, ConvOp) for op in self.layers[:pos])):
             return self._backward_conv_neurons(pos, mask)
         return self._backward_flat_neurons(pos, mask.reshape(self.n, -1))
 
@@ -533,6 +616,11 @@ class Propagator:
         assert alphas is None or (not both and window is None)
         assert betas is None or (not both and window is None)
         rigorous = self.rigorous if rigorous is None else rigorous
+        if not self.net.is_chain:
+            assert window is None, "a DAG's rows are dense"
+            return self._backward_dag(start, a, const, samples, both=both, alphas=alphas,
+                                      rows_err=rows_err, const_err=const_err,
+                                      rigorous=rigorous, betas=betas, record=record)
         dtype = a.dtype
         u = rounding.unit_roundoff(dtype)
         b, r = a.shape[:2]
@@ -617,6 +705,136 @@ class Propagator:
                     cerr = cerr + u * const.abs()
         if record is not None:
             record[-1] = a.reshape(b, -1, *a.shape[1:])
+        return self._concretize(a, const, err, cerr, samples, window, both=both, split=split,
+                                r=r)
+
+    def _backward_dag(self, start: int, a: Tensor, const: Tensor, samples: Tensor, *,
+                      both: bool, alphas: dict[int, Tensor] | None,
+                      rows_err: Tensor | None, const_err: Tensor | None, rigorous: bool,
+                      betas: dict[int, Tensor] | None, record: dict[int, Tensor] | None
+                      ) -> tuple[Tensor, Tensor | None]:
+        """:meth:`backward_chunk` for a DAG (``net.inputs``): the rows start at the input of
+        ``layers[start]`` (the output of its input node; ``start = len(layers)``: of the last
+        node) and are pushed through the nodes in reverse topological order.
+
+        Each node's rows are the sum of the rows its consumers give it (a node with fan-out,
+        e.g. a residual block's input, gets the rows of both paths); a merge's transpose
+        copies (Add) or slices (Concat) its rows exactly. Rigorous mode: rows are ``(A, E)``
+        pairs as in the chain; a sum of two consumers' rows is ``fl(A_1 + A_2)``, within
+        ``gamma_1 |fl(A_1 + A_2)|`` of ``A_1 + A_2`` (one rounding,
+        ``|s| <= |fl(s)| / (1 - u)``; sums of subnormals are exact), so its bound is
+        ``E_1 + E_2 + gamma_1 |fl(A_1 + A_2)|``. Everything else -- the ops' transposes and
+        their ``_track``, the activations' constants (which restart ``E`` at 0), the
+        constants' sum -- is the chain's, node by node. With `both`, the rows are doubled
+        into ``[A, -A]`` at the start (lower bounds of both).
+        """
+        dtype = a.dtype
+        u = rounding.unit_roundoff(dtype)
+        b, r = a.shape[:2]
+        split = False
+        if both:
+            a, const, split = torch.cat([a, -a], 1), torch.cat([const, -const], 1), True
+            if rows_err is not None:
+                rows_err = torch.cat([rows_err, rows_err], 1)
+            if const_err is not None:
+                const_err = torch.cat([const_err, const_err], 1)
+        a = a.reshape(-1, *a.shape[2:])
+        err: Tensor | None = None
+        cerr: Tensor | None = None
+        if rigorous:
+            err = (torch.zeros_like(a) if rows_err is None
+                   else rows_err.reshape(a.shape).to(dtype))
+            cerr = (const.new_zeros(const.shape) if const_err is None
+                    else const_err.to(dtype).clone())
+        g1 = rounding.gamma(1, dtype)
+        pending: dict[int, tuple[Tensor, Tensor | None]] = {}
+
+        def send(node: int, rows: Tensor, e: Tensor | None) -> None:
+            if node not in pending:
+                pending[node] = (rows, e)
+                return
+            old, old_e = pending[node]
+            total = old + rows
+            if old_e is not None and e is not None:
+                e = old_e + e + g1 * total.abs()
+            pending[node] = (total, e)
+
+        n = len(self.layers)
+        assert start >= n or not is_merge(self.layers[start]), "rows start at one node"
+        send(self.net.sources(start)[0] if start < n else n - 1, a, err)
+        used: set[int] = set()
+        for j in range(min(start, n) - 1, -1, -1):
+            if j not in pending:
+                continue
+            a, err = pending.pop(j)
+            op = self.layers[j]
+            srcs = self.net.sources(j)
+            if is_activation(op):
+                act = activation_rule(op)
+                a3 = a.reshape(b, -1, *a.shape[1:])
+                relaxation = self.relaxations[j]
+                mu = a3
+                if record is not None:
+                    record[j] = a3
+                alpha = None if alphas is None else alphas.get(j)
+                if alpha is not None:
+                    used.add(j)
+                a3, c = act.backward(a3, relaxation, samples, alpha, constant=err is None)
+                if betas is not None and j in betas:
+                    a3 = a3 + betas[j]  # valid as in the chain (see backward_chunk)
+                perturbation = self.perturbation.get(j)
+                if err is not None and cerr is not None:
+                    c, c_err = act.constant(mu, a3, relaxation, samples,
+                                            err.reshape(mu.shape), perturbation)
+                    const = const + c
+                    cerr = cerr + c_err + u * const.abs()
+                    err = torch.zeros_like(a3).reshape(-1, *a3.shape[2:])
+                else:
+                    assert c is not None
+                    if perturbation is not None:
+                        c = c - (a3.abs() * perturbation.index_select(0, samples).unsqueeze(1)
+                                 ).reshape(*a3.shape[:2], -1).sum(2)
+                    const = const + c
+                send(srcs[0], a3.reshape(-1, *a3.shape[2:]), err)
+                continue
+            if is_merge(op):
+                parts = merge_backward(op, a)  # type: ignore[arg-type]
+                errs = (merge_backward(op, err) if err is not None  # type: ignore[arg-type]
+                        else [None] * len(parts))
+                for k, part, e in zip(srcs, parts, errs, strict=True):
+                    send(k, part, e)
+                continue
+            old = a
+            a, c = RULES[type(op)].backward(op, a)  # type: ignore[misc]
+            if err is not None:
+                err, cerr = self._track(op, old, err, cerr, None)  # type: ignore[arg-type]
+            if c is not None:
+                const = const + c.reshape(b, -1)
+                if cerr is not None:
+                    cerr = cerr + u * const.abs()
+            send(srcs[0], a, err)
+        a, err = pending.pop(-1)
+        if record is not None:
+            record[-1] = a.reshape(b, -1, *a.shape[1:])
+        lower, upper = self._concretize(a, const, err, cerr, samples, None, both=both,
+                                        split=split, r=r)
+        if alphas is not None and torch.is_grad_enabled():
+            # slopes of activations the rows never reach (another branch) get a zero gradient
+            # rather than none (adding 0.0 leaves every bound exactly as it is)
+            unused = [t for p, t in alphas.items() if p not in used and t.requires_grad]
+            if unused:
+                lower = lower + 0.0 * sum(t.sum() for t in unused)
+        return lower, upper
+
+    def _concretize(self, a: Tensor, const: Tensor, err: Tensor | None, cerr: Tensor | None,
+                    samples: Tensor, window: Window | None, *, both: bool, split: bool, r: int
+                    ) -> tuple[Tensor, Tensor | None]:
+        """The end of a backward pass: rows `(B * R', *in_shape)` on the input (with their
+        error bounds in rigorous mode) concretized over the box (see :meth:`backward_chunk`);
+        `split`: the rows are `R` rows then their negations."""
+        dtype = a.dtype
+        u = rounding.unit_roundoff(dtype)
+        b = int(samples.shape[0])
         center, radius = self.center, self.radius
         if window is not None:
             center = _window_of(center, window, *a.shape[2:])

@@ -1,4 +1,5 @@
-"""The model zoo: flat ``nn.Sequential`` networks with named layers.
+"""The model zoo: ``nn.Sequential`` networks with named layers (flat, but for the residual
+blocks of ``resnet``).
 
 Every architecture starts with :class:`Normalize` (models take [0, 1] pixels) and takes every
 width as an argument: ``channels`` (one per conv layer) and ``hidden`` (one per hidden dense
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from certify.nets.layers import Normalize
+from certify.nets.layers import Normalize, ResidualBlock
 from certify.nets.registry import register_arch
 
 Shape = tuple[int, int, int]
@@ -220,3 +221,59 @@ def scn(
         paddings=(1, 1),
         hidden=hidden,
     )
+
+
+@register_arch("resnet", positional="channels")
+def resnet(
+    input_shape: Shape,
+    num_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    channels: Sequence[int] = (8, 16),
+    hidden: Sequence[int] = (),
+) -> nn.Sequential:
+    """A small ResNet of two basic blocks (``resnet-8-16``): a conv3x3-BN-ReLU stem of
+    ``channels[0]``, a block of ``channels[0]`` with the identity shortcut, a stride-2 block of
+    ``channels[1]`` with a 1x1 strided conv shortcut, 2x2 average pooling, flatten, logits.
+
+    Layers: ``norm``, ``conv1``, ``bn1``, ``relu1``, ``block1``, ``block2``
+    (:class:`~certify.nets.layers.ResidualBlock`), ``pool``, ``flatten``, ``out``. On 1x8x8
+    digits the features are ``channels[1] x 2 x 2``, on 3x32x32 ``channels[1] x 8 x 8``.
+    """
+    if len(channels) != 2 or any(int(c) < 1 for c in channels):
+        raise ValueError(f"resnet has two blocks: channels must be two widths >= 1, got "
+                         f"{list(channels)}")
+    if len(hidden):
+        raise ValueError("resnet has no hidden dense layers; hidden must be empty")
+    c, h, w = input_shape
+    c0, c1 = int(channels[0]), int(channels[1])
+    h, w = _conv_out(h, 3, 2, 1), _conv_out(w, 3, 2, 1)  # block2's stride
+    if h < 2 or w < 2:
+        raise ValueError(f"input {input_shape} is too small for resnet (at least 3x3)")
+    layers: OrderedDict[str, nn.Module] = OrderedDict(
+        norm=Normalize(mean, std),
+        conv1=nn.Conv2d(c, c0, 3, padding=1),
+        bn1=nn.BatchNorm2d(c0),
+        relu1=nn.ReLU(),
+        block1=ResidualBlock(c0, c0),
+        block2=ResidualBlock(c0, c1, stride=2),
+        pool=nn.AvgPool2d(2),
+        flatten=nn.Flatten(),
+        out=nn.Linear(c1 * (h // 2) * (w // 2), num_classes),
+    )
+    return nn.Sequential(layers)
+
+
+@register_arch("resnet-2b")
+def resnet_2b(
+    input_shape: Shape,
+    num_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    channels: Sequence[int] = (8, 16),
+    hidden: Sequence[int] = (),
+) -> nn.Sequential:
+    """``resnet-8-16``: the two-block ResNet of :func:`resnet` with its default widths."""
+    return resnet(input_shape, num_classes, mean, std, channels=channels, hidden=hidden)

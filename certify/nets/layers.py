@@ -79,3 +79,33 @@ class Permute(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dims={self.dims}"
+
+
+class ResidualBlock(nn.Module):
+    """A ResNet basic block: ``relu(body(x) + shortcut(x))`` with ``body`` conv3x3-BN-ReLU-
+    conv3x3-BN and ``shortcut`` the identity, or a 1x1 convolution with BN when the block
+    changes the width or strides (He et al., "Deep Residual Learning for Image Recognition",
+    2016). The bound engine takes it through ``torch.fx`` (a residual ``Add``).
+
+    Args:
+        in_channels, out_channels: Widths before and after the block.
+        stride: The first convolution's stride (and the shortcut's).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride),
+                nn.BatchNorm2d(out_channels))
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        body = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.relu2(body + self.shortcut(x))

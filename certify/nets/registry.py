@@ -102,7 +102,12 @@ def create_arch(
 
 def arch_kwargs_of(model: nn.Sequential) -> dict[str, list[int]]:
     """Read the widths (``channels``, ``hidden``) off a built model, e.g. after pruning."""
+    from certify.nets.layers import ResidualBlock
+
     channels = [m.out_channels for n, m in model.named_children() if isinstance(m, nn.Conv2d)]
+    blocks = [m for m in model.children() if isinstance(m, ResidualBlock)]
+    if blocks:  # resnet: the stem's width, then the last block's
+        channels = channels[:1] + [blocks[-1].conv2.out_channels]
     hidden = [
         m.out_features for n, m in model.named_children() if isinstance(m, nn.Linear) and n != "out"
     ]

@@ -310,12 +310,24 @@ def test_unsupported_conv_attribute_is_named(attrs: dict, name: str) -> None:
         import_onnx(model)
 
 
-def test_skip_connection_is_a_branch_error() -> None:
+def test_skip_connection_imports_as_a_graph() -> None:
+    """A residual Add imports as a graph of chains (tests/onnx/test_onnx_dag.py has more)."""
     nodes = [helper.make_node("Gemm", ["x", "W"], ["a"], transB=1, name="fc"),
              helper.make_node("Relu", ["a"], ["b"], name="relu"),
              helper.make_node("Add", ["a", "b"], ["y"], name="residual")]
     model = make_graph(nodes, [tensor("x", [1, 3])], [tensor("y", [1, 3])], {"W": rand(3, 3)})
-    with pytest.raises(UnsupportedLayerError, match="chain"):
+    net, meta = import_onnx(model)
+    x = torch.randn(1, *meta.input_shape)
+    want = run_ort(model, x.reshape(1, 3).numpy())
+    np.testing.assert_allclose(net(x).detach().numpy(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_merge_of_other_ops_is_an_error() -> None:
+    nodes = [helper.make_node("Gemm", ["x", "W"], ["a"], transB=1, name="fc"),
+             helper.make_node("Relu", ["a"], ["b"], name="relu"),
+             helper.make_node("Mul", ["a", "b"], ["y"], name="product")]
+    model = make_graph(nodes, [tensor("x", [1, 3])], [tensor("y", [1, 3])], {"W": rand(3, 3)})
+    with pytest.raises(UnsupportedLayerError, match="'product' .*only Add and Concat"):
         import_onnx(model)
 
 
