@@ -331,7 +331,7 @@ def supports(model: nn.Module | Network, x: Tensor) -> bool:
         net = to_network(model, tuple(x.shape[1:]))
     except CertifyError:
         return False
-    return net.is_chain and all(isinstance(net.layers[p], ReluOp) for p in net.relu_positions)
+    return all(isinstance(net.layers[p], ReluOp) for p in net.relu_positions)
 
 
 class _AsModule(nn.Module):
@@ -483,9 +483,6 @@ class _Search:
         self.x_lo, self.x_hi = x_lo, x_hi
         self.n = int(x_lo.shape[0])
         self.body, self.rows = spec_rows(net, spec)
-        if not net.is_chain:
-            raise SpecError("bab takes chain networks only; this one merges branches (Add/Concat): "
-                            "use alpha-crown or crown.")
         self.positions = self.body.relu_positions
         for pos in self.positions:
             if not isinstance(self.body.layers[pos], ReluOp):
@@ -1002,6 +999,13 @@ class _Search:
 
     def _pre_activations(self, x: Tensor) -> list[Tensor]:
         """The inputs `(D, n_k)` of every activation at points `x` (floating point)."""
+        if not self.body.is_chain:
+            from certify.bounds.graph import evaluate
+
+            sources = [self.body.inputs[p][0] for p in self.positions]
+            keep: dict[int, Tensor] = dict.fromkeys(sources, x)
+            evaluate(self.body.layers, self.body.inputs, x, keep)
+            return [keep[k].flatten(1) for k in sources]
         out: list[Tensor] = []
         h = x
         for i, op in enumerate(self.body.layers):

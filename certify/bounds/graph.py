@@ -59,17 +59,22 @@ GRAPH_SUPPORTED = ("in a traced forward: the modules of the chain table, + / tor
 
 
 def evaluate(layers: tuple[Op, ...] | list[Op], inputs: tuple[tuple[int, ...], ...],
-             x: Tensor) -> Tensor:
+             x: Tensor, keep: dict[int, Tensor] | None = None) -> Tensor:
     """The output of the DAG `layers` (inputs as ``Network.inputs``) on the batch `x`; each
-    node's value is dropped after its last consumer."""
+    node's value is dropped after its last consumer. `keep`: filled with the values of the
+    nodes it names (its keys; -1 is the input) as they are computed."""
     last_use = _last_use(inputs)
     values: dict[int, Tensor] = {-1: x}
+    if keep is not None and -1 in keep:
+        keep[-1] = x
     for i, op in enumerate(layers):
         args = [values[k] for k in inputs[i]]
         if is_merge(op):
             values[i] = merge_forward(op, args)  # type: ignore[arg-type]
         else:
             values[i] = RULES[type(op)].forward(op, args[0])
+        if keep is not None and i in keep:
+            keep[i] = values[i]
         for k in set(inputs[i]):
             if last_use.get(k) == i:
                 del values[k]

@@ -258,3 +258,62 @@ def test_radius_search_uses_a_fresh_memory() -> None:
     assert len(seen) >= 2 and len(memories) == 1 and seen[0] is not None
     for i in range(2):
         assert float(r.certified_eps[i]) <= exact[i] + 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", [0, 1, 2, 5])
+def test_dag_networks_sound_and_gap_closed(kind: int, dtype: torch.dtype) -> None:
+    """Residual networks (the ReLU kinds of dag_helpers): bab's lower bounds hold at sampled,
+    corner and PGD points and are never looser than alpha-CROWN's; on the residual MLPs, in
+    bound mode, they close on the best point found (complete)."""
+    from dag_helpers import make_dag
+
+    model, shape = make_dag(40 + kind, kind)
+    x_lo, x_hi, x = make_box(kind, 2, shape, 0.05, dtype)
+    spec = random_spec(kind, 2, 2, 3, dtype)
+    model = model.to(dtype)
+    b = compute_bounds(model, x_lo, x_hi, "bab", spec, gap=1e-3, time_limit=3.0)
+    values = spec_values(model, all_points(model, x_lo, x_hi, spec, x), spec)
+    atol = SOUND_ATOL[dtype] * (1 + values.abs().max().item())
+    assert (values >= b.lower - atol).all()
+    alpha = compute_bounds(model, x_lo, x_hi, "alpha-crown", spec)
+    assert (b.lower >= alpha.lower.detach() - atol).all()
+    assert isinstance(b, BabBounds)
+    if kind in (0, 5):  # each row within the gap of a point of the box
+        assert b.status == ("gap closed", "gap closed")
+        assert (b.lower >= values.min(0).values - 1e-3 - atol).all()
+
+
+def test_dag_threshold_decisions_and_radius() -> None:
+    """On a residual MLP: a threshold just above the best point's value is decided "at or
+    below" with a point of the box, one below the closed bound is proven; the radius search
+    runs from alpha-CROWN's radius and stays below the attack's."""
+    from dag_helpers import make_dag
+
+    from certify.attacks import minimal_adversarial
+    from certify.radius import certified_radii
+
+    model, shape = make_dag(7, 0)
+    model = model.double()
+    x_lo, x_hi, _ = make_box(7, 1, shape, 0.1, torch.float64)
+    spec = random_spec(7, 1, 1, 3, torch.float64)
+    closed = compute_bounds(model, x_lo, x_hi, "bab", spec, gap=1e-4, time_limit=20.0)
+    low = float(closed.lower[0, 0])
+    b = compute_bounds(model, x_lo, x_hi, "bab", spec, threshold=low - 1e-3, time_limit=20.0)
+    assert b.status == (ABOVE,)
+    b = compute_bounds(model, x_lo, x_hi, "bab", spec, threshold=low + 1e-3, time_limit=20.0)
+    assert b.status == (BELOW,)
+    point = b.points[:1]
+    assert (point >= x_lo).all() and (point <= x_hi).all()
+    with torch.no_grad():
+        assert float(spec[0, 0] @ model(point)[0]) <= low + 1e-3
+
+    gen = torch.Generator().manual_seed(3)
+    xs = torch.rand(2, *shape, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        y = model(xs).argmax(1)
+    adv = minimal_adversarial(model, xs, y, eps_max=0.5, tol=1e-4)
+    alpha = certified_radii(model, xs, y, "alpha-crown", tol=1e-4, attack_eps=adv.eps)
+    r = certified_radii(model, xs, y, "bab", tol=1e-3, attack_eps=adv.eps, time_limit=1.0)
+    assert (r.certified_eps >= alpha.certified_eps - 1e-4).all()
+    assert (r.certified_eps <= adv.eps).all()

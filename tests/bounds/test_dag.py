@@ -25,9 +25,10 @@ from certify.errors import CertifyError, SpecError, UnsupportedLayerError
 from certify.nets import create_arch
 
 F32 = torch.float32
-# methods that refuse DAGs in one line (chain-only encodings and splits)
-REFUSING = {"lp", "milp", "bab"}
-SLOW = {"lirpa-alpha-crown"}  # covered by tests/engines/test_dag_parity.py
+# methods that refuse DAGs in one line (chain-only encodings)
+REFUSING = {"lp", "milp"}
+# covered elsewhere: tests/engines/test_dag_parity.py, tests/bounds/test_bab.py (with budgets)
+SLOW = {"lirpa-alpha-crown", "bab"}
 
 
 def dag_methods() -> list[str]:

@@ -130,8 +130,8 @@ def test_unsupported_merges_get_one_line_naming_the_node(make, words):  # type: 
 
 @pytest.mark.parametrize("eps", [0.002, 0.5])
 def test_verify_decides_a_property_of_a_residual_onnx_network(eps, tmp_path):  # type: ignore[no-untyped-def]
-    """The cascade (bounds, then no bab/MILP: they take chains) on an imported residual graph:
-    a tiny box is proven (unsat), a huge one gets a validated counterexample (sat)."""
+    """The cascade on an imported residual graph: a tiny box is proven (unsat) by the bounds,
+    a huge one gets a validated counterexample (sat)."""
     import sys
     from pathlib import Path
 
