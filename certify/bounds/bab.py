@@ -2,8 +2,8 @@
 
 A property is ``spec @ f(x) > threshold`` for every ``x`` in a box, row by row. One linear
 relaxation proves it or not; **branch and bound** (BaB) splits the box's preimage instead: an
-unstable ReLU ``z`` is split into the *domains* ``z >= 0`` and ``z <= 0``, on each of which it
-is linear, and each domain is bounded again, tighter. Every point of the box lies in some leaf
+unstable ReLU (or LeakyReLU) ``z`` is split into the *domains* ``z >= 0`` and ``z <= 0``, on
+each of which it is linear, and each domain is bounded again, tighter. Every point of the box lies in some leaf
 of the split tree, so the property holds when every leaf's bound is above the threshold; a
 point of the box below it (a counterexample) ends the search the other way. With budgets
 (time, domains) the answer may stay ``unknown``; without them the search is complete (once every
@@ -69,9 +69,10 @@ from certify.bounds.alpha_crown import (
     optimized_intermediate,
 )
 from certify.bounds.base import Bounds, MethodBase, register_method
-from certify.bounds.layers import RULES, ReluOp, numel
+from certify.bounds.layers import RULES, LeakyReluOp, ReluOp, numel
 from certify.bounds.network import Network, identity_spec, spec_rows
 from certify.bounds.propagation import BACKWARD_FACTOR, MB, EngineOptions, Propagator
+from certify.bounds.relaxations import activation_rule
 from certify.errors import SpecError
 from certify.spec import round_to
 
@@ -85,6 +86,8 @@ GAP_CLOSED = "gap closed"
 #: Inputs with at most this many coordinates are split on the input with ``branching="auto"``.
 INPUT_SPLIT_DIMS = 16
 BRANCHINGS = ("auto", "relu", "input")
+#: The activations bab splits (piecewise linear with one kink at 0: linear on each side).
+SPLITS = (ReluOp, LeakyReluOp)
 #: Most domains bounded in one call (the memory budget may allow fewer).
 MAX_BATCH = 1024
 
@@ -323,7 +326,8 @@ def _ids(t: Tensor) -> list[int]:
 
 def supports(model: nn.Module | Network, x: Tensor) -> bool:
     """Whether ``bab`` can bound `model` on inputs like `x` `(1, ...)`: a network the engine
-    converts whose activations are all ReLUs (the splits are ReLU splits)."""
+    converts (chain or graph) whose activations are all ReLUs or LeakyReLUs (the splits are
+    at their kink)."""
     from certify.bounds.network import to_network
     from certify.errors import CertifyError
 
@@ -331,7 +335,7 @@ def supports(model: nn.Module | Network, x: Tensor) -> bool:
         net = to_network(model, tuple(x.shape[1:]))
     except CertifyError:
         return False
-    return all(isinstance(net.layers[p], ReluOp) for p in net.relu_positions)
+    return all(isinstance(net.layers[p], SPLITS) for p in net.relu_positions)
 
 
 class _AsModule(nn.Module):
@@ -485,9 +489,9 @@ class _Search:
         self.body, self.rows = spec_rows(net, spec)
         self.positions = self.body.relu_positions
         for pos in self.positions:
-            if not isinstance(self.body.layers[pos], ReluOp):
+            if not isinstance(self.body.layers[pos], SPLITS):
                 name = self.body.names[pos]
-                raise SpecError(f"bab splits ReLUs only; layer {name!r} is a "
+                raise SpecError(f"bab splits ReLUs and LeakyReLUs only; layer {name!r} is a "
                                 f"{type(self.body.layers[pos]).__name__[:-2]}: use alpha-crown "
                                 "or lp for this network (or milp if it is piecewise linear).")
         self.shapes = [self.body.layers[p].in_shape for p in self.positions]
@@ -750,7 +754,8 @@ class _Search:
         root = _Domains(
             torch.arange(n, device=dev), self.x_lo, self.x_hi, lo, hi,
             [torch.zeros(t.shape, dtype=torch.int8, device=dev) for t in lo],
-            [prop.relaxations[p].lower.reshape(n, 1, -1).expand(-1, self.s, -1).clone()
+            [activation_rule(self.body.layers[p]).optimizable(
+                prop.relaxations[p], torch.arange(n, device=dev), self.s).reshape(n, self.s, -1)
              for p in self.positions],
             [torch.zeros(n, self.s, t.shape[1], dtype=dtype, device=dev) for t in lo],
             torch.full((n, self.s), -math.inf, dtype=dtype, device=dev),
@@ -975,12 +980,16 @@ class _Search:
                 lo, hi = relax.pre_lower.reshape(d, -1), relax.pre_upper.reshape(d, -1)
                 slope = relax.upper.reshape(d, -1)
                 t = relax.upper_bias.reshape(d, -1)
-                alpha = alphas[k][pick, worst].clamp(0.0, 1.0)
+                op = self.body.layers[pos]
+                neg = op.negative_slope if isinstance(op, LeakyReluOp) else 0.0
+                # the lower slope the parameter stands for (LeakyReLU: a + (1 - a) alpha)
+                alpha = neg + (1.0 - neg) * alphas[k][pick, worst].clamp(0.0, 1.0)
                 zk = torch.minimum(torch.maximum(z[k], lo), hi)
+                fz = torch.maximum(zk, neg * zk)
                 # the gap of each line at the candidate, weighted by its row (exact split of
                 # f(x) - L(x) over the neurons), plus the intercept score as a tie-breaker
-                gap = (mu.clamp(min=0) * (zk.clamp(min=0) - alpha * zk)
-                       + (-mu).clamp(min=0) * (slope * zk + t - zk.clamp(min=0)))
+                gap = (mu.clamp(min=0) * (fz - alpha * zk)
+                       + (-mu).clamp(min=0) * (slope * zk + t - fz))
                 score = torch.where(free, gap + 1e-3 * (-mu).clamp(min=0) * t, -1.0)
                 top, arg = score.max(1)
                 better = top > best

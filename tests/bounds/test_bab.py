@@ -317,3 +317,38 @@ def test_dag_threshold_decisions_and_radius() -> None:
     r = certified_radii(model, xs, y, "bab", tol=1e-3, attack_eps=adv.eps, time_limit=1.0)
     assert (r.certified_eps >= alpha.certified_eps - 1e-4).all()
     assert (r.certified_eps <= adv.eps).all()
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_leaky_relu_networks_agree_with_the_milp(seed: int) -> None:
+    """LeakyReLU splits at its kink as ReLU does: thresholds below the MILP's exact minimum
+    are proven, one above it gets a point."""
+    gen = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 12), nn.LeakyReLU(0.1), nn.Linear(12, 12),
+                          nn.LeakyReLU(0.3), nn.Linear(12, 3)).double()
+    for p in model.parameters():
+        p.data = torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.8
+    model.eval()
+    x = torch.rand(1, 1, 1, 6, generator=gen, dtype=torch.float64)
+    lo, hi = x - 0.25, x + 0.25
+    spec = torch.randn(1, 1, 3, generator=gen, dtype=torch.float64)
+    exact = float(compute_bounds(model, lo, hi, "milp", spec).lower[0, 0])
+    crown = float(compute_bounds(model, lo, hi, "crown", spec).lower[0, 0])
+    assert crown < exact
+    reachable = float(spec_values(model, all_points(model, lo, hi, spec, x), spec).min())
+    for t in (crown + 0.5 * (exact - crown), exact - 0.01 * abs(exact) - 1e-3):
+        b = compute_bounds(model, lo, hi, "bab", spec, threshold=t, branching="relu")
+        assert b.status == (ABOVE,) and float(b.lower[0, 0]) > t
+        assert float(b.lower[0, 0]) <= reachable  # sound at sampled, corner and PGD points
+    b = compute_bounds(model, lo, hi, "bab", spec, threshold=exact + 0.02, branching="relu")
+    assert b.status == (BELOW,)
+
+
+@pytest.mark.parametrize("layer", [nn.Sigmoid(), nn.Tanh()])
+def test_smooth_activations_are_refused_in_one_line(layer: nn.Module) -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 5), layer, nn.Linear(5, 2)).double()
+    x = torch.full((1, 1, 2, 2), 0.5, dtype=torch.float64)
+    with pytest.raises(SpecError) as info:
+        compute_bounds(model, x - 0.1, x + 0.1, "bab", threshold=0.0)
+    message = str(info.value)
+    assert "\n" not in message and "LeakyReLU" in message and type(layer).__name__ in message
