@@ -3,11 +3,11 @@
 A property is ``spec @ f(x) > threshold`` for every ``x`` in a box, row by row. One linear
 relaxation proves it or not; **branch and bound** (BaB) splits the box's preimage instead: an
 unstable ReLU (or LeakyReLU) ``z`` is split into the *domains* ``z >= 0`` and ``z <= 0``, on
-each of which it is linear, and each domain is bounded again, tighter. Every point of the box lies in some leaf
-of the split tree, so the property holds when every leaf's bound is above the threshold; a
-point of the box below it (a counterexample) ends the search the other way. With budgets
-(time, domains) the answer may stay ``unknown``; without them the search is complete (once every
-ReLU of a domain is split, its input is split).
+each of which it is linear, and each domain is bounded again, tighter. Every point of the box
+lies in some leaf of the split tree, so the property holds when every leaf's bound is above the
+threshold; a point of the box below it (a counterexample) ends the search the other way. With
+budgets (time, domains) the answer may stay ``unknown``; without them the search is complete
+(once every ReLU of a domain is split, its input is split).
 
 **Bounding a batch of domains** (hundreds at once, one :class:`Propagator` call; domains of
 different properties share the batch). A domain inherits its parent's pre-activation bounds
