@@ -335,7 +335,18 @@ def supports(model: nn.Module | Network, x: Tensor) -> bool:
         net = to_network(model, tuple(x.shape[1:]))
     except CertifyError:
         return False
-    return all(isinstance(net.layers[p], SPLITS) for p in net.relu_positions)
+    return unsplittable(net) is None
+
+
+def unsplittable(net: Network) -> SpecError | None:
+    """The one-line error for the first activation of `net` that bab cannot split, or None."""
+    for pos in net.relu_positions:
+        op = net.layers[pos]
+        if not isinstance(op, SPLITS):
+            return SpecError(f"bab splits ReLUs and LeakyReLUs only; layer {net.names[pos]!r} is "
+                             f"a {type(op).__name__[:-2]}: use alpha-crown or lp for this network "
+                             "(or milp if it is piecewise linear).")
+    return None
 
 
 class _AsModule(nn.Module):
@@ -488,12 +499,9 @@ class _Search:
         self.n = int(x_lo.shape[0])
         self.body, self.rows = spec_rows(net, spec)
         self.positions = self.body.relu_positions
-        for pos in self.positions:
-            if not isinstance(self.body.layers[pos], SPLITS):
-                name = self.body.names[pos]
-                raise SpecError(f"bab splits ReLUs and LeakyReLUs only; layer {name!r} is a "
-                                f"{type(self.body.layers[pos]).__name__[:-2]}: use alpha-crown "
-                                "or lp for this network (or milp if it is piecewise linear).")
+        error = unsplittable(self.body)
+        if error is not None:
+            raise error
         self.shapes = [self.body.layers[p].in_shape for p in self.positions]
         self.options = EngineOptions(method.memory_budget_mb)
         self.intermediate = intermediate
