@@ -46,7 +46,8 @@ counterexample re-check it with the model: :func:`certify.attacks.recheck`).
 
 **Results** (:class:`BabBounds`): per property ``"above threshold"`` (proved: every leaf's
 rigorous bound is above it), ``"at or below threshold"`` (a point was found) or ``"unknown: time
-budget spent"`` / ``"unknown: domain budget spent"``; the lower bound of each row is the smallest
+budget spent"`` / ``"unknown: domain budget spent"`` / ``"unknown: memory budget spent"`` (the
+open domains outgrew ``pool_memory_mb``); the lower bound of each row is the smallest
 over the leaves, always sound. Without a threshold (``threshold=None``) the search tightens the
 lower bounds until the budget is spent or each row is within ``gap`` of the best point found.
 """
@@ -82,6 +83,7 @@ ABOVE = "above threshold"
 BELOW = "at or below threshold"
 TIME_SPENT = "unknown: time budget spent"
 DOMAINS_SPENT = "unknown: domain budget spent"
+MEMORY_SPENT = "unknown: memory budget spent"
 GAP_CLOSED = "gap closed"
 #: Inputs with at most this many coordinates are split on the input with ``branching="auto"``.
 INPUT_SPLIT_DIMS = 16
@@ -246,12 +248,8 @@ class _Entry:
 
     @property
     def nbytes(self) -> int:
-        tensors = list(self.split)
-        if self.leaves is not None:
-            d = self.leaves
-            tensors += [d.sample, d.x_lo, d.x_hi, d.bound, d.depth, d.newest, d.layer, d.index,
-                        *d.lo, *d.hi, *d.split, *d.alpha, *d.beta]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        own = sum(t.numel() * t.element_size() for t in self.split)
+        return own + (0 if self.leaves is None else _nbytes(self.leaves))
 
 class _Pool:
     """The open domains: one chunk per bounded batch, each with a mask of the domains still in
@@ -269,6 +267,17 @@ class _Pool:
         if len(doms):
             self.chunks.append(doms)
             self.live.append(torch.ones(len(doms), dtype=torch.bool, device=doms.sample.device))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(c) for c in self.chunks)
+
+    def counts(self, n: int) -> Tensor:
+        """`(n,)` open domains per property."""
+        out = torch.zeros(n, dtype=torch.int64)
+        for c, m in zip(self.chunks, self.live, strict=True):
+            out += torch.bincount(c.sample[m].cpu(), minlength=n)
+        return out
 
     def samples(self) -> list[int]:
         """The properties with open domains, sorted."""
@@ -317,6 +326,12 @@ class _Pool:
             chunks.append(c)
             live.append(m)
         self.chunks, self.live = chunks, live
+
+
+def _nbytes(d: _Domains) -> int:
+    tensors = [d.sample, d.x_lo, d.x_hi, d.bound, d.depth, d.newest, d.layer, d.index,
+               *d.lo, *d.hi, *d.split, *d.alpha, *d.beta]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _ids(t: Tensor) -> list[int]:
@@ -397,6 +412,8 @@ class BranchAndBound(MethodBase):
             float32's rounding costs far more than the splits gain next to the threshold); the
             result is rounded outward to the input's dtype.
         memory_budget_mb: Working memory of one batch (autograd's included).
+        pool_memory_mb: Most memory the open domains may hold between batches; past it, the
+            property with the most open domains ends as unknown (its bound stays sound).
     """
 
     threshold: float | tuple[float, ...] | None = None
@@ -414,6 +431,7 @@ class BranchAndBound(MethodBase):
     bracket_method: str | None = "alpha-crown"
     float64: bool = True
     memory_budget_mb: float = 2048
+    pool_memory_mb: float = 4096
     memory: SearchMemory | None = field(default=None, compare=False, repr=False)
     name: ClassVar[str] = "bab"
     display_name: ClassVar[str] = "BaB"
@@ -429,7 +447,7 @@ class BranchAndBound(MethodBase):
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
             raise SpecError(f"bab: threshold must be a finite number, one per row, or None, "
                             f"got {self.threshold!r}.")
-        for option in ("time_limit", "lr_alpha", "lr_beta", "gap"):
+        for option in ("time_limit", "lr_alpha", "lr_beta", "gap", "pool_memory_mb"):
             value = getattr(self, option)
             if not (isinstance(value, (int, float)) and value > 0):
                 raise SpecError(f"bab: {option} must be > 0, got {value!r}.")
@@ -578,14 +596,21 @@ class _Search:
             elif int(self.domains[i]) >= self.m.max_domains:
                 reason = DOMAINS_SPENT
             if reason is not None:
-                if self.status[i] is None:
-                    self.status[i] = reason
-                left = pool.remove(i)
-                if self.memory is not None and reason in (TIME_SPENT, DOMAINS_SPENT):
-                    self.memory.store(self._key(i), _Entry(
-                        self.x_lo[i].clone(), self.x_hi[i].clone(), leaves=left,
-                        proven_bound=self.done_bound[i].clone()))
-                self.done_bound[i] = torch.minimum(self.done_bound[i], left.bound.min(0).values)
+                self._end(pool, i, reason)
+        budget = self.m.pool_memory_mb * MB
+        while len(pool) and pool.nbytes > budget:  # the largest search gives way
+            counts = pool.counts(self.n)
+            self._end(pool, int(counts.argmax()), MEMORY_SPENT)
+
+    def _end(self, pool: _Pool, i: int, reason: str) -> None:
+        if self.status[i] is None:
+            self.status[i] = reason
+        left = pool.remove(i)
+        if self.memory is not None and reason in (TIME_SPENT, DOMAINS_SPENT, MEMORY_SPENT):
+            self.memory.store(self._key(i), _Entry(
+                self.x_lo[i].clone(), self.x_hi[i].clone(), leaves=left,
+                proven_bound=self.done_bound[i].clone()))
+        self.done_bound[i] = torch.minimum(self.done_bound[i], left.bound.min(0).values)
 
     # --- reuse between evaluations (a radius search's SearchMemory) -----------------------------
 

@@ -352,3 +352,19 @@ def test_smooth_activations_are_refused_in_one_line(layer: nn.Module) -> None:
         compute_bounds(model, x - 0.1, x + 0.1, "bab", threshold=0.0)
     message = str(info.value)
     assert "\n" not in message and "LeakyReLU" in message and type(layer).__name__ in message
+
+
+def test_memory_budget_spent_is_unknown_and_still_sound() -> None:
+    """Open domains past `pool_memory_mb` end the property as unknown, its bound still below
+    the exact minimum."""
+    from certify.bounds.bab import MEMORY_SPENT
+
+    model = _small_mlp(7)
+    x = torch.full((1, 1, 1, 6), 0.5, dtype=torch.float64)
+    lo, hi = x - 0.4, x + 0.4
+    spec = torch.tensor([[[1.0, -1.0, 0.0]]], dtype=torch.float64)
+    exact = float(compute_bounds(model, lo, hi, "milp", spec).lower[0, 0])
+    b = compute_bounds(model, lo, hi, "bab", spec, threshold=exact - 1e-6, attack_steps=0,
+                       branching="relu", pool_memory_mb=1e-4)
+    assert b.status == (MEMORY_SPENT,)
+    assert float(b.lower[0, 0]) <= exact
