@@ -261,6 +261,7 @@ class _Layerwise:
         self.local = torch.arange(self.b, device=rows.device)
         # the unstable neurons of each later layer, as rows (lower, then negated for upper)
         self.targets: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        self._rows_of: dict[int, Tensor] = {}
         for p in self.positions[1:]:
             lo, hi = sub.pre_bounds[p]
             unstable = sub.relaxations[p].unstable.reshape(self.b, -1)
@@ -274,13 +275,18 @@ class _Layerwise:
             self.targets[p] = (order, valid, unstable)
 
     def _one_hot(self, p: int) -> Tensor:
+        """The rows selecting layer `p`'s unstable neurons (lower, then negated), built once."""
+        cached = self._rows_of.get(p)
+        if cached is not None:
+            return cached
         order, valid, unstable = self.targets[p]
         r = order.shape[1]
         e = unstable.new_zeros(unstable.shape, dtype=self.rows.dtype)
         e = e.unsqueeze(1).expand(-1, r, -1).clone()
         e.scatter_(2, order.unsqueeze(2), valid.unsqueeze(2).to(e.dtype))
         shape = self.prop.layers[p].in_shape
-        return torch.cat([e, -e], 1).reshape(self.b, 2 * r, *shape)
+        self._rows_of[p] = torch.cat([e, -e], 1).reshape(self.b, 2 * r, *shape)
+        return self._rows_of[p]
 
     def _slopes(self, rows: int, below: list[int]) -> dict[int, Tensor]:
         return {q: activation_rule(self.prop.layers[q]).optimizable(
@@ -353,7 +359,8 @@ class _Layerwise:
         best_rows = {p: torch.full((self.b, 2 * self.targets[p][0].shape[1]), float("-inf"),
                                    dtype=crown.dtype, device=crown.device) for p in inner}
         for step in range(m.steps + 1):
-            with torch.enable_grad():
+            # the last iterate is only evaluated: no graph for a gradient
+            with torch.enable_grad() if step < m.steps else torch.no_grad():
                 for p in self.positions[1:]:
                     if p not in self.targets:
                         continue
