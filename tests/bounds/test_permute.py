@@ -106,14 +106,20 @@ def test_sound_at_sampled_corner_and_pgd_points(method: str, dtype: torch.dtype,
        eps_max=st.sampled_from([0.02, 0.2]))
 def test_permutations_change_no_bound(method: str, seed: int, mid: tuple[int, int, int],
                                       split: int, eps_max: float) -> None:
-    """The same function without the permutations has the same bounds (float64)."""
+    """The same function without the permutations has the same bounds (float64). An optimizing
+    method runs from its initial slopes only (``steps=0``): the permuted network's different
+    order of float operations may steer gradient ascent to a slightly different best iterate
+    (seen: 5e-5), which says nothing about the permutation."""
     permuted, folded = make_net(seed, mid, split)
     permuted, folded = permuted.double(), folded.double()
     x_lo, x_hi, x = make_box(seed, 3, IN_SHAPE, eps_max, torch.float64)
     torch.testing.assert_close(permuted(x), folded(_nchw(x)), rtol=1e-12, atol=1e-12)
     spec = random_spec(seed, 3, 2, 3, torch.float64)
-    ours = compute_bounds(permuted, x_lo, x_hi, method, spec)
-    theirs = compute_bounds(folded, _nchw(x_lo), _nchw(x_hi), method, spec)
+    from certify.bounds.base import method_class
+
+    options = {"steps": 0} if "steps" in method_class(method).__dataclass_fields__ else {}
+    ours = compute_bounds(permuted, x_lo, x_hi, method, spec, **options)
+    theirs = compute_bounds(folded, _nchw(x_lo), _nchw(x_hi), method, spec, **options)
     torch.testing.assert_close(ours.lower, theirs.lower, rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(ours.upper, theirs.upper, rtol=1e-7, atol=1e-9)
 
