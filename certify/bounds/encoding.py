@@ -292,16 +292,16 @@ class _Node:
         """The dense chain over the blocks stacked in increasing order, errors times
         ``rounding.SAFETY`` (their own float64 rounding, as in :func:`affine_chain`)."""
         order = sorted(self.basis)
-        mats = [self.basis[b][0].reshape(self.basis[b][0].shape[0], -1).T.numpy()
+        mats = [self.basis[b][0].detach().reshape(self.basis[b][0].shape[0], -1).T.numpy()
                 for b in order]
-        errs = [self.basis[b][1].reshape(self.basis[b][1].shape[0], -1).T.numpy()
+        errs = [self.basis[b][1].detach().reshape(self.basis[b][1].shape[0], -1).T.numpy()
                 for b in order]
         n = self.zero.numel()
         safety = rounding.SAFETY
         matrix = np.concatenate(mats, 1) if mats else np.zeros((n, 0))
         matrix_err = safety * np.concatenate(errs, 1) if errs else np.zeros((n, 0))
-        return AffineChain(matrix, self.zero.reshape(-1).numpy(), matrix_err,
-                           safety * self.zero_err.reshape(-1).numpy(), tuple(order))
+        return AffineChain(matrix, self.zero.detach().reshape(-1).numpy(), matrix_err,
+                           safety * self.zero_err.detach().reshape(-1).numpy(), tuple(order))
 
 
 def _add_nodes(a: _Node, b: _Node) -> _Node:
