@@ -20,8 +20,13 @@ from certify.bounds import compute_bounds, get_method, to_network
 from certify.errors import UnsupportedLayerError
 
 pytest.importorskip("cvxpy")
-from brute_force import grid_min_spec, make_residual2d, min_adv_eps, min_spec  # noqa: E402
-from brute_force import residual_regions  # noqa: E402
+from brute_force import (  # noqa: E402
+    grid_min_spec,
+    make_residual2d,
+    min_adv_eps,
+    min_spec,
+    residual_regions,
+)
 
 from certify.bounds.encoding import encode, exact_encoding_units  # noqa: E402
 from certify.bounds.milp import MilpBounds, refine_intermediate  # noqa: E402
@@ -89,8 +94,9 @@ def test_lp_and_milp_with_model_rounding_hold_for_the_float32_model(seed, kind, 
        eps=st.sampled_from([0.05, 0.3]))
 def test_lp_is_tightest_with_the_same_intermediate_bounds(seed, kind, eps):  # type: ignore[no-untyped-def]
     """With the same intermediate bounds the LP is never looser than CROWN, alpha-CROWN or
-    Wong-Kolter (Salman et al. 2019; the chain test's theorem), and the MILP never below the
-    LP (minus its tolerance)."""
+    Wong-Kolter (Salman et al. 2019; the chain test's theorem; on Sigmoid/Tanh kinds only
+    CROWN's and Wong-Kolter's lines are among the LP's, alpha-CROWN's optimized tangents are
+    not), and the MILP never below the LP (minus its tolerance)."""
     model, shape = make_dag(seed, kind)
     model = model.double()
     x_lo, x_hi, _ = make_box(seed, 2, shape, eps, F64)
@@ -102,11 +108,13 @@ def test_lp_is_tightest_with_the_same_intermediate_bounds(seed, kind, eps):  # t
         lp = compute_bounds(net, x_lo, x_hi, "lp", spec, intermediate=inter)
         t = 1e-8 * (1 + lp.lower.abs().max().item())
         for m in methods:
+            if m == "alpha-crown" and kind in S_KINDS:
+                continue
             b = compute_bounds(net, x_lo, x_hi, m, spec, intermediate=inter)
             assert (lp.lower >= b.lower - t).all(), m
             assert (lp.upper <= b.upper + t).all(), m
-        if kind in S_KINDS or kind in CNN_KINDS and eps > 0.1:
-            continue
+        if kind in S_KINDS or kind in CNN_KINDS:
+            continue  # the MILP on the CNN kinds: in the soundness test
         milp = compute_bounds(net, x_lo, x_hi, "milp", spec, intermediate=inter)
         assert isinstance(milp, MilpBounds)
         assert (milp.lower >= lp.lower - milp.tolerance - 1e-9).all()
@@ -244,7 +252,7 @@ def test_exact_radii_of_a_residual_net_match_the_brute_force():  # type: ignore[
     from certify.exact import check_sandwich, exact_radii
     from certify.radius import certified_radii
 
-    model = make_residual2d(11, 4, 3)
+    model = make_residual2d(1, 4, 3)
     x = torch.rand(3, 1, 1, 2, dtype=F64, generator=torch.Generator().manual_seed(3))
     y = model(x).argmax(1)
     attack = min_adversarial_eps(model, x, y, eps_max=0.5, tol=1e-5,
@@ -255,9 +263,12 @@ def test_exact_radii_of_a_residual_net_match_the_brute_force():  # type: ignore[
     for i in range(3):
         truth = min_adv_eps(parts, x[i].flatten().numpy(), int(y[i]))
         assert float(result.exact_lo[i]) <= truth + 1e-9
+        if truth > 0.5:
+            assert result.status[i] == "above_max"
+            continue
+        assert result.status[i] == "optimal", result.reason[i]
+        assert abs(float(result.exact_eps[i]) - truth) <= 1e-7 + float(slack[i])
         if math.isfinite(float(attack[i])):
-            assert result.status[i] == "optimal", result.reason[i]
-            assert abs(float(result.exact_eps[i]) - truth) <= 1e-7 + float(slack[i])
             assert float(result.exact_eps[i]) <= float(attack[i]) + float(slack[i]) + 1e-6
     known = result.known
     assert bool(known.any())
@@ -295,12 +306,12 @@ def test_verify_schedules_the_milp_on_a_residual_onnx_model_and_decides(tmp_path
     imported, meta = import_onnx(onnx.load_from_string(_export(model, (1, 4, 4))))
     net = to_network(imported, meta.input_shape)
     assert not net.is_chain and exact_encoding_units(net) is not None
-    x = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(4))
+    x = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(1))
     assert "milp" in _complete_methods("auto", False, imported, x)
     label = int(imported(x).argmax())
     spec = margin_spec(torch.tensor([label]), 3)
     decided = None
-    for eps in (0.04, 0.03, 0.02, 0.015, 0.01, 0.007, 0.005):
+    for eps in (0.15, 0.12, 0.1, 0.08, 0.06, 0.04):
         lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
         alpha = compute_bounds(imported, lo, hi, "alpha-crown", spec)
         if bool((alpha.lower > 0).all()):
