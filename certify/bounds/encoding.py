@@ -1032,10 +1032,12 @@ class NetworkEncoding:
             ez = np.abs(chain.matrix) @ _stack([err[b] for b in chain.blocks(k)]) + tau
             err[k] = rule.solver_error(ez, l, u, tau)
         blocks = self.chains[-1].blocks(len(self.chains) - 1)
-        cols = np.concatenate([np.arange(lp.offsets[_column(b)],
-                                         lp.offsets[_column(b)] + err[b].shape[0])
-                               for b in blocks])
-        weights = np.abs(lp.objectives[:, cols])  # the objective's blocks' (folded) rows
+        starts = [int(lp.offsets[_column(b)]) for b in blocks]
+        # the objective's blocks' (folded) rows
+        weights = (np.abs(lp.objectives[:, starts[0]:starts[0] + err[blocks[0]].shape[0]])
+                   if len(blocks) == 1 else np.abs(lp.objectives[:, np.concatenate(
+                       [np.arange(s, s + err[b].shape[0]) for s, b in zip(starts, blocks,
+                                                                          strict=True)])]))
         return weights @ _stack([err[b] for b in blocks]) + tau  # type: ignore[no-any-return]
 
     def _chain_rows(self, rows: Rows, k: int, offsets: Array, z: int,
