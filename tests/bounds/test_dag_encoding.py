@@ -326,3 +326,62 @@ def test_verify_schedules_the_milp_on_a_residual_onnx_model_and_decides(tmp_path
     verdict = verify(imported, read_vnnlib(path), timeout=60, methods=("crown", "alpha-crown"),
                      use_milp=True, use_bab=False, input_shape=meta.input_shape)
     assert verdict.result == "unsat" and verdict.method == "milp", verdict
+
+
+class _SharedBlocks(torch.nn.Module):
+    """Branches that are affine in the same block (their matrices are summed) and a concat:
+    ``h = relu(A x)``, ``s = relu(cat(B h + C h, D h))``, output ``E s + F h``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = (torch.nn.Linear(3, 4), torch.nn.Linear(4, 3),
+                                  torch.nn.Linear(4, 3))
+        self.d, self.e, self.f = (torch.nn.Linear(4, 2), torch.nn.Linear(5, 3),
+                                  torch.nn.Linear(4, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        s = torch.relu(torch.cat([self.b(h) + self.c(h), self.d(h)], 1))
+        return self.e(s) + self.f(h)  # type: ignore[no-any-return]
+
+
+def test_dag_chain_errors_bound_the_exact_chains():  # type: ignore[no-untyped-def]
+    """Every chain's float64 matrix and offset are within their error bounds of the exact
+    (rational) chain: sums of two branches' matrices (the Add) rounded, concat exact."""
+    from fractions import Fraction
+
+    model = _SharedBlocks().double().eval()
+    gen = torch.Generator().manual_seed(0)
+    for p in model.parameters():  # full float64 mantissas: their sums round
+        p.data = torch.randn(p.shape, dtype=F64, generator=gen)
+    net = to_network(model, (3,)).detach()
+    assert not net.is_chain
+    spec = torch.eye(3, dtype=F64)[None]
+    enc = encode(fold_spec(net, spec))
+
+    def exact(lin: torch.nn.Linear) -> tuple[list[list[Fraction]], list[Fraction]]:
+        w = [[Fraction(float(v)) for v in row] for row in lin.weight.detach()]
+        return w, [Fraction(float(v)) for v in lin.bias.detach()]
+
+    (a, a0), (b, b0), (c, c0), (d, d0), (e, e0), (f, f0) = (
+        exact(m) for m in (model.a, model.b, model.c, model.d, model.e, model.f))
+    summed = [[bi + ci for bi, ci in zip(rb, rc, strict=True)] for rb, rc in zip(b, c, strict=True)]
+    want = [
+        (a, a0),  # into relu(h): block x
+        (summed + d, [p + q for p, q in zip(b0, c0, strict=True)] + d0),  # block h
+        ([rf + re for rf, re in zip(f, e, strict=True)],  # blocks h, s stacked
+         [p + q for p, q in zip(e0, f0, strict=True)]),
+    ]
+    assert [ch.sources for ch in enc.chains] == [(-1,), (0,), (0, 1)]
+    rounded = 0
+    for chain, (matrix, offset) in zip(enc.chains, want, strict=True):
+        assert chain.matrix_err is not None and chain.offset_err is not None
+        for i, row in enumerate(matrix):
+            for j, value in enumerate(row):
+                gap = abs(Fraction(float(chain.matrix[i, j])) - value)
+                assert gap <= Fraction(float(chain.matrix_err[i, j])), (i, j)
+                rounded += gap > 0
+            gap = abs(Fraction(float(chain.offset[i])) - offset[i])
+            assert gap <= Fraction(float(chain.offset_err[i])), i
+            rounded += gap > 0
+    assert rounded > 0  # the sums did round somewhere: the bounds were tested
