@@ -195,7 +195,7 @@ class AffineChain:
     on the distance of `matrix` and `offset` from the exact chain's (their rounding and the
     ops' error fields).
 
-    `sources` (a DAG's chains, :func:`graph_chains`): the variable blocks ``in`` stacks, in
+    `sources` (a DAG's chains, :func:`_encode_dag`): the variable blocks ``in`` stacks, in
     order (``-1``: the network's input ``x``, ``j``: the output ``h_j`` of activation ``j``);
     None: the chain of a chain network, whose input is the block before it (``x`` for the
     first chain, ``h_(k-1)`` for chain ``k``)."""
