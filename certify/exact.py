@@ -185,7 +185,8 @@ def exact_radii(model: nn.Module | Network, x: Tensor, y: Tensor, *, eps_max: fl
     """Per sample, the exact minimal adversarial L-inf eps, by one MILP per target class.
 
     Args:
-        model: Classifier on `(N, *input_shape)` pixels in [0, 1] (a supported ``nn.Sequential``
+        model: Classifier on `(N, *input_shape)` pixels in [0, 1] (a supported ``nn.Sequential``,
+            a module with residual Adds or Concats that ``torch.fx`` traces,
             or the engine's ``Network``); evaluated in eval mode.
         x: `(N, *input_shape)` inputs in [0, 1], e.g. `(N, C, H, W)`.
         y: `(N,)` labels.

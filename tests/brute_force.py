@@ -148,3 +148,88 @@ def grid_min_spec(model: nn.Sequential, row: np.ndarray, lo: np.ndarray, hi: np.
     with torch.no_grad():
         f = model(torch.as_tensor(pts, dtype=torch.float64)).numpy()
     return float((f @ row).min())
+
+
+# --- residual (DAG) networks -------------------------------------------------------------------
+
+
+class Residual2d(nn.Module):
+    """A 2-D input residual MLP: ``h = relu(A x + a)``, ``g = relu(B h + b)``,
+    ``s = relu(h + C g + c)``, logits ``D s + d`` (the Add makes it a DAG)."""
+
+    def __init__(self, width: int, hidden: int, classes: int) -> None:
+        super().__init__()
+        self.fc0 = nn.Linear(2, width)
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+        self.out = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc0(torch.flatten(x, 1)))
+        s = torch.relu(h + self.fc2(torch.relu(self.fc1(h))))
+        return self.out(s)  # type: ignore[no-any-return]
+
+
+def make_residual2d(seed: int, width: int = 3, hidden: int = 3, classes: int = 3) -> Residual2d:
+    """A :class:`Residual2d` (input shape (1, 1, 2)) whose first-layer kinks cross the unit
+    square, float64, eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    model = Residual2d(width, hidden, classes)
+    w0 = torch.randn(width, 2, generator=gen) * 3.0
+    model.fc0.weight.data = w0
+    model.fc0.bias.data = -(w0 * torch.rand(width, 2, generator=gen)).sum(1)
+    for lin in (model.fc1, model.fc2, model.out):
+        d = lin.in_features
+        lin.weight.data = torch.randn(lin.out_features, d, generator=gen) * 1.5 / d**0.5
+        lin.bias.data = torch.randn(lin.out_features, generator=gen) * 0.5
+    return model.double().eval()
+
+
+def residual_regions(model: Residual2d, lo: np.ndarray, hi: np.ndarray) -> list[Region]:
+    """Every activation region of a :class:`Residual2d` that meets the box (2-D input), depth
+    first over its three ReLU layers as :func:`regions` (each layer's pre-activation is affine
+    in ``x`` once the patterns of the layers before it are fixed: the sum of the shortcut's and
+    the branch's affine maps)."""
+    (a, a0), (b, b0), (c, c0), (d, d0) = _weights(
+        nn.Sequential(model.fc0, model.fc1, model.fc2, model.out))
+    out: list[Region] = []
+
+    def pre(k: int, post: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        if k == 0:
+            return a, a0
+        if k == 1:
+            hw, hc = post[0]
+            return b @ hw, b @ hc + b0
+        (hw, hc), (gw, gc) = post
+        return hw + c @ gw, hc + c @ gc + c0
+
+    def walk(k: int, j: int, rows: list[np.ndarray], rhs: list[float], point: np.ndarray,
+             post: list[tuple[np.ndarray, np.ndarray]], cur: tuple[np.ndarray, np.ndarray]
+             ) -> None:
+        zw, zc = pre(k, post)
+        if j == zw.shape[0]:
+            post = [*post, cur]
+            if k == 2:
+                sw, sc = cur
+                out.append(Region(np.array(rows).reshape(-1, 2), np.array(rhs), d @ sw,
+                                  d @ sc + d0))
+                return
+            nw, _ = pre(k + 1, post)
+            walk(k + 1, 0, rows, rhs, point, post, (np.zeros((nw.shape[0], 2)),
+                                                    np.zeros(nw.shape[0])))
+            return
+        value = zw[j] @ point + zc[j]
+        for active in (True, False):
+            row, r = (-zw[j], zc[j]) if active else (zw[j], -zc[j])
+            rows2, rhs2 = [*rows, row], [*rhs, r]
+            holds = value >= 0 if active else value <= 0
+            witness = point if holds else _witness(np.array(rows2), np.array(rhs2), lo, hi)
+            if witness is None:
+                continue
+            hw, hc = cur[0].copy(), cur[1].copy()
+            if active:
+                hw[j], hc[j] = zw[j], zc[j]
+            walk(k, j + 1, rows2, rhs2, witness, post, (hw, hc))
+
+    walk(0, 0, [], [], (lo + hi) / 2, [], (np.zeros((a.shape[0], 2)), np.zeros(a.shape[0])))
+    return out

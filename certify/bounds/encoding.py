@@ -30,6 +30,15 @@ permutations)
     (z_j - l_j)`` over the window's candidates and the MILP's exact encoding with one binary
     per candidate (:func:`maxpool_big_m`).
 
+``merge`` (Add, Concat: a DAG's, ``Network.inputs``)
+    No variables: a DAG's affine chains run from *several* variable blocks (the input and
+    earlier activations' outputs, :attr:`AffineChain.sources`) to the next activation; an
+    Add's node is the sum of its two inputs' affine functions (blockwise, with the sum's
+    float64 rounding bounded, :func:`_add_nodes`), a Concat's their stacking (exact). The
+    model's own rounding of the DAG (the float32 Add's included) is
+    :func:`~certify.bounds.forward_error.graph_error`'s, added to each chain's slack as a
+    chain network's :func:`~certify.bounds.forward_error.chain_error` is.
+
 A row whose rules need the op's parameters (LeakyReLU's slope, MaxPool's windows) holds a
 function of the op that gives them (:func:`leaky_relu_encoding`, :func:`maxpool_encoding`;
 :meth:`OpEncoding.activation_of` resolves a row).
@@ -66,7 +75,7 @@ from torch import Tensor
 
 from certify.bounds import rounding
 from certify.bounds.base import Bounds
-from certify.bounds.forward_error import chain_error, model_chains
+from certify.bounds.forward_error import chain_error, graph_error, model_chains
 from certify.bounds.layers import (
     RULES,
     AdaptiveAvgPoolOp,
@@ -184,12 +193,18 @@ def cast_outward(values: Array, like: Tensor, *, down: bool) -> Tensor:
 class AffineChain:
     """An affine chain between activations as ``out = M @ in + m`` (dense float64), with bounds
     on the distance of `matrix` and `offset` from the exact chain's (their rounding and the
-    ops' error fields)."""
+    ops' error fields).
+
+    `sources` (a DAG's chains, :func:`_encode_dag`): the variable blocks ``in`` stacks, in
+    order (``-1``: the network's input ``x``, ``j``: the output ``h_j`` of activation ``j``);
+    None: the chain of a chain network, whose input is the block before it (``x`` for the
+    first chain, ``h_(k-1)`` for chain ``k``)."""
 
     matrix: Array  # (out, in)
     offset: Array  # (out,)
     matrix_err: Array | None = None
     offset_err: Array | None = None
+    sources: tuple[int, ...] | None = None
 
     def error(self, reach: Array) -> Array:
         """``|M - M*| r + |m - m*|``: how far ``M h + m`` is from the exact chain for every
@@ -197,6 +212,39 @@ class AffineChain:
         out: Array = _zeros_if_none(self.matrix_err, self.matrix) @ reach + _zeros_if_none(
             self.offset_err, self.offset)
         return out
+
+    def blocks(self, k: int) -> tuple[int, ...]:
+        """The blocks its input stacks, for chain `k` of its encoding."""
+        return (k - 1,) if self.sources is None else self.sources
+
+
+def _linear_step(op: Op, basis: Tensor, basis_err: Tensor) -> tuple[Tensor, Tensor]:
+    """One affine op applied to the linear part `basis` (rows: the identity basis of an input
+    block pushed through the ops so far) with its error bound ``E`` (``E' = |L| E + gamma_k
+    |L| |M| + L_err (|M| + E)``, see :mod:`certify.bounds.rounding`)."""
+    rules = RULES[type(op)]
+    k = rules.terms(op)[0]
+    absolute, exact = abs_op(op), err_op(op)
+    g = rounding.gamma(k, torch.float64)
+    lin_abs = rules.linear(absolute, basis_err + g * basis.abs())  # type: ignore[misc]
+    if exact is not None:
+        lin_abs = lin_abs + rules.linear(exact, basis.abs() + basis_err)  # type: ignore[misc]
+    return (rules.linear(op, basis),  # type: ignore[misc]
+            lin_abs + k * rounding.tiny(torch.float64))
+
+
+def _offset_step(op: Op, zero: Tensor, zero_err: Tensor) -> tuple[Tensor, Tensor]:
+    """One affine op applied to the offset `zero` (the ops so far at input 0) with its error
+    bound: ``|L| E + gamma_k (|L| |m| + |b|)`` plus ``L_err`` on ``|m| + E``."""
+    rules = RULES[type(op)]
+    k = rules.terms(op)[0]
+    absolute, exact = abs_op(op), err_op(op)
+    g = rounding.gamma(k, torch.float64)
+    off_abs = (rules.linear(absolute, zero_err)  # type: ignore[misc]
+               + g * rules.forward(absolute, zero.abs()))
+    if exact is not None:
+        off_abs = off_abs + rules.forward(exact, zero.abs() + zero_err)
+    return rules.forward(op, zero), off_abs + k * rounding.tiny(torch.float64)
 
 
 def affine_chain(ops: list[Op], in_shape: tuple[int, ...]) -> AffineChain:
@@ -209,25 +257,88 @@ def affine_chain(ops: list[Op], in_shape: tuple[int, ...]) -> AffineChain:
     zero = torch.zeros(1, *in_shape, dtype=f64)
     basis_err, zero_err = torch.zeros_like(basis), torch.zeros_like(zero)
     for op in ops:
-        rules = RULES[type(op)]
-        k = rules.terms(op)[0]
-        absolute, exact = abs_op(op), err_op(op)
-        g = rounding.gamma(k, f64)
-        lin_abs = rules.linear(absolute, basis_err + g * basis.abs())  # type: ignore[misc]
-        # |L| E + gamma (|L| |m| + |b|)
-        off_abs = (rules.linear(absolute, zero_err)  # type: ignore[misc]
-                   + g * rules.forward(absolute, zero.abs()))
-        if exact is not None:
-            lin_abs = lin_abs + rules.linear(exact, basis.abs() + basis_err)  # type: ignore[misc]
-            off_abs = off_abs + rules.forward(exact, zero.abs() + zero_err)
-        basis = rules.linear(op, basis)  # type: ignore[misc]
-        zero = rules.forward(op, zero)
-        basis_err = lin_abs + k * rounding.tiny(f64)
-        zero_err = off_abs + k * rounding.tiny(f64)
+        basis, basis_err = _linear_step(op, basis, basis_err)
+        zero, zero_err = _offset_step(op, zero, zero_err)
     safety = rounding.SAFETY
     return AffineChain(basis.reshape(d, -1).T.numpy(), zero.reshape(-1).numpy(),
                        safety * basis_err.reshape(d, -1).T.numpy(),
                        safety * zero_err.reshape(-1).numpy())
+
+
+@dataclass
+class _Node:
+    """A DAG node's value as an affine function of variable blocks, ``sum_b B_b^T h_b + m``:
+    per block `(d_b, *shape)` its basis and the bound on the basis' distance from the exact
+    one; the offset `(1, *shape)` and its bound."""
+
+    basis: dict[int, tuple[Tensor, Tensor]]
+    zero: Tensor
+    zero_err: Tensor
+
+    @staticmethod
+    def block(b: int, shape: tuple[int, ...]) -> _Node:
+        """The variable block `b` itself (exact)."""
+        d = numel(shape)
+        eye = torch.eye(d, dtype=torch.float64).reshape(d, *shape)
+        zero = torch.zeros(1, *shape, dtype=torch.float64)
+        return _Node({b: (eye, torch.zeros_like(eye))}, zero, torch.zeros_like(zero))
+
+    def affine(self, op: Op) -> _Node:
+        """The node after one affine op (:func:`_linear_step` per block, :func:`_offset_step`)."""
+        return _Node({b: _linear_step(op, m, e) for b, (m, e) in self.basis.items()},
+                     *_offset_step(op, self.zero, self.zero_err))
+
+    def chain(self) -> AffineChain:
+        """The dense chain over the blocks stacked in increasing order, errors times
+        ``rounding.SAFETY`` (their own float64 rounding, as in :func:`affine_chain`)."""
+        order = sorted(self.basis)
+        mats = [self.basis[b][0].detach().reshape(self.basis[b][0].shape[0], -1).T.numpy()
+                for b in order]
+        errs = [self.basis[b][1].detach().reshape(self.basis[b][1].shape[0], -1).T.numpy()
+                for b in order]
+        n = self.zero.numel()
+        safety = rounding.SAFETY
+        matrix = np.concatenate(mats, 1) if mats else np.zeros((n, 0))
+        matrix_err = safety * np.concatenate(errs, 1) if errs else np.zeros((n, 0))
+        return AffineChain(matrix, self.zero.detach().reshape(-1).numpy(), matrix_err,
+                           safety * self.zero_err.detach().reshape(-1).numpy(), tuple(order))
+
+
+def _add_nodes(a: _Node, b: _Node) -> _Node:
+    """``a + b``: per shared block ``fl(B_1 + B_2)``, one rounding within ``u |B_1 + B_2| <=
+    gamma_1 (|B_1| + |B_2|)`` of the exact sum (sums of subnormals are exact), so the bound is
+    ``E_1 + E_2 + gamma_1 (|B_1| + |B_2|)``; the same for the offsets; a block of one side only
+    is copied (``B + 0`` is exact)."""
+    g = rounding.gamma(1, torch.float64)
+    basis = dict(a.basis)
+    for k, (m2, e2) in b.basis.items():
+        if k in basis:
+            m1, e1 = basis[k]
+            basis[k] = (m1 + m2, e1 + e2 + g * (m1.abs() + m2.abs()))
+        else:
+            basis[k] = (m2, e2)
+    return _Node(basis, a.zero + b.zero,
+                 a.zero_err + b.zero_err + g * (a.zero.abs() + b.zero.abs()))
+
+
+def _concat_nodes(op: ConcatOp, parts: list[_Node], sizes: dict[int, int]) -> _Node:
+    """The concatenation (exact: values are moved); a block absent from a part is zero there.
+    `sizes`: each block's number of variables."""
+    dim = op.dim + 1
+    basis: dict[int, tuple[Tensor, Tensor]] = {}
+    for b in sorted({k for p in parts for k in p.basis}):
+        mats, errs = [], []
+        for k, p in enumerate(parts):
+            if b in p.basis:
+                mats.append(p.basis[b][0])
+                errs.append(p.basis[b][1])
+            else:
+                z = torch.zeros(sizes[b], *op.input_shape(k), dtype=torch.float64)
+                mats.append(z)
+                errs.append(z)
+        basis[b] = (torch.cat(mats, dim), torch.cat(errs, dim))
+    return _Node(basis, torch.cat([p.zero for p in parts], dim),
+                 torch.cat([p.zero_err for p in parts], dim))
 
 
 def _zeros_if_none(err: Array | None, like: Array) -> Array:
@@ -318,8 +429,8 @@ class OpEncoding:
     Attributes:
         kind: ``"affine"`` (composed into a chain), ``"activation"`` (new variables, relaxed
             or exactly encoded), ``"objective"`` (the folded specification, last), or
-            ``"merge"`` (Add, Concat: a DAG's, which the encodings refuse, see
-            :func:`require_chain`).
+            ``"merge"`` (Add, Concat: a DAG's; no variables, the nodes they take are summed
+            or stacked into the next chain, see :func:`_encode_dag`).
         activation: The activation's rules (for ``"activation"`` only), or for an op with
             parameters (LeakyReLU's slope, MaxPool2d's windows) the function of the op that
             gives them.
@@ -739,9 +850,7 @@ def _no_exact_encoding(what: str) -> UnsupportedLayerError:
 def exact_encoding_units(net: Network) -> int | None:
     """How many activation inputs the exact MILP of `net` encodes (binaries for the unstable
     ones, or MaxPool's candidates), or None when one of its activations has no exact
-    encoding (Sigmoid, Tanh) or `net` is a DAG (the encodings take chains)."""
-    if not net.is_chain:
-        return None
+    encoding (Sigmoid, Tanh). Chains and DAGs alike (merges add no binaries)."""
     total = 0
     for op in net.layers:
         rule = ENCODINGS.get(type(op))
@@ -754,23 +863,9 @@ def exact_encoding_units(net: Network) -> int | None:
     return total
 
 
-def require_chain(net: Network) -> None:
-    """Raise a one-line error naming the first merge (Add, Concat) of a DAG network: the
-    encodings take chains only (each affine chain between two activations is one block of
-    equality rows)."""
-    if net.is_chain:
-        return
-    index = next((i for i, srcs in enumerate(net.inputs) if len(srcs) > 1), 0)
-    raise UnsupportedLayerError(
-        f"{_layer_name(net, index)} merges two branches: the LP/MILP encodings take chain "
-        "networks only; bound residual/concat networks with crown, alpha-crown, crown-ibp, "
-        "wong-kolter or ibp.")
-
-
 def require_exact_encoding(net: Network) -> None:
     """Raise a one-line error naming the first activation of `net` without an exact MILP
-    encoding (before any work is spent on a MILP), or the first merge of a DAG."""
-    require_chain(net)
+    encoding (before any work is spent on a MILP)."""
     for index, op in enumerate(net.layers):
         rule = ENCODINGS.get(type(op))
         activation = None if rule is None else rule.activation_of(op)
@@ -838,17 +933,18 @@ class NetworkEncoding:
     def slack(self, x_lo: Array, x_hi: Array, pre: list[Interval],
               perturbation: list[Array] | None) -> list[Array]:
         """For each activation: how far its input ``z_k`` may be from ``M_k h + m_k`` (the
-        chain's :meth:`AffineChain.error` over its input's range, plus the model's own
+        chain's :meth:`AffineChain.error` over its input blocks' ranges, plus the model's own
         rounding of that chain where given) for one sample."""
         out = []
-        reach = np.maximum(np.abs(x_lo), np.abs(x_hi))
+        reach = {-1: np.maximum(np.abs(x_lo), np.abs(x_hi))}
         for k, (l, u) in enumerate(pre):
-            value = self.chains[k].error(reach)
+            chain = self.chains[k]
+            value = chain.error(_stack([reach[b] for b in chain.blocks(k)]))
             if perturbation is not None:
                 value = value + perturbation[k]
             out.append(value)
             lo, hi = _reach_box(self.activations[k], l, u)
-            reach = np.maximum(np.abs(lo), np.abs(hi))
+            reach[k] = np.maximum(np.abs(lo), np.abs(hi))
         return out
 
     def lp(self, i: int, x_lo: Array, x_hi: Array, pre: list[Interval],
@@ -859,7 +955,8 @@ class NetworkEncoding:
         equality becomes two inequalities ``|z_k - M_k h - m_k| <= slack_k``, the relaxation
         rows are loosened by their own rounding, and the objective's distance from the exact
         one is recorded in ``objective_slack``: the LP is then a relaxation of the exact (or
-        exactly perturbed) network.
+        exactly perturbed) network. A DAG's chains take several blocks (``h`` stacks the
+        blocks of :attr:`AffineChain.sources`).
         """
         lo_parts, hi_parts = [x_lo], [x_hi]
         sizes = [x_lo.shape[0]]
@@ -871,12 +968,17 @@ class NetworkEncoding:
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         rows = Rows(int(offsets[-1]), [], [], [], [])
         for k, (l, u) in enumerate(pre):
-            h_prev, z, h = offsets[2 * k], offsets[2 * k + 1], offsets[2 * k + 2]
-            self._chain_rows(rows, k, h_prev, z, None if slack is None else slack[k])
+            z, h = offsets[2 * k + 1], offsets[2 * k + 2]
+            self._chain_rows(rows, k, offsets, z, None if slack is None else slack[k])
             self.activations[k].relax(rows, l, u, z, h, slack is not None)
+        last = len(self.chains) - 1
+        blocks = self.chains[-1].blocks(last)
         objectives, constants, objective_slack = self._objective(
-            i, rows.total, offsets[-2] if pre else 0, lo_parts[-1], hi_parts[-1],
-            slack is not None)
+            i, rows.total, [(int(offsets[_column(b)]), int(offsets[_column(b) + 1]
+                                                          - offsets[_column(b)]))
+                            for b in blocks],
+            _stack([lo_parts[2 * b + 2] for b in blocks]),
+            _stack([hi_parts[2 * b + 2] for b in blocks]), slack is not None)
         a_eq, b_eq, a_ub, b_ub = rows.stacked()
         return LinearProgram(objectives, constants, a_eq, b_eq, a_ub, b_ub,
                              np.concatenate(lo_parts), np.concatenate(hi_parts), objective_slack,
@@ -921,23 +1023,37 @@ class NetworkEncoding:
     def solver_error(self, pre: list[Interval], lp: LinearProgram, tau: float) -> Array:
         """How far, per objective row `(S,)`, the objective at a point that satisfies every
         row, bound and integrality within `tau` can be from the network's value at a true
-        input: input bounds violated by `tau`, propagated through ``|M_k|`` and the
-        activations (:attr:`OpEncoding.solver_error`)."""
-        err = np.full(self.chains[0].matrix.shape[1], tau)  # input bounds violated by tau
-        for chain, rule, (l, u) in zip(self.chains[:-1], self.activations, pre, strict=True):
-            ez = np.abs(chain.matrix) @ err + tau
-            err = rule.solver_error(ez, l, u, tau)
-        start = lp.lo.shape[0] - err.shape[0]
-        weights = np.abs(lp.objectives[:, start:])  # the last layer's (folded) rows
-        return weights @ err + tau  # type: ignore[no-any-return]
+        input: input bounds violated by `tau`, propagated through ``|M_k|`` (over the chain's
+        input blocks) and the activations (:attr:`OpEncoding.solver_error`)."""
+        assert lp.offsets is not None
+        err = {-1: np.full(lp.offsets[1], tau)}  # input bounds violated by tau
+        for k, (rule, (l, u)) in enumerate(zip(self.activations, pre, strict=True)):
+            chain = self.chains[k]
+            ez = np.abs(chain.matrix) @ _stack([err[b] for b in chain.blocks(k)]) + tau
+            err[k] = rule.solver_error(ez, l, u, tau)
+        blocks = self.chains[-1].blocks(len(self.chains) - 1)
+        starts = [int(lp.offsets[_column(b)]) for b in blocks]
+        # the objective's blocks' (folded) rows
+        weights = (np.abs(lp.objectives[:, starts[0]:starts[0] + err[blocks[0]].shape[0]])
+                   if len(blocks) == 1 else np.abs(lp.objectives[:, np.concatenate(
+                       [np.arange(s, s + err[b].shape[0]) for s, b in zip(starts, blocks,
+                                                                          strict=True)])]))
+        return weights @ _stack([err[b] for b in blocks]) + tau  # type: ignore[no-any-return]
 
-    def _chain_rows(self, rows: Rows, k: int, h_prev: int, z: int, slack: Array | None) -> None:
-        """``z_k - M_k h_(k-1) = m_k``, or within ``slack`` of it."""
+    def _chain_rows(self, rows: Rows, k: int, offsets: Array, z: int,
+                    slack: Array | None) -> None:
+        """``z_k - M_k h = m_k`` (``h`` the chain's input blocks), or within ``slack`` of it."""
         import scipy.sparse as sp  # type: ignore[import-untyped, unused-ignore]
 
         chain = self.chains[k]
         n = chain.matrix.shape[0]
-        row = rows.place(z, sp.identity(n), n) - rows.place(h_prev, chain.matrix, n)
+        row = rows.place(z, sp.identity(n), n)
+        first = 0
+        for b in chain.blocks(k):
+            width = int(offsets[_column(b) + 1] - offsets[_column(b)])
+            row = row - rows.place(int(offsets[_column(b)]),
+                                   chain.matrix[:, first:first + width], n)
+            first += width
         if slack is None:
             rows.eq.append(row)
             rows.eq_rhs.append(chain.offset)
@@ -945,17 +1061,20 @@ class NetworkEncoding:
             rows.ub += [row, -row]
             rows.ub_rhs += [chain.offset + slack, -chain.offset + slack]
 
-    def _objective(self, i: int, total: int, start: int, last_lo: Array, last_hi: Array,
-                   rigorous: bool) -> tuple[Array, Array, Array | None]:
-        """Objectives `(S, total)` over the last activation's output, constants `(S,)` and,
-        if `rigorous`, the bound on their distance from the exact ones (over the output's box
-        ``[last_lo, last_hi]``)."""
+    def _objective(self, i: int, total: int, starts: list[tuple[int, int]], last_lo: Array,
+                   last_hi: Array, rigorous: bool) -> tuple[Array, Array, Array | None]:
+        """Objectives `(S, total)` over the last chain's input blocks (first columns and
+        widths `starts`), constants `(S,)` and, if `rigorous`, the bound on their distance from the
+        exact ones (over the blocks' stacked box ``[last_lo, last_hi]``)."""
         last, spec = self.chains[-1], self.spec
         weight = spec.weight[i].numpy()  # (S, I)
         objectives_h = weight @ last.matrix  # (S, n_last)
         constants = weight @ last.offset + spec.bias[i].numpy()
         objectives = np.zeros((weight.shape[0], total))
-        objectives[:, start:start + objectives_h.shape[1]] = objectives_h
+        first = 0
+        for start, width in starts:
+            objectives[:, start:start + width] = objectives_h[:, first:first + width]
+            first += width
         if not rigorous:
             return objectives, constants, None
         # c = W M_last: its rounding, W's and M_last's own errors, over |h_last| <= reach
@@ -973,6 +1092,17 @@ class NetworkEncoding:
         return objectives, constants, 2.0 * (c_err @ reach + const_err)
 
 
+def _column(block: int) -> int:
+    """Where block `block` (``-1``: ``x``, ``j``: ``h_j``) is in the offsets of
+    ``[x, z_1, h_1, ..., z_L, h_L]``."""
+    return 2 * block + 2
+
+
+def _stack(parts: list[Array]) -> Array:
+    """Blocks' vectors stacked (one block: itself, unchanged)."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 def _reach_box(rule: ActivationEncoding, l: Array, u: Array) -> Interval:
     """The activation's output box spanned with 0: what error bounds over its output use."""
     lo, hi = rule.output_box(l, u)
@@ -982,10 +1112,13 @@ def _reach_box(rule: ActivationEncoding, l: Array, u: Array) -> Interval:
 def encode(net: Network) -> NetworkEncoding:
     """The encoding of `net`, which ends in a folded specification (``fold_spec``), in float64.
 
+    A DAG (``net.inputs``) is encoded by :func:`_encode_dag`.
+
     Raises:
-        UnsupportedLayerError: for an op without a row in :data:`ENCODINGS`, or a DAG.
+        UnsupportedLayerError: for an op without a row in :data:`ENCODINGS`.
     """
-    require_chain(net)
+    if not net.is_chain:
+        return _encode_dag(net)
     chains: list[AffineChain] = []
     activations: list[ActivationEncoding] = []
     names: list[str] = []
@@ -1009,6 +1142,50 @@ def encode(net: Network) -> NetworkEncoding:
     return NetworkEncoding(chains, activations, spec, tuple(names))
 
 
+def _encode_dag(net: Network) -> NetworkEncoding:
+    """:func:`encode` for a DAG: nodes in topological order, each an affine function of the
+    variable blocks below it (``x`` and the activations' outputs, :class:`_Node`); an affine
+    op is applied to every block's basis and to the offset with the chain's error bounds, an
+    Add sums two nodes (its rounding in :func:`_add_nodes`), a Concat stacks them (exact). The
+    input node of every activation and of the specification becomes a chain over the blocks
+    it depends on (:attr:`AffineChain.sources`)."""
+    nodes: dict[int, _Node] = {-1: _Node.block(-1, net.input_shape)}
+    sizes = {-1: numel(net.input_shape)}
+    chains: list[AffineChain] = []
+    activations: list[ActivationEncoding] = []
+    names: list[str] = []
+    spec: SpecLinearOp | None = None
+    uses = {j: sum(srcs.count(j) for srcs in net.inputs) for j in range(-1, len(net.layers))}
+    for index, op in enumerate(net.layers):
+        rule = _rule(op, index)
+        srcs = net.sources(index)
+        if rule.kind == "affine":
+            nodes[index] = nodes[srcs[0]].affine(op)
+        elif rule.kind == "activation":
+            chains.append(nodes[srcs[0]].chain())
+            activations.append(_activation(op, index))
+            names.append(_layer_name(net, index))
+            k = len(activations) - 1
+            sizes[k] = numel(op.out_shape)
+            nodes[index] = _Node.block(k, op.out_shape)
+        elif rule.kind == "merge":
+            parts = [nodes[j] for j in srcs]
+            nodes[index] = (_add_nodes(parts[0], parts[1]) if isinstance(op, AddOp)
+                            else _concat_nodes(op, parts, sizes))  # type: ignore[arg-type]
+        else:
+            if index != len(net.layers) - 1:
+                raise ValueError("encode: the folded specification must be the last op")
+            chains.append(nodes[srcs[0]].chain())
+            spec = op  # type: ignore[assignment]
+        for j in srcs:  # a node no op takes any more is not needed
+            uses[j] -= 1
+            if uses[j] == 0:
+                nodes.pop(j, None)
+    if spec is None:
+        raise ValueError("encode: the network must end in a folded specification (fold_spec)")
+    return NetworkEncoding(chains, activations, spec, tuple(names))
+
+
 def model_perturbations(net: Network, x_lo: Tensor, x_hi: Tensor,
                         pre: list[Interval]) -> list[Array] | None:
     """The model's own rounding of each chain into an activation, `(N, n)` float64 per layer
@@ -1016,6 +1193,8 @@ def model_perturbations(net: Network, x_lo: Tensor, x_hi: Tensor,
     :mod:`certify.bounds.forward_error`."""
     if net.runs_in is None:
         return None
+    if not net.is_chain:
+        return _graph_perturbations(net, x_lo, x_hi, pre, net.runs_in)
     chains = model_chains(net)
     rules = [_activation(net.layers[p], p) for p in net.relu_positions]
     out = []
@@ -1027,6 +1206,26 @@ def model_perturbations(net: Network, x_lo: Tensor, x_hi: Tensor,
         in_lo, in_hi = torch.from_numpy(box_lo), torch.from_numpy(box_hi)
         shape = chains[k + 1][0].out_shape  # the next chain starts with activation k
         in_lo, in_hi = in_lo.reshape(-1, *shape), in_hi.reshape(-1, *shape)
+    return out
+
+
+def _graph_perturbations(net: Network, x_lo: Tensor, x_hi: Tensor, pre: list[Interval],
+                         dtype: torch.dtype) -> list[Array]:
+    """:func:`model_perturbations` for a DAG: the bound of
+    :func:`~certify.bounds.forward_error.graph_error` on every activation's input node (the
+    model's rounding of every op below it back to the activations' outputs, the float32
+    Add's own rounding included), given the activations' output boxes over `pre`."""
+    positions = net.relu_positions
+    boxes: dict[int, tuple[Tensor, Tensor]] = {}
+    out = []
+    for k, (lo, hi) in enumerate(pre):
+        err = graph_error(net, k, boxes, x_lo.detach().cpu(), x_hi.detach().cpu(), dtype)
+        out.append(err.flatten(1).numpy())
+        op = net.layers[positions[k]]
+        box_lo, box_hi = _activation(op, positions[k]).output_box(lo, hi)
+        shape = op.out_shape
+        boxes[k] = (torch.from_numpy(np.asarray(box_lo)).reshape(-1, *shape),
+                    torch.from_numpy(np.asarray(box_hi)).reshape(-1, *shape))
     return out
 
 

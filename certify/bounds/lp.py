@@ -12,6 +12,10 @@ Verification of Neural Networks", NeurIPS 2019): it is never looser than ``crown
 ``wong-kolter`` or ``alpha-crown`` with the same intermediate bounds. One LP is solved per
 sample and specification row (and per negated row for the upper bound).
 
+A DAG network (residual Add, Concat) is encoded the same way: its affine chains run from
+several earlier variable blocks (the input, activations' outputs) to the next activation
+(:func:`certify.bounds.encoding.encode`).
+
 The program is :mod:`certify.bounds.encoding`'s (one encoding rule per op type); it is solved
 by :mod:`certify.bounds.solver`, the only module that imports cvxpy.
 

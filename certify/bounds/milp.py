@@ -83,6 +83,7 @@ from certify.bounds.encoding import (
     sample_programs,
     widen,
 )
+from certify.bounds.layers import FlattenOp
 from certify.bounds.network import Network, fold_spec
 from certify.bounds.relaxations import activation_rule
 from certify.bounds.solver import SAFETY, TAU, BoundMilp
@@ -317,8 +318,19 @@ def check_solver() -> None:
 
 
 def _truncated(net: Network, pos: int) -> Network:
-    """The network up to (not including) op `pos`: its output is that op's input."""
-    return Network(net.layers[:pos], net.input_shape, net.names[:pos])
+    """The network up to (not including) op `pos`: its output is that op's input.
+
+    A DAG keeps every op before `pos` (so that its activations are those whose bounds are
+    given: the first ones of `net`) and ends in a Flatten of the node `pos` takes (exact: it
+    moves values); ops after that node whose outputs nothing takes are never reached by a
+    backward pass and only add constrained variables to an LP."""
+    if net.is_chain:
+        return Network(net.layers[:pos], net.input_shape, net.names[:pos])
+    src = net.sources(pos)[0]
+    shape = net.input_shape if src < 0 else net.layers[src].out_shape
+    out = FlattenOp(shape, (math.prod(shape),))
+    return Network((*net.layers[:pos], out), net.input_shape, (*net.names[:pos], "output"),
+                   inputs=(*net.inputs[:pos], (src,)))
 
 
 def refine_intermediate(net: Network, x_lo: Tensor, x_hi: Tensor, bounds: Sequence[Bounds], *,
