@@ -66,7 +66,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from certify.bounds import solver
+from certify.bounds import rounding, solver
 from certify.bounds.base import (
     BoundMethod,
     Bounds,
@@ -324,13 +324,17 @@ def _truncated(net: Network, pos: int) -> Network:
     given: the first ones of `net`) and ends in a Flatten of the node `pos` takes (exact: it
     moves values); ops after that node whose outputs nothing takes are never reached by a
     backward pass and only add constrained variables to an LP."""
+    # the model's own computation is kept whole: its rounding up to each activation of the
+    # truncated network is the full network's (forward_error looks below that activation only)
     if net.is_chain:
-        return Network(net.layers[:pos], net.input_shape, net.names[:pos])
+        return Network(net.layers[:pos], net.input_shape, net.names[:pos],
+                       model_layers=net.model_layers, runs_in=net.runs_in)
     src = net.sources(pos)[0]
     shape = net.input_shape if src < 0 else net.layers[src].out_shape
     out = FlattenOp(shape, (math.prod(shape),))
     return Network((*net.layers[:pos], out), net.input_shape, (*net.names[:pos], "output"),
-                   inputs=(*net.inputs[:pos], (src,)))
+                   model_layers=net.model_layers, runs_in=net.runs_in,
+                   inputs=(*net.inputs[:pos], (src,)), model_inputs=net.model_inputs)
 
 
 def refine_intermediate(net: Network, x_lo: Tensor, x_hi: Tensor, bounds: Sequence[Bounds], *,
@@ -356,6 +360,12 @@ def refine_intermediate(net: Network, x_lo: Tensor, x_hi: Tensor, bounds: Sequen
 
     Returns:
         One :class:`Bounds` per ReLU, each within the given one.
+
+    With ``net.runs_in`` (bounds that also cover the model's own forward pass) each truncated
+    network keeps it, so `method` accounts for the model's rounding into every activation
+    before layer ``k``; the rounding of the chain into layer ``k`` itself (which a method
+    leaves to :func:`~certify.bounds.compute_bounds`) widens the method's bounds before they
+    are intersected.
     """
     allowed = refiners()
     if method not in allowed:
@@ -376,6 +386,13 @@ def refine_intermediate(net: Network, x_lo: Tensor, x_hi: Tensor, bounds: Sequen
         if not bool(unstable.any()):
             continue
         before = refined[:k]
+        # the model's rounding of the chain into layer k (None: the exact network)
+        e = None
+        if net.runs_in is not None:
+            pre = [widen(b, x_lo.dtype) for b in refined[:k + 1]]
+            perturbation = model_perturbations(net, x_lo, x_hi, pre)
+            assert perturbation is not None
+            e = torch.from_numpy(np.asarray(perturbation[k])).to(lo.dtype).reshape(lo.shape)
         # a solver's problems are per sample anyway
         groups = ([[i] for i in range(n) if bool(unstable[i].any())] if bounder.uses_solver
                   else [list(range(n))])
@@ -388,20 +405,26 @@ def refine_intermediate(net: Network, x_lo: Tensor, x_hi: Tensor, bounds: Sequen
                 if deadline is not None and time.perf_counter() >= deadline:
                     break
                 _refine_rows(bounder, trunc, x_lo, x_hi, idx, rows, lo, hi,
-                             tuple(Bounds(b.lower[idx], b.upper[idx]) for b in before))
+                             tuple(Bounds(b.lower[idx], b.upper[idx]) for b in before), e)
         refined[k] = Bounds(lo.reshape(n, *shape), hi.reshape(n, *shape))
     return tuple(refined)
 
 
 def _refine_rows(bounder: BoundMethod, trunc: Network, x_lo: Tensor, x_hi: Tensor, idx: Tensor,
-                 rows: Tensor, lo: Tensor, hi: Tensor, given: tuple[Bounds, ...]) -> None:
+                 rows: Tensor, lo: Tensor, hi: Tensor, given: tuple[Bounds, ...],
+                 e: Tensor | None) -> None:
     """Intersect ``lo``/``hi`` ``(N, D)`` at samples `idx` and neurons `rows` with `bounder`'s
-    bounds of those neurons (in place)."""
+    bounds of those neurons widened by `e` ``(N, D)`` (the model's rounding of their chain),
+    rounded outward (in place)."""
     spec = torch.zeros(len(idx), rows.numel(), lo.shape[1], dtype=lo.dtype)
     spec[:, torch.arange(rows.numel()), rows] = 1.0
     b = bounder.bound(trunc, x_lo[idx], x_hi[idx], spec.to(x_lo.device), intermediate=given)
-    new_lo = torch.maximum(lo[idx][:, rows], b.lower.to(lo.dtype).cpu())
-    new_hi = torch.minimum(hi[idx][:, rows], b.upper.to(hi.dtype).cpu())
+    found_lo, found_hi = b.lower.to(lo.dtype).cpu(), b.upper.to(hi.dtype).cpu()
+    if e is not None:
+        widening = e[idx][:, rows]
+        found_lo, found_hi = rounding.down(found_lo - widening), rounding.up(found_hi + widening)
+    new_lo = torch.maximum(lo[idx][:, rows], found_lo)
+    new_hi = torch.minimum(hi[idx][:, rows], found_hi)
     # both are sound; a crossing can only be rounding of an (almost) point interval
     lo[idx[:, None], rows] = torch.minimum(new_lo, new_hi)
     hi[idx[:, None], rows] = torch.maximum(new_lo, new_hi)

@@ -147,6 +147,35 @@ def test_refined_intermediate_bounds_are_tighter_and_sound():  # type: ignore[no
         assert gained > 0, method
 
 
+def test_refined_bounds_of_the_model_as_it_runs_hold_for_its_float32_pre_activations():  # type: ignore[no-untyped-def]
+    """With the model's own rounding (``runs_in``), the refined pre-activation bounds are the
+    exact network's widened by the model's rounding: they contain the exact network's refined
+    bounds and the float32 model's computed pre-activations (no tolerance), and stay within
+    the given (CROWN's, also widened) bounds."""
+    from dataclasses import replace
+
+    model = make_mlp(2, [10, 10, 8], in_shape=(1, 3, 3), classes=3).float().eval()
+    x_lo, x_hi, x = make_box(2, 2, (1, 3, 3), 0.3, torch.float32)
+    exact = to_network(model, (1, 3, 3)).to(dtype=F64, device="cpu")
+    runs = replace(exact, runs_in=torch.float32)
+    lo64, hi64 = x_lo.double(), x_hi.double()
+    with torch.no_grad():
+        crown = get_method("crown").intermediate(runs, lo64, hi64)
+        crown_exact = get_method("crown").intermediate(exact, lo64, hi64)
+    points = all_points(model, x_lo, x_hi, random_spec(0, 2, 1, 3, torch.float32), x)
+    pre = _relu_inputs(model, points)  # the float32 model's own pre-activations
+    for method in ("lp", "alpha-crown"):
+        refined = refine_intermediate(runs, lo64, hi64, crown, method=method)
+        plain = refine_intermediate(exact, lo64, hi64, crown_exact, method=method)
+        for k, (b, c, p, values) in enumerate(zip(refined, crown, plain, pre, strict=True)):
+            assert (b.lower >= c.lower).all() and (b.upper <= c.upper).all()
+            assert (values.double() >= b.lower.flatten(1)).all(), (method, k)
+            assert (values.double() <= b.upper.flatten(1)).all(), (method, k)
+            if k > 0 and method == "lp":  # a refined layer: the exact LP's bounds, widened
+                widened = (b.lower <= p.lower) & (b.upper >= p.upper)
+                assert widened.all(), (method, k)
+
+
 def test_no_unstable_relu_uses_the_rigorous_lp_dual():  # type: ignore[no-untyped-def]
     model = make_mlp(2, [4, 3], in_shape=(1, 2, 2)).double()
     x = torch.rand(2, 1, 2, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
