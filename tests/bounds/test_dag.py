@@ -30,8 +30,17 @@ ENCODED = {"lp", "milp"}  # tests/bounds/test_dag_encoding.py
 SLOW = {"lirpa-alpha-crown", "bab"}  # tests/engines/test_dag_parity.py, tests/bounds/test_bab.py
 
 
+def _lirpa_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("auto_LiRPA") is not None
+
+
 def dag_methods() -> list[str]:
-    return [m for m in list_methods() if m not in ENCODED]
+    """The methods this file's soundness tests draw: the native ones, and auto_LiRPA's where it
+    is installed (tests/engines/test_dag_parity.py compares them and says when it skips)."""
+    names = list_methods() if _lirpa_importable() else list_methods(external=False)
+    return [m for m in names if m not in ENCODED]
 
 
 def test_every_native_method_bounds_a_dag():  # type: ignore[no-untyped-def]
