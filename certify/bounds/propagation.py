@@ -75,7 +75,12 @@ from certify.bounds.layers import (
     numel,
 )
 from certify.bounds.network import Network
-from certify.bounds.relaxations import Relaxation, activation_rule, is_activation
+from certify.bounds.relaxations import (
+    ActivationRule,
+    Relaxation,
+    activation_rule,
+    is_activation,
+)
 from certify.errors import SpecError
 
 __all__ = ["EngineOptions", "Propagator", "forward_is_exact"]
@@ -139,6 +144,27 @@ def _densify(a: Tensor, window: Window, shape: tuple[int, ...]) -> Tensor:
     top, left = window
     full[:, :, top:top + a.shape[2], left:left + a.shape[3]] = a
     return full
+
+
+def _activation_constant(act: ActivationRule, mu: Tensor, a3: Tensor, c: Tensor | None,
+                         relaxation: Relaxation, samples: Tensor, const: Tensor,
+                         cerr: Tensor | None, err: Tensor | None, perturbation: Tensor | None,
+                         u: float) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The constant an activation's substitution adds, rows `mu` -> `a3` `(B, R, ...)`:
+    rigorous (`err` given) through the rule's ``constant`` for any computed rows, which
+    restarts the rows' error at 0; else the plain `c`, less ``|a3| e`` for the model's own
+    rounding `perturbation`. Returns the new ``(const, cerr, err)`` (chain and DAG alike)."""
+    if err is not None and cerr is not None:
+        c, c_err = act.constant(mu, a3, relaxation, samples, err.reshape(mu.shape),
+                                perturbation)
+        const = const + c
+        cerr = cerr + c_err + u * const.abs()
+        return const, cerr, torch.zeros_like(a3).reshape(-1, *a3.shape[2:])
+    assert c is not None
+    if perturbation is not None:
+        c = c - (a3.abs() * perturbation.index_select(0, samples).unsqueeze(1)
+                 ).reshape(*a3.shape[:2], -1).sum(2)
+    return const + c, cerr, err
 
 
 def forward_is_exact(layers: tuple[Op, ...], pos: int) -> bool:
@@ -667,18 +693,8 @@ class Propagator:
                 perturbation = self.perturbation.get(j)
                 if perturbation is not None and window is not None:
                     perturbation = _window_of(perturbation, window, *a.shape[2:])
-                if err is not None and cerr is not None:
-                    c, c_err = act.constant(mu, a3, relaxation, samples,
-                                            err.reshape(mu.shape), perturbation)
-                    const = const + c
-                    cerr = cerr + c_err + u * const.abs()
-                    err = torch.zeros_like(a3).reshape(-1, *a3.shape[2:])
-                else:
-                    assert c is not None
-                    if perturbation is not None:
-                        c = c - (a3.abs() * perturbation.index_select(0, samples).unsqueeze(1)
-                                 ).reshape(*a3.shape[:2], -1).sum(2)
-                    const = const + c
+                const, cerr, err = _activation_constant(act, mu, a3, c, relaxation, samples,
+                                                        const, cerr, err, perturbation, u)
                 a = a3.reshape(-1, *a3.shape[2:])
                 continue
             rules = RULES[type(op)]
@@ -782,19 +798,9 @@ class Propagator:
                 a3, c = act.backward(a3, relaxation, samples, alpha, constant=err is None)
                 if betas is not None and j in betas:
                     a3 = a3 + betas[j]  # valid as in the chain (see backward_chunk)
-                perturbation = self.perturbation.get(j)
-                if err is not None and cerr is not None:
-                    c, c_err = act.constant(mu, a3, relaxation, samples,
-                                            err.reshape(mu.shape), perturbation)
-                    const = const + c
-                    cerr = cerr + c_err + u * const.abs()
-                    err = torch.zeros_like(a3).reshape(-1, *a3.shape[2:])
-                else:
-                    assert c is not None
-                    if perturbation is not None:
-                        c = c - (a3.abs() * perturbation.index_select(0, samples).unsqueeze(1)
-                                 ).reshape(*a3.shape[:2], -1).sum(2)
-                    const = const + c
+                const, cerr, err = _activation_constant(act, mu, a3, c, relaxation, samples,
+                                                        const, cerr, err,
+                                                        self.perturbation.get(j), u)
                 send(srcs[0], a3.reshape(-1, *a3.shape[2:]), err)
                 continue
             if is_merge(op):
