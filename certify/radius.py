@@ -459,7 +459,7 @@ def certified_radii(model: nn.Module, x: Tensor, y: Tensor,
                     tol: float = 1e-4, attack_eps: Tensor | None = None,
                     lower_hint: Tensor | None = None, guess: Tensor | None = None,
                     search: str = "fast", max_iter: int = 64, index: Tensor | None = None,
-                    **method_options: Any) -> RadiusResult:
+                    reuse: bool = True, **method_options: Any) -> RadiusResult:
     """Per sample, the largest eps at which `method` proves robustness (within `tol`).
 
     All open samples of the batch are searched at once, each with its own bracket, with one
@@ -498,6 +498,10 @@ def certified_radii(model: nn.Module, x: Tensor, y: Tensor,
         search: ``"fast"`` (interpolation on the margin value, safeguarded) or ``"bisection"``.
         max_iter: Most bound evaluations per sample; the bracket may stay wider than `tol` if hit.
         index: `(N,)` sample positions for the result (default ``0..N-1``).
+        reuse: Carry what is sound from one evaluation to the next (default): the CROWN
+            family's intermediate bounds at a larger eps start those at a smaller eps of the
+            same sample (:mod:`certify.bounds.reuse`), ``bab`` restarts from its split trees.
+            False: every evaluation from scratch (the baseline of ``benchmarks/bench_scale.py``).
         **method_options: Options of the bound method, e.g. ``steps=20`` for alpha-crown. A
             method that decides a threshold (``milp``) gets ``threshold=0`` by default: the
             search only needs the sign of each margin (each MILP stops once its row is decided;
@@ -536,16 +540,18 @@ def certified_radii(model: nn.Module, x: Tensor, y: Tensor,
         # and the attack's above: each of its evaluations is a proof or a search at one eps
         hint = certified_radii(model, x, y, bracket, eps_max=eps_max, tol=tol,
                                attack_eps=attack_eps, search="fast", max_iter=max_iter,
-                               index=index)
+                               index=index, reuse=reuse)
         result = certified_radii(model, x, y, configured, eps_max=eps_max, tol=tol,
                                  attack_eps=attack_eps, lower_hint=hint.certified_eps,
-                                 guess=guess, search=search, max_iter=max_iter, index=index)
+                                 guess=guess, search=search, max_iter=max_iter, index=index,
+                                 reuse=reuse)
         # the bracket's search is part of the method's work
         return dataclasses.replace(result, seconds=result.seconds + hint.seconds,
                                    evaluations=result.evaluations + hint.evaluations)
-    # a method that carries something sound from one evaluation to the next (bab: its split
-    # trees) gets a fresh memory for this search
-    configured = getattr(configured, "searching", lambda: configured)()
+    # a method that carries something sound from one evaluation to the next (the CROWN
+    # family: intermediate bounds at larger eps; bab: its split trees) gets a fresh memory
+    if reuse:
+        configured = getattr(configured, "searching", lambda: configured)()
     steer, rigorous = configured.search_pair()
     module_bound = configured.takes_module
     net = model if module_bound else to_network(model, tuple(x.shape[1:]))  # once, not per step

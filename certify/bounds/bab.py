@@ -69,7 +69,7 @@ from certify.bounds.alpha_crown import (
     keep_best,
     optimized_intermediate,
 )
-from certify.bounds.base import Bounds, MethodBase, register_method
+from certify.bounds.base import STATE, Bounds, MethodBase, register_method
 from certify.bounds.layers import RULES, LeakyReluOp, ReluOp, numel
 from certify.bounds.network import Network, identity_spec, spec_rows
 from certify.bounds.propagation import BACKWARD_FACTOR, MB, EngineOptions, Propagator
@@ -432,7 +432,7 @@ class BranchAndBound(MethodBase):
     float64: bool = True
     memory_budget_mb: float = 2048
     pool_memory_mb: float = 4096
-    memory: SearchMemory | None = field(default=None, compare=False, repr=False)
+    memory: SearchMemory | None = field(default=None, compare=False, repr=False, metadata=STATE)
     name: ClassVar[str] = "bab"
     display_name: ClassVar[str] = "BaB"
     is_complete: ClassVar[bool] = True

@@ -265,8 +265,8 @@ def get_method(name: str, **options: Any) -> BoundMethod:
     if name not in _METHODS:
         raise unknown_name("method", name, list_methods())
     cls = _METHODS[name]
-    fields = [f.name for f in dataclasses.fields(cls) if f.init]
-    unknown = sorted(set(options) - set(fields))
+    fields = option_names(cls)
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls) if f.init})
     if unknown:
         raise SpecError(f"unknown option {', '.join(repr(u) for u in unknown)} for method "
                         f"'{name}'; its options are: {', '.join(fields) or '(none)'}.")
@@ -289,12 +289,23 @@ def resolve_method(method: str | BoundMethod, options: dict[str, Any]) -> BoundM
     return with_options(method, options)
 
 
+#: ``field(metadata=STATE)`` marks a method's field as state it carries (a radius search's
+#: memory), set by the method itself (or a test); not listed among its options.
+STATE = {"state": True}
+
+
+def option_names(method: Any) -> list[str]:
+    """The options of a method class or instance: its init fields, less its state."""
+    return [f.name for f in dataclasses.fields(method) if f.init and not f.metadata.get("state")]
+
+
 def with_options(method: BoundMethod, options: dict[str, Any]) -> BoundMethod:
     """`method` with some options replaced, validated like :func:`get_method`."""
     if not options:
         return method
-    fields = [f.name for f in dataclasses.fields(method) if f.init]  # type: ignore[arg-type]
-    unknown = sorted(set(options) - set(fields))
+    fields = option_names(method)
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(method)  # type: ignore[arg-type]
+                                     if f.init})
     if unknown:
         raise SpecError(f"unknown option {', '.join(repr(u) for u in unknown)} for method "
                         f"'{method.name}'; its options are: {', '.join(fields) or '(none)'}.")

@@ -13,15 +13,16 @@ the caller decides).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from torch import Tensor
 
-from certify.bounds.base import Bounds, MethodBase, register_method
+from certify.bounds.base import STATE, Bounds, MethodBase, register_method
 from certify.bounds.layers import SpecRows
 from certify.bounds.network import Network, identity_spec, spec_rows
 from certify.bounds.propagation import EngineOptions, Propagator
+from certify.bounds.reuse import BoundMemory
 
 __all__ = ["Crown", "CrownIBP", "LinearRelaxationMethod", "output_rows", "spec_op"]
 
@@ -68,11 +69,14 @@ class LinearRelaxationMethod(MethodBase):
         rigorous: True (default): bounds hold for the network in exact arithmetic, every
             rounding error accounted for (:mod:`certify.bounds.rounding`). False: the plain
             floating-point bound, faster, for what proves nothing (training losses).
+        memory: Intermediate bounds remembered from earlier evaluations (set by
+            :meth:`searching` for one radius search; see :mod:`certify.bounds.reuse`).
     """
 
     memory_budget_mb: float = 2048
     chunk_size: int | None = None
     rigorous: bool = True
+    memory: BoundMemory | None = field(default=None, compare=False, repr=False, metadata=STATE)
     slope_rule: ClassVar[str]
     linear_intermediate: ClassVar[bool]
 
@@ -90,12 +94,20 @@ class LinearRelaxationMethod(MethodBase):
         rows = None
         if spec is not None:
             net, rows = spec_rows(net, spec)
-        prop = Propagator(net, x_lo, x_hi, self.engine_options(), spec=rows)
+        prop = Propagator(net, x_lo, x_hi, self.engine_options(), spec=rows,
+                          memory=self.memory)
         if intermediate is None:
             prop.compute_intermediate(self.slope_rule, linear=self.linear_intermediate)
         else:
             prop.set_intermediate(intermediate, self.slope_rule)
         return prop
+
+    def searching(self) -> LinearRelaxationMethod:
+        """This method with a fresh :class:`~certify.bounds.reuse.BoundMemory`: one radius
+        search's evaluations start each layer from the intermediate bounds of the evaluations
+        at larger eps of the same samples (sound: a bound over a box holds over every box
+        inside it), so only the neurons still unstable there get a backward pass."""
+        return replace(self, memory=BoundMemory())
 
     def bound(self, net: Network, x_lo: Tensor, x_hi: Tensor, spec: Tensor | None = None, *,
               intermediate: tuple[Bounds, ...] | None = None) -> Bounds:

@@ -63,7 +63,10 @@ from certify.bounds.forward_error import chain_error, graph_error, model_chains
 from certify.bounds.layers import (
     RULES,
     ConvOp,
+    LeakyReluOp,
     Op,
+    ReluOp,
+    ScaleShiftOp,
     SpecRows,
     abs_op,
     err_op,
@@ -81,6 +84,7 @@ from certify.bounds.relaxations import (
     activation_rule,
     is_activation,
 )
+from certify.bounds.reuse import BoundMemory
 from certify.errors import SpecError
 
 __all__ = ["EngineOptions", "Propagator", "forward_is_exact"]
@@ -167,6 +171,14 @@ def _activation_constant(act: ActivationRule, mu: Tensor, a3: Tensor, c: Tensor 
     return const + c, cerr, err
 
 
+def _intersect(lo: Tensor, hi: Tensor, known: tuple[Tensor, Tensor] | None
+               ) -> tuple[Tensor, Tensor]:
+    """`[lo, hi]` intersected with remembered bounds (both sound, so their intersection is)."""
+    if known is None:
+        return lo, hi
+    return torch.maximum(lo, known[0]), torch.minimum(hi, known[1])
+
+
 def forward_is_exact(layers: tuple[Op, ...], pos: int) -> bool:
     """Whether forward mode bounds the input of ``layers[pos]`` exactly as backward mode does.
 
@@ -189,11 +201,16 @@ class Propagator:
         options: Memory budget, chunk size and intermediate mode.
         spec: The specification's rows on the network's output (:func:`spec_rows`): the
             starting matrix of the backward pass, from position ``len(net.layers)``.
+        memory: Intermediate bounds of earlier evaluations over boxes that may hold these
+            (:class:`~certify.bounds.reuse.BoundMemory`): :meth:`compute_intermediate`
+            starts each layer from them and remembers its own.
     """
 
     def __init__(self, net: Network, x_lo: Tensor, x_hi: Tensor,
-                 options: EngineOptions, spec: SpecRows | None = None) -> None:
+                 options: EngineOptions, spec: SpecRows | None = None,
+                 memory: BoundMemory | None = None) -> None:
         self.net = net
+        self.memory = memory
         self.layers = net.layers
         self.spec = spec
         self.x_lo, self.x_hi = x_lo, x_hi
@@ -316,14 +333,20 @@ class Propagator:
         if not self.net.is_chain:
             self._intermediate_dag(rule, linear=linear)
             return
+        known = self._recall()
+        hints = self._hints() if linear else {}
+        tightened: dict[int, tuple[Tensor, Tensor]] = {}
         lo, hi = self.x_lo, self.x_hi
         chain_lo, chain_hi = lo, hi
         exact = True  # no ReLU and at most one mixing op so far: intervals are exact
         mixing = 0
         for i, op in enumerate(self.layers):
             if is_activation(op):
-                if linear and not exact:
-                    lo, hi = self._tighten(i, lo, hi)
+                if not exact:
+                    lo, hi = _intersect(lo, hi, known.get(i))
+                    if linear:
+                        lo, hi = self._tighten(i, lo, hi, hints.get(i))
+                    tightened[i] = (lo, hi)
                 lo, hi = self._perturb(i, chain_lo, chain_hi, lo, hi)
                 self._store(i, lo, hi, rule)
                 lo, hi = activation_rule(op).interval(lo, hi)
@@ -333,6 +356,30 @@ class Propagator:
                 lo, hi = interval_affine(op, lo, hi, rigorous=self.rigorous)
                 mixing += is_mixing(op)
                 exact = exact and mixing <= 1
+        self._remember(tightened)
+
+    def _memory_kind(self) -> tuple[object, ...]:
+        """What makes remembered bounds interchangeable: how they were computed and the
+        network's activation layout (see :mod:`certify.bounds.reuse`)."""
+        layout = tuple((p, tuple(self.layers[p].in_shape)) for p in self.net.relu_positions)
+        return (self.rigorous, self.x_lo.dtype, self.x_lo.device, self.net.runs_in,
+                numel(self.net.input_shape), layout)
+
+    def _recall(self) -> dict[int, tuple[Tensor, Tensor]]:
+        if self.memory is None:
+            return {}
+        return self.memory.recall(self._memory_kind(), self.x_lo, self.x_hi) or {}
+
+    def _hints(self) -> dict[int, Tensor]:
+        if self.memory is None:
+            return {}
+        return self.memory.hints(self._memory_kind(), self.x_lo, self.x_hi) or {}
+
+    def _remember(self, tightened: dict[int, tuple[Tensor, Tensor]]) -> None:
+        """Keep the bounds of the exact chain into each activation (before the model's own
+        rounding widens them) for later evaluations over boxes inside these."""
+        if self.memory is not None and tightened:
+            self.memory.store(self._memory_kind(), self.x_lo, self.x_hi, tightened)
 
     def _interval_dag(self) -> tuple[Tensor, Tensor]:
         """:meth:`interval` for a DAG: each node's interval from its inputs' (a merge's by
@@ -364,6 +411,8 @@ class Propagator:
         is bounded exactly by intervals when it is reached from the input by a chain of
         affine ops with at most one mixing op (no activation, no merge: a sum of two paths
         from the same input is not exact by intervals)."""
+        known = self._recall()
+        tightened: dict[int, tuple[Tensor, Tensor]] = {}
         vals: dict[int, tuple[Tensor, Tensor]] = {-1: (self.x_lo, self.x_hi)}
         mixing: dict[int, int | None] = {-1: 0}  # mixing ops on an exact chain; None: inexact
         for i, op in enumerate(self.layers):
@@ -371,8 +420,11 @@ class Propagator:
             args = [vals[k] for k in srcs]
             if is_activation(op):
                 lo, hi = args[0]
-                if linear and mixing[srcs[0]] is None:
-                    lo, hi = self._tighten(i, lo, hi)
+                if mixing[srcs[0]] is None:
+                    lo, hi = _intersect(lo, hi, known.get(i))
+                    if linear:
+                        lo, hi = self._tighten(i, lo, hi)
+                    tightened[i] = (lo, hi)
                 lo, hi = self._perturb(i, lo, hi, lo, hi)
                 self._store(i, lo, hi, rule)
                 vals[i] = activation_rule(op).interval(lo, hi)
@@ -387,17 +439,37 @@ class Propagator:
                 m = mixing[srcs[0]]
                 m = None if m is None else m + is_mixing(op)
                 mixing[i] = None if m is None or m > 1 else m
+        self._remember(tightened)
 
     def intermediate_bounds(self) -> tuple[Bounds, ...]:
         return tuple(Bounds(*self.pre_bounds[p]) for p in self.net.relu_positions)
 
-    def _tighten(self, pos: int, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-        """Intersect interval bounds of layer `pos`'s input with linear bounds."""
+    def _tighten(self, pos: int, lo: Tensor, hi: Tensor, hint: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor]:
+        """Intersect interval bounds of layer `pos`'s input with linear bounds.
+
+        `hint` `(N, *shape)`: the sign each neuron's bounds had in an evaluation over (almost)
+        the same box (+1 above 0, -1 below, 0 across; see :meth:`BoundMemory.hints`). Of a
+        ReLU-like neuron hinted inactive only the upper bound is computed, the one that can
+        prove it inactive: its lower bound then matters nowhere (its output is 0, and so are
+        its terms in the rounding bounds). Sound whichever way the hint turns out: any
+        computed bound is sound, and a wrong hint only leaves that neuron's lower bound at its
+        interval bound. (An active neuron's upper bound sizes the rounding terms of what
+        follows, so both of its bounds are computed.)
+        """
         n = self.n
         unstable = activation_rule(self.layers[pos]).tighten(lo, hi)  # the neurons worth it
         use_forward = self._use_forward(pos, unstable.reshape(n, -1).sum(1))
         lo_flat, hi_flat = lo.reshape(n, -1), hi.reshape(n, -1)
         backward_mask = unstable & ~use_forward.view(-1, *([1] * (unstable.ndim - 1)))
+        if hint is not None and isinstance(self.layers[pos], (ReluOp, LeakyReluOp)):
+            inactive = backward_mask & (hint < 0)
+            backward_mask = backward_mask & ~inactive
+            if inactive.any():
+                sample, neuron, bound = self.backward_neurons_one_side(
+                    pos, inactive, -torch.ones_like(lo))
+                index = (sample, neuron)  # bound: a lower bound of -z
+                hi_flat = hi_flat.index_put(index, torch.minimum(hi_flat[index], -bound))
         if backward_mask.any():
             sample, neuron, lin_lo, lin_hi = self.backward_neurons(pos, backward_mask)
             index = (sample, neuron)
@@ -507,43 +579,69 @@ class Propagator:
         shape = self.layers[pos].in_shape
         if (len(shape) == 3 and self.net.is_chain
                 and any(isinstance(op, ConvOp) for op in self.layers[:pos])):
-            return self._backward_conv_neurons(pos, mask)
-        return self._backward_flat_neurons(pos, mask.reshape(self.n, -1))
+            out = self._backward_conv_neurons(pos, mask)
+        else:
+            out = self._backward_flat_neurons(pos, mask.reshape(self.n, -1))
+        return out[0], out[1], out[2], out[3]
 
-    def _backward_flat_neurons(self, pos: int, mask: Tensor
-                               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Blocks of samples sorted by their number of rows (see :func:`_groups`)."""
+    def backward_neurons_one_side(self, pos: int, mask: Tensor, sign: Tensor
+                                  ) -> tuple[Tensor, Tensor, Tensor]:
+        """For the neurons `mask` of layer `pos`'s input, a lower bound of ``sign * z``
+        (`sign` `(N, *shape)`, +-1): their lower bound where the sign is +1, minus their upper
+        bound where it is -1 -- one row per neuron instead of two.
+
+        Returns:
+            `(sample, neuron, bound)`, each `(P,)`.
+        """
+        shape = self.layers[pos].in_shape
+        flat_sign = sign.reshape(self.n, -1).to(self.x_lo.dtype)
+        if (len(shape) == 3 and self.net.is_chain
+                and any(isinstance(op, ConvOp) for op in self.layers[:pos])):
+            out = self._backward_conv_neurons(pos, mask, flat_sign)
+        else:
+            out = self._backward_flat_neurons(pos, mask.reshape(self.n, -1), flat_sign)
+        return out[0], out[1], out[2]
+
+    def _backward_flat_neurons(self, pos: int, mask: Tensor, sign: Tensor | None = None
+                               ) -> tuple[Tensor, ...]:
+        """Blocks of samples sorted by their number of rows (see :func:`_groups`); with
+        `sign` `(N, D)`, the rows are ``sign * e_j`` and only lower bounds are computed."""
         shape = self.layers[pos].in_shape
         sample, neuron = mask.nonzero(as_tuple=True)
         counts = torch.bincount(sample, minlength=self.n)
         offsets = torch.cumsum(counts, 0) - counts
         budget = self.rows_per_chunk(pos, both=True)
-        parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+        parts: list[tuple[Tensor, ...]] = []
         for samples, first, rows in _groups(counts.tolist(), budget):
             samples_t = torch.tensor(samples, device=sample.device)
             rank = first + torch.arange(rows, device=sample.device)
             valid = rank[None, :] < counts[samples_t][:, None]  # (B, R)
             where = (offsets[samples_t][:, None] + rank[None, :]).clamp(max=neuron.numel() - 1)
             idx = neuron[where]
+            rows_sample = samples_t[:, None].expand_as(valid)
+            values = valid.to(self.x_lo.dtype)
+            if sign is not None:
+                values = values * sign[rows_sample, idx]
             one_hot = self.x_lo.new_zeros(len(samples), rows, mask.shape[1])
-            one_hot.scatter_(2, idx.unsqueeze(2), valid.unsqueeze(2).to(one_hot.dtype))
+            one_hot.scatter_(2, idx.unsqueeze(2), values.unsqueeze(2))
             lower, upper = self.backward_chunk(
                 pos, one_hot.reshape(len(samples), rows, *shape),
-                self.x_lo.new_zeros(len(samples), rows), samples_t, both=True)
-            assert upper is not None
-            rows_sample = samples_t[:, None].expand_as(valid)
-            parts.append((rows_sample[valid], idx[valid], lower[valid], upper[valid]))
-        return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
+                self.x_lo.new_zeros(len(samples), rows), samples_t, both=sign is None)
+            found = [rows_sample[valid], idx[valid], lower[valid]]
+            if upper is not None:
+                found.append(upper[valid])
+            parts.append(tuple(found))
+        return tuple(torch.cat(p) for p in zip(*parts, strict=True))
 
-    def _backward_conv_neurons(self, pos: int, mask: Tensor
-                               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _backward_conv_neurons(self, pos: int, mask: Tensor, sign: Tensor | None = None
+                               ) -> tuple[Tensor, ...]:
         """One block per spatial position: its samples times their unstable channels there,
-        each row a 1x1 window."""
+        each row a 1x1 window; `sign` as for :meth:`_backward_flat_neurons`."""
         c, h, w = self.layers[pos].in_shape
         per_position = mask.reshape(self.n, c, h * w).permute(2, 0, 1)  # (HW, N, C)
         counts = per_position.sum(2)  # (HW, N)
         budget = self.rows_per_chunk(pos, both=True, windowed=True)
-        parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+        parts: list[tuple[Tensor, ...]] = []
         for q in counts.any(1).nonzero(as_tuple=True)[0].tolist():
             samples = counts[q].nonzero(as_tuple=True)[0]
             sample_counts = counts[q, samples]
@@ -556,15 +654,20 @@ class Propagator:
                 for rsl in _chunks(rows, row_step):
                     ch, ok = order[ssl, rsl], valid[ssl, rsl]
                     b, r = ch.shape
+                    rows_sample = samples[ssl][:, None].expand_as(ok)
+                    values = ok.to(self.x_lo.dtype)
+                    if sign is not None:
+                        values = values * sign[rows_sample, ch * (h * w) + q]
                     one_hot = self.x_lo.new_zeros(b, r, c)
-                    one_hot.scatter_(2, ch.unsqueeze(2), ok.unsqueeze(2).to(one_hot.dtype))
+                    one_hot.scatter_(2, ch.unsqueeze(2), values.unsqueeze(2))
                     lower, upper = self.backward_chunk(
                         pos, one_hot.reshape(b, r, c, 1, 1), self.x_lo.new_zeros(b, r),
-                        samples[ssl], both=True, window=(q // w, q % w))
-                    assert upper is not None
-                    rows_sample = samples[ssl][:, None].expand_as(ok)
-                    parts.append((rows_sample[ok], ch[ok] * (h * w) + q, lower[ok], upper[ok]))
-        return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
+                        samples[ssl], both=sign is None, window=(q // w, q % w))
+                    found = [rows_sample[ok], ch[ok] * (h * w) + q, lower[ok]]
+                    if upper is not None:
+                        found.append(upper[ok])
+                    parts.append(tuple(found))
+        return tuple(torch.cat(p) for p in zip(*parts, strict=True))
 
     def backward_uniform(self, start: int, rows: Tensor, const: Tensor, *, both: bool,
                          rows_err: Tensor | None = None, const_err: Tensor | None = None
@@ -890,8 +993,25 @@ class Propagator:
         absolute, exact = self._abs_ops(op)
         new_err, c = transpose(absolute, err + g * a.abs())
         b = cerr.shape[0]
-        if c is not None:  # (E + g|a|) · |b|, and the constant's own terms: g_c |a| · |b|
-            cerr = cerr + c.reshape(b, -1) * (1 + rounding.gamma(cons, dtype) / g)
+        if c is not None:
+            # The constant's error: |b| · E (the rows' own error) plus its sum's rounding,
+            # g_c |a| · |b| (a dot product of at most `cons` terms). `c` is
+            # |b| · (E + g|a|) >= |b| · E + g |a| · |b|.
+            if isinstance(op, ScaleShiftOp):
+                # its constant sums the row's own elements (a window's, when windowed): at
+                # most numel + 1 terms (per channel: h w sums, then C products; see
+                # backward_scale_shift), however large the whole map is
+                cons = min(cons, a[0].numel() + 1)
+            g_c = rounding.gamma(cons, dtype)
+            if cons > 4 * lin:
+                # a sum much longer than a row's (a ScaleShift: every pixel): |a| · |b| on its
+                # own, not bounded by c / g, which would scale |b| · E by g_c / g (3072x on a
+                # 3x32x32 input; float32 bounds were loose by this alone)
+                _, c_abs = transpose(absolute, a.abs())
+                assert c_abs is not None
+                cerr = cerr + c.reshape(b, -1) + g_c * c_abs.reshape(b, -1)
+            else:  # E + g|a| covers |a| by g, so c (1 + g_c / g) covers both terms
+                cerr = cerr + c.reshape(b, -1) * (1 + g_c / g)
         if exact is not None:
             e2, c2 = transpose(exact, a.abs() + err)
             new_err = new_err + e2

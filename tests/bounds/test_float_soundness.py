@@ -251,7 +251,13 @@ def test_rigorous_bounds_only_loosen(method, tiny_cnn):  # type: ignore[no-untyp
         rig = compute_bounds(tiny_cnn, lo, hi, get_method(method), spec)
         own = compute_bounds(tiny_cnn, lo, hi, get_method(method), spec, model_rounding=True)
         assert (rig.lower <= fast.lower).all() and (rig.upper >= fast.upper).all()
-        assert (own.lower <= rig.lower).all() and (own.upper >= rig.upper).all()
+        # alpha-crown optimizes its slopes for each bound separately: the model's rounding
+        # (a few ulps here) can steer the optimizer to slopes a few ulps better, so its two
+        # rigorous bounds are compared up to that (each is held to exact values elsewhere)
+        slack = 1e-5 * (1 + rig.lower.abs()) if method == "alpha-crown" else 0.0
+        assert (own.lower <= rig.lower + slack).all()
+        slack = 1e-5 * (1 + rig.upper.abs()) if method == "alpha-crown" else 0.0
+        assert (own.upper >= rig.upper - slack).all()
 
 
 def _train_linear_digits(seed: int = 0) -> nn.Sequential:

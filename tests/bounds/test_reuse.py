@@ -1,0 +1,312 @@
+"""Intermediate bounds reused across a radius search (certify.bounds.reuse), sparse (unstable
+neurons only) against dense tightening, and the float32 rigorous constant's error bound."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from certify.bounds import compute_bounds, get_method, to_network
+from certify.bounds.layers import ReluOp
+from certify.bounds.propagation import EngineOptions, Propagator
+from certify.bounds.relaxations import ACTIVATIONS, ActivationRule
+from certify.bounds.reuse import BoundMemory
+from certify.nets import Normalize
+from certify.radius import certified_radii
+from certify.spec import LinfBall
+from tests.bounds.bound_helpers import (
+    SOUND_ATOL,
+    all_points,
+    make_cnn,
+    make_mlp,
+    random_spec,
+    spec_values,
+)
+
+F64 = torch.float64
+
+
+def _net(kind: str, seed: int) -> tuple[nn.Sequential, tuple[int, ...]]:
+    if kind == "mlp":
+        return make_mlp(seed, [12, 10, 8], in_shape=(1, 4, 4)), (1, 4, 4)
+    return make_cnn(seed, seed % 3)
+
+
+def _centers(seed: int, n: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, *shape, generator=g, dtype=F64).to(dtype)
+
+
+def _pre_activations(model: nn.Sequential, points: torch.Tensor) -> list[torch.Tensor]:
+    """The input of every ReLU of `model` at `points` `(P, N, *in)`, `(P, N, *shape)` each."""
+    seen: list[torch.Tensor] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+             for m in model.modules() if isinstance(m, nn.ReLU)]
+    p, n = points.shape[:2]
+    try:
+        with torch.no_grad():
+            model(points.reshape(p * n, *points.shape[2:]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return [s.reshape(p, n, *s.shape[1:]) for s in seen]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**16), kind=st.sampled_from(["mlp", "cnn"]),
+       big=st.sampled_from([0.05, 0.2, 0.6]), shrink=st.sampled_from([0.0, 0.3, 0.9, 1.0]))
+def test_reused_bounds_contain_every_reachable_value(dtype, seed, kind, big, shrink):  # type: ignore[no-untyped-def]
+    """Bounds at a small eps computed from a memory filled at a larger eps (of the same samples)
+    contain every pre-activation and spec value reached by samples, corners and PGD in the
+    small box, in both dtypes, rigorous or not."""
+    model, shape = _net(kind, seed)
+    model = model.to(dtype).eval()
+    x = _centers(seed + 1, 4, shape, dtype)
+    spec = random_spec(seed + 2, 4, 3, 4 if kind == "cnn" else 3, dtype)
+    for rigorous in (True, False):
+        method = get_method("crown", rigorous=rigorous).searching()
+        lo_big, hi_big = LinfBall(x, big).box()
+        compute_bounds(model, lo_big, hi_big, method, spec)
+        assert method.memory is not None and len(method.memory) == 1
+        lo, hi = LinfBall(x, big * shrink).box()
+        bounds = compute_bounds(model, lo, hi, method, spec)
+        assert method.memory.recalled == 4  # every sample found the larger box
+        points = all_points(model, lo, hi, spec, x, seed=seed)
+        with torch.no_grad():
+            values = spec_values(model, points, spec)
+        atol = SOUND_ATOL[dtype] * (1 + float(values.abs().max()))
+        assert (values >= bounds.lower - atol).all(), (bounds.lower - values).max()
+        assert (values <= bounds.upper + atol).all(), (values - bounds.upper).max()
+        pre = bounds.pre_activation
+        assert pre is not None
+        for b, reached in zip(pre, _pre_activations(model, points), strict=True):
+            scale = SOUND_ATOL[dtype] * (1 + float(reached.abs().max()))
+            assert (reached >= b.lower - scale).all() and (reached <= b.upper + scale).all()
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_reused_bounds_are_never_looser_than_the_remembered_ones(kind):  # type: ignore[no-untyped-def]
+    """Each reused pre-activation bound lies inside the one remembered from the larger box
+    (they are intersected) and inside the small box's own interval (IBP) bound."""
+    model, shape = _net(kind, 3)
+    model = model.double()
+    x = _centers(5, 6, shape, F64)
+    spec = random_spec(6, 6, 3, 4 if kind == "cnn" else 3, F64)
+    method = get_method("crown").searching()
+    big = compute_bounds(model, *LinfBall(x, 0.1).box(), method, spec)
+    lo, hi = LinfBall(x, 0.04).box()
+    reused = compute_bounds(model, lo, hi, method, spec)
+    ibp = Propagator(to_network(model, shape), lo, hi, EngineOptions())
+    ibp.interval()
+    assert big.pre_activation is not None and reused.pre_activation is not None
+    for b, r, i in zip(big.pre_activation, reused.pre_activation, ibp.intermediate_bounds(),
+                       strict=True):
+        assert (r.lower >= b.lower).all() and (r.upper <= b.upper).all()
+        # (the interval pass itself differs from the engine's by an ulp after pooling)
+        ulp = 1e-12 * (1 + i.lower.abs() + i.upper.abs())
+        assert (r.lower >= i.lower - ulp).all() and (r.upper <= i.upper + ulp).all()
+        assert (r.lower <= r.upper).all()
+
+
+def test_memory_never_recalls_a_box_that_does_not_hold_the_query():  # type: ignore[no-untyped-def]
+    model, shape = _net("mlp", 1)
+    net = to_network(model.double(), shape)
+    x = _centers(2, 3, shape, F64)
+    memory = BoundMemory()
+    small = LinfBall(x, 0.01).box()
+    prop = Propagator(net, *small, EngineOptions(), memory=memory)
+    prop.compute_intermediate("adaptive", linear=True)
+    assert len(memory) == 1
+    # a larger box around the same centers, and the same-size box around moved centers:
+    # neither lies inside the remembered one
+    for lo, hi in (LinfBall(x, 0.02).box(), LinfBall((x + 0.001).clamp(0, 1), 0.01).box()):
+        assert memory.recall(prop._memory_kind(), lo, hi) is None
+    # only the sample whose box is inside is matched
+    lo, hi = LinfBall(x, 0.005).box()
+    lo[1], hi[1] = LinfBall(x[1:2], 0.5).box()[0][0], LinfBall(x[1:2], 0.5).box()[1][0]
+    known = memory.recall(prop._memory_kind(), lo, hi)
+    assert known is not None
+    for pos, (k_lo, k_hi) in known.items():
+        assert torch.isinf(k_lo[1]).all() and torch.isinf(k_hi[1]).all()
+        assert torch.isfinite(k_lo[0]).all() and torch.isfinite(k_lo[2]).all()
+        assert pos in prop.pre_bounds
+
+
+def test_plain_bounds_never_enter_a_rigorous_one():  # type: ignore[no-untyped-def]
+    """The search's plain float32 bound and its rigorous float64 confirmation share one
+    memory; neither recalls the other's bounds."""
+    model, shape = _net("cnn", 4)
+    net = to_network(model, shape)
+    x = _centers(3, 2, shape, torch.float32)
+    memory = BoundMemory()
+    box = LinfBall(x, 0.05).box()
+    Propagator(net, *box, EngineOptions(rigorous=False), memory=memory).compute_intermediate(
+        "adaptive", linear=True)
+    rigorous = Propagator(net, *box, EngineOptions(), memory=memory)
+    rigorous.compute_intermediate("adaptive", linear=True)
+    net64 = net.to(dtype=F64, device=torch.device("cpu"))
+    box64 = LinfBall(x.double(), 0.01).box()
+    Propagator(net64, *box64, EngineOptions(), memory=memory).compute_intermediate(
+        "adaptive", linear=True)
+    assert memory.recalled == 0 and len(memory) == 3
+
+
+def test_memory_budget_drops_the_oldest():  # type: ignore[no-untyped-def]
+    model, shape = _net("mlp", 2)
+    net = to_network(model.double(), shape)
+    x = _centers(1, 2, shape, F64)
+    memory = BoundMemory(budget_mb=1e-9)  # nothing fits
+    Propagator(net, *LinfBall(x, 0.1).box(), EngineOptions(), memory=memory
+               ).compute_intermediate("adaptive", linear=True)
+    assert len(memory) == 0
+    memory = BoundMemory()
+    for eps in (0.3, 0.2, 0.1):
+        Propagator(net, *LinfBall(x, eps).box(), EngineOptions(), memory=memory
+                   ).compute_intermediate("adaptive", linear=True)
+    one = memory.nbytes // 3
+    memory.budget = 2 * one
+    Propagator(net, *LinfBall(x, 0.05).box(), EngineOptions(), memory=memory
+               ).compute_intermediate("adaptive", linear=True)
+    assert len(memory) == 2 and memory.nbytes <= 2 * one
+    kind = next(iter(memory._kinds))
+    # the 0.3 and 0.2 boxes were dropped: a 0.15 box finds nothing
+    assert memory.recall(kind, *LinfBall(x, 0.15).box()) is None
+
+
+@pytest.mark.parametrize("rigorous", [True, False])
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_sparse_tightening_equals_dense(kind, rigorous, monkeypatch):  # type: ignore[no-untyped-def]
+    """Linear bounds for the unstable neurons only (the engine) against linear bounds for every
+    neuron (dense): the same relaxations (a stable neuron's is exact whatever its bounds), a
+    final bound within 1% of the dense one and sound on samples, corners and PGD points."""
+    model, shape = _net(kind, 7)
+    x = _centers(8, 5, shape, F64)
+    spec = random_spec(9, 5, 3, 4 if kind == "cnn" else 3, F64)
+    lo, hi = LinfBall(x, 0.08).box()
+    method = get_method("crown", rigorous=rigorous, intermediate_mode="backward")
+    sparse = compute_bounds(model.double(), lo, hi, method, spec)
+    rule = ACTIVATIONS[ReluOp]
+    assert isinstance(rule, ActivationRule)
+    monkeypatch.setitem(ACTIVATIONS, ReluOp, rule._replace(
+        tighten=lambda lower, upper: torch.ones_like(lower, dtype=torch.bool)))
+    dense = compute_bounds(model.double(), lo, hi, method, spec)
+    # the stable neurons' interval bounds feed the next layer's intervals (and, rigorous,
+    # the rounding terms): dense is tighter or equal, and close
+    assert (dense.lower >= sparse.lower - 1e-12).all()
+    assert (dense.upper <= sparse.upper + 1e-12).all()
+    assert (dense.lower - sparse.lower <= 1e-2 * (1 + dense.lower.abs())).all()
+    assert (sparse.upper - dense.upper <= 1e-2 * (1 + dense.upper.abs())).all()
+    points = all_points(model.double(), lo, hi, spec, x)
+    with torch.no_grad():
+        values = spec_values(model.double(), points, spec)
+    assert (values >= sparse.lower - 1e-9).all() and (values <= sparse.upper + 1e-9).all()
+    assert sparse.pre_activation is not None and dense.pre_activation is not None
+    for s, d in zip(sparse.pre_activation, dense.pre_activation, strict=True):
+        # the dense bounds are tighter or equal, and agree on every neuron's stability
+        assert (d.lower >= s.lower - 1e-9).all() and (d.upper <= s.upper + 1e-9).all()
+        assert torch.equal((s.lower < 0) & (s.upper > 0), (d.lower < 0) & (d.upper > 0))
+
+
+def test_search_reuses_bounds_and_keeps_its_radii(tiny_cnn):  # type: ignore[no-untyped-def]
+    """A radius search with reuse computes fewer backward rows for intermediate layers than
+    one without, and finds the same radii within tol."""
+    model = tiny_cnn
+    x = _centers(11, 12, (1, 8, 8), torch.float32)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    rows = {"count": 0}
+    original = Propagator.backward_neurons
+
+    def counting(self, pos, mask):  # type: ignore[no-untyped-def]
+        rows["count"] += int(mask.sum())
+        return original(self, pos, mask)
+
+    counts, radii = {}, {}
+    for reuse in (False, True):
+        rows["count"] = 0
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(Propagator, "backward_neurons", counting)
+            res = certified_radii(model, x, y, "crown", tol=1e-4, reuse=reuse)
+        counts[reuse], radii[reuse] = rows["count"], res.certified_eps
+    assert counts[True] < counts[False]
+    assert (radii[True] - radii[False]).abs().max() <= 1e-4
+
+
+def test_rigorous_float32_bound_is_close_to_float64_on_a_large_normalized_input():  # type: ignore[no-untyped-def]
+    """The constant of a normalization over 3x32x32 pixels is a 3072-term sum; its error bound
+    must not multiply the rows' own error by that count (float32 rigorous bounds were off by
+    orders of magnitude)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Normalize([0.45] * 3, [0.25] * 3), nn.Conv2d(3, 8, 4, 2, 1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 4, 2, 1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(512, 10)).eval()
+    x = _centers(0, 3, (3, 32, 32), torch.float32)
+    y = torch.tensor([0, 1, 2])
+    from certify.bounds import margin_bounds
+
+    b32 = margin_bounds(model, x, y, 0.001, "crown").lower
+    b64 = margin_bounds(model.double(), x.double(), y, 0.001, "crown").lower
+    assert ((b64 - b32.double()).abs() <= 0.01 * (1 + b64.abs())).all(), (b64 - b32).abs().max()
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**16), flip=st.sampled_from([0.0, 0.3, 1.0]))
+def test_sign_hints_keep_bounds_sound_even_when_wrong(kind, seed, flip):  # type: ignore[no-untyped-def]
+    """Hints only choose which bound of a neuron is computed: with hints from the same box
+    (right), or with a fraction `flip` of them replaced by random signs (wrong), every bound
+    still contains every reachable value, and right hints lose nothing of the margin."""
+    model, shape = _net(kind, seed)
+    model = model.double().eval()
+    x = _centers(seed + 1, 3, shape, F64)
+    spec = random_spec(seed + 2, 3, 3, 4 if kind == "cnn" else 3, F64)
+    lo, hi = LinfBall(x, 0.05).box()
+    plain = get_method("crown", rigorous=False).searching()
+    compute_bounds(model, lo, hi, plain, spec)  # fills the memory: the hints' source
+    memory = plain.memory
+    assert memory is not None
+    kind_key = next(iter(memory._kinds))
+    hints = memory.hints(kind_key, lo, hi)
+    assert hints is not None and any(bool((h < 0).any()) for h in hints.values())
+    g = torch.Generator().manual_seed(seed)
+    for pos, h in hints.items():
+        wrong = torch.rand(h.shape, generator=g) < flip
+        noise = torch.randint(-1, 2, h.shape, generator=g).to(torch.int8)
+        hints[pos] = torch.where(wrong, noise, h)
+    original = Propagator._hints
+    try:
+        Propagator._hints = lambda self: hints  # type: ignore[method-assign]
+        bounds = compute_bounds(model, lo, hi, get_method("crown"), spec)
+    finally:
+        Propagator._hints = original  # type: ignore[method-assign]
+    points = all_points(model, lo, hi, spec, x, seed=seed)
+    with torch.no_grad():
+        values = spec_values(model, points, spec)
+    assert (values >= bounds.lower - 1e-9).all() and (values <= bounds.upper + 1e-9).all()
+    assert bounds.pre_activation is not None
+    for b, reached in zip(bounds.pre_activation, _pre_activations(model, points), strict=True):
+        assert (reached >= b.lower - 1e-9).all() and (reached <= b.upper + 1e-9).all()
+    if flip == 0.0:
+        fresh = compute_bounds(model, lo, hi, get_method("crown"), spec)
+        assert torch.allclose(bounds.lower, fresh.lower, rtol=1e-6, atol=1e-9)
+
+
+def test_hints_come_from_the_same_box_in_another_dtype_only():  # type: ignore[no-untyped-def]
+    """The radius search's rigorous float64 confirmation takes hints from its plain float32
+    evaluation at the same eps; a box at another eps gives none."""
+    model, shape = _net("cnn", 5)
+    net = to_network(model, shape)
+    x = _centers(4, 2, shape, torch.float32)
+    memory = BoundMemory()
+    Propagator(net, *LinfBall(x, 0.03).box(), EngineOptions(rigorous=False), memory=memory
+               ).compute_intermediate("adaptive", linear=True)
+    net64 = net.to(dtype=F64, device=torch.device("cpu"))
+    same = Propagator(net64, *LinfBall(x.double(), 0.03).box(), EngineOptions(), memory=memory)
+    assert same._hints()
+    other = Propagator(net64, *LinfBall(x.double(), 0.02).box(), EngineOptions(),
+                       memory=memory)
+    assert not other._hints()
