@@ -334,7 +334,9 @@ class Propagator:
             self._intermediate_dag(rule, linear=linear)
             return
         known = self._recall()
-        hints = self._hints() if linear else {}
+        # sign hints come from a plain evaluation of the same box: in a radius search, the
+        # one its rigorous confirmation repeats (the plain ones never repeat an eps)
+        hints = self._hints() if linear and self.rigorous else {}
         tightened: dict[int, tuple[Tensor, Tensor]] = {}
         lo, hi = self.x_lo, self.x_hi
         chain_lo, chain_hi = lo, hi
