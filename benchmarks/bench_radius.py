@@ -68,8 +68,10 @@ def load_or_train(path: str | None, arch: str, epochs: int, seed: int, **kwargs:
     return train_digits(arch, epochs=epochs, seed=seed, **kwargs), f"{arch} (trained here)"
 
 
-def lirpa_bound_fn(model: nn.Module, conv_mode: str):  # type: ignore[no-untyped-def]
-    """auto_LiRPA CROWN as a ``bound_fn``; None (with the reason) where it is unavailable.
+def lirpa_bound_fn(model: nn.Module, conv_mode: str,  # type: ignore[no-untyped-def]
+                   input_shape: tuple[int, ...] = (1, 8, 8), device: str | torch.device = "cpu"):
+    """auto_LiRPA CROWN as a ``bound_fn`` on `input_shape` inputs; None (with the reason)
+    where it is unavailable.
 
     auto_LiRPA wants the normalization as a (1, C, 1, 1) broadcast, so the model's Normalize
     layer is rebuilt that way (same numbers). The margin spec is certify's own.
@@ -95,8 +97,8 @@ def lirpa_bound_fn(model: nn.Module, conv_mode: str):  # type: ignore[no-untyped
     body = nn.Sequential(Normalize4d(layers[0].mean, layers[0].std), *layers[1:]).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        bounded = BoundedModule(body, torch.zeros(1, 1, 8, 8), verbose=0,
-                                bound_opts={"conv_mode": conv_mode})
+        bounded = BoundedModule(body, torch.zeros(1, *input_shape, device=device), verbose=0,
+                                device=device, bound_opts={"conv_mode": conv_mode})
 
     def bound(x: Tensor, y: Tensor, eps: Tensor) -> Tensor:
         e = eps.view(-1, 1, 1, 1)

@@ -32,11 +32,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing as mp
 import resource
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -121,46 +119,6 @@ def wall_seconds(fn: Any, device: torch.device) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
-def lirpa_bound(model: nn.Module, x: Tensor) -> Any:
-    """auto_LiRPA's CROWN margin lower bound as a ``bound_fn`` (None if not importable)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
-    except ImportError:
-        return None
-    from certify.spec import margin_spec
-
-    class Normalize4d(nn.Module):
-        def __init__(self, mean: Tensor, std: Tensor) -> None:
-            super().__init__()
-            self.register_buffer("mean", mean.reshape(1, -1, 1, 1).clone())
-            self.register_buffer("std", std.reshape(1, -1, 1, 1).clone())
-
-        def forward(self, t: Tensor) -> Tensor:
-            return (t - self.mean) / self.std
-
-    layers = list(model.children())
-    body = nn.Sequential(Normalize4d(layers[0].mean, layers[0].std), *layers[1:]).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        bounded = BoundedModule(body, torch.zeros(1, *x.shape[1:], device=x.device), verbose=0,
-                                device=x.device, bound_opts={"conv_mode": "patches"})
-
-    def bound(xs: Tensor, ys: Tensor, eps: Tensor) -> Tensor:
-        e = eps.view(-1, 1, 1, 1)
-        ptb = PerturbationLpNorm(norm=math.inf, x_L=(xs - e).clamp(0, 1),
-                                 x_U=(xs + e).clamp(0, 1))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            lower, _ = bounded.compute_bounds(x=(BoundedTensor(xs, ptb),),
-                                              C=margin_spec(ys, 10).to(xs.dtype),
-                                              method="CROWN", bound_upper=False)
-        return lower.detach().amin(dim=1)
-
-    return bound
-
-
 def run_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     """Every figure of one architecture (runs in its own process)."""
     from certify.attacks import min_adversarial_eps
@@ -222,10 +180,10 @@ def run_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     if not args.skip_baseline:
         runs["certify, no reuse"] = search(reuse=False)
     if args.lirpa:
-        fn = lirpa_bound(model, x)
-        if fn is None:
-            out["lirpa"] = "auto_LiRPA not importable"
-        else:
+        from bench_radius import lirpa_bound_fn  # benchmarks/ is this script's folder
+
+        fn, out["lirpa"] = lirpa_bound_fn(model, "patches", SHAPE, device)
+        if fn is not None:
             with torch.no_grad():
                 s, _ = timer(lambda: fn(x, y, eps))
             out["lirpa_bound_ms"] = 1e3 * s / args.n

@@ -265,11 +265,7 @@ def get_method(name: str, **options: Any) -> BoundMethod:
     if name not in _METHODS:
         raise unknown_name("method", name, list_methods())
     cls = _METHODS[name]
-    fields = option_names(cls)
-    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls) if f.init})
-    if unknown:
-        raise SpecError(f"unknown option {', '.join(repr(u) for u in unknown)} for method "
-                        f"'{name}'; its options are: {', '.join(fields) or '(none)'}.")
+    _check_known(cls, name, options)
     return cls(**options)  # type: ignore[no-any-return]
 
 
@@ -299,14 +295,19 @@ def option_names(method: Any) -> list[str]:
     return [f.name for f in dataclasses.fields(method) if f.init and not f.metadata.get("state")]
 
 
+def _check_known(method: Any, name: str, options: dict[str, Any]) -> None:
+    """Raise SpecError, listing the options, if any of `options` is not an init field of
+    `method` (a class or instance; state fields are accepted but not listed)."""
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(method) if f.init})
+    if unknown:
+        raise SpecError(f"unknown option {', '.join(repr(u) for u in unknown)} for method "
+                        f"'{name}'; its options are: "
+                        f"{', '.join(option_names(method)) or '(none)'}.")
+
+
 def with_options(method: BoundMethod, options: dict[str, Any]) -> BoundMethod:
     """`method` with some options replaced, validated like :func:`get_method`."""
     if not options:
         return method
-    fields = option_names(method)
-    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(method)  # type: ignore[arg-type]
-                                     if f.init})
-    if unknown:
-        raise SpecError(f"unknown option {', '.join(repr(u) for u in unknown)} for method "
-                        f"'{method.name}'; its options are: {', '.join(fields) or '(none)'}.")
+    _check_known(method, method.name, options)
     return dataclasses.replace(method, **options)  # type: ignore[type-var]

@@ -84,7 +84,7 @@ from certify.bounds.relaxations import (
     activation_rule,
     is_activation,
 )
-from certify.bounds.reuse import BoundMemory
+from certify.bounds.reuse import BoundMemory, Layout, MemoryKind
 from certify.errors import SpecError
 
 __all__ = ["EngineOptions", "Propagator", "forward_is_exact"]
@@ -334,9 +334,9 @@ class Propagator:
             self._intermediate_dag(rule, linear=linear)
             return
         known = self._recall()
-        # sign hints come from a plain evaluation of the same box: in a radius search, the
-        # one its rigorous confirmation repeats (the plain ones never repeat an eps)
-        hints = self._hints() if linear and self.rigorous else {}
+        # inactivity hints come from a plain evaluation of the same box: in a radius search,
+        # the one its rigorous confirmation repeats (the plain ones never repeat an eps)
+        inactive = self._inactive() if linear and self.rigorous else {}
         tightened: dict[int, tuple[Tensor, Tensor]] = {}
         lo, hi = self.x_lo, self.x_hi
         chain_lo, chain_hi = lo, hi
@@ -347,7 +347,7 @@ class Propagator:
                 if not exact:
                     lo, hi = _intersect(lo, hi, known.get(i))
                     if linear:
-                        lo, hi = self._tighten(i, lo, hi, hints.get(i))
+                        lo, hi = self._tighten(i, lo, hi, inactive.get(i))
                     tightened[i] = (lo, hi)
                 lo, hi = self._perturb(i, chain_lo, chain_hi, lo, hi)
                 self._store(i, lo, hi, rule)
@@ -360,22 +360,22 @@ class Propagator:
                 exact = exact and mixing <= 1
         self._remember(tightened)
 
-    def _memory_kind(self) -> tuple[object, ...]:
+    def _memory_kind(self) -> MemoryKind:
         """What makes remembered bounds interchangeable: how they were computed and the
         network's activation layout (see :mod:`certify.bounds.reuse`)."""
         layout = tuple((p, tuple(self.layers[p].in_shape)) for p in self.net.relu_positions)
-        return (self.rigorous, self.x_lo.dtype, self.x_lo.device, self.net.runs_in,
-                numel(self.net.input_shape), layout)
+        return MemoryKind(self.rigorous, self.x_lo.dtype, self.net.runs_in,
+                          Layout(self.x_lo.device, numel(self.net.input_shape), layout))
 
     def _recall(self) -> dict[int, tuple[Tensor, Tensor]]:
         if self.memory is None:
             return {}
         return self.memory.recall(self._memory_kind(), self.x_lo, self.x_hi) or {}
 
-    def _hints(self) -> dict[int, Tensor]:
+    def _inactive(self) -> dict[int, Tensor]:
         if self.memory is None:
             return {}
-        return self.memory.hints(self._memory_kind(), self.x_lo, self.x_hi) or {}
+        return self.memory.inactive(self._memory_kind().layout, self.x_lo, self.x_hi) or {}
 
     def _remember(self, tightened: dict[int, tuple[Tensor, Tensor]]) -> None:
         """Keep the bounds of the exact chain into each activation (before the model's own
@@ -446,37 +446,34 @@ class Propagator:
     def intermediate_bounds(self) -> tuple[Bounds, ...]:
         return tuple(Bounds(*self.pre_bounds[p]) for p in self.net.relu_positions)
 
-    def _tighten(self, pos: int, lo: Tensor, hi: Tensor, hint: Tensor | None = None
+    def _tighten(self, pos: int, lo: Tensor, hi: Tensor, inactive: Tensor | None = None
                  ) -> tuple[Tensor, Tensor]:
         """Intersect interval bounds of layer `pos`'s input with linear bounds.
 
-        `hint` `(N, *shape)`: the sign each neuron's bounds had in an evaluation over (almost)
-        the same box (+1 above 0, -1 below, 0 across; see :meth:`BoundMemory.hints`). Of a
-        ReLU-like neuron hinted inactive only the upper bound is computed, the one that can
-        prove it inactive: its lower bound then matters nowhere (its output is 0, and so are
-        its terms in the rounding bounds). Sound whichever way the hint turns out: any
-        computed bound is sound, and a wrong hint only leaves that neuron's lower bound at its
-        interval bound. (An active neuron's upper bound sizes the rounding terms of what
-        follows, so both of its bounds are computed.)
+        `inactive` `(N, *shape)` bool: the neurons an evaluation over (almost) the same box
+        found inactive (see :meth:`BoundMemory.inactive`). Of such a ReLU-like neuron only the
+        upper bound is computed, the one that can prove it inactive: its lower bound then
+        matters nowhere (its output is 0, and so are its terms in the rounding bounds). Sound
+        whichever way the hint turns out: any computed bound is sound, and a wrong hint only
+        leaves that neuron's lower bound at its interval bound. (An active neuron's upper bound
+        sizes the rounding terms of what follows, so both of its bounds are computed.)
         """
         n = self.n
         unstable = activation_rule(self.layers[pos]).tighten(lo, hi)  # the neurons worth it
         use_forward = self._use_forward(pos, unstable.reshape(n, -1).sum(1))
         lo_flat, hi_flat = lo.reshape(n, -1), hi.reshape(n, -1)
         backward_mask = unstable & ~use_forward.view(-1, *([1] * (unstable.ndim - 1)))
-        if hint is not None and isinstance(self.layers[pos], (ReluOp, LeakyReluOp)):
-            inactive = backward_mask & (hint < 0)
+        upper_only = torch.zeros_like(backward_mask)
+        if inactive is not None and isinstance(self.layers[pos], (ReluOp, LeakyReluOp)):
+            upper_only = backward_mask & inactive
             backward_mask = backward_mask & ~inactive
-            if inactive.any():
-                sample, neuron, bound = self.backward_neurons_one_side(
-                    pos, inactive, -torch.ones_like(lo))
-                index = (sample, neuron)  # bound: a lower bound of -z
-                hi_flat = hi_flat.index_put(index, torch.minimum(hi_flat[index], -bound))
-        if backward_mask.any():
-            sample, neuron, lin_lo, lin_hi = self.backward_neurons(pos, backward_mask)
-            index = (sample, neuron)
-            lo_flat = lo_flat.index_put(index, torch.maximum(lo_flat[index], lin_lo))
-            hi_flat = hi_flat.index_put(index, torch.minimum(hi_flat[index], lin_hi))
+        for mask, upper in ((backward_mask, False), (upper_only, True)):
+            if mask.any():
+                sample, neuron, lin_lo, lin_hi = self.backward_neurons(pos, mask,
+                                                                       upper_only=upper)
+                index = (sample, neuron)
+                lo_flat = lo_flat.index_put(index, torch.maximum(lo_flat[index], lin_lo))
+                hi_flat = hi_flat.index_put(index, torch.minimum(hi_flat[index], lin_hi))
         if use_forward.any():
             samples = use_forward.nonzero(as_tuple=True)[0]
             fwd_lo, fwd_hi = self.forward_linear(pos, samples)
@@ -571,9 +568,12 @@ class Propagator:
         per_row = (self._widest(start, windowed) * factor * (2 if both else 1) * self.itemsize)
         return max(1, int(self.options.memory_budget_mb * MB // per_row))
 
-    def backward_neurons(self, pos: int, mask: Tensor
+    def backward_neurons(self, pos: int, mask: Tensor, *, upper_only: bool = False
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Lower and upper bounds of the neurons `mask` `(N, *shape)` of layer `pos`'s input.
+
+        `upper_only`: one row per neuron (``-e_j``, the lower bound of ``-z``) instead of two;
+        the lower bounds are then ``-inf``.
 
         Returns:
             `(sample, neuron, lower, upper)`, each `(P,)`: flat neuron indices and bounds.
@@ -581,69 +581,51 @@ class Propagator:
         shape = self.layers[pos].in_shape
         if (len(shape) == 3 and self.net.is_chain
                 and any(isinstance(op, ConvOp) for op in self.layers[:pos])):
-            out = self._backward_conv_neurons(pos, mask)
-        else:
-            out = self._backward_flat_neurons(pos, mask.reshape(self.n, -1))
-        return out[0], out[1], out[2], out[3]
+            return self._backward_conv_neurons(pos, mask, upper_only)
+        return self._backward_flat_neurons(pos, mask.reshape(self.n, -1), upper_only)
 
-    def backward_neurons_one_side(self, pos: int, mask: Tensor, sign: Tensor
-                                  ) -> tuple[Tensor, Tensor, Tensor]:
-        """For the neurons `mask` of layer `pos`'s input, a lower bound of ``sign * z``
-        (`sign` `(N, *shape)`, +-1): their lower bound where the sign is +1, minus their upper
-        bound where it is -1 -- one row per neuron instead of two.
+    def _neuron_bounds(self, lower: Tensor, upper: Tensor | None
+                       ) -> tuple[Tensor, Tensor]:
+        """`(lower, upper)` of a block of neuron rows: as computed, or, for ``-e_j`` rows
+        (no `upper`), ``-inf`` and minus the lower bound of ``-z``."""
+        if upper is None:
+            return torch.full_like(lower, float("-inf")), -lower
+        return lower, upper
 
-        Returns:
-            `(sample, neuron, bound)`, each `(P,)`.
-        """
-        shape = self.layers[pos].in_shape
-        flat_sign = sign.reshape(self.n, -1).to(self.x_lo.dtype)
-        if (len(shape) == 3 and self.net.is_chain
-                and any(isinstance(op, ConvOp) for op in self.layers[:pos])):
-            out = self._backward_conv_neurons(pos, mask, flat_sign)
-        else:
-            out = self._backward_flat_neurons(pos, mask.reshape(self.n, -1), flat_sign)
-        return out[0], out[1], out[2]
-
-    def _backward_flat_neurons(self, pos: int, mask: Tensor, sign: Tensor | None = None
-                               ) -> tuple[Tensor, ...]:
-        """Blocks of samples sorted by their number of rows (see :func:`_groups`); with
-        `sign` `(N, D)`, the rows are ``sign * e_j`` and only lower bounds are computed."""
+    def _backward_flat_neurons(self, pos: int, mask: Tensor, upper_only: bool
+                               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Blocks of samples sorted by their number of rows (see :func:`_groups`)."""
         shape = self.layers[pos].in_shape
         sample, neuron = mask.nonzero(as_tuple=True)
         counts = torch.bincount(sample, minlength=self.n)
         offsets = torch.cumsum(counts, 0) - counts
         budget = self.rows_per_chunk(pos, both=True)
-        parts: list[tuple[Tensor, ...]] = []
+        parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
         for samples, first, rows in _groups(counts.tolist(), budget):
             samples_t = torch.tensor(samples, device=sample.device)
             rank = first + torch.arange(rows, device=sample.device)
             valid = rank[None, :] < counts[samples_t][:, None]  # (B, R)
             where = (offsets[samples_t][:, None] + rank[None, :]).clamp(max=neuron.numel() - 1)
             idx = neuron[where]
-            rows_sample = samples_t[:, None].expand_as(valid)
-            values = valid.to(self.x_lo.dtype)
-            if sign is not None:
-                values = values * sign[rows_sample, idx]
+            values = -valid.to(self.x_lo.dtype) if upper_only else valid.to(self.x_lo.dtype)
             one_hot = self.x_lo.new_zeros(len(samples), rows, mask.shape[1])
             one_hot.scatter_(2, idx.unsqueeze(2), values.unsqueeze(2))
-            lower, upper = self.backward_chunk(
+            lower, upper = self._neuron_bounds(*self.backward_chunk(
                 pos, one_hot.reshape(len(samples), rows, *shape),
-                self.x_lo.new_zeros(len(samples), rows), samples_t, both=sign is None)
-            found = [rows_sample[valid], idx[valid], lower[valid]]
-            if upper is not None:
-                found.append(upper[valid])
-            parts.append(tuple(found))
-        return tuple(torch.cat(p) for p in zip(*parts, strict=True))
+                self.x_lo.new_zeros(len(samples), rows), samples_t, both=not upper_only))
+            rows_sample = samples_t[:, None].expand_as(valid)
+            parts.append((rows_sample[valid], idx[valid], lower[valid], upper[valid]))
+        return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
 
-    def _backward_conv_neurons(self, pos: int, mask: Tensor, sign: Tensor | None = None
-                               ) -> tuple[Tensor, ...]:
+    def _backward_conv_neurons(self, pos: int, mask: Tensor, upper_only: bool
+                               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """One block per spatial position: its samples times their unstable channels there,
-        each row a 1x1 window; `sign` as for :meth:`_backward_flat_neurons`."""
+        each row a 1x1 window."""
         c, h, w = self.layers[pos].in_shape
         per_position = mask.reshape(self.n, c, h * w).permute(2, 0, 1)  # (HW, N, C)
         counts = per_position.sum(2)  # (HW, N)
         budget = self.rows_per_chunk(pos, both=True, windowed=True)
-        parts: list[tuple[Tensor, ...]] = []
+        parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
         for q in counts.any(1).nonzero(as_tuple=True)[0].tolist():
             samples = counts[q].nonzero(as_tuple=True)[0]
             sample_counts = counts[q, samples]
@@ -656,20 +638,15 @@ class Propagator:
                 for rsl in _chunks(rows, row_step):
                     ch, ok = order[ssl, rsl], valid[ssl, rsl]
                     b, r = ch.shape
-                    rows_sample = samples[ssl][:, None].expand_as(ok)
-                    values = ok.to(self.x_lo.dtype)
-                    if sign is not None:
-                        values = values * sign[rows_sample, ch * (h * w) + q]
+                    values = -ok.to(self.x_lo.dtype) if upper_only else ok.to(self.x_lo.dtype)
                     one_hot = self.x_lo.new_zeros(b, r, c)
                     one_hot.scatter_(2, ch.unsqueeze(2), values.unsqueeze(2))
-                    lower, upper = self.backward_chunk(
+                    lower, upper = self._neuron_bounds(*self.backward_chunk(
                         pos, one_hot.reshape(b, r, c, 1, 1), self.x_lo.new_zeros(b, r),
-                        samples[ssl], both=sign is None, window=(q // w, q % w))
-                    found = [rows_sample[ok], ch[ok] * (h * w) + q, lower[ok]]
-                    if upper is not None:
-                        found.append(upper[ok])
-                    parts.append(tuple(found))
-        return tuple(torch.cat(p) for p in zip(*parts, strict=True))
+                        samples[ssl], both=not upper_only, window=(q // w, q % w)))
+                    rows_sample = samples[ssl][:, None].expand_as(ok)
+                    parts.append((rows_sample[ok], ch[ok] * (h * w) + q, lower[ok], upper[ok]))
+        return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
 
     def backward_uniform(self, start: int, rows: Tensor, const: Tensor, *, both: bool,
                          rows_err: Tensor | None = None, const_err: Tensor | None = None

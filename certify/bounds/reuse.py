@@ -22,19 +22,38 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["REMEMBER_MB", "BoundMemory"]
+__all__ = ["REMEMBER_MB", "BoundMemory", "Layout", "MemoryKind"]
 
 MB = 2**20
 #: Default most megabytes one memory holds (oldest evaluations are forgotten first).
 REMEMBER_MB = 512.0
 #: Most remembered evaluations intersected for one sample.
 MAX_MATCHES = 4
+
+
+class Layout(NamedTuple):
+    """The network as remembered bounds see it: device, input size and, per activation, its
+    position and input shape."""
+
+    device: torch.device
+    input_size: int
+    activations: tuple[tuple[int, tuple[int, ...]], ...]
+
+
+class MemoryKind(NamedTuple):
+    """How remembered bounds were computed: only bounds of the same kind are recalled."""
+
+    rigorous: bool
+    dtype: torch.dtype
+    runs_in: torch.dtype | None
+    layout: Layout
 
 
 @dataclass
@@ -62,7 +81,7 @@ class BoundMemory:
 
     def __init__(self, budget_mb: float = REMEMBER_MB) -> None:
         self.budget = int(budget_mb * MB)
-        self._kinds: dict[Any, OrderedDict[int, _Evaluation]] = {}
+        self._kinds: dict[MemoryKind, OrderedDict[int, _Evaluation]] = {}
         self._next = 0
         self.recalled = 0  # samples that found at least one remembered bound (statistics)
 
@@ -73,7 +92,7 @@ class BoundMemory:
     def __len__(self) -> int:
         return sum(len(kind) for kind in self._kinds.values())
 
-    def store(self, kind: Any, x_lo: Tensor, x_hi: Tensor,
+    def store(self, kind: MemoryKind, x_lo: Tensor, x_hi: Tensor,
               bounds: dict[int, tuple[Tensor, Tensor]]) -> None:
         """Remember the bounds `bounds` (position -> `(lower, upper)`, `(N, *shape)` each)
         proven over the boxes ``[x_lo, x_hi]`` `(N, *in)`, computed as `kind` says."""
@@ -88,7 +107,7 @@ class BoundMemory:
         self._kinds.setdefault(kind, OrderedDict())[self._next] = entry
         self._next += 1
 
-    def recall(self, kind: Any, x_lo: Tensor, x_hi: Tensor
+    def recall(self, kind: MemoryKind, x_lo: Tensor, x_hi: Tensor
                ) -> dict[int, tuple[Tensor, Tensor]] | None:
         """For the boxes ``[x_lo, x_hi]`` `(N, *in)`: per position, the intersection of the
         remembered bounds (of the same `kind`) whose box holds each sample's box; ``-inf`` /
@@ -105,7 +124,7 @@ class BoundMemory:
                 entry.x_hi.shape[0], -1)
             if e_lo.shape[1] != q_lo.shape[1]:
                 continue
-            holds = _containment(q_lo, q_hi, e_lo, e_hi)  # (N, M)
+            holds = _pairwise(q_lo, q_hi, e_lo, e_hi, _holds)  # (N, M)
             holds &= (matched < MAX_MATCHES)[:, None]
             if not bool(holds.any()):
                 continue
@@ -128,71 +147,63 @@ class BoundMemory:
         self.recalled += int((matched > 0).sum())
         return out
 
-    def hints(self, kind: tuple[Any, ...], x_lo: Tensor, x_hi: Tensor
-              ) -> dict[int, Tensor] | None:
-        """Sign hints for the boxes ``[x_lo, x_hi]`` `(N, *in)`: per position, `(N, *shape)`
-        int8, +1 where a remembered evaluation over (almost) the same box -- of any dtype,
-        rigorous or not, e.g. the radius search's plain float32 evaluation at the eps its
-        rigorous float64 bound confirms -- had a lower bound above 0, -1 where its upper bound
-        was below 0, 0 elsewhere or without one. Never sound by themselves: they only say
-        which bound of a neuron is worth computing (see ``Propagator._tighten``). `kind` as
-        for :meth:`recall`; entries match on its device and network layout (its last three
-        entries but one: ``kind[2]``, ``kind[4:]``)."""
+    def inactive(self, layout: Layout, x_lo: Tensor, x_hi: Tensor
+                 ) -> dict[int, Tensor] | None:
+        """Inactivity hints for the boxes ``[x_lo, x_hi]`` `(N, *in)`: per position,
+        `(N, *shape)` bool, True where a remembered evaluation over (almost) the same box --
+        of any dtype, rigorous or not, e.g. the radius search's plain float32 evaluation at
+        the eps its rigorous float64 bound confirms -- had an upper bound below 0. Never sound
+        by themselves: they only say which bound of a neuron is worth computing (see
+        ``Propagator._tighten``). Entries of every kind with this `layout` are searched."""
         n = x_lo.shape[0]
         q_lo = x_lo.reshape(n, -1).to(torch.float64)
         q_hi = x_hi.reshape(n, -1).to(torch.float64)
         reach = HINT_DISTANCE * ((q_hi - q_lo).amax(1) / 2)  # (N,)
         best = torch.full((n,), math.inf, dtype=torch.float64, device=x_lo.device)
         out: dict[int, Tensor] = {}
-        for other, entries in self._kinds.items():
-            if other[2] != kind[2] or other[4:] != kind[4:]:
+        for kind, entries in self._kinds.items():
+            if kind.layout != layout:
                 continue
             for entry in entries.values():
                 e_lo = entry.x_lo.reshape(entry.x_lo.shape[0], -1).to(torch.float64)
                 e_hi = entry.x_hi.reshape(entry.x_hi.shape[0], -1).to(torch.float64)
-                dist = _distance(q_lo, q_hi, e_lo, e_hi)  # (N, M)
-                near, which = dist.min(1)
+                near, which = _pairwise(q_lo, q_hi, e_lo, e_hi, _distance).min(1)  # (N,)
                 take = (near <= reach) & (near < best)
                 if not bool(take.any()):
                     continue
                 best = torch.where(take, near, best)
-                for pos, (lo, hi) in entry.bounds.items():
-                    sign = ((lo[which] > 0).to(torch.int8) - (hi[which] < 0).to(torch.int8))
-                    if pos not in out:
-                        out[pos] = torch.zeros_like(sign)
-                    view = (-1,) + (1,) * (sign.ndim - 1)
-                    out[pos] = torch.where(take.view(view), sign, out[pos])
+                for pos, (_, hi) in entry.bounds.items():
+                    below = hi[which] < 0
+                    view = (-1,) + (1,) * (below.ndim - 1)
+                    out[pos] = torch.where(take.view(view), below,
+                                           out.get(pos, torch.zeros_like(below)))
         return out or None
 
 
-#: A remembered box gives sign hints to a query box whose ends are all within this fraction of
-#: the query's largest half-width of it (in practice: the same eps, the other dtype).
+#: A remembered box gives inactivity hints to a query box whose ends are all within this
+#: fraction of the query's largest half-width of it (in practice: the same eps, another dtype).
 HINT_DISTANCE = 1e-3
 
 
-#: Most elements of one containment comparison (queries x entries x input dimensions).
+#: Most elements of one comparison of boxes (queries x entries x input dimensions).
 _COMPARE_ELEMENTS = 2**25
 
 
-def _containment(q_lo: Tensor, q_hi: Tensor, e_lo: Tensor, e_hi: Tensor) -> Tensor:
-    """`(N, M)`: whether box `m` of the entries `[e_lo, e_hi]` `(M, D)` holds query box `n`
-    `[q_lo, q_hi]` `(N, D)`, in chunks of queries."""
-    n, m, d = q_lo.shape[0], e_lo.shape[0], q_lo.shape[1]
-    step = max(1, _COMPARE_ELEMENTS // max(1, m * d))
-    parts = []
-    for start in range(0, n, step):
-        lo, hi = q_lo[start:start + step, None], q_hi[start:start + step, None]
-        parts.append(((e_lo[None] <= lo) & (e_hi[None] >= hi)).all(2))
-    return torch.cat(parts)
+def _holds(q_lo: Tensor, q_hi: Tensor, e_lo: Tensor, e_hi: Tensor) -> Tensor:
+    """Whether the entry boxes hold the query boxes (broadcast over the last dim)."""
+    return ((e_lo <= q_lo) & (e_hi >= q_hi)).all(-1)
 
 
 def _distance(q_lo: Tensor, q_hi: Tensor, e_lo: Tensor, e_hi: Tensor) -> Tensor:
-    """`(N, M)`: the largest distance between the ends of query box `n` and entry box `m`."""
-    n, m, d = q_lo.shape[0], e_lo.shape[0], q_lo.shape[1]
+    """The largest distance between the ends of query and entry boxes (over the last dim)."""
+    return torch.maximum((e_lo - q_lo).abs().amax(-1), (e_hi - q_hi).abs().amax(-1))
+
+
+def _pairwise(q_lo: Tensor, q_hi: Tensor, e_lo: Tensor, e_hi: Tensor,
+              compare: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]) -> Tensor:
+    """`(N, M)`: `compare` of query box `n` `[q_lo, q_hi]` `(N, D)` with entry box `m`
+    `[e_lo, e_hi]` `(M, D)`, in chunks of queries (at most ``_COMPARE_ELEMENTS`` at once)."""
+    m, d = e_lo.shape
     step = max(1, _COMPARE_ELEMENTS // max(1, m * d))
-    parts = []
-    for start in range(0, n, step):
-        lo, hi = q_lo[start:start + step, None], q_hi[start:start + step, None]
-        parts.append(torch.maximum((e_lo[None] - lo).abs().amax(2),
-                                   (e_hi[None] - hi).abs().amax(2)))
-    return torch.cat(parts)
+    return torch.cat([compare(q_lo[k:k + step, None], q_hi[k:k + step, None], e_lo[None],
+                              e_hi[None]) for k in range(0, q_lo.shape[0], step)])
