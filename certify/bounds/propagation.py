@@ -40,7 +40,7 @@ consumers' (:meth:`Propagator._backward_dag`, the sum's rounding accounted); row
 before graphs existed (its bounds are bit-identical).
 
 **Rounding** (``EngineOptions.rigorous``, the default): every interval is rounded outward and
-every backward pass tracks the rounding of its rows and constants (see
+every backward pass prices the rounding of its rows and constants (see
 :meth:`Propagator.backward_chunk` and :mod:`certify.bounds.rounding`), so each bound holds for
 the network in exact arithmetic; forward mode has no such accounting and is then not used.
 With ``net.runs_in`` the bounds also cover the model's own forward pass
@@ -53,6 +53,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -155,20 +156,62 @@ def _activation_constant(act: ActivationRule, mu: Tensor, a3: Tensor, c: Tensor 
                          cerr: Tensor | None, err: Tensor | None, perturbation: Tensor | None,
                          u: float) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The constant an activation's substitution adds, rows `mu` -> `a3` `(B, R, ...)`:
-    rigorous (`err` given) through the rule's ``constant`` for any computed rows, which
-    restarts the rows' error at 0; else the plain `c`, less ``|a3| e`` for the model's own
-    rounding `perturbation`. Returns the new ``(const, cerr, err)`` (chain and DAG alike)."""
-    if err is not None and cerr is not None:
-        c, c_err = act.constant(mu, a3, relaxation, samples, err.reshape(mu.shape),
-                                perturbation)
+    rigorous (`cerr` given) through the rule's ``constant`` for any computed rows, which
+    restarts the rows' error at 0 (`err`: the rows' elementwise error bound, a DAG's; None
+    in a chain, whose rows' error is paid in `cerr` already, see
+    :meth:`Propagator._rounding_cost`); else the plain `c`, less ``|a3| e`` for the model's
+    own rounding `perturbation`. Returns the new ``(const, cerr, err)``."""
+    if cerr is not None:
+        c, c_err = act.constant(mu, a3, relaxation, samples,
+                                None if err is None else err.reshape(mu.shape), perturbation)
         const = const + c
         cerr = cerr + c_err + u * const.abs()
-        return const, cerr, torch.zeros_like(a3).reshape(-1, *a3.shape[2:])
+        return const, cerr, (None if err is None
+                             else torch.zeros_like(a3).reshape(-1, *a3.shape[2:]))
     assert c is not None
     if perturbation is not None:
         c = c - (a3.abs() * perturbation.index_select(0, samples).unsqueeze(1)
                  ).reshape(*a3.shape[:2], -1).sum(2)
     return const + c, cerr, err
+
+
+class _RoundingWeights(NamedTuple):
+    """How a chain's backward pass prices its rows' rounding at one op's output (per sample,
+    see :meth:`Propagator.backward_chunk`).
+
+    Attributes:
+        out: `(N, *out_shape)` ``W``: an error ``E`` on rows of the op's output costs the
+            bound at most ``E · W``.
+        rows: `(N, *out_shape)` ``g |L| W_in + (L_err W_in + b_err)``: what the transpose's
+            rounding of rows `a` costs, ``|a| · rows`` (None: the op only moves values).
+        bias: `(1, *out_shape)` ``|b|``: the constant ``b · a`` costs ``g_c |a| · |b|`` more.
+        tiny: `(N,)` the underflow terms, ``lin tiny sum(W_in)``.
+    """
+
+    out: Tensor
+    rows: Tensor | None
+    bias: Tensor | None
+    tiny: Tensor
+
+
+def _op_weights(op: Op, absolute: Op, exact: Op | None, below: Tensor) -> _RoundingWeights:
+    """:class:`_RoundingWeights` of linear op `op` (`absolute`, `exact`: its ``abs_op`` and
+    ``err_op``) given the weights `below` `(N, *in_shape)` of its input."""
+    rules = RULES[type(op)]
+    _, lin, _ = rules.terms(op)
+    if lin == 0:  # a reshape or permutation: weights move with the values
+        out = rules.forward(op, below)
+        return _RoundingWeights(out, None, None, below.new_zeros(below.shape[0]))
+    assert rules.abs_linear is not None
+    g = rounding.gamma(lin, below.dtype)
+    bias = rules.forward(absolute, below.new_zeros(1, *below.shape[1:]))
+    out = rules.forward(absolute, below)  # |L| W_in + |b|
+    rows = g * rules.abs_linear(op, below)
+    if exact is not None:
+        spread = RULES[type(exact)].forward(exact, below)  # L_err W_in + b_err
+        out, rows = out + spread, rows + spread
+    tiny = lin * rounding.tiny(below.dtype) * below.flatten(1).sum(1)
+    return _RoundingWeights(out, rows, bias if bool((bias != 0).any()) else None, tiny)
 
 
 def _intersect(lo: Tensor, hi: Tensor, known: tuple[Tensor, Tensor] | None
@@ -231,6 +274,8 @@ class Propagator:
         # input, see certify.bounds.forward_error
         self.perturbation: dict[int, Tensor] = {}
         self._abs_cache: dict[int, tuple[Op, Op | None]] = {}
+        # per chain position: (relaxation it was computed for, the weights below, weights)
+        self._weights: dict[int, tuple[Relaxation | None, Tensor | None, _RoundingWeights]] = {}
         self._chains = (model_chains(net) if net.runs_in is not None and net.is_chain
                         else None)
         # a DAG: rigorous bounds of every activation's exact output, once known (the model's
@@ -564,7 +609,8 @@ class Propagator:
         """How many rows of a backward pass from `start` fit the memory budget."""
         if self.options.chunk_size is not None:
             return self.options.chunk_size
-        factor = BACKWARD_FACTOR * (3 if self.rigorous else 2) // 2  # + the rows' error bounds
+        # a DAG's rigorous rows carry their elementwise error bounds too
+        factor = BACKWARD_FACTOR * (3 if self.rigorous and not self.net.is_chain else 2) // 2
         per_row = (self._widest(start, windowed) * factor * (2 if both else 1) * self.itemsize)
         return max(1, int(self.options.memory_budget_mb * MB // per_row))
 
@@ -711,11 +757,18 @@ class Propagator:
                 branch and bound).
 
         Rigorous mode (the default): the result bounds the *exact* rows over the box in exact
-        arithmetic. Between ReLUs every transposed op's rounding is tracked as an elementwise
-        bound ``E`` on the rows, ``E' = |L|^T (E + gamma_k |a|) + L_err^T (|a| + E)``, and on the
-        constants; at a ReLU the constant is :func:`~certify.bounds.relaxations.relu_constant`,
-        which holds for any computed new rows, so ``E`` restarts at 0; the box is concretized
-        with ``gamma_(D+1)`` error terms. The total error, times
+        arithmetic. Between ReLUs the transposes' rounding makes an error ``E`` on the rows,
+        ``E' <= |L|^T (E + gamma_k |a|) + L_err^T (|a| + E)``, and on the constants; at a ReLU
+        the constant is :func:`~certify.bounds.relaxations.relu_constant`, which holds for any
+        computed new rows, so ``E`` restarts at 0 and what it cost is ``E · w``, `w` a bound on
+        the ReLU's ``|output|`` (the input's reach ``|center| + radius`` at the box). A chain
+        never forms ``E``: it pays each op's share into the constant's error as the rows pass,
+        ``|a| · P`` with ``P = (gamma_k |L| + L_err) W_in + gamma_c |b| + b_err`` and ``W_out
+        = (|L| + L_err) W_in + |b| + b_err`` pushed *forward* once per sample from the block's
+        ``w`` (:meth:`_rounding_weights`): the same sum as ``E · w`` plus the constants'
+        ``(|b| + b_err) · E``, by associativity, for one dot product per row instead of one
+        more transpose of ``|L|``. A DAG's rows carry ``E`` elementwise (:meth:`_track`). The
+        box is concretized with ``gamma_(D+1)`` error terms. The total error, times
         :data:`~certify.bounds.rounding.SAFETY`, is taken off the bound, rounding outward.
 
         Returns:
@@ -733,13 +786,13 @@ class Propagator:
         u = rounding.unit_roundoff(dtype)
         b, r = a.shape[:2]
         a = a.reshape(b * r, *a.shape[2:])
-        err: Tensor | None = None
         cerr: Tensor | None = None
-        if rigorous:
-            err = (torch.zeros_like(a) if rows_err is None
-                   else rows_err.reshape(a.shape).to(dtype))
+        if rigorous:  # the rows' error is paid into the constant's as it arises
             cerr = (const.new_zeros(const.shape) if const_err is None
                     else const_err.to(dtype).clone())
+            if rows_err is not None:
+                cerr = cerr + self._rows_error_cost(start - 1, rows_err.to(dtype), samples,
+                                                    window)
         split = False
         for j in range(start - 1, -1, -1):
             op = self.layers[j]
@@ -747,14 +800,11 @@ class Propagator:
                 act = activation_rule(op)
                 if window is not None and not act.elementwise:  # e.g. MaxPool: rows made dense
                     a = _densify(a, window, op.out_shape)
-                    err = None if err is None else _densify(err, window, op.out_shape)
                     window = None
                 a3 = a.reshape(b, -1, *a.shape[1:])
                 if both and not split:
                     a3, const, split = torch.cat([a3, -a3], 1), torch.cat([const, -const], 1), True
-                    if err is not None and cerr is not None:
-                        e3 = err.reshape(b, -1, *err.shape[1:])
-                        err = torch.cat([e3, e3], 1).reshape(-1, *err.shape[1:])
+                    if cerr is not None:
                         cerr = torch.cat([cerr, cerr], 1)
                 relaxation = self.relaxations[j]
                 if window is not None:
@@ -766,7 +816,7 @@ class Propagator:
                     record[j] = a3
                 a3, c = act.backward(a3, relaxation, samples,
                                      None if alphas is None else alphas.get(j),
-                                     constant=err is None)
+                                     constant=cerr is None)
                 if betas is not None and j in betas:
                     # split neurons are stable (their bounds are clamped at 0): the constant
                     # of the substitution does not depend on their rows (0 is a valid minimum
@@ -775,35 +825,28 @@ class Propagator:
                 perturbation = self.perturbation.get(j)
                 if perturbation is not None and window is not None:
                     perturbation = _window_of(perturbation, window, *a.shape[2:])
-                const, cerr, err = _activation_constant(act, mu, a3, c, relaxation, samples,
-                                                        const, cerr, err, perturbation, u)
+                const, cerr, _ = _activation_constant(act, mu, a3, c, relaxation, samples,
+                                                      const, cerr, None, perturbation, u)
                 a = a3.reshape(-1, *a3.shape[2:])
                 continue
             rules = RULES[type(op)]
-            old = a
+            if cerr is not None:
+                cerr = cerr + self._rounding_cost(j, a, samples, window)
             if window is not None and rules.backward_window is not None:
-                old_window = window
                 a, c, *corner = rules.backward_window(op, a, *window)
                 window = (corner[0], corner[1])
-                if err is not None:
-                    err, cerr = self._track(op, old, err, cerr, old_window)  # type: ignore[arg-type]
             else:
                 if window is not None:
-                    shape = op.out_shape
-                    a, old = _densify(a, window, shape), _densify(old, window, shape)
-                    if err is not None:
-                        err = _densify(err, window, shape)
+                    a = _densify(a, window, op.out_shape)
                     window = None
                 a, c = rules.backward(op, a)  # type: ignore[misc]
-                if err is not None:
-                    err, cerr = self._track(op, old, err, cerr, None)  # type: ignore[arg-type]
             if c is not None:
                 const = const + c.reshape(b, -1)
                 if cerr is not None:
                     cerr = cerr + u * const.abs()
         if record is not None:
             record[-1] = a.reshape(b, -1, *a.shape[1:])
-        return self._concretize(a, const, err, cerr, samples, window, both=both, split=split,
+        return self._concretize(a, const, None, cerr, samples, window, both=both, split=split,
                                 r=r)
 
     def _backward_dag(self, start: int, a: Tensor, const: Tensor, samples: Tensor, *,
@@ -934,11 +977,12 @@ class Propagator:
         spread = torch.bmm(flat.abs(), radius).reshape(b, -1)
         lower = const + linear - spread
         slack: Tensor | None = None
-        if err is not None and cerr is not None:
+        if cerr is not None:
             d = flat.shape[2]
             g = rounding.gamma(d + 1, dtype)
             reach = center.abs() + radius
-            into = torch.bmm(err.reshape(flat.shape) + g * flat.abs(), reach).reshape(b, -1)
+            off = g * flat.abs() if err is None else err.reshape(flat.shape) + g * flat.abs()
+            into = torch.bmm(off, reach).reshape(b, -1)
             slack = rounding.SAFETY * (cerr + into + 3 * u * (const.abs() + linear.abs()
                                                               + spread.abs())
                                        + (d + 3) * rounding.tiny(dtype))
@@ -951,6 +995,70 @@ class Propagator:
         if slack is not None:
             upper = rounding.up(upper + slack)
         return lower, upper
+
+    def _rounding_cost(self, pos: int, a: Tensor, samples: Tensor, window: Window | None
+                       ) -> Tensor:
+        """What the rounding of the transpose of ``layers[pos]`` (a chain's linear op) applied
+        to rows `a` `(B * R, *out_shape)` (on `window`, if given) can cost the bound, `(B, R)`:
+        ``|a| · P``, `P` from :meth:`_rounding_weights` (see :meth:`backward_chunk`)."""
+        weights = self._rounding_weights(pos)
+        if weights.rows is None:  # moves values only: exact
+            return a.new_zeros(int(samples.shape[0]), a.shape[0] // int(samples.shape[0]))
+        op = self.layers[pos]
+        _, _, cons = RULES[type(op)].terms(op)
+        if isinstance(op, ScaleShiftOp):
+            # its constant sums the row's own elements (a window's, when windowed): at most
+            # numel + 1 terms (per channel: h w sums, then C products; see
+            # backward_scale_shift), however large the whole map is
+            cons = min(cons, a[0].numel() + 1)
+        p = weights.rows.index_select(0, samples)
+        if weights.bias is not None:
+            p = p + rounding.gamma(cons, a.dtype) * weights.bias
+        if window is not None:
+            p = _window_of(p, window, *a.shape[2:])
+        b = int(samples.shape[0])
+        cost = torch.bmm(a.abs().reshape(b, -1, p[0].numel()), p.reshape(b, -1, 1)).squeeze(2)
+        return cost + weights.tiny.index_select(0, samples).unsqueeze(1)
+
+    def _rows_error_cost(self, pos: int, rows_err: Tensor, samples: Tensor,
+                         window: Window | None) -> Tensor:
+        """What an elementwise error bound `rows_err` `(B, R, *shape)` on rows of the output of
+        ``layers[pos]`` (the input's, `pos = -1`) costs the bound, `(B, R)`:
+        ``rows_err · W``, `W` from :meth:`_rounding_weights`."""
+        w = self._rounding_weights(pos).out.index_select(0, samples)
+        if window is not None:
+            w = _window_of(w, window, *rows_err.shape[3:])
+        b, r = rows_err.shape[:2]
+        return torch.bmm(rows_err.reshape(b, r, -1), w.reshape(b, -1, 1)).squeeze(2)
+
+    def _rounding_weights(self, pos: int) -> _RoundingWeights:
+        """The weights that price a chain's rounding of rows at the output of ``layers[pos]``
+        (`pos = -1`: the input), for every sample (see :meth:`backward_chunk`)."""
+        if pos < 0:
+            if -1 not in self._weights:
+                reach = self.center.abs() + self.radius
+                self._weights[-1] = (None, None, _RoundingWeights(reach, None, None,
+                                                                  reach.new_zeros(self.n)))
+            return self._weights[-1][2]
+        op = self.layers[pos]
+        anchor = self.relaxations.get(pos) if is_activation(op) else None
+        cached = self._weights.get(pos)
+        if cached is not None and cached[0] is anchor and (
+                anchor is not None or cached[1] is self._rounding_weights(pos - 1).out):
+            return cached[2]
+        with torch.no_grad():
+            if is_activation(op):
+                # |act(z)| over the relaxation's [l, u] (its outward-rounded image)
+                lo, hi = self.pre_bounds[pos]
+                out_lo, out_hi = activation_rule(op).interval(lo, hi)
+                w = torch.maximum(out_lo.abs(), out_hi.abs()).reshape(self.n, *op.out_shape)
+                weights = _RoundingWeights(w, None, None, w.new_zeros(self.n))
+                below = None
+            else:
+                below = self._rounding_weights(pos - 1).out
+                weights = _op_weights(op, *self._abs_ops(op), below)
+        self._weights[pos] = (anchor, below, weights)
+        return weights
 
     def _track(self, op: Op, a: Tensor, err: Tensor, cerr: Tensor, window: Window | None
                ) -> tuple[Tensor, Tensor]:
