@@ -974,15 +974,18 @@ class Propagator:
         center = center.index_select(0, samples).reshape(b, -1, 1)
         radius = radius.index_select(0, samples).reshape(b, -1, 1)
         linear = torch.bmm(flat, center).reshape(b, -1)
-        spread = torch.bmm(flat.abs(), radius).reshape(b, -1)
+        magnitude = flat.abs()
+        spread = torch.bmm(magnitude, radius).reshape(b, -1)
         lower = const + linear - spread
         slack: Tensor | None = None
         if cerr is not None:
             d = flat.shape[2]
             g = rounding.gamma(d + 1, dtype)
-            reach = center.abs() + radius
-            off = g * flat.abs() if err is None else err.reshape(flat.shape) + g * flat.abs()
-            into = torch.bmm(off, reach).reshape(b, -1)
+            # g |a| · (|center| + radius), the spread's dot product reused
+            into = g * (torch.bmm(magnitude, center.abs()).reshape(b, -1) + spread)
+            if err is not None:
+                into = into + torch.bmm(err.reshape(flat.shape), center.abs() + radius
+                                        ).reshape(b, -1)
             slack = rounding.SAFETY * (cerr + into + 3 * u * (const.abs() + linear.abs()
                                                               + spread.abs())
                                        + (d + 3) * rounding.tiny(dtype))

@@ -271,17 +271,21 @@ def relu_constant(mu: Tensor, nu: Tensor, relaxation: Relaxation, samples: Tenso
     if m:
         order = torch.sort(unstable.to(torch.int8), dim=1, descending=True,
                            stable=True).indices[:, :m]  # (b, m): unstable first
-        valid = (torch.arange(m, device=mu.device)[None, :] < counts[:, None]).unsqueeze(1)
+        valid = torch.arange(m, device=mu.device)[None, :] < counts[:, None]  # (b, m)
         index = order.unsqueeze(1).expand(b, r, m)
         mu_u, nu_u = mu.gather(2, index), nu.gather(2, index)
-        lo_u, hi_u = lo.gather(1, order).unsqueeze(1), hi.gather(1, order).unsqueeze(1)
+        # padding gets l = u = 0, where h and its error terms are 0 (a non-finite row there
+        # makes the constant NaN: never a proof)
         zero = torch.zeros((), dtype=dtype, device=mu.device)
-        h = torch.where(valid, torch.minimum(-nu_u * lo_u, (mu_u - nu_u) * hi_u).clamp(max=0),
-                        zero)
-        err = torch.where(valid, nu_u.abs() * (hi_u - lo_u) + mu_u.abs() * hi_u, zero)
+        lo_u = torch.where(valid, lo.gather(1, order), zero).unsqueeze(2)  # (b, m, 1)
+        hi_u = torch.where(valid, hi.gather(1, order), zero).unsqueeze(2)
+        h = torch.minimum(-nu_u * lo_u.transpose(1, 2),
+                          (mu_u - nu_u) * hi_u.transpose(1, 2)).clamp(max=0)
         total = h.sum(2)
-        magnitude = h.abs().sum(2)
-        err_sum = rounding.gamma(3, dtype) * err.sum(2)
+        magnitude = -total  # every h <= 0 (the sums differ by their rounding, see SAFETY)
+        # gamma_3 (|nu| (u - l) + |mu| u): the rounding of h's products and difference
+        err_sum = rounding.gamma(3, dtype) * (torch.bmm(nu_u.abs(), hi_u - lo_u)
+                                              + torch.bmm(mu_u.abs(), hi_u)).squeeze(2)
     if mu_err is not None:
         err_sum = err_sum + torch.bmm(mu_err.reshape(b, r, n), hi.clamp(min=0).unsqueeze(2)
                                       ).squeeze(2)
