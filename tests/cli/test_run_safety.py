@@ -233,7 +233,7 @@ def test_ctrl_c_says_how_to_continue(args: list[str], target: str, hint: str, tm
 def test_sigint_of_a_real_training_run_prints_the_hint_and_keeps_its_state(
         tmp_path: Path) -> None:
     out = tmp_path / "m.pt"
-    args = ["train", "--dataset", "digits", "--arch", "mlp-32-16", "--epochs", "100000", "-q",
+    args = ["train", "--dataset", "digits", "--arch", "mlp-32-16", "--epochs", "400", "-q",
             "-o", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "certify", *args], text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env())
