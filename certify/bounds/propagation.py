@@ -214,6 +214,17 @@ def _op_weights(op: Op, absolute: Op, exact: Op | None, below: Tensor) -> _Round
     return _RoundingWeights(out, rows, bias if bool((bias != 0).any()) else None, tiny)
 
 
+def _constant_terms(op: Op, rows: Tensor) -> int:
+    """How many terms the constant of `op`'s transpose sums for rows `rows` `(P, ...)`: the
+    op's ``cons``; a ScaleShift's sums the row's own elements (a window's, when windowed), at
+    most numel + 1 terms (per channel: h w sums, then C products; see backward_scale_shift),
+    however large the whole map is."""
+    _, _, cons = RULES[type(op)].terms(op)
+    if isinstance(op, ScaleShiftOp):
+        cons = min(cons, rows[0].numel() + 1)
+    return cons
+
+
 def _intersect(lo: Tensor, hi: Tensor, known: tuple[Tensor, Tensor] | None
                ) -> tuple[Tensor, Tensor]:
     """`[lo, hi]` intersected with remembered bounds (both sound, so their intersection is)."""
@@ -1007,15 +1018,9 @@ class Propagator:
         weights = self._rounding_weights(pos)
         if weights.rows is None:  # moves values only: exact
             return a.new_zeros(int(samples.shape[0]), a.shape[0] // int(samples.shape[0]))
-        op = self.layers[pos]
-        _, _, cons = RULES[type(op)].terms(op)
-        if isinstance(op, ScaleShiftOp):
-            # its constant sums the row's own elements (a window's, when windowed): at most
-            # numel + 1 terms (per channel: h w sums, then C products; see
-            # backward_scale_shift), however large the whole map is
-            cons = min(cons, a[0].numel() + 1)
         p = weights.rows.index_select(0, samples)
         if weights.bias is not None:
+            cons = _constant_terms(self.layers[pos], a)
             p = p + rounding.gamma(cons, a.dtype) * weights.bias
         if window is not None:
             p = _window_of(p, window, *a.shape[2:])
@@ -1068,7 +1073,7 @@ class Propagator:
         """The rows' and constants' error bounds after the transpose of `op` (see
         :meth:`backward_chunk`); `a` are the rows before it."""
         rules = RULES[type(op)]
-        _, lin, cons = rules.terms(op)
+        _, lin, _ = rules.terms(op)
         if lin == 0:  # a reshape
             return rules.backward(op, err)[0], cerr  # type: ignore[misc]
         dtype = a.dtype
@@ -1087,11 +1092,7 @@ class Propagator:
             # The constant's error: |b| · E (the rows' own error) plus its sum's rounding,
             # g_c |a| · |b| (a dot product of at most `cons` terms). `c` is
             # |b| · (E + g|a|) >= |b| · E + g |a| · |b|.
-            if isinstance(op, ScaleShiftOp):
-                # its constant sums the row's own elements (a window's, when windowed): at
-                # most numel + 1 terms (per channel: h w sums, then C products; see
-                # backward_scale_shift), however large the whole map is
-                cons = min(cons, a[0].numel() + 1)
+            cons = _constant_terms(op, a)
             g_c = rounding.gamma(cons, dtype)
             if cons > 4 * lin:
                 # a sum much longer than a row's (a ScaleShift: every pixel): |a| · |b| on its
