@@ -230,16 +230,28 @@ def test_ctrl_c_says_how_to_continue(args: list[str], target: str, hint: str, tm
     assert hint in lines[-1]
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_of_a_real_training_run_prints_the_hint_and_keeps_its_state(
         tmp_path: Path) -> None:
     out = tmp_path / "m.pt"
-    args = ["train", "--dataset", "digits", "--arch", "mlp-32-16", "--epochs", "400", "-q",
+    args = ["train", "--dataset", "digits", "--arch", "mlp-32-16", "--epochs", "100000", "-q",
             "-o", str(out)]
+    # SIGINT as a terminal's Ctrl-C delivers it: a child of a runner that ignores SIGINT (a CI
+    # job started in the background) inherits SIG_IGN, and Python then installs no handler
     proc = subprocess.Popen([sys.executable, "-m", "certify", *args], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(),
+                            preexec_fn=_default_sigint)
     wait_for(lambda: out.with_name("m.pt.partial").exists(), "the first epoch's state", proc)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        left = proc.communicate()[1]
+        raise AssertionError(f"still training 120 s after SIGINT: {left}") from None
     assert proc.returncode == 130, err
     assert "Aborted!" not in err and "Traceback" not in err
     assert "interrupted: what was saved so far is valid; rerun it with the same options and " \
