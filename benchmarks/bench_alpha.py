@@ -7,15 +7,19 @@ alpha-CROWN on every layer (20 steps, lr 0.1), all rigorous in float32; where au
 importable, its CROWN and its alpha-CROWN with every layer's slopes optimized
 (``fix_interm_bounds=False``, 20 iterations, lr 0.1) on the same boxes (its normalization
 stripped and the box mapped through it, as ``certify.bounds.auto_lirpa`` does). The issue's
-measure is each tool's improvement over its own CROWN. Run one benchmark at a time.
+measure is each tool's improvement over its own CROWN. Each CPU time is the median of
+`--repeat` runs of the same call (one run of a fraction of a second varies by ~10 %); the
+bounds of the repeats are identical. Run one benchmark at a time.
 
-    python benchmarks/bench_alpha.py [--n 20]
+    python benchmarks/bench_alpha.py [--n 20] [--repeat 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from bench_radius import train_digits
@@ -27,8 +31,21 @@ from certify.spec import LinfBall, margin_spec
 CASES = (("mlp-100-100", 0.08), ("scn-16-32", 0.03))
 
 
+def _timed(run: Callable[[], torch.Tensor], repeat: int) -> tuple[float, float]:
+    """The mean of the lower bounds `run` returns, and its median CPU time over `repeat` runs."""
+    seconds, means = [], []
+    for _ in range(repeat):
+        t0 = time.process_time()
+        lower = run()
+        seconds.append(time.process_time() - t0)
+        means.append(float(lower.detach().mean()))
+    if len(set(means)) > 1:
+        raise RuntimeError(f"repeated runs gave different bounds: {means}")
+    return means[0], statistics.median(seconds)
+
+
 def _lirpa(model: torch.nn.Module, lo: torch.Tensor, hi: torch.Tensor,
-           spec: torch.Tensor) -> dict[str, tuple[float, float]]:
+           spec: torch.Tensor, repeat: int) -> dict[str, tuple[float, float]]:
     try:
         from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
     except ImportError:
@@ -44,14 +61,16 @@ def _lirpa(model: torch.nn.Module, lo: torch.Tensor, hi: torch.Tensor,
                                                             x_U=n_hi))
     out = {}
     for method in ("CROWN", "alpha-CROWN"):
-        t0 = time.process_time()
-        with torch.enable_grad():
-            lower, _ = bounded.compute_bounds(x=(x,), C=spec, method=method, bound_upper=False)
-        out[f"auto_LiRPA {method}"] = (float(lower.detach().mean()), time.process_time() - t0)
+        def run(method: str = method) -> torch.Tensor:
+            with torch.enable_grad():
+                return bounded.compute_bounds(x=(x,), C=spec, method=method,
+                                              bound_upper=False)[0]
+        out[f"auto_LiRPA {method}"] = _timed(run, repeat)
     return out
 
 
-def compare_alpha(arch: str, eps: float, x: torch.Tensor, y: torch.Tensor) -> None:
+def compare_alpha(arch: str, eps: float, x: torch.Tensor, y: torch.Tensor,
+                  repeat: int = 5) -> None:
     """Print the comparison on one digits model at one eps."""
     model = train_digits(arch, epochs=10, seed=0)
     lo, hi = LinfBall(x, eps).box()
@@ -62,13 +81,13 @@ def compare_alpha(arch: str, eps: float, x: torch.Tensor, y: torch.Tensor) -> No
             ("alpha-crown, last layer", "alpha-crown",
              {"optimize_intermediate": False, "optimize_upper": False}),
             ("alpha-crown, every layer", "alpha-crown", {"optimize_upper": False})):
-        t0 = time.process_time()
-        b = compute_bounds(model, lo, hi, method, spec, **options)
-        rows[label] = (float(b.lower.detach().mean()), time.process_time() - t0)
-    rows.update(_lirpa(model, lo, hi, spec))
+        def run(method: str = method, options: dict = options) -> torch.Tensor:
+            return compute_bounds(model, lo, hi, method, spec, **options).lower
+        rows[label] = _timed(run, repeat)
+    rows.update(_lirpa(model, lo, hi, spec, repeat))
     print(f"\n{arch}, eps {eps}")
     for label, (mean, seconds) in rows.items():
-        print(f"  {label:28s} mean lower {mean:9.4f}   {seconds:6.2f} CPU s")
+        print(f"  {label:28s} mean lower {mean:9.4f}   {seconds:6.3f} CPU s (median)")
     ours = rows["alpha-crown, every layer"][0] - rows["crown"][0]
     print(f"  improvement over CROWN: ours {ours:.4f}", end="")
     if "auto_LiRPA alpha-CROWN" in rows:
@@ -83,12 +102,13 @@ def compare_alpha(arch: str, eps: float, x: torch.Tensor, y: torch.Tensor) -> No
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=5, help="runs per timing (median)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     x, y = next(iter(load_dataset("digits", "test").batches(args.n)))
     print(f"digits test points 0..{args.n - 1}, float32, torch {torch.__version__}, 1 thread")
     for arch, eps in CASES:
-        compare_alpha(arch, eps, x, y)
+        compare_alpha(arch, eps, x, y, args.repeat)
 
 if __name__ == "__main__":
     main()

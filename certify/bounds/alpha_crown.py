@@ -198,6 +198,9 @@ def keep_best(value: Tensor, best: Tensor, current: Mapping[Any, Tensor],
     return torch.where(better, value, best)
 
 
+_SQRT_FLOOR = 1e-30  # a normal number in float32 and float64
+
+
 def adam_ascent(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, t: int, lr: float, *,
                 upper: float | None = 1.0, betas: tuple[float, float] = (0.9, 0.999),
                 eps: float = 1e-8) -> None:
@@ -205,8 +208,11 @@ def adam_ascent(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, t: int, lr: f
     (``[0, inf)`` for ``upper=None``)."""
     m.mul_(betas[0]).add_(grad, alpha=1 - betas[0])
     v.mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
-    # lr m_hat / (sqrt(v_hat) + eps) with the bias corrections folded into scalars
-    denom = v.sqrt().div_(math.sqrt(1 - betas[1] ** t)).add_(eps)
+    # lr m_hat / (sqrt(v_hat) + eps) with the bias corrections folded into scalars. The
+    # square root is taken of v + 1e-30: x86 CPUs take ~20x longer for sqrt(0) than for any
+    # normal number, and most entries of v are zero (the slopes of stable neurons, which get
+    # no gradient); the floor moves sqrt(v_hat) by at most 1e-15, far below eps.
+    denom = v.add(_SQRT_FLOOR).sqrt_().div_(math.sqrt(1 - betas[1] ** t)).add_(eps)
     param.addcdiv_(m, denom, value=lr / (1 - betas[0] ** t)).clamp_(0.0, upper)
 
 
