@@ -63,10 +63,11 @@ def gamma(k: int, dtype: torch.dtype) -> float:
 def down(t: Tensor) -> Tensor:
     """The next float below each value (rounds a result that was rounded to nearest down),
     never a subnormal one: a step that lands strictly between ``-tiny`` and ``tiny`` (the
-    smallest normal) goes on down to 0 or ``-tiny``, whichever comes first (``down(0) = -tiny``,
-    not ``-2^-149``). A smaller value is a lower bound all the same; subnormal numbers cost x86 CPUs 20-50x
-    more in every product they enter (a ReLU's rigorous upper bound ``up(0)`` of an inactive
-    neuron would otherwise make every later layer's interval and error products slow).
+    smallest normal) goes on down to 0 or ``-tiny``, whichever comes first
+    (``down(0) = -tiny``, not ``-2^-149``). A smaller value is a lower bound all the same;
+    subnormal numbers cost x86 CPUs 20-50x more in every product they enter (a ReLU's
+    rigorous upper bound ``up(0)`` of an inactive neuron would otherwise make every later
+    layer's interval and error products slow).
 
     Differentiable as the identity (``nextafter`` itself has no gradient)."""
     return _step(t, float("-inf"))
