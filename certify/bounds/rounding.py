@@ -81,15 +81,13 @@ def up(t: Tensor) -> Tensor:
 
 def _step(t: Tensor, toward: float) -> Tensor:
     moved = torch.nextafter(t.detach(), torch.full_like(t.detach(), toward))
-    if moved.is_floating_point():
-        small = float(torch.finfo(moved.dtype).tiny)
-        # strictly between -tiny and tiny (a subnormal, or a zero stepped to from one): on in
-        # the direction of the step to 0 when the value is on the other side of 0, else to
-        # +-tiny
-        past = moved.new_full((), small if toward > 0 else -small)
-        before = t.detach() < 0 if toward > 0 else t.detach() > 0
-        onward = torch.where(before, moved.new_zeros(()), past)
-        moved = torch.where(moved.abs() < small, onward, moved)
+    small = tiny(moved.dtype)
+    # strictly between -tiny and tiny (a subnormal, or a zero stepped to from one): on in the
+    # direction of the step to 0 when the value is on the other side of 0, else to +-tiny
+    past = moved.new_full((), small if toward > 0 else -small)
+    before = t.detach() < 0 if toward > 0 else t.detach() > 0
+    onward = torch.where(before, moved.new_zeros(()), past)
+    moved = torch.where(moved.abs() < small, onward, moved)
     if not t.requires_grad:
         return moved
     # t + (moved - t) is `moved` exactly (adjacent floats differ exactly); keep non-finite
