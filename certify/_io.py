@@ -10,13 +10,15 @@ import io
 import json
 import os
 import re
+import signal
 import stat
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from certify.errors import DiskFullError
+from certify.errors import DiskFullError, OutputError
 
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 # what mkstemp adds between atomic_open's prefix and suffix
@@ -37,27 +39,58 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[An
     """
     path = Path(path)
     check_output_file(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        _raise_if_disk_full(e, path)
-        raise _output_error(path, e) from None
+    tmp: str | None = None
     try:  # from here on an interrupt (Ctrl-C) removes the temporary file too
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, mode) as f:
+        try:
+            with interrupts_held():  # an interrupt comes once `tmp` and `f` are bound
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
+                                           dir=path.parent)
+                f = os.fdopen(fd, mode)
+        except OSError as e:
+            _raise_if_disk_full(e, path)
+            raise _output_error(path, e) from None
+        with f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600: the usual permissions
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(e, (DiskFullError, OutputError)):
+            raise
         _raise_if_disk_full(e, path)
         if not isinstance(e, KeyboardInterrupt) and _cause(e, KeyboardInterrupt) is not None:
             # Ctrl-C inside a writer that turns it into its own error (torch.save's zip writer
             # raises a RuntimeError while the interrupt unwinds): it is still an interrupt
             raise KeyboardInterrupt from e
         raise
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) for the block and deliver it when the block ends.
+
+    For a few statements that must finish together, such as creating a temporary file and
+    binding its name: ``tempfile.mkstemp`` creates the file and then runs more Python code before
+    it returns, and an interrupt landing there would leak a file its caller never learns of.
+    Only Python-level handlers can be held, and they run in the main thread only; elsewhere, or
+    when SIGINT is ignored or has its default action, this does nothing.
+    """
+    handler = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(handler):
+        yield
+        return
+    held: list[tuple[int, Any]] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        if held:
+            handler(*held[0])
 
 
 def _cause(error: BaseException, kind: type[BaseException]) -> BaseException | None:
@@ -130,8 +163,6 @@ def _kind(mode: int) -> str:
 
 def _output_error(path: Path, e: OSError) -> Exception:
     """An :class:`~certify.errors.OutputError` naming why `path` cannot be written."""
-    from certify.errors import OutputError
-
     if isinstance(e, NotADirectoryError) or (isinstance(e, FileExistsError)
                                              and not Path(e.filename or path).is_dir()):
         blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()),

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Literal
 
-from certify._io import atomic_open
+from certify._io import atomic_open, interrupts_held
 from certify.errors import DatasetError
 
 CHUNK_BYTES = 1 << 20
@@ -329,12 +329,15 @@ def _unwritable(folder: Path, error: OSError) -> DatasetError:
 def _download_verified(url: str, dest: Path, remote: RemoteFile, *, quiet: bool) -> None:
     from certify.utils import progress
 
+    tmp: Path | None = None
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    except OSError as e:
-        raise _unwritable(dest.parent, e) from None
-    tmp = Path(tmp_name)
-    try:
+        try:
+            with interrupts_held():  # a Ctrl-C comes once `tmp` is bound: the finally removes it
+                fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part",
+                                                dir=dest.parent)
+                tmp = Path(tmp_name)
+        except OSError as e:
+            raise _unwritable(dest.parent, e) from None
         digest = hashlib.md5(usedforsecurity=False)
         received = 0
         total: int | None = None
@@ -367,7 +370,8 @@ def _download_verified(url: str, dest: Path, remote: RemoteFile, *, quiet: bool)
                                   "(corrupt or changed download); it was removed")
         os.replace(tmp, dest)
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def _extract_member(name: str, tar: tarfile.TarFile, archive: Path, member: str,

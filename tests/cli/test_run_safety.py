@@ -420,3 +420,38 @@ def test_ctrl_c_inside_a_writer_that_wraps_it_is_still_an_interrupt(tmp_path: Pa
     with pytest.raises(RuntimeError, match="plain failure"):  # other errors stay themselves
         with certify._io.atomic_open(target, "wb"):
             raise RuntimeError("plain failure")
+
+
+@pytest.mark.parametrize("where", ["atomic_open", "download"])
+def test_ctrl_c_while_the_temporary_file_is_made_leaves_no_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """mkstemp creates its file and then runs more Python code before it returns the name: a
+    Ctrl-C landing there (as one did in CI, in a training run saving its state every few ms) must
+    still end as an interrupt that leaves no temporary file behind."""
+    import tempfile
+
+    import certify.data.download as download
+
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp_interrupted_after_creating(*args: Any, **kwargs: Any) -> tuple[int, str]:
+        created = real_mkstemp(*args, **kwargs)
+        signal.raise_signal(signal.SIGINT)  # Python runs the handler at once, here
+        return created
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_interrupted_after_creating)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            if where == "atomic_open":
+                with certify._io.atomic_open(tmp_path / "state.pt", "wb") as f:
+                    f.write(b"never reached")
+            else:
+                remote = download.RemoteFile(filename="f.bin", urls=(), md5="0" * 32,
+                                             splits=())
+                download._download_verified("http://127.0.0.1:9/f.bin", tmp_path / "f.bin",
+                                            remote, quiet=True)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert list(tmp_path.iterdir()) == []
