@@ -142,7 +142,7 @@ def two(digits_model: Path, work: Path) -> tuple[Path, dict[str, dict[str, Any]]
                            "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
                            str(DRIVER), str(plan)], capture_output=True, text=True, env=env,
                           timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, done.stderr[-12000:]
     return out, json.loads((out / "rank-0.json").read_text())
 
 

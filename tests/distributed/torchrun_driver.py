@@ -10,11 +10,16 @@ results. A step ``{"name", "copy": [src, dst]}`` instead has rank 0 copy the fol
 `dst` (e.g. a failed run's shards before ``--resume`` merges them) while the other ranks wait.
 Each rank writes ``<out>/rank-<r>.json``: per step its exit code, stdout and stderr. One launch
 instead of one per command saves the start-up of torchrun, Python and torch for every command.
+
+Should a rank die by a signal (a crash inside torch's process group, say), the launch's stderr
+tells where: each rank names every step on the real stderr as it starts it, and
+:mod:`faulthandler` prints every thread's Python stack on a fatal signal.
 """
 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import io
 import json
 import os
@@ -97,12 +102,17 @@ def copy_step(src: str, dst: str) -> dict[str, object]:
 
 
 def main() -> None:
+    # the real stderr: the steps' own output is captured (redirect_stderr), these lines are not
+    faulthandler.enable(file=sys.__stderr__, all_threads=True)
     plan = json.loads(Path(sys.argv[1]).read_text())
     rank = int(os.environ.get("RANK", "0"))
-    record = {step["name"]: copy_step(*step["copy"]) if "copy" in step
-              else run_step(step["args"], step.get("env", {}), step.get("fail"))
-              for step in plan["steps"]}
+    record = {}
+    for step in plan["steps"]:
+        print(f"rank {rank}: step {step['name']}", file=sys.__stderr__, flush=True)
+        record[step["name"]] = (copy_step(*step["copy"]) if "copy" in step
+                                else run_step(step["args"], step.get("env", {}), step.get("fail")))
     Path(plan["out"], f"rank-{rank}.json").write_text(json.dumps(record, indent=1))
+    print(f"rank {rank}: done, exiting", file=sys.__stderr__, flush=True)
 
 
 if __name__ == "__main__":
