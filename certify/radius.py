@@ -749,6 +749,10 @@ def _confirm(brackets: list[_Bracket | None], x: Tensor, y: Tensor, confirm_fn: 
                 continue  # confirmed (at the search's own end, or within tol of a failure)
             if good < 0:  # still stepping down
                 nxt = first - max(tol, first * 2.0**-20) * CONFIRM_GROWTH**k
+                while k == 0 and first - nxt > tol:
+                    # the first step is one tol, as computed: a proof there closes the
+                    # bracket, where the rounded difference a hair above tol cost a bisection
+                    nxt = math.nextafter(nxt, math.inf)
                 st[3] = k + 1
                 if nxt <= 0:
                     st[0] = 0.0

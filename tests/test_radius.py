@@ -234,6 +234,31 @@ def test_float32_search_evaluates_representable_eps_and_reverifies():
     assert (lin.bound(x32[pos], lin.y[pos], res.certified_eps[pos].float()) > 0).all()
 
 
+def test_a_radius_the_rigorous_bound_refutes_steps_down_one_tol_in_one_evaluation():
+    """The confirming bound trails the steering one by half a tol of eps: where it fails at the
+    search's end, one step of tol down proves, and closes the bracket at once (a difference
+    of a hair above tol in floating point once cost one more evaluation per such sample)."""
+    lin = Linear(n=60, seed=21, wrong=0)
+    model32, x32 = lin.model.float(), lin.x.float()
+    confirms: dict[bytes, list[float]] = {}
+
+    def confirm(xs, ys, eps):
+        for row, e in zip(xs, eps.tolist(), strict=True):
+            confirms.setdefault(row.numpy().tobytes(), []).append(e)
+        return lin.bound(xs, ys, eps + TOL / 2)
+
+    res = search_radii(model32, x32, lin.y, lin.bound, confirm_fn=confirm, tol=TOL)
+    ok = res.certified_eps > 0
+    assert int(ok.sum()) >= 50
+    # every radius is proven by the confirming bound, and within tol of a failure
+    assert (lin.bound(x32[ok], lin.y[ok], res.certified_eps[ok] + TOL / 2) > 0).all()
+    assert (res.search_upper[ok] - res.certified_eps[ok] <= TOL).all()
+    tries = [confirms[row.numpy().tobytes()] for row in x32[ok]]
+    stepped = [t for t in tries if len(t) > 1]
+    assert stepped, "no radius was refuted: the test proves nothing"
+    assert all(len(t) == 2 and t[0] - t[1] <= TOL for t in stepped), stepped
+
+
 # ---------------------------------------------------------------------------- attack and hint
 
 
