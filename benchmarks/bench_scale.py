@@ -178,6 +178,20 @@ def run_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     runs: dict[str, Any] = {}
     runs["certify"] = search()
     out["peak_mb"]["search"] = peak_mb()
+    if args.learn:
+        # certify area's steady state: every batch after the first ones starts from the
+        # median certified/attack ratio of the first samples (learned on other samples here)
+        from certify.run.iterate import learned_guess
+
+        xl, yl = synthetic_svhn(args.learn, args.seed + 3)
+        xl, yl = xl.to(device), yl.to(device)
+        attack_l = min_adversarial_eps(model, xl, yl, eps_max=args.eps_max, tol=args.tol,
+                                       generator=g)
+        first = certified_radii(model, xl, yl, "crown", eps_max=args.eps_max, tol=args.tol,
+                                attack_eps=attack_l)
+        guess = learned_guess(first.rows(), attack)
+        if guess is not None:
+            runs["certify, learned guesses"] = search(guess=guess)
     if not args.skip_baseline:
         runs["certify, no reuse"] = search(reuse=False)
     if args.lirpa:
@@ -267,6 +281,10 @@ def main() -> None:
                    help="also auto_LiRPA's bound and searches, where importable")
     p.add_argument("--rigorous-bound", action="store_true",
                    help="also time one rigorous float64 bound (what confirms each radius)")
+    p.add_argument("--learn", type=int, default=8,
+                   help="samples (other than the measured ones, not timed) whose radii teach "
+                        "the first guesses of the 'learned guesses' search, as certify area's "
+                        "first batches teach the later ones; 0: skip it (default 8)")
     p.add_argument("--skip-baseline", action="store_true",
                    help="skip the search without intermediate-bound reuse")
     p.add_argument("--out", default="reports/bench_scale")

@@ -178,8 +178,9 @@ def certify_dataset(model: nn.Module, data: Samples, methods: Sequence[str], *,
         earlier = set(positions[:min(b * batch_size, prefix * batch_size)])
         for m in todo:
             previous = [r for p, r in learned[m].items() if p in earlier]
-            search_args = _SearchArgs(model, m, x, y, attack_eps, _guess(previous, attack_eps),
-                                      batch, eps_max=eps_max, tol=tol, search=search,
+            search_args = _SearchArgs(model, m, x, y, attack_eps,
+                                      learned_guess(previous, attack_eps), batch,
+                                      eps_max=eps_max, tol=tol, search=search,
                                       options=dict(options.get(m, {})))
             if m in slow_logs:  # one sample at a time (each searches alone anyway)
                 parts = []
@@ -239,8 +240,17 @@ def _per_sample_method(method: str) -> bool:
     return bool(get_method(method).accepts_time_budget)
 
 
-def _guess(previous: Sequence[SampleRow], attack_eps: Tensor | None) -> Tensor | None:
-    """First guesses from earlier batches: their median certified/attack ratio times attack eps."""
+def learned_guess(previous: Sequence[SampleRow], attack_eps: Tensor | None) -> Tensor | None:
+    """First guesses from earlier batches: their median certified/attack ratio times attack eps.
+
+    Args:
+        previous: Rows of earlier samples (those misclassified, unproven or unattacked do not
+            count).
+        attack_eps: `(N,)` the attack eps of the samples to guess for.
+    Returns:
+        `(N,)` first guesses, or None without attack eps or with fewer than
+        :data:`MIN_RATIO_SAMPLES` usable earlier rows (the search's default guess applies).
+    """
     if attack_eps is None:
         return None
     ratios = [r.certified_eps / r.attack_eps for r in previous
