@@ -748,10 +748,11 @@ def _confirm(brackets: list[_Bracket | None], x: Tensor, y: Tensor, confirm_fn: 
             if good >= 0 and (bad - good <= tol or not math.isfinite(bad)):
                 continue  # confirmed (at the search's own end, or within tol of a failure)
             if good < 0:  # still stepping down
-                nxt = first - max(tol, first * 2.0**-20) * CONFIRM_GROWTH**k
-                while k == 0 and first - nxt > tol:
-                    # the first step is one tol, as computed: a proof there closes the
-                    # bracket, where the rounded difference a hair above tol cost a bisection
+                step = max(tol, first * 2.0**-20)
+                nxt = first - step * CONFIRM_GROWTH**k
+                if k == 0 and step == tol and first - nxt > tol:
+                    # a step of one tol, as computed: a proof there closes the bracket, where
+                    # the rounded difference a hair above tol cost one more bisection
                     nxt = math.nextafter(nxt, math.inf)
                 st[3] = k + 1
                 if nxt <= 0:
