@@ -42,6 +42,7 @@ the encoding table) -- no ``isinstance`` chains; see CONTRIBUTING.md.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from math import prod
@@ -402,9 +403,61 @@ def abs_linear_conv(op: ConvOp, x: Tensor) -> Tensor:
     return F.conv2d(x, op.weight.abs(), None, op.stride, op.padding)
 
 
+# The transpose of a small convolution is faster as one matrix product with its dense matrix
+# than as `conv_transpose2d` (whose CPU kernel pays a fixed cost per row: 10x slower on digits
+# CNNs' 4x4 maps): the dense matrix is used where it holds at most DENSE_MAX_ENTRIES entries and
+# costs at most DENSE_MAX_RATIO times the transposed convolution's multiply-adds, or at most
+# DENSE_SMALL_MACS per row (there the fixed cost dominates). Its entries are the weights
+# themselves, placed by index (exact), and the products it adds beyond the convolution's are
+# exact zeros, so every sum has the same rounded terms: the `terms` rule stands.
+DENSE_MAX_ENTRIES = 1 << 22
+DENSE_MAX_RATIO = 2.5
+DENSE_SMALL_MACS = 1 << 18
+_DENSE: weakref.WeakKeyDictionary[ConvOp, dict[tuple[Any, ...], Tensor | None]] = (
+    weakref.WeakKeyDictionary())
+
+
+def dense_transpose(op: ConvOp, h: int, w: int, padded: bool) -> Tensor | None:
+    """The convolution's transpose for `h x w` output maps as a dense `(Co h w, Ci H W)`
+    matrix, or None where `conv_transpose2d` is cheaper (see DENSE_MAX_RATIO).
+
+    `padded`: the whole output map of `op` (``in_shape`` back, padding dropped); else an output
+    window without padding (the input window ``((h - 1) s + kh, (w - 1) s + kw)``)."""
+    co, ci, kh, kw = op.weight.shape
+    sh, sw = op.stride
+    ph, pw = op.padding if padded else (0, 0)
+    hi, wi = op.in_shape[1:] if padded else ((h - 1) * sh + kh, (w - 1) * sw + kw)
+    entries = co * h * w * ci * hi * wi  # also the multiply-adds per row
+    macs = co * h * w * ci * kh * kw
+    if entries > DENSE_MAX_ENTRIES or (entries > DENSE_MAX_RATIO * macs
+                                       and entries > DENSE_SMALL_MACS):
+        return None
+    cache = _DENSE.setdefault(op, {})
+    key = (h, w, padded, op.weight.dtype, op.weight.device)
+    if key not in cache:
+        dev = op.weight.device
+        dense = torch.zeros(co, h, w, ci, hi, wi, dtype=op.weight.dtype, device=dev)
+        # (output row, output column, input row, input column, Co, Ci): one kernel tap at a time
+        view = dense.permute(1, 2, 4, 5, 0, 3)
+        for ki in range(kh):
+            for kj in range(kw):
+                y = torch.arange(h, device=dev) * sh - ph + ki
+                x = torch.arange(w, device=dev) * sw - pw + kj
+                iy = ((y >= 0) & (y < hi)).nonzero(as_tuple=True)[0]
+                jx = ((x >= 0) & (x < wi)).nonzero(as_tuple=True)[0]
+                view[iy[:, None], jx[None, :], y[iy][:, None], x[jx][None, :]] = (
+                    op.weight.detach()[:, :, ki, kj])
+        cache[key] = dense.view(co * h * w, ci * hi * wi)
+    return cache[key]
+
+
 def backward_conv(op: ConvOp, a: Tensor) -> tuple[Tensor, Tensor | None]:
     const = a.sum((2, 3)) @ op.bias if op.bias is not None else None
-    out = F.conv_transpose2d(a, op.weight, None, op.stride, op.padding, op.output_padding)
+    dense = dense_transpose(op, a.shape[2], a.shape[3], padded=True)
+    if dense is not None:
+        out = (a.reshape(a.shape[0], -1) @ dense).view(a.shape[0], *op.in_shape)
+    else:
+        out = F.conv_transpose2d(a, op.weight, None, op.stride, op.padding, op.output_padding)
     return out, const
 
 
@@ -417,7 +470,14 @@ def backward_window_conv(op: ConvOp, a: Tensor, top: int, left: int
     with its corner. Exact: outside the windows the rows are zero.
     """
     const = a.sum((2, 3)) @ op.bias if op.bias is not None else None
-    out = F.conv_transpose2d(a, op.weight, None, op.stride)
+    h, w = a.shape[2:]
+    dense = dense_transpose(op, h, w, padded=False)
+    if dense is not None:
+        size = ((h - 1) * op.stride[0] + op.weight.shape[2],
+                (w - 1) * op.stride[1] + op.weight.shape[3])
+        out = (a.reshape(a.shape[0], -1) @ dense).view(a.shape[0], op.weight.shape[1], *size)
+    else:
+        out = F.conv_transpose2d(a, op.weight, None, op.stride)
     corner = [top * op.stride[0] - op.padding[0], left * op.stride[1] - op.padding[1]]
     cuts = []
     for i in range(2):
