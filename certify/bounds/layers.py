@@ -413,13 +413,14 @@ def abs_linear_conv(op: ConvOp, x: Tensor) -> Tensor:
 DENSE_MAX_ENTRIES = 1 << 22
 DENSE_MAX_RATIO = 2.5
 DENSE_SMALL_MACS = 1 << 18
-_DENSE: weakref.WeakKeyDictionary[ConvOp, dict[tuple[Any, ...], Tensor | None]] = (
+_DENSE: weakref.WeakKeyDictionary[ConvOp, dict[tuple[Any, ...], Tensor]] = (
     weakref.WeakKeyDictionary())
 
 
 def dense_transpose(op: ConvOp, h: int, w: int, padded: bool) -> Tensor | None:
-    """The convolution's transpose for `h x w` output maps as a dense `(Co h w, Ci H W)`
-    matrix, or None where `conv_transpose2d` is cheaper (see DENSE_MAX_RATIO).
+    """The convolution's transpose for `h x w` output maps as a dense matrix, its columns
+    shaped as the input map, `(Co h w, Ci, H, W)`, or None where `conv_transpose2d` is cheaper
+    (see DENSE_MAX_RATIO).
 
     `padded`: the whole output map of `op` (``in_shape`` back, padding dropped); else an output
     window without padding (the input window ``((h - 1) s + kh, (w - 1) s + kw)``)."""
@@ -435,28 +436,35 @@ def dense_transpose(op: ConvOp, h: int, w: int, padded: bool) -> Tensor | None:
     cache = _DENSE.setdefault(op, {})
     key = (h, w, padded, op.weight.dtype, op.weight.device)
     if key not in cache:
-        dev = op.weight.device
-        dense = torch.zeros(co, h, w, ci, hi, wi, dtype=op.weight.dtype, device=dev)
+        dev, weight = op.weight.device, op.weight.detach()
+        dense = torch.zeros(co, h, w, ci, hi, wi, dtype=weight.dtype, device=dev)
         # (output row, output column, input row, input column, Co, Ci): one kernel tap at a time
         view = dense.permute(1, 2, 4, 5, 0, 3)
+        rows, cols = torch.arange(h, device=dev) * sh - ph, torch.arange(w, device=dev) * sw - pw
         for ki in range(kh):
             for kj in range(kw):
-                y = torch.arange(h, device=dev) * sh - ph + ki
-                x = torch.arange(w, device=dev) * sw - pw + kj
+                y, x = rows + ki, cols + kj
                 iy = ((y >= 0) & (y < hi)).nonzero(as_tuple=True)[0]
                 jx = ((x >= 0) & (x < wi)).nonzero(as_tuple=True)[0]
                 view[iy[:, None], jx[None, :], y[iy][:, None], x[jx][None, :]] = (
-                    op.weight.detach()[:, :, ki, kj])
-        cache[key] = dense.view(co * h * w, ci * hi * wi)
+                    weight[:, :, ki, kj])
+        cache[key] = dense.view(co * h * w, ci, hi, wi)
     return cache[key]
+
+
+def _dense_backward(op: ConvOp, a: Tensor, padded: bool) -> Tensor | None:
+    """`a` `(P, Co, h, w)` through :func:`dense_transpose`'s matrix, `(P, Ci, H, W)`; None
+    where `conv_transpose2d` is cheaper."""
+    dense = dense_transpose(op, a.shape[2], a.shape[3], padded)
+    if dense is None:
+        return None
+    return (a.reshape(a.shape[0], -1) @ dense.flatten(1)).view(a.shape[0], *dense.shape[1:])
 
 
 def backward_conv(op: ConvOp, a: Tensor) -> tuple[Tensor, Tensor | None]:
     const = a.sum((2, 3)) @ op.bias if op.bias is not None else None
-    dense = dense_transpose(op, a.shape[2], a.shape[3], padded=True)
-    if dense is not None:
-        out = (a.reshape(a.shape[0], -1) @ dense).view(a.shape[0], *op.in_shape)
-    else:
+    out = _dense_backward(op, a, padded=True)
+    if out is None:
         out = F.conv_transpose2d(a, op.weight, None, op.stride, op.padding, op.output_padding)
     return out, const
 
@@ -470,13 +478,8 @@ def backward_window_conv(op: ConvOp, a: Tensor, top: int, left: int
     with its corner. Exact: outside the windows the rows are zero.
     """
     const = a.sum((2, 3)) @ op.bias if op.bias is not None else None
-    h, w = a.shape[2:]
-    dense = dense_transpose(op, h, w, padded=False)
-    if dense is not None:
-        size = ((h - 1) * op.stride[0] + op.weight.shape[2],
-                (w - 1) * op.stride[1] + op.weight.shape[3])
-        out = (a.reshape(a.shape[0], -1) @ dense).view(a.shape[0], op.weight.shape[1], *size)
-    else:
+    out = _dense_backward(op, a, padded=False)
+    if out is None:
         out = F.conv_transpose2d(a, op.weight, None, op.stride)
     corner = [top * op.stride[0] - op.padding[0], left * op.stride[1] - op.padding[1]]
     cuts = []
