@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from certify.attacks import min_adversarial_eps
+from certify.bounds import margin_bounds
 from certify.errors import SoundnessError, SpecError
 from certify.radius import certified_radii
 
@@ -78,9 +79,19 @@ def test_certified_below_exact_below_attack_on_random_nets(seed, widths):  # typ
                        method=method)
         slack = exact.tolerance + 1e-9
         assert (cert.certified_eps[known] <= exact.exact_eps[known] + slack[known]).all()
-        if method == "milp":  # the MILP-driven search converges to the exact radius
-            gap = exact.exact_eps[known] - cert.certified_eps[known]
-            assert (gap <= 1e-5 + 2 * slack[known]).all() or not bool(known.any())
+        if method == "milp":  # the MILP-driven search converges to the exact radius ...
+            gap = exact.exact_eps - cert.certified_eps
+            short = known & (gap > 1e-5 + 2 * slack)
+            # ... except where the MILP bound itself fails short of it: it subtracts a tolerance
+            # for the solver's (certify.bounds.milp), which near the radius, where the margin is
+            # ~1e-6, moves the bound's zero by up to ~1e-5 in eps. There the search must have
+            # stopped (search_upper) where the bound fails only by that tolerance: the dual
+            # bound before the subtraction still proves every row.
+            for i in short.nonzero(as_tuple=True)[0].tolist():
+                at = margin_bounds(model, x[i:i + 1], y[i:i + 1], float(cert.search_upper[i]),
+                                   "milp")
+                assert float(at.lower.min()) <= 0.0
+                assert float((at.lower + at.tolerance).min()) > 0.0, (i, gap[i])
     found = torch.isfinite(attack) & known
     assert (exact.exact_eps[found] <= attack[found] + exact.tolerance[found] + 1e-6).all()
 
