@@ -124,7 +124,7 @@ class BoundMemory:
                 entry.x_hi.shape[0], -1)
             if e_lo.shape[1] != q_lo.shape[1]:
                 continue
-            holds = _pairwise(q_lo, q_hi, e_lo, e_hi, _holds)  # (N, M)
+            holds = _screened(q_lo, q_hi, e_lo, e_hi, _holds, None)  # (N, M)
             holds &= (matched < MAX_MATCHES)[:, None]
             if not bool(holds.any()):
                 continue
@@ -167,7 +167,8 @@ class BoundMemory:
             for entry in entries.values():
                 e_lo = entry.x_lo.reshape(entry.x_lo.shape[0], -1).to(torch.float64)
                 e_hi = entry.x_hi.reshape(entry.x_hi.shape[0], -1).to(torch.float64)
-                near, which = _pairwise(q_lo, q_hi, e_lo, e_hi, _distance).min(1)  # (N,)
+                near, which = _screened(q_lo, q_hi, e_lo, e_hi, _distance,
+                                        reach).min(1)  # (N,)
                 take = (near <= reach) & (near < best)
                 if not bool(take.any()):
                     continue
@@ -185,7 +186,7 @@ class BoundMemory:
 HINT_DISTANCE = 1e-3
 
 
-#: Most elements of one comparison of boxes (queries x entries x input dimensions).
+#: Most elements of one elementwise comparison of boxes (pairs x input dimensions).
 _COMPARE_ELEMENTS = 2**25
 
 
@@ -199,11 +200,48 @@ def _distance(q_lo: Tensor, q_hi: Tensor, e_lo: Tensor, e_hi: Tensor) -> Tensor:
     return torch.maximum((e_lo - q_lo).abs().amax(-1), (e_hi - q_hi).abs().amax(-1))
 
 
-def _pairwise(q_lo: Tensor, q_hi: Tensor, e_lo: Tensor, e_hi: Tensor,
-              compare: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]) -> Tensor:
-    """`(N, M)`: `compare` of query box `n` `[q_lo, q_hi]` `(N, D)` with entry box `m`
-    `[e_lo, e_hi]` `(M, D)`, in chunks of queries (at most ``_COMPARE_ELEMENTS`` at once)."""
-    m, d = e_lo.shape
-    step = max(1, _COMPARE_ELEMENTS // max(1, m * d))
-    return torch.cat([compare(q_lo[k:k + step, None], q_hi[k:k + step, None], e_lo[None],
-                              e_hi[None]) for k in range(0, q_lo.shape[0], step)])
+#: Coordinate groups of the screening that precedes an elementwise comparison of boxes.
+_GROUPS = 4
+
+
+def _group_sums(t: Tensor) -> tuple[Tensor, Tensor]:
+    """`(K, G)` float64 sums of the coordinates ``d = g mod G`` of `t` `(K, D)`, and of their
+    absolute values."""
+    d = t.shape[1]
+    g = min(_GROUPS, d)
+    t64 = torch.nn.functional.pad(t.to(torch.float64), (0, (-d) % g)).reshape(t.shape[0], -1, g)
+    return t64.sum(1), t64.abs().sum(1)
+
+
+def _screened(q_lo: Tensor, q_hi: Tensor, e_lo: Tensor, e_hi: Tensor,
+              compare: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor],
+              reach: Tensor | None) -> Tensor:
+    """`(N, M)`: `compare` (:func:`_holds`, or :func:`_distance` with `reach` `(N,)`) of
+    query box `n` `[q_lo, q_hi]` `(N, D)` with entry box `m` `[e_lo, e_hi]` `(M, D)`, computed
+    only for the pairs that a necessary condition on coordinate-group sums
+    leaves: a box holds another only if each group's sum of lower ends is at most the other's
+    (and of upper ends at least), and the largest distance between ends is at least a group's
+    summed difference over its size. The other pairs get False (:func:`_holds`) or ``inf``
+    (:func:`_distance`, a distance above `reach`). The sums are float64 and the conditions
+    allow their rounding, so no pair that passes `compare` is screened out."""
+    (ql, ql_abs), (qh, qh_abs) = _group_sums(q_lo), _group_sums(q_hi)
+    (el, el_abs), (eh, eh_abs) = _group_sums(e_lo), _group_sums(e_hi)
+    # one slack for all: far above the float64 sums' rounding (D terms: D * 2^-53 relative)
+    magnitude = max(float(t.max()) if t.numel() else 0.0 for t in (ql_abs, qh_abs, el_abs, eh_abs))
+    slack = 1e-9 * magnitude + 1e-300
+    diff_lo, diff_hi = el[None] - ql[:, None], eh[None] - qh[:, None]  # (N, M, G)
+    if compare is _holds:
+        keep = ((diff_lo <= slack) & (diff_hi >= -slack)).all(-1)
+        out = torch.zeros(keep.shape, dtype=torch.bool, device=q_lo.device)
+    else:
+        assert reach is not None
+        size = -(-q_lo.shape[1] // min(_GROUPS, q_lo.shape[1]))  # coordinates per group, at most
+        lower = (torch.maximum(diff_lo.abs(), diff_hi.abs()).amax(-1) - slack) / size
+        keep = lower <= reach.to(torch.float64)[:, None]
+        out = torch.full(keep.shape, math.inf, dtype=q_lo.dtype, device=q_lo.device)
+    n_idx, m_idx = keep.nonzero(as_tuple=True)
+    step = max(1, _COMPARE_ELEMENTS // max(1, q_lo.shape[1]))
+    for k in range(0, n_idx.numel(), step):
+        n, m = n_idx[k:k + step], m_idx[k:k + step]
+        out[n, m] = compare(q_lo[n], q_hi[n], e_lo[m], e_hi[m]).to(out.dtype)
+    return out

@@ -310,3 +310,42 @@ def test_hints_come_from_the_same_box_in_another_dtype_only():  # type: ignore[n
     other = Propagator(net64, *LinfBall(x.double(), 0.02).box(), EngineOptions(),
                        memory=memory)
     assert not other._inactive()
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**20), dims=st.integers(1, 70),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_screened_comparisons_equal_the_elementwise_ones(seed, dims, dtype):  # type: ignore[no-untyped-def]
+    """The coordinate-group screening before box comparisons never drops a pair: containment
+    and the largest distance between ends equal the elementwise comparison of every pair, on
+    nested boxes (one center, several eps, clipped to [0, 1]), identical boxes, boxes that
+    differ in one coordinate by one float, and unrelated ones."""
+    from certify.bounds import reuse
+
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.rand(5, dims, generator=g, dtype=F64)
+    centers[:, : dims // 3] = 0.0  # shared coordinates, as an image's blank border
+    boxes = []
+    for c in centers:
+        for eps in (0.0, 1e-4, 0.01, 0.3):
+            boxes.append(((c - eps).clamp(0, 1), (c + eps).clamp(0, 1)))
+    lo = torch.stack([b[0] for b in boxes]).to(dtype)
+    hi = torch.stack([b[1] for b in boxes]).to(dtype)
+    k = int(torch.randint(0, dims, (1,), generator=g))
+    nudged_lo = lo[:3].clone()
+    nudged_lo[:, k] = torch.nextafter(nudged_lo[:, k], torch.full_like(nudged_lo[:, k], 2.0))
+    lo = torch.cat([lo, nudged_lo, lo[:2]])
+    hi = torch.cat([hi, hi[:3], hi[:2]])
+    q_lo, q_hi, e_lo, e_hi = lo, hi, lo.flip(0), hi.flip(0)
+    brute_holds = reuse._holds(q_lo[:, None], q_hi[:, None], e_lo[None], e_hi[None])
+    got = reuse._screened(q_lo, q_hi, e_lo, e_hi, reuse._holds, None)
+    assert torch.equal(got, brute_holds)
+    assert got.any()
+    q64, e64 = (q_lo.to(F64), q_hi.to(F64)), (e_lo.to(F64), e_hi.to(F64))
+    brute = reuse._distance(q64[0][:, None], q64[1][:, None], e64[0][None], e64[1][None])
+    for reach in (0.0, 1e-4, 0.02, 1.0):
+        r = torch.full((q_lo.shape[0],), reach, dtype=F64)
+        near = reuse._screened(*q64, *e64, reuse._distance, r)
+        within = brute <= reach
+        assert torch.equal(near <= reach, within)
+        assert torch.equal(near[within], brute[within])
