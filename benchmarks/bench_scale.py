@@ -198,8 +198,9 @@ def run_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
         from bench_radius import lirpa_bound_fn  # benchmarks/ is this script's folder
 
         notes = []
-        # auto_LiRPA 0.7.1's patches mode fails on some nets and boxes (a shape error in its
-        # concretization, seen on scn-32-32 at eps >= 0.015): matrix mode then stands in
+        # should auto_LiRPA's patches mode fail on a net (0.7.1 did on scn-32-32 while the
+        # normalization sat inside its graph: a shape error in its concretization), matrix
+        # mode stands in
         modes = [args.lirpa_conv_mode] + (["matrix"] if args.lirpa_conv_mode == "patches"
                                           else [])
         for mode in modes:

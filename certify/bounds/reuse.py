@@ -124,7 +124,7 @@ class BoundMemory:
                 entry.x_hi.shape[0], -1)
             if e_lo.shape[1] != q_lo.shape[1]:
                 continue
-            holds = _screened(q_lo, q_hi, e_lo, e_hi, _holds, None)  # (N, M)
+            holds = _holding(q_lo, q_hi, e_lo, e_hi)  # (N, M)
             holds &= (matched < MAX_MATCHES)[:, None]
             if not bool(holds.any()):
                 continue
@@ -167,8 +167,7 @@ class BoundMemory:
             for entry in entries.values():
                 e_lo = entry.x_lo.reshape(entry.x_lo.shape[0], -1).to(torch.float64)
                 e_hi = entry.x_hi.reshape(entry.x_hi.shape[0], -1).to(torch.float64)
-                near, which = _screened(q_lo, q_hi, e_lo, e_hi, _distance,
-                                        reach).min(1)  # (N,)
+                near, which = _nearness(q_lo, q_hi, e_lo, e_hi, reach).min(1)  # (N,)
                 take = (near <= reach) & (near < best)
                 if not bool(take.any()):
                     continue
@@ -213,35 +212,51 @@ def _group_sums(t: Tensor) -> tuple[Tensor, Tensor]:
     return t64.sum(1), t64.abs().sum(1)
 
 
-def _screened(q_lo: Tensor, q_hi: Tensor, e_lo: Tensor, e_hi: Tensor,
-              compare: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor],
-              reach: Tensor | None) -> Tensor:
-    """`(N, M)`: `compare` (:func:`_holds`, or :func:`_distance` with `reach` `(N,)`) of
-    query box `n` `[q_lo, q_hi]` `(N, D)` with entry box `m` `[e_lo, e_hi]` `(M, D)`, computed
-    only for the pairs that a necessary condition on coordinate-group sums
-    leaves: a box holds another only if each group's sum of lower ends is at most the other's
-    (and of upper ends at least), and the largest distance between ends is at least a group's
-    summed difference over its size. The other pairs get False (:func:`_holds`) or ``inf``
-    (:func:`_distance`, a distance above `reach`). The sums are float64 and the conditions
-    allow their rounding, so no pair that passes `compare` is screened out."""
+def _group_differences(q_lo: Tensor, q_hi: Tensor, e_lo: Tensor, e_hi: Tensor
+                       ) -> tuple[Tensor, Tensor, float]:
+    """`(N, M, G)` differences of entry and query boxes' group sums (:func:`_group_sums`) at
+    the lower and the upper ends, and a slack far above their float64 rounding (`D` terms:
+    ``D 2^-53`` relative), so that the necessary conditions built on them never drop a pair."""
     (ql, ql_abs), (qh, qh_abs) = _group_sums(q_lo), _group_sums(q_hi)
     (el, el_abs), (eh, eh_abs) = _group_sums(e_lo), _group_sums(e_hi)
-    # one slack for all: far above the float64 sums' rounding (D terms: D * 2^-53 relative)
-    magnitude = max(float(t.max()) if t.numel() else 0.0 for t in (ql_abs, qh_abs, el_abs, eh_abs))
-    slack = 1e-9 * magnitude + 1e-300
-    diff_lo, diff_hi = el[None] - ql[:, None], eh[None] - qh[:, None]  # (N, M, G)
-    if compare is _holds:
-        keep = ((diff_lo <= slack) & (diff_hi >= -slack)).all(-1)
-        out = torch.zeros(keep.shape, dtype=torch.bool, device=q_lo.device)
-    else:
-        assert reach is not None
-        size = -(-q_lo.shape[1] // min(_GROUPS, q_lo.shape[1]))  # coordinates per group, at most
-        lower = (torch.maximum(diff_lo.abs(), diff_hi.abs()).amax(-1) - slack) / size
-        keep = lower <= reach.to(torch.float64)[:, None]
-        out = torch.full(keep.shape, math.inf, dtype=q_lo.dtype, device=q_lo.device)
+    magnitude = float(torch.stack([t.amax() if t.numel() else t.new_zeros(())
+                                   for t in (ql_abs, qh_abs, el_abs, eh_abs)]).max())
+    return el[None] - ql[:, None], eh[None] - qh[:, None], 1e-9 * magnitude + 1e-300
+
+
+def _on_pairs(keep: Tensor, out: Tensor, q_lo: Tensor, q_hi: Tensor, e_lo: Tensor,
+              e_hi: Tensor, compare: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+              ) -> Tensor:
+    """`out` `(N, M)` with `compare` of query box `n` and entry box `m` written where `keep`,
+    elementwise, in chunks of at most ``_COMPARE_ELEMENTS``."""
     n_idx, m_idx = keep.nonzero(as_tuple=True)
     step = max(1, _COMPARE_ELEMENTS // max(1, q_lo.shape[1]))
     for k in range(0, n_idx.numel(), step):
         n, m = n_idx[k:k + step], m_idx[k:k + step]
         out[n, m] = compare(q_lo[n], q_hi[n], e_lo[m], e_hi[m]).to(out.dtype)
     return out
+
+
+def _holding(q_lo: Tensor, q_hi: Tensor, e_lo: Tensor, e_hi: Tensor) -> Tensor:
+    """`(N, M)`: whether entry box `m` `[e_lo, e_hi]` `(M, D)` holds query box `n` `[q_lo,
+    q_hi]` `(N, D)` (:func:`_holds`). Screened first: a box holds another only if each
+    coordinate group's sum of lower ends is at most the other's, and of upper ends at least;
+    only the pairs left are compared elementwise."""
+    diff_lo, diff_hi, slack = _group_differences(q_lo, q_hi, e_lo, e_hi)
+    keep = ((diff_lo <= slack) & (diff_hi >= -slack)).all(-1)
+    out = torch.zeros(keep.shape, dtype=torch.bool, device=q_lo.device)
+    return _on_pairs(keep, out, q_lo, q_hi, e_lo, e_hi, _holds)
+
+
+def _nearness(q_lo: Tensor, q_hi: Tensor, e_lo: Tensor, e_hi: Tensor, reach: Tensor
+              ) -> Tensor:
+    """`(N, M)`: the largest distance between the ends of query box `n` and entry box `m`
+    (:func:`_distance`) where it is at most ``reach[n]``, ``inf`` elsewhere or more. Screened
+    first: that distance is at least a coordinate group's summed difference over the group's
+    size; only the pairs left are compared elementwise."""
+    diff_lo, diff_hi, slack = _group_differences(q_lo, q_hi, e_lo, e_hi)
+    size = -(-q_lo.shape[1] // min(_GROUPS, q_lo.shape[1]))  # coordinates per group, at most
+    lower = (torch.maximum(diff_lo.abs(), diff_hi.abs()).amax(-1) - slack) / size
+    keep = lower <= reach.to(torch.float64)[:, None]
+    out = torch.full(keep.shape, math.inf, dtype=q_lo.dtype, device=q_lo.device)
+    return _on_pairs(keep, out, q_lo, q_hi, e_lo, e_hi, _distance)

@@ -338,14 +338,14 @@ def test_screened_comparisons_equal_the_elementwise_ones(seed, dims, dtype):  # 
     hi = torch.cat([hi, hi[:3], hi[:2]])
     q_lo, q_hi, e_lo, e_hi = lo, hi, lo.flip(0), hi.flip(0)
     brute_holds = reuse._holds(q_lo[:, None], q_hi[:, None], e_lo[None], e_hi[None])
-    got = reuse._screened(q_lo, q_hi, e_lo, e_hi, reuse._holds, None)
+    got = reuse._holding(q_lo, q_hi, e_lo, e_hi)
     assert torch.equal(got, brute_holds)
     assert got.any()
     q64, e64 = (q_lo.to(F64), q_hi.to(F64)), (e_lo.to(F64), e_hi.to(F64))
     brute = reuse._distance(q64[0][:, None], q64[1][:, None], e64[0][None], e64[1][None])
     for reach in (0.0, 1e-4, 0.02, 1.0):
         r = torch.full((q_lo.shape[0],), reach, dtype=F64)
-        near = reuse._screened(*q64, *e64, reuse._distance, r)
+        near = reuse._nearness(*q64, *e64, r)
         within = brute <= reach
         assert torch.equal(near <= reach, within)
         assert torch.equal(near[within], brute[within])
