@@ -606,6 +606,8 @@ def s_box(f: SShape, l: Array, u: Array) -> Interval:
 
 #: Tangents per side of an S-shaped neuron in the LP, besides the slope rules' lines.
 S_TANGENTS = 5
+#: An S-shaped neuron whose output box is narrower than this keeps only the box in the LP.
+S_BOX_ONLY_WIDTH = 1e-7
 
 
 def s_relax(f: SShape, rows: Rows, l: Array, u: Array, z: int, h: int, rigorous: bool) -> None:
@@ -614,22 +616,28 @@ def s_relax(f: SShape, rows: Rows, l: Array, u: Array, z: int, h: int, rigorous:
     lines) and :data:`S_TANGENTS` more tangents per side
     (:func:`certify.bounds.relaxations.s_tangents`), all with certified intercepts, valid in
     exact arithmetic for the float64 slopes as they are (whether or not `rigorous`); the LP
-    relaxes ``h = f(z)`` by their intersection with the output box."""
+    relaxes ``h = f(z)`` by their intersection with the output box.
+
+    A saturated neuron, whose output box is narrower than :data:`S_BOX_ONLY_WIDTH`, keeps the
+    box alone: its lines could move a bound by less than the box width times the neuron's
+    weight, and a dozen near-parallel rows that close to each other make HiGHS report a
+    feasible LP infeasible (and the bound fall back to the interval one)."""
     import scipy.sparse as sp
 
-    n = l.shape[0]
-    if n == 0:
+    out_lo, out_hi = s_box(f, l, u)
+    keep = out_hi - out_lo >= S_BOX_ONLY_WIDTH
+    if not keep.any():
         return
-    eye = sp.identity(n, format="csr")
-    lt, ut = torch.from_numpy(np.asarray(l, dtype=np.float64)), torch.from_numpy(
-        np.asarray(u, dtype=np.float64))
+    sel = sp.identity(l.shape[0], format="csr")[keep]
+    m = sel.shape[0]
+    lt, ut = (torch.from_numpy(np.asarray(b, dtype=np.float64)[keep]) for b in (l, u))
     lines = [s_lines(f, lt, ut, rule) for rule in SLOPE_RULES] + s_tangents(f, lt, ut,
                                                                               S_TANGENTS)
     for line in lines:
         k_lo, b_lo, k_up, b_up = (t.numpy() for t in line)
-        rows.ub.append(rows.place(z, sp.diags(k_lo), n) - rows.place(h, eye, n))
+        rows.ub.append(rows.place(z, sp.diags(k_lo) @ sel, m) - rows.place(h, sel, m))
         rows.ub_rhs.append(-b_lo)  # kL z - h <= -bL
-        rows.ub.append(rows.place(h, eye, n) - rows.place(z, sp.diags(k_up), n))
+        rows.ub.append(rows.place(h, sel, m) - rows.place(z, sp.diags(k_up) @ sel, m))
         rows.ub_rhs.append(b_up)  # h - kU z <= bU
 
 

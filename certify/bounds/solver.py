@@ -49,6 +49,8 @@ __all__ = ["DEFAULT_LP_SOLVER", "HIGHS_OPTIONS", "INFEASIBLE", "OPTIMAL", "SAFET
 DEFAULT_LP_SOLVER = "HIGHS"
 #: Primal feasibility, dual feasibility and integrality tolerance given to HiGHS.
 TAU = 1e-9
+#: HiGHS's own primal and dual feasibility tolerance.
+HIGHS_DEFAULT_TOLERANCE = 1e-7
 #: Factor on the estimated solver error before it is subtracted from a dual bound.
 SAFETY = 10.0
 HIGHS_OPTIONS: dict[str, Any] = {
@@ -90,19 +92,30 @@ def lp_rows(problem: LinearProgram, solver: str) -> tuple[np.ndarray, np.ndarray
     lp = cp.Problem(cp.Minimize(c @ v), constraints)
     eq_con = constraints[0] if problem.a_eq.shape[0] else None
     ub_con = constraints[1 if eq_con is not None else 0] if problem.a_ub.shape[0] else None
+    # HiGHS's default tolerances leave reduced costs whose box terms cost ~1e-8 of a
+    # bound; HiGHS's own (1e-7) are tried where it fails with tighter ones.
+    tries: list[dict[str, Any]] = [{}]
+    if solver == "HIGHS":
+        tries = [{f"{k}_feasibility_tolerance": tol for k in ("primal", "dual")}
+                 for tol in (TAU, HIGHS_DEFAULT_TOLERANCE)]
     bounds = []
     for sign in (1.0, -1.0):
         for row, const in zip(problem.objectives, problem.constants, strict=True):
             c.value = sign * row
-            try:
-                lp.solve(solver=solver)  # type: ignore[no-untyped-call, unused-ignore]
-                ok = lp.status in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE)
-            except cp.SolverError:
-                ok = False
+            for options in tries:
+                try:
+                    lp.solve(solver=solver, **options)  # type: ignore[no-untyped-call, unused-ignore]
+                    status = lp.status
+                except cp.SolverError:
+                    status = "solver error"
+                if status == cp.OPTIMAL:
+                    break
+            # an inaccurate solve's duals still give a sound bound
+            ok = status in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE)
             y = eq_con.dual_value if ok and eq_con is not None else None
             lam = ub_con.dual_value if ok and ub_con is not None else None
             if not ok:
-                warnings.warn(f"LP solver {solver} failed (status {lp.status}); falling back "
+                warnings.warn(f"LP solver {solver} failed (status {status}); falling back "
                               "to zero dual values (a sound but looser bound).", RuntimeWarning,
                               stacklevel=4)
             bounds.append(dual_bound(problem, sign * row, sign * const, y, lam))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from bound_helpers import F64, all_points, assert_sound, make_box, random_spec, tol
 from dag_helpers import KINDS, S_KINDS, make_dag
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from certify.bounds import compute_bounds, get_method, to_network
@@ -92,6 +92,8 @@ def test_lp_and_milp_with_model_rounding_hold_for_the_float32_model(seed, kind, 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**20), kind=st.integers(0, KINDS - 1),
        eps=st.sampled_from([0.05, 0.3]))
+# HiGHS's default tolerances left duals 1.4e-8 (relative) looser than Wong-Kolter's here
+@example(seed=460091, kind=4, eps=0.05)
 def test_lp_is_tightest_with_the_same_intermediate_bounds(seed, kind, eps):  # type: ignore[no-untyped-def]
     """With the same intermediate bounds the LP is never looser than CROWN, alpha-CROWN or
     Wong-Kolter (Salman et al. 2019; the chain test's theorem; on Sigmoid/Tanh kinds only
