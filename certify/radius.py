@@ -214,6 +214,10 @@ class _Floats:
         return c if c >= t else self.toward(c, math.inf)
 
 
+#: Interpolation shots aim this many tol above the root estimate (see :meth:`_fast_step`).
+AIM_ABOVE = 0.5
+
+
 class _Bracket:
     """The search state of one sample: a verified `lo`, an upper end `hi`, evaluated points.
 
@@ -226,13 +230,14 @@ class _Bracket:
     these.
     """
 
-    __slots__ = ("lo", "m_lo", "hi", "m_hi", "hi_kind", "points", "evaluations", "done",
-                 "queue", "widths", "kinds", "sides", "pending", "tol", "fast", "max_iter",
-                 "floats")
+    __slots__ = ("lo", "m_lo", "lo_sure", "hi", "m_hi", "hi_kind", "points", "evaluations",
+                 "done", "queue", "widths", "kinds", "sides", "pending", "tol", "fast",
+                 "max_iter", "floats")
 
     def __init__(self, m0: float, hi: float, hi_kind: str, *, tol: float, fast: bool,
                  max_iter: int, queue: list[tuple[str, float]], floats: _Floats) -> None:
         self.lo, self.m_lo = 0.0, m0
+        self.lo_sure = False  # lo proven by the rigorous bound (no confirmation needed)
         self.hi, self.m_hi, self.hi_kind = hi, math.nan, hi_kind
         self.points: list[tuple[float, float]] = [(0.0, m0)] if math.isfinite(m0) else []
         self.evaluations = 0
@@ -309,6 +314,12 @@ class _Bracket:
         if math.isfinite(self.m_hi) and self._stalled():
             return None
         self.pending = "interpolate" if math.isfinite(self.m_hi) else "extrapolate"
+        if self.pending == "interpolate":
+            # a little above the root estimate: a failure there is most often followed by a
+            # proof at ``hi - tol`` (taken with the rigorous bound: see RIGOROUS_SHOTS) that
+            # ends the search, where a proof just below the root needed a failing shot above
+            # it and a confirmation; the secant of a concave margin also aims low
+            r = max(r, min(r + AIM_ABOVE * tol, hi - tol))
         return self._inside(f.cast(r))
 
     def _stalled(self) -> bool:
@@ -352,8 +363,9 @@ class _Bracket:
 
     # -- updates ----------------------------------------------------------------------------
 
-    def update(self, t: float, m: float) -> None:
-        """Record the bound's margin `m` at the evaluated eps `t`."""
+    def update(self, t: float, m: float, *, rigorous: bool = False) -> None:
+        """Record the bound's margin `m` at the evaluated eps `t` (`rigorous`: the margin of
+        the rigorous bound, whose proof needs no confirmation)."""
         self.evaluations += 1
         verified = m > 0  # strict; NaN is never verified
         if verified and self.hi_kind == "attack" and t >= self.hi:
@@ -364,7 +376,7 @@ class _Bracket:
             self.points.append((t, m))
         self.kinds.append(self.pending)
         if verified:
-            self.lo, self.m_lo = t, m
+            self.lo, self.m_lo, self.lo_sure = t, m, rigorous
             self.sides.append("lo")
             if t >= self.hi:  # verified at the upper limit itself
                 self.done = True
@@ -471,7 +483,9 @@ def certified_radii(model: nn.Module, x: Tensor, y: Tensor,
     methods, the plain floating-point bound steers, and the *rigorous* bound (every rounding
     accounted for, for the network in exact arithmetic and for the model's own forward pass in
     its dtype; see :mod:`certify.bounds.rounding`), computed in float64, must prove robustness
-    at the radius: one extra evaluation per certified sample. Where it does not (the fast
+    at the radius. A closing shot from just below a failure, which most often ends the search
+    with a proof, is taken with the rigorous bound at once; any other final proof is confirmed
+    after the search, one extra evaluation. Where the rigorous bound does not prove (the fast
     bound's rounding decided in its favour, next to the boundary), eps steps down from the
     search's end until it does (or to 0). A fast "proof" at the attack eps is confirmed the
     same way before it counts as a contradiction. auto_LiRPA's methods steer and the native
@@ -664,26 +678,40 @@ def search_radii(model: nn.Module, x: Tensor, y: Tensor, bound_fn: BoundFn, *,
                         ts.append(t)
             if not rows:
                 break
-            idx = torch.tensor(rows, device=dev)
             eps = torch.tensor(ts, dtype=torch.float64).to(dtype).to(dev)
-            t0 = time.perf_counter()
-            lower = bound_fn(x[idx], y[idx], eps)
-            if lower.shape != (len(rows),):
-                raise SpecError(f"bound_fn must return one margin per row ({len(rows)},), got "
-                                f"{tuple(lower.shape)}")
-            values = lower.double().cpu().tolist()
-            if confirm_fn is not None:  # a fast proof at the attack eps: confirm it first
-                against = [k for k, (i, t, m) in enumerate(zip(rows, ts, values, strict=True))
-                           if m > 0 and brackets[i].hi_kind == "attack"  # type: ignore[union-attr]
-                           and t >= brackets[i].hi]  # type: ignore[union-attr]
-                if against:
-                    sub = torch.tensor([rows[k] for k in against], device=dev)
-                    again = confirm_fn(x[sub], y[sub], eps[against])
-                    for k, m in zip(against, again.double().cpu().tolist(), strict=True):
-                        values[k] = m
-            seconds[rows] += (time.perf_counter() - t0) / len(rows)
-            for i, t, m in zip(rows, ts, values, strict=True):
-                brackets[i].update(t, m)  # type: ignore[union-attr]
+            exact = eps.double()  # the same eps for the rigorous bound (ts are on dtype's grid)
+            # a shot expected to end the search with a proof is taken with the rigorous bound
+            # at once: its proof then needs no confirmation afterwards
+            sure = set() if confirm_fn is None else {
+                k for k, i in enumerate(rows)
+                if brackets[i].pending in RIGOROUS_SHOTS}  # type: ignore[union-attr]
+            plain = [k for k in range(len(rows)) if k not in sure]
+            values = [math.nan] * len(rows)
+            for part, fn in ((plain, bound_fn), (sorted(sure), confirm_fn)):
+                if not part:
+                    continue
+                assert fn is not None
+                t0 = time.perf_counter()
+                sub = torch.tensor([rows[k] for k in part], device=dev)
+                lower = fn(x[sub], y[sub], eps[part] if fn is bound_fn else exact[part])
+                if lower.shape != (len(part),):
+                    raise SpecError(f"bound_fn must return one margin per row ({len(part)},), "
+                                    f"got {tuple(lower.shape)}")
+                for k, m in zip(part, lower.double().cpu().tolist(), strict=True):
+                    values[k] = m
+                if fn is bound_fn and confirm_fn is not None:
+                    # a fast proof at the attack eps: confirm it first
+                    against = [k for k in part if values[k] > 0
+                               and brackets[rows[k]].hi_kind == "attack"  # type: ignore[union-attr]
+                               and ts[k] >= brackets[rows[k]].hi]  # type: ignore[union-attr]
+                    if against:
+                        sub = torch.tensor([rows[k] for k in against], device=dev)
+                        again = confirm_fn(x[sub], y[sub], exact[against])
+                        for k, m in zip(against, again.double().cpu().tolist(), strict=True):
+                            values[k] = m
+                seconds[[rows[k] for k in part]] += (time.perf_counter() - t0) / len(part)
+            for k, (i, t, m) in enumerate(zip(rows, ts, values, strict=True)):
+                brackets[i].update(t, m, rigorous=k in sure)  # type: ignore[union-attr]
         if confirm_fn is not None:
             _confirm(brackets, x, y, confirm_fn, tol, seconds)
 
@@ -705,6 +733,9 @@ def search_radii(model: nn.Module, x: Tensor, y: Tensor, bound_fn: BoundFn, *,
 
 CONFIRM_GROWTH = 8.0
 CONFIRM_ROUNDS = 64
+#: The shots of the search taken with the rigorous bound: a closing shot from above is
+#: expected to prove robustness and end the search there.
+RIGOROUS_SHOTS = frozenset({"close-hi"})
 
 
 def _confirm(brackets: list[_Bracket | None], x: Tensor, y: Tensor, confirm_fn: BoundFn,
@@ -721,7 +752,7 @@ def _confirm(brackets: list[_Bracket | None], x: Tensor, y: Tensor, confirm_fn: 
     state: dict[int, list[float]] = {}  # i -> [good, bad, first, k]; good < 0: none yet
     candidate: dict[int, float] = {}
     for i, b in enumerate(brackets):
-        if b is not None and b.lo > 0:
+        if b is not None and b.lo > 0 and not b.lo_sure:
             state[i] = [-1.0, math.inf, b.lo, 0.0]
             candidate[i] = b.lo
     for _ in range(CONFIRM_ROUNDS):

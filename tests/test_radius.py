@@ -259,6 +259,40 @@ def test_a_radius_the_rigorous_bound_refutes_steps_down_one_tol_in_one_evaluatio
     assert all(len(t) == 2 and t[0] - t[1] <= TOL for t in stepped), stepped
 
 
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**16), lag=st.floats(0.0, 3.0))
+def test_every_radius_is_proven_by_the_confirming_bound_once(seed, lag):  # type: ignore[no-untyped-def]
+    """Whether a proof came from a closing shot taken with the confirming bound during the search
+    or from the confirmation after it, every reported radius is an eps where the confirming
+    bound (here trailing the steering one by `lag` tol of eps) proved robustness; and no proof
+    of the confirming bound is asked for twice at the same eps."""
+    lin = Linear(n=30, seed=seed, wrong=3)
+    lin.x = lin.x.float().double()  # the float32 points, so that exact() is their radius
+    # the confirming bound's own exact radius (before .float() converts the model in place)
+    exact = (lin.exact() - lag * TOL).clamp(min=0)
+    model32, x32 = lin.model.float(), lin.x.float()
+    proofs: dict[bytes, list[tuple[float, float]]] = {}
+
+    def confirm(xs, ys, eps):
+        assert eps.dtype == torch.float64
+        m = lin.bound(xs, ys, eps + lag * TOL)
+        for row, e, v in zip(xs, eps.tolist(), m.tolist(), strict=True):
+            proofs.setdefault(row.numpy().tobytes(), []).append((e, v))
+        return m
+
+    res = search_radii(model32, x32, lin.y, lin.bound, confirm_fn=confirm, tol=TOL)
+    ok = res.certified_eps > 0
+    assert int(ok.sum()) >= 15
+    for row, r in zip(x32[ok], res.certified_eps[ok].tolist(), strict=True):
+        tried = proofs.get(row.numpy().tobytes(), [])
+        assert any(e == r and v > 0 for e, v in tried), (r, tried)
+        proven = [e for e, v in tried if v > 0]
+        assert len(proven) == len(set(proven)), tried
+    assert (res.search_upper[ok] - res.certified_eps[ok] <= TOL).all()
+    # and the radius is within tol of the confirming bound's own exact radius
+    assert (res.certified_eps[ok] >= exact[ok] - TOL - 1e-6).all()
+
+
 # ---------------------------------------------------------------------------- attack and hint
 
 
