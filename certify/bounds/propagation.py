@@ -45,7 +45,12 @@ every backward pass prices the rounding of its rows and constants (see
 the network in exact arithmetic; forward mode has no such accounting and is then not used.
 With ``net.runs_in`` the bounds also cover the model's own forward pass
 (:mod:`certify.bounds.forward_error`): each ReLU's input is widened by its perturbation bound
-and every backward pass pays ``|nu| E`` there.
+and every backward pass pays ``|nu| E`` there. A rigorous float64 chain of ReLUs given
+stability hints (a radius search's plain evaluation over the same box or one holding it, see
+:meth:`BoundMemory.hints`) first proves the hinted neurons stable in a rigorous float32 twin of
+itself (:meth:`Propagator._stable_in_float32`): float64 products of wide rows are memory-bound
+and cost several times float32's on CPU, and a stable neuron needs only its sign proven; the
+neurons the twin cannot prove get float64 rows as before.
 """
 
 from __future__ import annotations
@@ -233,6 +238,18 @@ def _intersect(lo: Tensor, hi: Tensor, known: tuple[Tensor, Tensor] | None
     return torch.maximum(lo, known[0]), torch.minimum(hi, known[1])
 
 
+def _float32(t: Tensor, *, up: bool) -> Tensor:
+    """`t` in float32, rounded up (never below `t`) or down (never above); a value rounded
+    the wrong way, or to a subnormal, is stepped as :func:`rounding.up` / :func:`rounding.down`
+    do (never to a subnormal, which would slow every later product)."""
+    cast = t.to(torch.float32)
+    back = cast.to(t.dtype)
+    subnormal = (cast != 0) & (cast.abs() < rounding.tiny(torch.float32))
+    if up:
+        return torch.where((back < t) | subnormal, rounding.up(cast), cast)
+    return torch.where((back > t) | subnormal, rounding.down(cast), cast)
+
+
 def forward_is_exact(layers: tuple[Op, ...], pos: int) -> bool:
     """Whether forward mode bounds the input of ``layers[pos]`` exactly as backward mode does.
 
@@ -293,6 +310,8 @@ class Propagator:
         # own rounding of a node depends on all of them, see graph_error)
         self._act_out: dict[int, tuple[Tensor, Tensor]] = {}
         self.itemsize = x_lo.element_size()
+        # float32 twin of a float64 rigorous chain (see _float32_twin): None until asked for
+        self._twin: Propagator | None = None
         # Samples with a non-finite pre-activation bound (overflow): their relaxations are
         # meaningless, so their final bounds are reported as (-inf, inf).
         self.nonfinite = torch.zeros(self.n, dtype=torch.bool, device=x_lo.device)
@@ -390,9 +409,9 @@ class Propagator:
             self._intermediate_dag(rule, linear=linear)
             return
         known = self._recall()
-        # inactivity hints come from a plain evaluation of the same box: in a radius search,
+        # stability hints come from a plain evaluation of the same box: in a radius search,
         # the one its rigorous confirmation repeats (the plain ones never repeat an eps)
-        inactive = self._inactive() if linear and self.rigorous else {}
+        hints = self._hints() if linear and self.rigorous else {}
         tightened: dict[int, tuple[Tensor, Tensor]] = {}
         lo, hi = self.x_lo, self.x_hi
         chain_lo, chain_hi = lo, hi
@@ -403,7 +422,7 @@ class Propagator:
                 if not exact:
                     lo, hi = _intersect(lo, hi, known.get(i))
                     if linear:
-                        lo, hi = self._tighten(i, lo, hi, inactive.get(i))
+                        lo, hi = self._tighten(i, lo, hi, hints.get(i), rule=rule)
                     tightened[i] = (lo, hi)
                 lo, hi = self._perturb(i, chain_lo, chain_hi, lo, hi)
                 self._store(i, lo, hi, rule)
@@ -428,10 +447,10 @@ class Propagator:
             return {}
         return self.memory.recall(self._memory_kind(), self.x_lo, self.x_hi) or {}
 
-    def _inactive(self) -> dict[int, Tensor]:
+    def _hints(self) -> dict[int, tuple[Tensor, Tensor]]:
         if self.memory is None:
             return {}
-        return self.memory.inactive(self._memory_kind().layout, self.x_lo, self.x_hi) or {}
+        return self.memory.hints(self._memory_kind().layout, self.x_lo, self.x_hi) or {}
 
     def _remember(self, tightened: dict[int, tuple[Tensor, Tensor]]) -> None:
         """Keep the bounds of the exact chain into each activation (before the model's own
@@ -502,17 +521,21 @@ class Propagator:
     def intermediate_bounds(self) -> tuple[Bounds, ...]:
         return tuple(Bounds(*self.pre_bounds[p]) for p in self.net.relu_positions)
 
-    def _tighten(self, pos: int, lo: Tensor, hi: Tensor, inactive: Tensor | None = None
+    def _tighten(self, pos: int, lo: Tensor, hi: Tensor,
+                 hint: tuple[Tensor, Tensor] | None = None, *, rule: str | None = None
                  ) -> tuple[Tensor, Tensor]:
         """Intersect interval bounds of layer `pos`'s input with linear bounds.
 
-        `inactive` `(N, *shape)` bool: the neurons an evaluation over (almost) the same box
-        found inactive (see :meth:`BoundMemory.inactive`). Of such a ReLU-like neuron only the
-        upper bound is computed, the one that can prove it inactive: its lower bound then
-        matters nowhere (its output is 0, and so are its terms in the rounding bounds). Sound
-        whichever way the hint turns out: any computed bound is sound, and a wrong hint only
-        leaves that neuron's lower bound at its interval bound. (An active neuron's upper bound
-        sizes the rounding terms of what follows, so both of its bounds are computed.)
+        `hint` `(inactive, active)`, each `(N, *shape)` bool: the neurons an evaluation over
+        (almost) the same box found inactive or active (see :meth:`BoundMemory.hints`). Of
+        such an inactive ReLU-like neuron only the upper bound is computed, the one that can
+        prove it inactive: its lower bound then matters nowhere (its output is 0, and so are
+        its terms in the rounding bounds). (An active neuron's upper bound sizes the rounding
+        terms of what follows, so both of its bounds are computed.) A float64 rigorous chain
+        of ReLUs first tries to prove the hinted neurons stable in float32 (see
+        :meth:`_stable_in_float32`, given the slope `rule`); only the rest get float64 rows.
+        Sound whichever way a hint turns out: any computed bound is sound, and a wrong hint
+        only leaves that neuron's lower bound at its interval bound, or costs a row.
         """
         n = self.n
         unstable = activation_rule(self.layers[pos]).tighten(lo, hi)  # the neurons worth it
@@ -520,7 +543,15 @@ class Propagator:
         lo_flat, hi_flat = lo.reshape(n, -1), hi.reshape(n, -1)
         backward_mask = unstable & ~use_forward.view(-1, *([1] * (unstable.ndim - 1)))
         upper_only = torch.zeros_like(backward_mask)
-        if inactive is not None and isinstance(self.layers[pos], (ReluOp, LeakyReluOp)):
+        if hint is not None and isinstance(self.layers[pos], (ReluOp, LeakyReluOp)):
+            inactive, active = hint
+            twin = self._float32_twin() if rule is not None else None
+            if twin is not None:
+                assert rule is not None
+                proven, lo_flat, hi_flat = self._stable_in_float32(
+                    twin, pos, rule, backward_mask & (inactive | active), inactive, lo_flat,
+                    hi_flat)
+                backward_mask = backward_mask & ~proven
             upper_only = backward_mask & inactive
             backward_mask = backward_mask & ~inactive
         for mask, upper in ((backward_mask, False), (upper_only, True)):
@@ -540,6 +571,68 @@ class Propagator:
             lo_flat = lo_flat.index_put((samples,), fwd_lo)
             hi_flat = hi_flat.index_put((samples,), fwd_hi)
         return lo_flat.reshape(lo.shape), hi_flat.reshape(hi.shape)
+
+    # --- stability proofs in float32 -----------------------------------------------------------
+
+    def _float32_twin(self) -> Propagator | None:
+        """A rigorous float32 propagator over a box holding this one's, with the network cast
+        to float32 (its rounding added to the ops' error fields, see
+        :func:`~certify.bounds.layers.cast_op`): for a rigorous float64 chain of ReLUs, else
+        None. Its bounds hold for this network over this box (a bound over a box holds over
+        every box inside it); they are looser, by float32's rounding terms, and cost a
+        fraction of float64's, whose products of wide rows are memory-bound."""
+        if not (self.rigorous and self.x_lo.dtype == torch.float64 and self.net.is_chain
+                and all(isinstance(op, ReluOp) for op in self.layers if is_activation(op))):
+            return None
+        if self._twin is None:
+            net = self.net.to(dtype=torch.float32, device=self.x_lo.device)
+            self._twin = Propagator(net, _float32(self.x_lo, up=False),
+                                    _float32(self.x_hi, up=True), self.options)
+        return self._twin
+
+    def _stable_in_float32(self, twin: Propagator, pos: int, rule: str, mask: Tensor,
+                           inactive: Tensor, lo_flat: Tensor, hi_flat: Tensor
+                           ) -> tuple[Tensor, Tensor, Tensor]:
+        """Bound the neurons `mask` of layer `pos`'s input, hinted stable, in `twin`: the
+        upper bound of those hinted `inactive`, both bounds of the others. Where that proves
+        the hint (upper < 0, or lower > 0), the bounds are taken (intersected with `lo_flat`,
+        `hi_flat`: both sound); the other neurons are left to float64.
+
+        The twin's relaxations below `pos` are this propagator's bounds rounded outward to
+        float32 (relaxed with the same `rule`), and so is the model's own rounding at each
+        ReLU: every relaxation holds over bounds that hold these, so the twin's backward
+        passes bound the same exact chain.
+
+        Returns:
+            `(proven, lo_flat, hi_flat)`: the neurons proven stable, `mask`'s shape.
+        """
+        n = self.n
+        proven = torch.zeros(lo_flat.shape, dtype=torch.bool, device=lo_flat.device)
+        if not bool(mask.any()):
+            return proven.view(mask.shape), lo_flat, hi_flat
+        for p in self.net.relu_positions:
+            if p >= pos:
+                break
+            if p not in twin.relaxations:
+                lo, hi = self.pre_bounds[p]
+                twin._store(p, _float32(lo, up=False), _float32(hi, up=True), rule)
+                if p in self.perturbation:
+                    twin.perturbation[p] = _float32(self.perturbation[p], up=True)
+        for hinted, upper in ((mask & inactive, True), (mask & ~inactive, False)):
+            if not bool(hinted.any()):
+                continue
+            sample, neuron, lin_lo, lin_hi = twin.backward_neurons(pos, hinted,
+                                                                   upper_only=upper)
+            lin_lo, lin_hi = lin_lo.to(lo_flat.dtype), lin_hi.to(lo_flat.dtype)  # exact
+            ok = (lin_hi < 0) if upper else (lin_lo > 0)
+            ok &= ~twin.nonfinite[sample] & ~torch.isnan(lin_lo) & ~torch.isnan(lin_hi)
+            if not bool(ok.any()):
+                continue
+            index = (sample[ok], neuron[ok])
+            lo_flat = lo_flat.index_put(index, torch.maximum(lo_flat[index], lin_lo[ok]))
+            hi_flat = hi_flat.index_put(index, torch.minimum(hi_flat[index], lin_hi[ok]))
+            proven[index] = True
+        return proven.view(n, *mask.shape[1:]), lo_flat, hi_flat
 
     def _use_forward(self, pos: int, unstable_counts: Tensor) -> Tensor:
         """Per sample, whether layer `pos` is bounded by forward mode (see module docstring)."""

@@ -147,20 +147,22 @@ class BoundMemory:
         self.recalled += int((matched > 0).sum())
         return out
 
-    def inactive(self, layout: Layout, x_lo: Tensor, x_hi: Tensor
-                 ) -> dict[int, Tensor] | None:
-        """Inactivity hints for the boxes ``[x_lo, x_hi]`` `(N, *in)`: per position,
-        `(N, *shape)` bool, True where a remembered evaluation over (almost) the same box --
-        of any dtype, rigorous or not, e.g. the radius search's plain float32 evaluation at
-        the eps its rigorous float64 bound confirms -- had an upper bound below 0. Never sound
-        by themselves: they only say which bound of a neuron is worth computing (see
+    def hints(self, layout: Layout, x_lo: Tensor, x_hi: Tensor
+              ) -> dict[int, tuple[Tensor, Tensor]] | None:
+        """Stability hints for the boxes ``[x_lo, x_hi]`` `(N, *in)`: per position,
+        `(inactive, active)`, each `(N, *shape)` bool, True where the nearest remembered
+        evaluation over (almost) the same box or, without one, over a box holding it -- of any
+        dtype, rigorous or not, e.g. the radius search's plain float32 evaluation at the eps
+        its rigorous float64 bound confirms, or at the failing eps just above a closing shot --
+        had an upper bound below 0 (a lower bound above 0). Never sound by themselves: they
+        only say which bound of a neuron is worth computing, and how (see
         ``Propagator._tighten``). Entries of every kind with this `layout` are searched."""
         n = x_lo.shape[0]
         q_lo = x_lo.reshape(n, -1).to(torch.float64)
         q_hi = x_hi.reshape(n, -1).to(torch.float64)
         reach = HINT_DISTANCE * ((q_hi - q_lo).amax(1) / 2)  # (N,)
         best = torch.full((n,), math.inf, dtype=torch.float64, device=x_lo.device)
-        out: dict[int, Tensor] = {}
+        out: dict[int, tuple[Tensor, Tensor]] = {}
         for kind, entries in self._kinds.items():
             if kind.layout != layout:
                 continue
@@ -168,19 +170,29 @@ class BoundMemory:
                 e_lo = entry.x_lo.reshape(entry.x_lo.shape[0], -1).to(torch.float64)
                 e_hi = entry.x_hi.reshape(entry.x_hi.shape[0], -1).to(torch.float64)
                 near, which = _nearness(q_lo, q_hi, e_lo, e_hi, reach).min(1)  # (N,)
-                take = (near <= reach) & (near < best)
+                holds = _holding(q_lo, q_hi, e_lo, e_hi)  # (N, M)
+                # without a near match: the first sample whose box holds the query's, at its
+                # distance (of boxes holding it, the nearest is the smallest)
+                held = (near > reach) & holds.any(1)
+                if bool(held.any()):
+                    first = holds.to(torch.int8).argmax(1)
+                    near = torch.where(held, _distance(q_lo, q_hi, e_lo[first], e_hi[first]),
+                                       near)
+                    which = torch.where(held, first, which)
+                take = ((near <= reach) | held) & (near < best)
                 if not bool(take.any()):
                     continue
                 best = torch.where(take, near, best)
-                for pos, (_, hi) in entry.bounds.items():
-                    below = hi[which] < 0
-                    view = (-1,) + (1,) * (below.ndim - 1)
-                    out[pos] = torch.where(take.view(view), below,
-                                           out.get(pos, torch.zeros_like(below)))
+                for pos, (lo, hi) in entry.bounds.items():
+                    below, above = hi[which] < 0, lo[which] > 0
+                    view = take.view((-1,) + (1,) * (below.ndim - 1))
+                    old = out.get(pos, (torch.zeros_like(below), torch.zeros_like(above)))
+                    out[pos] = (torch.where(view, below, old[0]),
+                                torch.where(view, above, old[1]))
         return out or None
 
 
-#: A remembered box gives inactivity hints to a query box whose ends are all within this
+#: A remembered box gives stability hints to a query box whose ends are all within this
 #: fraction of the query's largest half-width of it (in practice: the same eps, another dtype).
 HINT_DISTANCE = 1e-3
 
