@@ -57,6 +57,18 @@ def _pre_activations(model: nn.Sequential, points: torch.Tensor) -> list[torch.T
     return [s.reshape(p, n, *s.shape[1:]) for s in seen]
 
 
+def _assert_holds_reachable(bounds, model, lo, hi, spec, x, seed):  # type: ignore[no-untyped-def]
+    """`bounds` hold every spec value and pre-activation reached by samples, corners and PGD
+    points in the boxes ``[lo, hi]``."""
+    points = all_points(model, lo, hi, spec, x, seed=seed)
+    with torch.no_grad():
+        values = spec_values(model, points, spec)
+    assert (values >= bounds.lower - 1e-9).all() and (values <= bounds.upper + 1e-9).all()
+    assert bounds.pre_activation is not None
+    for b, reached in zip(bounds.pre_activation, _pre_activations(model, points), strict=True):
+        assert (reached >= b.lower - 1e-9).all() and (reached <= b.upper + 1e-9).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 2**16), kind=st.sampled_from(["mlp", "cnn"]),
@@ -289,13 +301,7 @@ def test_inactivity_hints_keep_bounds_sound_even_when_wrong(kind, seed, flip):  
         bounds = compute_bounds(model, lo, hi, get_method("crown"), spec)
     finally:
         Propagator._hints = original  # type: ignore[method-assign]
-    points = all_points(model, lo, hi, spec, x, seed=seed)
-    with torch.no_grad():
-        values = spec_values(model, points, spec)
-    assert (values >= bounds.lower - 1e-9).all() and (values <= bounds.upper + 1e-9).all()
-    assert bounds.pre_activation is not None
-    for b, reached in zip(bounds.pre_activation, _pre_activations(model, points), strict=True):
-        assert (reached >= b.lower - 1e-9).all() and (reached <= b.upper + 1e-9).all()
+    _assert_holds_reachable(bounds, model, lo, hi, spec, x, seed)
     if flip == 0.0:  # up to the float32 proofs of stable neurons (see the test below)
         fresh = compute_bounds(model, lo, hi, get_method("crown"), spec)
         assert (bounds.lower - fresh.lower).abs().max() <= 1e-4
@@ -358,13 +364,7 @@ def test_float32_stability_proofs_are_sound_and_lose_nothing(kind, seed, jitter)
     assert seen["hinted"] > 0, "no neuron was hinted stable: the test proves nothing"
     assert seen["proven"] >= 0.5 * seen["hinted"], seen
     assert seen["errors"] > 0 or jitter == 0, seen  # the cast's rounding is accounted
-    points = all_points(model, lo, hi, spec, x, seed=seed)
-    with torch.no_grad():
-        values = spec_values(model, points, spec)
-    assert (values >= bounds.lower - 1e-9).all() and (values <= bounds.upper + 1e-9).all()
-    assert bounds.pre_activation is not None
-    for b, reached in zip(bounds.pre_activation, _pre_activations(model, points), strict=True):
-        assert (reached >= b.lower - 1e-9).all() and (reached <= b.upper + 1e-9).all()
+    _assert_holds_reachable(bounds, model, lo, hi, spec, x, seed)
     # the stable neurons' float32 bounds are looser by float32's rounding terms (up to ~1e-4
     # here, worst-case sums of absolute products), and so are the intervals of later layers
     # with them: the final bound moves by a fraction of that
