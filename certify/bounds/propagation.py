@@ -174,9 +174,10 @@ def _activation_constant(act: ActivationRule, mu: Tensor, a3: Tensor, c: Tensor 
         return const, cerr, (None if err is None
                              else torch.zeros_like(a3).reshape(-1, *a3.shape[2:]))
     assert c is not None
-    if perturbation is not None:
-        c = c - (a3.abs() * perturbation.index_select(0, samples).unsqueeze(1)
-                 ).reshape(*a3.shape[:2], -1).sum(2)
+    if perturbation is not None:  # |a3| · e, one pass over the rows and a product
+        b, r = a3.shape[:2]
+        e = perturbation.index_select(0, samples).reshape(b, -1, 1)
+        c = c - torch.bmm(a3.abs().reshape(b, r, -1), e).reshape(b, r)
     return const + c, cerr, err
 
 
@@ -312,6 +313,8 @@ class Propagator:
         self.itemsize = x_lo.element_size()
         # float32 twin of a float64 rigorous chain (see _float32_twin): None until asked for
         self._twin: Propagator | None = None
+        # a chain's ReLU inputs at the box's center (see _center_inactive)
+        self._center_pre: dict[int, Tensor] = {}
         # Samples with a non-finite pre-activation bound (overflow): their relaxations are
         # meaningless, so their final bounds are reported as (-inf, inf).
         self.nonfinite = torch.zeros(self.n, dtype=torch.bool, device=x_lo.device)
@@ -326,8 +329,16 @@ class Propagator:
                  ) -> tuple[Tensor, Tensor]:
         """`[lo, hi]` (bounds of the exact chain into ReLU `pos`) widened by the model's own
         rounding of that chain over its inputs `[in_lo, in_hi]` (nothing without runs_in)."""
-        if self.net.runs_in is None or (self._chains is None and self.net.is_chain):
+        e = self._model_rounding(pos, in_lo, in_hi)
+        if e is None:
             return lo, hi
+        return rounding.down(lo - e), rounding.up(hi + e)
+
+    def _model_rounding(self, pos: int, in_lo: Tensor, in_hi: Tensor) -> Tensor | None:
+        """The bound of the model's own rounding of the chain into ReLU `pos` over its inputs
+        `[in_lo, in_hi]` (once per propagator), or None without runs_in."""
+        if self.net.runs_in is None or (self._chains is None and self.net.is_chain):
+            return None
         if pos not in self.perturbation:
             k = self.net.relu_positions.index(pos)
             if self._chains is None:
@@ -337,11 +348,10 @@ class Propagator:
                                     self.net.runs_in)
             else:
                 exact = chain_error(self._chains[k], in_lo, in_hi, self.net.runs_in)
-            cast = exact.to(lo.dtype)
+            cast = exact.to(in_lo.dtype)
             cast = torch.where(cast.to(torch.float64) < exact, rounding.up(cast), cast)
             self.perturbation[pos] = cast
-        e = self.perturbation[pos]
-        return rounding.down(lo - e), rounding.up(hi + e)
+        return self.perturbation[pos]
 
     # --- intervals ---------------------------------------------------------------------------
 
@@ -421,6 +431,7 @@ class Propagator:
             if is_activation(op):
                 if not exact:
                     lo, hi = _intersect(lo, hi, known.get(i))
+                    self._model_rounding(i, chain_lo, chain_hi)  # for _tighten
                     if linear:
                         lo, hi = self._tighten(i, lo, hi, hints.get(i), rule=rule)
                     tightened[i] = (lo, hi)
@@ -534,16 +545,31 @@ class Propagator:
         terms of what follows, so both of its bounds are computed.) A float64 rigorous chain
         of ReLUs first tries to prove the hinted neurons stable in float32 (see
         :meth:`_stable_in_float32`, given the slope `rule`); only the rest get float64 rows.
-        Sound whichever way a hint turns out: any computed bound is sound, and a wrong hint
-        only leaves that neuron's lower bound at its interval bound, or costs a row.
+
+        Plain bounds (``rigorous=False``: the radius search's, training's) without a hint
+        guess a ReLU neuron negative at the box's center inactive (:meth:`_center_inactive`):
+        in trained networks most neurons that the linear bounds prove stable keep the sign
+        they have at the center, and the one row of ``-e_j`` costs about half the two rows of
+        a neuron past the first ReLU below it. A guess (or hint) of inactivity that the upper
+        bound does not prove gets its lower bound after all, so every bound that can matter
+        is the one without guesses: the output's, every upper bound, and the lower bound of
+        every neuron not proven inactive (a proven one keeps its interval lower bound, which
+        nothing uses; rigorous bounds, which LP/MILP encodings take, make no guesses). Sound
+        whichever way a hint or guess turns out: any computed bound is sound, and a wrong
+        one only costs a row.
         """
         n = self.n
         unstable = activation_rule(self.layers[pos]).tighten(lo, hi)  # the neurons worth it
         use_forward = self._use_forward(pos, unstable.reshape(n, -1).sum(1))
         lo_flat, hi_flat = lo.reshape(n, -1), hi.reshape(n, -1)
         backward_mask = unstable & ~use_forward.view(-1, *([1] * (unstable.ndim - 1)))
-        upper_only = torch.zeros_like(backward_mask)
-        if hint is not None and isinstance(self.layers[pos], (ReluOp, LeakyReluOp)):
+        upper_first = torch.zeros_like(backward_mask)
+        if (hint is None and not self.rigorous and self.net.is_chain
+                and isinstance(self.layers[pos], ReluOp)):
+            guess = self._center_inactive(pos)
+            upper_first = backward_mask & guess
+            backward_mask = backward_mask & ~guess
+        elif hint is not None and isinstance(self.layers[pos], (ReluOp, LeakyReluOp)):
             inactive, active = hint
             twin = self._float32_twin() if rule is not None else None
             if twin is not None:
@@ -552,12 +578,19 @@ class Propagator:
                     twin, pos, rule, backward_mask & (inactive | active), inactive, lo_flat,
                     hi_flat)
                 backward_mask = backward_mask & ~proven
-            upper_only = backward_mask & inactive
+            upper_first = backward_mask & inactive
             backward_mask = backward_mask & ~inactive
-        for mask, upper in ((backward_mask, False), (upper_only, True)):
+        upper_first = upper_first.reshape(n, -1)
+        for mask, side in ((backward_mask, "both"), (upper_first, "upper"), (None, "lower")):
+            if mask is None:
+                # the guesses that the upper bound did not prove, the model's own rounding
+                # included (its bound widens the neuron's, see _perturb): their lower bound
+                e = self.perturbation.get(pos)
+                slack = 0.0 if e is None else e.reshape(n, -1)
+                mask = upper_first & ~(hi_flat + slack <= 0)
             if mask.any():
-                sample, neuron, lin_lo, lin_hi = self.backward_neurons(pos, mask,
-                                                                       upper_only=upper)
+                sample, neuron, lin_lo, lin_hi = self.backward_neurons(
+                    pos, mask.view(unstable.shape), side=side)
                 index = (sample, neuron)
                 lo_flat = lo_flat.index_put(index, torch.maximum(lo_flat[index], lin_lo))
                 hi_flat = hi_flat.index_put(index, torch.minimum(hi_flat[index], lin_hi))
@@ -621,8 +654,8 @@ class Propagator:
         for hinted, upper in ((mask & inactive, True), (mask & ~inactive, False)):
             if not bool(hinted.any()):
                 continue
-            sample, neuron, lin_lo, lin_hi = twin.backward_neurons(pos, hinted,
-                                                                   upper_only=upper)
+            sample, neuron, lin_lo, lin_hi = twin.backward_neurons(
+                pos, hinted, side="upper" if upper else "both")
             lin_lo, lin_hi = lin_lo.to(lo_flat.dtype), lin_hi.to(lo_flat.dtype)  # exact
             ok = (lin_hi < 0) if upper else (lin_lo > 0)
             ok &= ~twin.nonfinite[sample] & ~torch.isnan(lin_lo) & ~torch.isnan(lin_hi)
@@ -718,31 +751,52 @@ class Propagator:
         per_row = (self._widest(start, windowed) * factor * (2 if both else 1) * self.itemsize)
         return max(1, int(self.options.memory_budget_mb * MB // per_row))
 
-    def backward_neurons(self, pos: int, mask: Tensor, *, upper_only: bool = False
+    def backward_neurons(self, pos: int, mask: Tensor, *, side: str = "both"
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Lower and upper bounds of the neurons `mask` `(N, *shape)` of layer `pos`'s input.
 
-        `upper_only`: one row per neuron (``-e_j``, the lower bound of ``-z``) instead of two;
-        the lower bounds are then ``-inf``.
+        `side`: ``"both"``; ``"upper"``: one row per neuron (``-e_j``, the lower bound of
+        ``-z``) instead of two, the lower bounds then ``-inf``; ``"lower"``: one row ``e_j``,
+        the upper bounds ``inf``.
 
         Returns:
             `(sample, neuron, lower, upper)`, each `(P,)`: flat neuron indices and bounds.
         """
+        assert side in ("both", "upper", "lower")
         shape = self.layers[pos].in_shape
         if (len(shape) == 3 and self.net.is_chain
                 and any(isinstance(op, ConvOp) for op in self.layers[:pos])):
-            return self._backward_conv_neurons(pos, mask, upper_only)
-        return self._backward_flat_neurons(pos, mask.reshape(self.n, -1), upper_only)
+            return self._backward_conv_neurons(pos, mask, side)
+        return self._backward_flat_neurons(pos, mask.reshape(self.n, -1), side)
 
-    def _neuron_bounds(self, lower: Tensor, upper: Tensor | None
+    def _neuron_bounds(self, lower: Tensor, upper: Tensor | None, side: str
                        ) -> tuple[Tensor, Tensor]:
-        """`(lower, upper)` of a block of neuron rows: as computed, or, for ``-e_j`` rows
-        (no `upper`), ``-inf`` and minus the lower bound of ``-z``."""
-        if upper is None:
+        """`(lower, upper)` of a block of neuron rows: as computed, or for one `side`, the
+        other bound infinite (``"upper"``: the rows were ``-e_j``, `lower` bounds ``-z``)."""
+        if side == "upper":
             return torch.full_like(lower, float("-inf")), -lower
+        if side == "lower":
+            return lower, torch.full_like(lower, float("inf"))
+        assert upper is not None
         return lower, upper
 
-    def _backward_flat_neurons(self, pos: int, mask: Tensor, upper_only: bool
+    def _center_inactive(self, pos: int) -> Tensor:
+        """`(N, *shape)` whether the input of ReLU ``layers[pos]`` (a chain's) is negative at
+        the box's center, in plain arithmetic: a guess of which neurons are inactive over
+        the box (see :meth:`_tighten`)."""
+        if pos not in self._center_pre:
+            z = self.center
+            with torch.no_grad():
+                for j, op in enumerate(self.layers[:pos]):
+                    if is_activation(op):
+                        self._center_pre[j] = z
+                        z = activation_rule(op).interval(z, z)[0]
+                    else:
+                        z = RULES[type(op)].forward(op, z)
+            self._center_pre[pos] = z
+        return self._center_pre[pos] < 0
+
+    def _backward_flat_neurons(self, pos: int, mask: Tensor, side: str
                                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Blocks of samples sorted by their number of rows (see :func:`_groups`)."""
         shape = self.layers[pos].in_shape
@@ -757,17 +811,18 @@ class Propagator:
             valid = rank[None, :] < counts[samples_t][:, None]  # (B, R)
             where = (offsets[samples_t][:, None] + rank[None, :]).clamp(max=neuron.numel() - 1)
             idx = neuron[where]
-            values = -valid.to(self.x_lo.dtype) if upper_only else valid.to(self.x_lo.dtype)
+            values = -valid.to(self.x_lo.dtype) if side == "upper" else valid.to(self.x_lo.dtype)
             one_hot = self.x_lo.new_zeros(len(samples), rows, mask.shape[1])
             one_hot.scatter_(2, idx.unsqueeze(2), values.unsqueeze(2))
             lower, upper = self._neuron_bounds(*self.backward_chunk(
                 pos, one_hot.reshape(len(samples), rows, *shape),
-                self.x_lo.new_zeros(len(samples), rows), samples_t, both=not upper_only))
+                self.x_lo.new_zeros(len(samples), rows), samples_t, both=side == "both"),
+                side)
             rows_sample = samples_t[:, None].expand_as(valid)
             parts.append((rows_sample[valid], idx[valid], lower[valid], upper[valid]))
         return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
 
-    def _backward_conv_neurons(self, pos: int, mask: Tensor, upper_only: bool
+    def _backward_conv_neurons(self, pos: int, mask: Tensor, side: str
                                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """One block per spatial position: its samples times their unstable channels there,
         each row a 1x1 window."""
@@ -788,12 +843,12 @@ class Propagator:
                 for rsl in _chunks(rows, row_step):
                     ch, ok = order[ssl, rsl], valid[ssl, rsl]
                     b, r = ch.shape
-                    values = -ok.to(self.x_lo.dtype) if upper_only else ok.to(self.x_lo.dtype)
+                    values = -ok.to(self.x_lo.dtype) if side == "upper" else ok.to(self.x_lo.dtype)
                     one_hot = self.x_lo.new_zeros(b, r, c)
                     one_hot.scatter_(2, ch.unsqueeze(2), values.unsqueeze(2))
                     lower, upper = self._neuron_bounds(*self.backward_chunk(
                         pos, one_hot.reshape(b, r, c, 1, 1), self.x_lo.new_zeros(b, r),
-                        samples[ssl], both=not upper_only, window=(q // w, q % w)))
+                        samples[ssl], both=side == "both", window=(q // w, q % w)), side)
                     rows_sample = samples[ssl][:, None].expand_as(ok)
                     parts.append((rows_sample[ok], ch[ok] * (h * w) + q, lower[ok], upper[ok]))
         return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]

@@ -57,16 +57,17 @@ def _pre_activations(model: nn.Sequential, points: torch.Tensor) -> list[torch.T
     return [s.reshape(p, n, *s.shape[1:]) for s in seen]
 
 
-def _assert_holds_reachable(bounds, model, lo, hi, spec, x, seed):  # type: ignore[no-untyped-def]
+def _assert_holds_reachable(bounds, model, lo, hi, spec, x, seed, rtol=0.0):  # type: ignore[no-untyped-def]
     """`bounds` hold every spec value and pre-activation reached by samples, corners and PGD
-    points in the boxes ``[lo, hi]``."""
+    points in the boxes ``[lo, hi]`` (up to `rtol` relative: plain float32 bounds round)."""
     points = all_points(model, lo, hi, spec, x, seed=seed)
     with torch.no_grad():
         values = spec_values(model, points, spec)
-    assert (values >= bounds.lower - 1e-9).all() and (values <= bounds.upper + 1e-9).all()
+    pre = _pre_activations(model, points)
     assert bounds.pre_activation is not None
-    for b, reached in zip(bounds.pre_activation, _pre_activations(model, points), strict=True):
-        assert (reached >= b.lower - 1e-9).all() and (reached <= b.upper + 1e-9).all()
+    for b, reached in zip((bounds, *bounds.pre_activation), (values, *pre), strict=True):
+        slack = 1e-9 + rtol * (1 + reached.abs())
+        assert (reached >= b.lower - slack).all() and (reached <= b.upper + slack).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
@@ -430,3 +431,76 @@ def test_float32_casts_round_outward_and_never_to_a_subnormal(values):  # type: 
     assert torch.equal(up[held], t[held].float()) and torch.equal(down[held], t[held].float())
     for r in (up, down):
         assert ((r == 0) | (r.abs() >= tiny)).all()
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), dtype=st.sampled_from([torch.float32, F64]),
+       guess=st.sampled_from(["center", "all", "random"]))
+def test_inactivity_guesses_change_no_bound(kind, seed, dtype, guess):  # type: ignore[no-untyped-def]
+    """Plain bounds without hints guess a ReLU neuron inactive (negative at the box's center;
+    here also every neuron, or coin flips): its upper bound first, its lower bound only where
+    that does not prove it inactive. The bounds equal those without guesses (up to the
+    rounding of rows batched differently) on every neuron that can matter -- the final
+    bounds, every upper bound, every lower bound of a neuron not proven inactive -- and hold
+    every reachable value. Rigorous bounds make no guesses (their intermediate bounds feed
+    LP/MILP encodings)."""
+    rigorous = False
+    model, shape = _net(kind, seed)
+    model = model.to(dtype).eval()
+    x = _centers(seed + 1, 3, shape, dtype)
+    spec = random_spec(seed + 2, 3, 3, 4 if kind == "cnn" else 3, dtype)
+    lo, hi = LinfBall(x, 0.05).box()
+    method = get_method("crown", rigorous=rigorous, intermediate_mode="backward")
+    g = torch.Generator().manual_seed(seed)
+    original = Propagator._center_inactive
+    sides = {"upper": 0, "lower": 0}
+    backward = Propagator.backward_neurons
+
+    def guessed(self, pos):  # type: ignore[no-untyped-def]
+        center = original(self, pos)
+        if guess == "all":
+            return torch.ones_like(center)
+        if guess == "random":
+            return torch.rand(center.shape, generator=g) < 0.5
+        return center
+
+    def counting(self, pos, mask, side="both"):  # type: ignore[no-untyped-def]
+        if side != "both":
+            sides[side] += int(mask.sum())
+        return backward(self, pos, mask, side=side)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Propagator, "_center_inactive", guessed)
+        mp.setattr(Propagator, "backward_neurons", counting)
+        bounds = compute_bounds(model, lo, hi, method, spec)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Propagator, "_center_inactive",
+                   lambda self, pos: torch.zeros_like(original(self, pos)))
+        plain = compute_bounds(model, lo, hi, method, spec)
+    assert sides["upper"] > 0 or guess == "center"
+    if guess == "all":  # every guess the upper bound did not prove gets its lower bound
+        assert sides["lower"] > 0 or all(bool((b.upper <= 0).all() | (b.lower >= 0).all())
+                                         for b in plain.pre_activation or ())
+    tol = (1e-5 if dtype == torch.float32 else 1e-11)
+    close = lambda a, b: ((a - b).abs() <= tol * (1 + b.abs())).all()  # noqa: E731
+    assert close(bounds.lower, plain.lower) and close(bounds.upper, plain.upper)
+    assert bounds.pre_activation is not None and plain.pre_activation is not None
+    for b, p in zip(bounds.pre_activation, plain.pre_activation, strict=True):
+        assert close(b.upper, p.upper)
+        live = p.upper > 0
+        assert close(b.lower[live], p.lower[live])
+        assert (b.lower <= p.lower + tol * (1 + p.lower.abs())).all()  # never tighter
+    plain_f32 = dtype == torch.float32  # rounds: sound up to its rounding
+    _assert_holds_reachable(bounds, model, lo, hi, spec, x, seed,
+                            rtol=SOUND_ATOL[torch.float32] if plain_f32 else 0.0)
+    calls = {"guesses": 0}
+
+    def never(self, pos):  # type: ignore[no-untyped-def]
+        calls["guesses"] += 1
+        return original(self, pos)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Propagator, "_center_inactive", never)
+        compute_bounds(model, lo, hi, get_method("crown", intermediate_mode="backward"), spec)
+    assert calls["guesses"] == 0

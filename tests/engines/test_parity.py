@@ -176,7 +176,11 @@ def test_float32_parity_on_fixtures(which: str, tiny_mlp, tiny_cnn) -> None:  # 
         one = slice(i, i + 1)
         for a, b in zip(_native_intermediate(model, x_lo[one], x_hi[one], rigorous=False),
                         auto_lirpa_intermediate(model, x_lo[one], x_hi[one]), strict=True):
-            _assert_rel(a.lower, b.lower, "intermediate lower")
+            # plain bounds leave the lower bound of a neuron proven inactive at its interval
+            # bound (nothing uses it, see Propagator._tighten): compared where not proven
+            live = a.upper > 0
+            _assert_rel(a.lower[live], b.lower[live], "intermediate lower")
+            assert (a.lower <= b.lower + REL * b.lower.abs().clamp(min=1)).all()
     inter = _native_intermediate(model, x_lo, x_hi, rigorous=False)
     ours = compute_bounds(model, x_lo, x_hi, "crown", spec, intermediate=inter, rigorous=False)
     theirs = auto_lirpa_bounds(model, x_lo, x_hi, "crown", spec, intermediate=inter,
