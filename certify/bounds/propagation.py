@@ -313,7 +313,7 @@ class Propagator:
         self.itemsize = x_lo.element_size()
         # float32 twin of a float64 rigorous chain (see _float32_twin): None until asked for
         self._twin: Propagator | None = None
-        # a chain's ReLU inputs at the box's center (see _center_inactive)
+        # the activations' inputs at the box's center (see _center_inactive)
         self._center_pre: dict[int, Tensor] = {}
         # Samples with a non-finite pre-activation bound (overflow): their relaxations are
         # meaningless, so their final bounds are reported as (-inf, inf).
@@ -564,8 +564,7 @@ class Propagator:
         lo_flat, hi_flat = lo.reshape(n, -1), hi.reshape(n, -1)
         backward_mask = unstable & ~use_forward.view(-1, *([1] * (unstable.ndim - 1)))
         upper_first = torch.zeros_like(backward_mask)
-        if (hint is None and not self.rigorous and self.net.is_chain
-                and isinstance(self.layers[pos], ReluOp)):
+        if hint is None and not self.rigorous and isinstance(self.layers[pos], ReluOp):
             guess = self._center_inactive(pos)
             upper_first = backward_mask & guess
             backward_mask = backward_mask & ~guess
@@ -781,19 +780,25 @@ class Propagator:
         return lower, upper
 
     def _center_inactive(self, pos: int) -> Tensor:
-        """`(N, *shape)` whether the input of ReLU ``layers[pos]`` (a chain's) is negative at
-        the box's center, in plain arithmetic: a guess of which neurons are inactive over
-        the box (see :meth:`_tighten`)."""
-        if pos not in self._center_pre:
-            z = self.center
+        """`(N, *shape)` whether the input of ReLU ``layers[pos]`` is negative at the box's
+        center, in plain arithmetic: a guess of which neurons are inactive over the box (see
+        :meth:`_tighten`)."""
+        if not self._center_pre:  # one forward pass for every activation
+            positions = self.net.relu_positions
             with torch.no_grad():
-                for j, op in enumerate(self.layers[:pos]):
-                    if is_activation(op):
-                        self._center_pre[j] = z
-                        z = activation_rule(op).interval(z, z)[0]
-                    else:
+                if self.net.is_chain:
+                    z = self.center
+                    for j, op in enumerate(self.layers[:positions[-1]]):
+                        if j in positions:
+                            self._center_pre[j] = z
                         z = RULES[type(op)].forward(op, z)
-            self._center_pre[pos] = z
+                    self._center_pre[positions[-1]] = z
+                else:
+                    from certify.bounds.graph import evaluate
+
+                    keep = {self.net.sources(p)[0]: self.center for p in positions}
+                    evaluate(self.layers, self.net.inputs, self.center, keep)
+                    self._center_pre = {p: keep[self.net.sources(p)[0]] for p in positions}
         return self._center_pre[pos] < 0
 
     def _backward_flat_neurons(self, pos: int, mask: Tensor, side: str
