@@ -70,7 +70,7 @@ from certify.bounds.alpha_crown import (
     optimized_intermediate,
 )
 from certify.bounds.base import STATE, Bounds, MethodBase, register_method
-from certify.bounds.layers import RULES, LeakyReluOp, ReluOp, numel
+from certify.bounds.layers import LeakyReluOp, ReluOp, numel
 from certify.bounds.network import Network, identity_spec, spec_rows
 from certify.bounds.propagation import BACKWARD_FACTOR, MB, EngineOptions, Propagator
 from certify.bounds.relaxations import activation_rule
@@ -1041,20 +1041,8 @@ class _Search:
 
     def _pre_activations(self, x: Tensor) -> list[Tensor]:
         """The inputs `(D, n_k)` of every activation at points `x` (floating point)."""
-        if not self.body.is_chain:
-            from certify.bounds.graph import evaluate
-
-            sources = [self.body.inputs[p][0] for p in self.positions]
-            keep: dict[int, Tensor] = dict.fromkeys(sources, x)
-            evaluate(self.body.layers, self.body.inputs, x, keep)
-            return [keep[k].flatten(1) for k in sources]
-        out: list[Tensor] = []
-        h = x
-        for i, op in enumerate(self.body.layers):
-            if i in self.positions:
-                out.append(h.flatten(1))
-            h = RULES[type(op)].forward(op, h)
-        return out
+        inputs = self.body.activation_inputs(x)
+        return [inputs[p].flatten(1) for p in self.positions]
 
     def _candidates(self, doms: _Domains, record: dict[int, Tensor], order: Tensor,
                     valid: Tensor, new: Tensor) -> Tensor:

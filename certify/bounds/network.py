@@ -123,6 +123,25 @@ class Network:
 
     __call__ = forward
 
+    def activation_inputs(self, x: Tensor) -> dict[int, Tensor]:
+        """The input of every activation (key: its position) at inputs `x`
+        `(N, *input_shape)`, in floating point; a chain is run up to its last activation."""
+        positions = self.activation_positions
+        if not positions:
+            return {}
+        if not self.is_chain:
+            from certify.bounds.graph import evaluate
+
+            keep = dict.fromkeys((self.sources(p)[0] for p in positions), x)
+            evaluate(self.layers, self.inputs, x, keep)
+            return {p: keep[self.sources(p)[0]] for p in positions}
+        out: dict[int, Tensor] = {}
+        for i, op in enumerate(self.layers[:positions[-1] + 1]):
+            if i in positions:
+                out[i] = x
+            x = RULES[type(op)].forward(op, x)
+        return out
+
     def forward_batch(self, xs: Tensor) -> Tensor:
         """Outputs `(n, N, *output_shape)` for points `(n, N, *input_shape)`.
 

@@ -510,6 +510,7 @@ class Propagator:
                 lo, hi = args[0]
                 if mixing[srcs[0]] is None:
                     lo, hi = _intersect(lo, hi, known.get(i))
+                    self._model_rounding(i, lo, hi)  # for _tighten
                     if linear:
                         lo, hi = self._tighten(i, lo, hi)
                     tightened[i] = (lo, hi)
@@ -579,17 +580,15 @@ class Propagator:
                 backward_mask = backward_mask & ~proven
             upper_first = backward_mask & inactive
             backward_mask = backward_mask & ~inactive
-        upper_first = upper_first.reshape(n, -1)
         for mask, side in ((backward_mask, "both"), (upper_first, "upper"), (None, "lower")):
             if mask is None:
                 # the guesses that the upper bound did not prove, the model's own rounding
                 # included (its bound widens the neuron's, see _perturb): their lower bound
                 e = self.perturbation.get(pos)
-                slack = 0.0 if e is None else e.reshape(n, -1)
-                mask = upper_first & ~(hi_flat + slack <= 0)
+                upper = hi_flat.view(unstable.shape) + (0.0 if e is None else e)
+                mask = upper_first & ~(upper <= 0)
             if mask.any():
-                sample, neuron, lin_lo, lin_hi = self.backward_neurons(
-                    pos, mask.view(unstable.shape), side=side)
+                sample, neuron, lin_lo, lin_hi = self.backward_neurons(pos, mask, side=side)
                 index = (sample, neuron)
                 lo_flat = lo_flat.index_put(index, torch.maximum(lo_flat[index], lin_lo))
                 hi_flat = hi_flat.index_put(index, torch.minimum(hi_flat[index], lin_hi))
@@ -784,21 +783,8 @@ class Propagator:
         center, in plain arithmetic: a guess of which neurons are inactive over the box (see
         :meth:`_tighten`)."""
         if not self._center_pre:  # one forward pass for every activation
-            positions = self.net.relu_positions
             with torch.no_grad():
-                if self.net.is_chain:
-                    z = self.center
-                    for j, op in enumerate(self.layers[:positions[-1]]):
-                        if j in positions:
-                            self._center_pre[j] = z
-                        z = RULES[type(op)].forward(op, z)
-                    self._center_pre[positions[-1]] = z
-                else:
-                    from certify.bounds.graph import evaluate
-
-                    keep = {self.net.sources(p)[0]: self.center for p in positions}
-                    evaluate(self.layers, self.net.inputs, self.center, keep)
-                    self._center_pre = {p: keep[self.net.sources(p)[0]] for p in positions}
+                self._center_pre = self.net.activation_inputs(self.center)
         return self._center_pre[pos] < 0
 
     def _backward_flat_neurons(self, pos: int, mask: Tensor, side: str
