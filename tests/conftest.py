@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
 
 from certify.checkpoint import ModelMeta, save_checkpoint
 from certify.nets import create_arch
+
+# CI runs the same examples on every run (HYPOTHESIS_PROFILE=ci, set by .ci/run), so a
+# submission's result does not hang on which examples were drawn; local runs draw fresh ones
+# and keep the failures they find in .hypothesis/ to replay first.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 SOUND_ATOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 

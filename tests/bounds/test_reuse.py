@@ -459,7 +459,7 @@ def test_inactivity_guesses_change_no_bound(kind, seed, dtype, guess):  # type: 
     method = get_method("crown", rigorous=rigorous, intermediate_mode="backward")
     g = torch.Generator().manual_seed(seed)
     original = Propagator._center_inactive
-    sides = {"upper": 0, "lower": 0}
+    sides = {"upper": 0, "lower": 0, "both": 0, "live": 0}
     backward = Propagator.backward_neurons
 
     def guessed(self, pos):  # type: ignore[no-untyped-def]
@@ -471,22 +471,28 @@ def test_inactivity_guesses_change_no_bound(kind, seed, dtype, guess):  # type: 
         return center
 
     def counting(self, pos, mask, side="both"):  # type: ignore[no-untyped-def]
-        if side != "both":
-            sides[side] += int(mask.sum())
-        return backward(self, pos, mask, side=side)
+        sides[side] += int(mask.sum())
+        out = backward(self, pos, mask, side=side)
+        sides["live"] += int((out[3] > 1e-6).sum())  # tightened and certainly not inactive
+        return out
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Propagator, "_center_inactive", guessed)
         mp.setattr(Propagator, "backward_neurons", counting)
         bounds = compute_bounds(model, lo, hi, method, spec)
+    guessed_sides = dict(sides)
+    sides.update(upper=0, lower=0, both=0, live=0)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Propagator, "_center_inactive",
                    lambda self, pos: torch.zeros_like(original(self, pos)))
+        mp.setattr(Propagator, "backward_neurons", counting)
         plain = compute_bounds(model, lo, hi, method, spec)
-    assert sides["upper"] > 0 or guess == "center"
+    # the same neurons are tightened: each guessed one by its upper row first, the rest by both
+    assert guessed_sides["upper"] + guessed_sides["both"] == sides["both"]
+    assert sides["upper"] == sides["lower"] == 0
     if guess == "all":  # every guess the upper bound did not prove gets its lower bound
-        assert sides["lower"] > 0 or all(bool((b.upper <= 0).all() | (b.lower >= 0).all())
-                                         for b in plain.pre_activation or ())
+        assert guessed_sides["both"] == 0
+        assert sides["live"] <= guessed_sides["lower"] <= sides["both"]
     tol = (1e-5 if dtype == torch.float32 else 1e-11)
     close = lambda a, b: ((a - b).abs() <= tol * (1 + b.abs())).all()  # noqa: E731
     assert close(bounds.lower, plain.lower) and close(bounds.upper, plain.upper)
