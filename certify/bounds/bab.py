@@ -29,14 +29,18 @@ jointly by projected gradient ascent, warm-started from the parent's. Any ``beta
 bound at the best parameters is then computed **rigorously** (every rounding accounted for, as
 for every method of the engine), so each domain's decision holds in exact arithmetic.
 
-**Branching**: the BaBSR-style intercept score (Bunel et al., "Branch and Bound for Piecewise
-Linear Neural Network Verification", JMLR 2020): for the domain's worst row, a free unstable
-neuron whose output row ``mu`` is negative pays ``mu t`` through the chord's intercept ``t =
--u l / (u - l)``; the neuron with the largest ``-mu t`` is split (ties and all-zero scores
-fall back to ``|mu| min(-l, u)``). A domain without free unstable neurons, and every domain
-with ``branching="input"`` (the default for inputs of at most :data:`INPUT_SPLIT_DIMS`
-coordinates), splits its input box in half along the coordinate with the largest
-``(|row| + |row|_mean / 4) (hi - lo)``.
+**Branching**: the neuron whose relaxation loses the most at the point where the domain's
+bound is attained. For the domain's worst row, with ``mu`` the row's coefficient on a free
+unstable neuron ``z`` and ``z*`` its value at the domain's candidate point (the corner that
+minimizes the row's linear bound, clamped into ``[l, u]``), the score is the gap of the line
+the bound used there: ``mu (f(z*) - alpha z*)`` for ``mu >= 0`` (the lower line),
+``-mu (slope z* + t - f(z*))`` for ``mu < 0`` (the chord, intercept ``t``); these gaps sum to
+``f(x*) - L(x*)`` over the neurons. A small multiple of the BaBSR intercept score ``-mu t``
+(Bunel et al., "Branch and Bound for Piecewise Linear Neural Network Verification", JMLR 2020)
+breaks ties. A domain without free unstable neurons, and every domain with
+``branching="input"`` (the default for inputs of at most :data:`INPUT_SPLIT_DIMS` coordinates),
+splits its input box in half along the coordinate with the largest ``(|row| + |row|_mean / 4)
+(hi - lo)``.
 
 **Counterexamples**: every bounded domain proposes the corner of its box that minimizes its
 worst row's linear bound; the most promising ones are improved by a few PGD steps in the box
@@ -553,7 +557,7 @@ class _Search:
         root = self._root()
         self.seconds += (time.perf_counter() - t0) / self.n
         pool = _Pool()
-        pool.add(self._settle(root))
+        self._settle(root, pool)
         if self.memory is not None:
             self._recall(pool)
         per_domain: float | None = None  # seconds per child domain in the last batch
@@ -570,7 +574,7 @@ class _Search:
             batch = pool.take(size, self._margin)
             children = self._branch(batch)
             self._attack(children, self._bound(children, root=False))
-            pool.add(self._settle(children))
+            self._settle(children, pool)
             counts = torch.bincount(children.sample.cpu(), minlength=self.n)
             # the whole round counts, the pool's bookkeeping included
             spent = time.perf_counter() - t0
@@ -656,7 +660,8 @@ class _Search:
                                            device=every.sample.device))
             t0 = time.perf_counter()
             self._attack(part, self._bound(part, root=False))
-            pool.add(self._settle(part))
+            # the properties with leaves still to come are not decided by this part
+            self._settle(part, pool, pending=set(_ids(every.sample[k + size:])))
             counts = torch.bincount(part.sample.cpu(), minlength=self.n)
             self.seconds += (time.perf_counter() - t0) * counts.double() / len(part)
             self.domains += counts
@@ -712,9 +717,10 @@ class _Search:
             return round_to(self.threshold, self.x_lo.dtype, up=True).expand(sample.shape[0], -1)
         return (self.point_rows[sample] - self.m.gap).to(self.x_lo.dtype)
 
-    def _settle(self, doms: _Domains) -> _Domains:
-        """Record the domains that are done (every row above its target) and return the rest;
-        decide the properties left without open domains."""
+    def _settle(self, doms: _Domains, pool: _Pool, pending: set[int] | None = None) -> None:
+        """Record the domains that are done (every row above its target) and add the rest to
+        `pool`; decide the properties of `doms` left without open domains, in the pool or
+        among the `pending` ones (still to be bounded)."""
         margin = self._margin(doms)
         done = torch.isinf(margin).all(1)
         for i in _ids(doms.sample[done]):
@@ -728,12 +734,14 @@ class _Search:
                 kept.append([t[leaves] for t in doms.split] + [doms.depth[leaves]])
                 if sum(len(k[-1]) for k in kept) > REMEMBER_MAX:
                     self.proven[i] = None
-        rest = doms.take((~done).nonzero(as_tuple=True)[0])
-        still = set(_ids(rest.sample))
+        pool.add(doms.take((~done).nonzero(as_tuple=True)[0]))
+        # a property is decided by its last open domain, not by its last one in this batch:
+        # the pool may hold others (the batch takes the worst domains of all properties)
+        still = set((pool.counts(self.n) > 0).nonzero(as_tuple=True)[0].tolist())
+        still |= pending or set()
         for i in _ids(doms.sample):
             if i not in still and self.status[i] is None:
                 self.status[i] = ABOVE if self.threshold is not None else GAP_CLOSED
-        return rest
 
     def _batch_size(self) -> int:
         if self.m.batch_size is not None:

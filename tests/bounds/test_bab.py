@@ -61,6 +61,29 @@ def test_decisions_agree_with_enumeration(seed: int, branching: str) -> None:
             assert value <= exact + delta
 
 
+@pytest.mark.parametrize("batch_size", [1, 3])
+@pytest.mark.parametrize("branching", ["input", "relu"])
+@pytest.mark.parametrize("seed", range(4))
+def test_proven_only_once_no_domain_is_open(seed: int, branching: str, batch_size: int) -> None:
+    """With batches smaller than the open pool, a batch whose children are all proven does
+    not decide its property while the pool holds others: "above threshold" exactly when the
+    exact minimum is above it, and then every row's lower bound is above it too."""
+    model = make_net2d(seed, [8, 8])
+    row = np.random.default_rng(seed).normal(size=3)
+    exact = _exact_min(model, row)
+    lo, hi = _box2d()
+    spec = torch.tensor(row, dtype=torch.float64).reshape(1, 1, 3)
+    for delta in (-0.05, -0.01, 0.01):
+        b = compute_bounds(model, lo, hi, "bab", spec, threshold=exact + delta,
+                           branching=branching, time_limit=30.0, batch_size=batch_size,
+                           attack_steps=0)
+        assert isinstance(b, BabBounds)
+        assert b.status == ((ABOVE,) if delta < 0 else (BELOW,)), (seed, delta, b.status)
+        assert float(b.lower[0, 0]) <= exact + 1e-9
+        if delta < 0:
+            assert float(b.lower[0, 0]) > exact + delta
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_bound_mode_closes_the_gap(seed: int) -> None:
     """Without a threshold, the lower bound ends within `gap` of the exact minimum."""
