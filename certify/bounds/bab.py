@@ -29,18 +29,16 @@ jointly by projected gradient ascent, warm-started from the parent's. Any ``beta
 bound at the best parameters is then computed **rigorously** (every rounding accounted for, as
 for every method of the engine), so each domain's decision holds in exact arithmetic.
 
-**Branching**: the neuron whose relaxation loses the most at the point where the domain's
-bound is attained. For the domain's worst row, with ``mu`` the row's coefficient on a free
-unstable neuron ``z`` and ``z*`` its value at the domain's candidate point (the corner that
-minimizes the row's linear bound, clamped into ``[l, u]``), the score is the gap of the line
-the bound used there: ``mu (f(z*) - alpha z*)`` for ``mu >= 0`` (the lower line),
-``-mu (slope z* + t - f(z*))`` for ``mu < 0`` (the chord, intercept ``t``); these gaps sum to
-``f(x*) - L(x*)`` over the neurons. A small multiple of the BaBSR intercept score ``-mu t``
-(Bunel et al., "Branch and Bound for Piecewise Linear Neural Network Verification", JMLR 2020)
-breaks ties. A domain without free unstable neurons, and every domain with
-``branching="input"`` (the default for inputs of at most :data:`INPUT_SPLIT_DIMS` coordinates),
-splits its input box in half along the coordinate with the largest ``(|row| + |row|_mean / 4)
-(hi - lo)``.
+**Branching**: BaBSR's intercept score (Bunel et al., "Branch and Bound for Piecewise Linear
+Neural Network Verification", JMLR 2020). For the domain's worst row, with ``mu`` the row's
+coefficient on a free unstable neuron, a negative ``mu`` takes the neuron's chord, whose
+intercept ``t`` (``-u l / (u - l)`` for a ReLU) costs the bound ``-mu t``; splitting the neuron
+with the largest cost removes it. ``|mu| min(-l, u)``, at 1e-4 of the weight, breaks ties. (On
+hard digits properties this splits in 2-3x fewer domains than the gap of each neuron's lines
+at the domain's candidate point, tried before.) A domain whose free unstable neurons all score
+0 (none left, or none in its worst row), and every domain with ``branching="input"`` (the
+default for inputs of at most :data:`INPUT_SPLIT_DIMS` coordinates), splits its input box in
+half along the coordinate with the largest ``(|row| + |row|_mean / 4) (hi - lo)``.
 
 **Counterexamples**: every bounded domain proposes the corner of its box that minimizes its
 worst row's linear bound; the most promising ones are improved by a few PGD steps in the box
@@ -94,6 +92,8 @@ INPUT_SPLIT_DIMS = 16
 BRANCHINGS = ("auto", "relu", "input")
 #: The activations bab splits (piecewise linear with one kink at 0: linear on each side).
 SPLITS = (ReluOp, LeakyReluOp)
+#: Weight of the tie-breaking score ``|mu| min(-l, u)`` next to the intercept score.
+TIE_BREAK = 1e-4
 #: Most domains bounded in one call (the memory budget may allow fewer).
 MAX_BATCH = 1024
 
@@ -876,8 +876,7 @@ class _Search:
             doms.beta[k] = doms.beta[k].scatter(
                 1, index, torch.where(keep, best_beta[k], doms.beta[k].gather(1, index)))
         point = self._candidates(doms, record, order, valid, new)
-        doms.layer, doms.index = self._scores(prop, doms, record, order, valid, new,
-                                              best_alpha, point)
+        doms.layer, doms.index = self._scores(prop, doms, record, valid, new)
         return point
 
     def _intermediate(self, prop: Propagator, doms: _Domains) -> Tensor:
@@ -1002,36 +1001,26 @@ class _Search:
         return rows, const, rows_err, const_err
 
     def _scores(self, prop: Propagator, doms: _Domains, record: dict[int, Tensor],
-                order: Tensor, valid: Tensor, new: Tensor, alphas: list[Tensor],
-                point: Tensor) -> tuple[Tensor, Tensor]:
+                valid: Tensor, new: Tensor) -> tuple[Tensor, Tensor]:
         """The branching choice `(layer, index)` per domain (see the module docstring)."""
         d = len(doms)
-        dev = order.device
+        dev = new.device
         worst = torch.where(valid, new, math.inf).argmin(1)  # (D,) the worst open row
         pick = torch.arange(d, device=dev)
         layer = torch.full((d,), -1, dtype=torch.int64, device=dev)
         index = torch.zeros(d, dtype=torch.int64, device=dev)
         if not self.input_split:
-            z = self._pre_activations(point)
             best = torch.zeros(d, dtype=new.dtype, device=dev)
             for k, pos in enumerate(self.positions):
                 mu = record[pos][pick, worst].reshape(d, -1)
                 relax = prop.relaxations[pos]
                 free = relax.unstable.reshape(d, -1) & (doms.split[k] == 0)
                 lo, hi = relax.pre_lower.reshape(d, -1), relax.pre_upper.reshape(d, -1)
-                slope = relax.upper.reshape(d, -1)
-                t = relax.upper_bias.reshape(d, -1)
-                op = self.body.layers[pos]
-                neg = op.negative_slope if isinstance(op, LeakyReluOp) else 0.0
-                # the lower slope the parameter stands for (LeakyReLU: a + (1 - a) alpha)
-                alpha = neg + (1.0 - neg) * alphas[k][pick, worst].clamp(0.0, 1.0)
-                zk = torch.minimum(torch.maximum(z[k], lo), hi)
-                fz = torch.maximum(zk, neg * zk)
-                # the gap of each line at the candidate, weighted by its row (exact split of
-                # f(x) - L(x) over the neurons), plus the intercept score as a tie-breaker
-                gap = (mu.clamp(min=0) * (fz - alpha * zk)
-                       + (-mu).clamp(min=0) * (slope * zk + t - fz))
-                score = torch.where(free, gap + 1e-3 * (-mu).clamp(min=0) * t, -1.0)
+                # what the chord's intercept costs the row (a row on the lower line pays none
+                # at the neuron), ties broken by the row's weight times the smaller side
+                intercept = (-mu).clamp(min=0) * relax.upper_bias.reshape(d, -1)
+                tie = mu.abs() * torch.minimum(-lo, hi).clamp(min=0)
+                score = torch.where(free, intercept + TIE_BREAK * tie, -1.0)
                 top, arg = score.max(1)
                 better = top > best
                 layer = torch.where(better, k, layer)
@@ -1046,11 +1035,6 @@ class _Search:
             weight = a.abs() + 0.25 * a.abs().mean(1, keepdim=True) + 1e-30
             index = torch.where(inp, (weight * width).argmax(1), index)
         return layer, index
-
-    def _pre_activations(self, x: Tensor) -> list[Tensor]:
-        """The inputs `(D, n_k)` of every activation at points `x` (floating point)."""
-        inputs = self.body.activation_inputs(x)
-        return [inputs[p].flatten(1) for p in self.positions]
 
     def _candidates(self, doms: _Domains, record: dict[int, Tensor], order: Tensor,
                     valid: Tensor, new: Tensor) -> Tensor:
