@@ -162,10 +162,12 @@ def _small_mlp(seed: int) -> nn.Sequential:
     return model.eval()
 
 
+@pytest.mark.parametrize("float32_steps", [True, False])
 @pytest.mark.parametrize("seed", range(3))
-def test_agrees_with_the_milp(seed: int) -> None:
+def test_agrees_with_the_milp(seed: int, float32_steps: bool) -> None:
     """Thresholds between CROWN's bound and the MILP's exact minimum: bab proves them all (the
-    MILP's minimum is above), and finds points for thresholds above the minimum."""
+    MILP's minimum is above), and finds points for thresholds above the minimum; with the
+    optimization's plain passes in float32 or in float64."""
     model = _small_mlp(seed)
     gen = torch.Generator().manual_seed(100 + seed)
     x = torch.rand(1, 1, 1, 6, generator=gen, dtype=torch.float64)
@@ -174,9 +176,12 @@ def test_agrees_with_the_milp(seed: int) -> None:
     exact = float(compute_bounds(model, lo, hi, "milp", spec).lower[0, 0])
     crown = float(compute_bounds(model, lo, hi, "crown", spec).lower[0, 0])
     for t in (crown + 0.5 * (exact - crown), exact - 0.01 * abs(exact) - 1e-3):
-        b = compute_bounds(model, lo, hi, "bab", spec, threshold=t, branching="relu")
+        b = compute_bounds(model, lo, hi, "bab", spec, threshold=t, branching="relu",
+                           float32_steps=float32_steps)
         assert b.status == (ABOVE,) and float(b.lower[0, 0]) > t
-    b = compute_bounds(model, lo, hi, "bab", spec, threshold=exact + 0.02, branching="relu")
+        assert exact >= float(b.lower[0, 0])
+    b = compute_bounds(model, lo, hi, "bab", spec, threshold=exact + 0.02, branching="relu",
+                       float32_steps=float32_steps)
     assert b.status == (BELOW,)
 
 
