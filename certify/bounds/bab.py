@@ -531,6 +531,10 @@ class _Search:
             raise error
         self.shapes = [self.body.layers[p].in_shape for p in self.positions]
         self.body32: Network | None = None  # the body in float32 (see _float32_twin)
+        # the domains' slopes and multipliers (warm starts only): float32 where the children's
+        # optimization runs in float32, which halves the open domains' memory
+        self.param_dtype = (torch.float32 if method.float32_steps
+                            and x_lo.dtype == torch.float64 else x_lo.dtype)
         self.options = EngineOptions(method.memory_budget_mb)
         self.intermediate = intermediate
         self.s = int(spec.shape[1])
@@ -877,6 +881,9 @@ class _Search:
         for k in range(len(self.positions)):
             index = order.unsqueeze(2).expand(-1, -1, doms.alpha[k].shape[2])
             keep = valid.unsqueeze(2)
+            # (the root's start in the bound's dtype, as alpha-CROWN's; then param_dtype)
+            doms.alpha[k] = doms.alpha[k].to(self.param_dtype)
+            doms.beta[k] = doms.beta[k].to(self.param_dtype)
             doms.alpha[k] = doms.alpha[k].scatter(
                 1, index, torch.where(keep, best_alpha[k], doms.alpha[k].gather(1, index)))
             doms.beta[k] = doms.beta[k].scatter(
@@ -991,11 +998,12 @@ class _Search:
                     for p, g, (m, v), (lr, top) in zip(params, grads, state, rates, strict=True):
                         adam_ascent(p, g, m, v, step + 1, lr, upper=top)
         record: dict[int, Tensor] = {}
-        alpha_rows = [best_alpha[k].to(rows.dtype) for k in range(len(alphas))]
-        beta_rows = [best_beta[k].to(rows.dtype) for k in range(len(betas))]
-        lower = pass_(True, alpha_rows, beta_rows, record)
+        alpha_rows = [best_alpha[k] for k in range(len(alphas))]
+        beta_rows = [best_beta[k] for k in range(len(betas))]
+        lower = pass_(True, alpha_rows, beta_rows, record)  # (casts them to the bound's dtype)
         lower = torch.where(prop.nonfinite[:, None] | torch.isnan(lower), -math.inf, lower)
-        return lower, record, alpha_rows, [b.clamp(min=0) for b in beta_rows]
+        return (lower, record, [a.to(self.param_dtype) for a in alpha_rows],
+                [b.clamp(min=0).to(self.param_dtype) for b in beta_rows])
 
     def _float32_twin(self, prop: Propagator) -> Propagator | None:
         """A float32 propagator with `prop`'s relaxations (its pre-activation bounds rounded
