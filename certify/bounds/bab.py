@@ -531,10 +531,11 @@ class _Search:
             raise error
         self.shapes = [self.body.layers[p].in_shape for p in self.positions]
         self.body32: Network | None = None  # the body in float32 (see _float32_twin)
-        # the domains' slopes and multipliers (warm starts only): float32 where the children's
-        # optimization runs in float32, which halves the open domains' memory
-        self.param_dtype = (torch.float32 if method.float32_steps
-                            and x_lo.dtype == torch.float64 else x_lo.dtype)
+        # whether the children's optimization runs its plain passes in float32; then the
+        # domains keep their slopes and multipliers (warm starts only) in float32 too, which
+        # halves the open domains' memory
+        self.float32_steps = method.float32_steps and x_lo.dtype == torch.float64
+        self.param_dtype = torch.float32 if self.float32_steps else x_lo.dtype
         self.options = EngineOptions(method.memory_budget_mb)
         self.intermediate = intermediate
         self.s = int(spec.shape[1])
@@ -949,8 +950,11 @@ class _Search:
         # `float32_steps`); the root's runs in float64, as alpha-CROWN's, so that bab's bound
         # is never below alpha-CROWN's (every child keeps its parent's bound)
         twin = (self._float32_twin(prop) if steps and not root and (has_free or has_split)
-                and self.m.float32_steps and rows.dtype == torch.float64 else None)
-        work = rows.dtype if twin is None else torch.float32
+                and self.float32_steps else None)
+        # the plain passes' propagator and inputs, cast once
+        plain = (prop, rows, const, signs) if twin is None else (
+            twin, rows.float(), const.float(), [s.float() for s in signs])
+        work = plain[1].dtype
         index = [order.unsqueeze(2).expand(-1, -1, a.shape[2]) for a in doms.alpha]
         alphas = [a.gather(1, i).to(work) for a, i in zip(doms.alpha, index, strict=True)]
         betas = [b.gather(1, i).to(work) for b, i in zip(doms.beta, index, strict=True)]
@@ -965,16 +969,16 @@ class _Search:
 
         def pass_(rigorous: bool, al: list[Tensor], be: list[Tensor],
                   record: dict[int, Tensor] | None = None) -> Tensor:
-            on = prop if rigorous or twin is None else twin
-            dtype = rows.dtype if on is prop else work
+            on, rows_, const_, signs_ = (prop, rows, const, signs) if rigorous else plain
+            dtype = rows_.dtype  # (the parameters are cast for the rigorous float64 pass)
             a_map = {p: al[k].to(dtype).view(d, r, *self.shapes[k])
                      for k, p in enumerate(self.positions)}
-            b_map = ({p: (-(be[k].to(dtype).clamp(min=0) * signs[k].to(dtype))).view(
+            b_map = ({p: (-(be[k].to(dtype).clamp(min=0) * signs_[k])).view(
                 d, r, *self.shapes[k]) for k, p in enumerate(self.positions)}
                 if has_split else None)
             lower, _ = on.backward_chunk(
-                start, rows.to(dtype), const.to(dtype), samples, both=False, alphas=a_map,
-                betas=b_map, rigorous=rigorous, rows_err=rows_err if rigorous else None,
+                start, rows_, const_, samples, both=False, alphas=a_map, betas=b_map,
+                rigorous=rigorous, rows_err=rows_err if rigorous else None,
                 const_err=const_err if rigorous else None, record=record)
             return lower
 
@@ -1000,7 +1004,7 @@ class _Search:
         record: dict[int, Tensor] = {}
         alpha_rows = [best_alpha[k] for k in range(len(alphas))]
         beta_rows = [best_beta[k] for k in range(len(betas))]
-        lower = pass_(True, alpha_rows, beta_rows, record)  # (casts them to the bound's dtype)
+        lower = pass_(True, alpha_rows, beta_rows, record)
         lower = torch.where(prop.nonfinite[:, None] | torch.isnan(lower), -math.inf, lower)
         return (lower, record, [a.to(self.param_dtype) for a in alpha_rows],
                 [b.clamp(min=0).to(self.param_dtype) for b in beta_rows])
