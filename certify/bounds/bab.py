@@ -398,7 +398,9 @@ class BranchAndBound(MethodBase):
         steps: alpha/beta iterations per batch of domains (warm-started from the parents; on
             digits MLPs and CNNs more steps barely lower the number of domains, 5 instead of 10
             took 25-30 % less time per decided property).
-        lr_alpha, lr_beta: Adam learning rates of the slopes and of the split multipliers.
+        lr_alpha, lr_beta: Adam learning rates of the slopes and of the split multipliers
+            (on hard digits properties, 0.2 for the multipliers splits the MLP into 26% and
+            the CNN into 29% fewer domains than 0.05 did; 0.1 and 0.5 do worse than 0.2).
         branching: ``"relu"`` (BaBSR-style scores), ``"input"`` (halve the input box), or
             ``"auto"`` (input splits for inputs of at most :data:`INPUT_SPLIT_DIMS`
             coordinates, else ReLU splits).
@@ -431,7 +433,7 @@ class BranchAndBound(MethodBase):
     root_steps: int = 20
     steps: int = 5
     lr_alpha: float = 0.1
-    lr_beta: float = 0.05
+    lr_beta: float = 0.2
     branching: str = "auto"
     recompute_intermediate: bool = False
     attack_steps: int = 10
