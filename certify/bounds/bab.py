@@ -24,7 +24,8 @@ split constraints ``s z >= 0`` enter the bound through multipliers ``beta >= 0``
 
 (the subtracted terms are >= 0 on the domain), which the backward pass carries as the rows
 ``-beta s`` added at each split layer; ``beta`` and alpha-CROWN's lower slopes are optimized
-jointly by projected gradient ascent, warm-started from the parent's. Any ``beta >= 0`` and
+jointly by projected gradient ascent, warm-started from the parent's; a domain leaves the
+optimization as soon as a plain pass puts its rows above their targets. Any ``beta >= 0`` and
 ``alpha in [0, 1]`` give a sound bound; the optimization runs without rounding control and the
 bound at the best parameters is then computed **rigorously** (every rounding accounted for, as
 for every method of the engine), so each domain's decision holds in exact arithmetic.
@@ -512,6 +513,21 @@ class BranchAndBound(MethodBase):
                        points=out.points.to(dtype))
 
 
+@dataclass
+class _Live:
+    """The children still optimized in a batch: their positions `index` in it, and their
+    spec rows, constants and split signs."""
+
+    index: Tensor
+    rows: Tensor
+    const: Tensor
+    signs: list[Tensor]
+
+    def take(self, keep: Tensor) -> _Live:
+        return _Live(self.index[keep], self.rows[keep], self.const[keep],
+                     [s[keep] for s in self.signs])
+
+
 class _Search:
     """One branch-and-bound run over a batch of properties."""
 
@@ -970,21 +986,32 @@ class _Search:
         best_beta = {k: b.detach().clone() for k, b in enumerate(betas)}
 
         def pass_(rigorous: bool, al: list[Tensor], be: list[Tensor],
-                  record: dict[int, Tensor] | None = None) -> Tensor:
+                  record: dict[int, Tensor] | None = None, live: _Live | None = None
+                  ) -> Tensor:
             on, rows_, const_, signs_ = (prop, rows, const, signs) if rigorous else plain
+            blocks = samples
+            if live is not None:
+                rows_, const_, signs_, blocks = live.rows, live.const, live.signs, live.index
             dtype = rows_.dtype  # (the parameters are cast for the rigorous float64 pass)
-            a_map = {p: al[k].to(dtype).view(d, r, *self.shapes[k])
+            b = int(blocks.shape[0])
+            a_map = {p: al[k].to(dtype).view(b, r, *self.shapes[k])
                      for k, p in enumerate(self.positions)}
             b_map = ({p: (-(be[k].to(dtype).clamp(min=0) * signs_[k])).view(
-                d, r, *self.shapes[k]) for k, p in enumerate(self.positions)}
+                b, r, *self.shapes[k]) for k, p in enumerate(self.positions)}
                 if has_split else None)
             lower, _ = on.backward_chunk(
-                start, rows_, const_, samples, both=False, alphas=a_map, betas=b_map,
+                start, rows_, const_, blocks, both=False, alphas=a_map, betas=b_map,
                 rigorous=rigorous, rows_err=rows_err if rigorous else None,
                 const_err=const_err if rigorous else None, record=record)
             return lower
 
         if params and steps:
+            # A child whose open rows are all above their targets (by a plain bound) leaves
+            # the optimization; the rigorous pass at its best parameters decides it. (At the
+            # root every property keeps its steps: bab's bound is never below alpha-CROWN's.)
+            target = torch.where(valid, self._target(doms.sample).gather(1, order).to(work),
+                                 -math.inf)
+            live = _Live(samples, plain[1], plain[2], plain[3])
             for p in params:
                 p.requires_grad_(True)
             state = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
@@ -992,17 +1019,46 @@ class _Search:
             rates = ([(self.m.lr_alpha, 1.0)] * len(alphas) if has_free else []) + (
                 [(self.m.lr_beta, None)] * len(betas) if has_split else [])
             for step in range(steps + 1):
+                whole = len(live.index) == d
                 with torch.enable_grad():
-                    lower = pass_(False, alphas, betas)
-                    value = torch.where(valid, lower.detach(), -math.inf)
-                    keep_best(value, best, dict(enumerate(betas)), best_beta)
-                    best = keep_best(value, best, dict(enumerate(alphas)), best_alpha)
+                    lower = pass_(False, alphas, betas, live=live)
+                    ok = valid if whole else valid[live.index]
+                    value = torch.where(ok, lower.detach(), -math.inf)
+                    if whole:
+                        keep_best(value, best, dict(enumerate(betas)), best_beta)
+                        best = keep_best(value, best, dict(enumerate(alphas)), best_alpha)
+                    else:
+                        at = live.index
+                        kept_b = {k: v[at] for k, v in best_beta.items()}
+                        kept_a = {k: v[at] for k, v in best_alpha.items()}
+                        keep_best(value, best[at], dict(enumerate(betas)), kept_b)
+                        best[at] = keep_best(value, best[at], dict(enumerate(alphas)), kept_a)
+                        for k in kept_a:
+                            best_alpha[k][at] = kept_a[k]
+                        for k in kept_b:
+                            best_beta[k][at] = kept_b[k]
                     if step == steps:
                         break
-                    grads = torch.autograd.grad(torch.where(valid, lower, 0.0).sum(), params)
+                    grads = torch.autograd.grad(torch.where(ok, lower, 0.0).sum(), params)
                 with torch.no_grad():
                     for p, g, (m, v), (lr, top) in zip(params, grads, state, rates, strict=True):
                         adam_ascent(p, g, m, v, step + 1, lr, upper=top)
+                    if root:
+                        continue
+                    done = ((best[live.index] > target[live.index])
+                            | ~valid[live.index]).all(1)
+                    if bool(done.all()):
+                        break
+                    if not bool(done.any()):
+                        continue
+                    keep = (~done).nonzero(as_tuple=True)[0]
+                    live = live.take(keep)
+                    alphas = [a.detach()[keep] for a in alphas]
+                    betas = [b.detach()[keep] for b in betas]
+                    params = (alphas if has_free else []) + (betas if has_split else [])
+                    for p in params:
+                        p.requires_grad_(True)
+                    state = [(m[keep], v[keep]) for m, v in state]
         record: dict[int, Tensor] = {}
         alpha_rows = [best_alpha[k] for k in range(len(alphas))]
         beta_rows = [best_beta[k] for k in range(len(betas))]
