@@ -185,8 +185,10 @@ class MethodBase:
                     isinstance(value, int) and value >= 1):
                 raise SpecError(f"{self.name}: chunk_size must be None or an int >= 1, "
                                 f"got {value!r}.")
-            if option.name == "rigorous" and not isinstance(value, bool):
-                raise SpecError(f"{self.name}: rigorous must be True or False, got {value!r}.")
+            if option.type in ("bool", bool) and not isinstance(value, bool):
+                # (a string such as "false" would otherwise count as True)
+                raise SpecError(f"{self.name}: {option.name} must be True or False, got "
+                                f"{value!r}.")
             if option.name == "intermediate_mode" and value not in ("auto", "backward",
                                                                    "forward"):
                 raise SpecError(f"{self.name}: intermediate_mode must be 'auto', 'backward' or "

@@ -127,6 +127,11 @@ def test_unknown_method_and_options():  # type: ignore[no-untyped-def]
     ("wong-kolter", {"chunk_size": 0}, "chunk_size must be None or an int >= 1"),
     ("crown", {"intermediate_mode": "fast"}, "intermediate_mode must be 'auto'"),
     ("lp", {"intermediate_method": "lp"}, "intermediate_method must be one of"),
+    # every boolean option takes only True or False (a string would be truthy)
+    ("bab", {"float32_steps": "no"}, "float32_steps must be True or False"),
+    ("bab", {"recompute_intermediate": 1}, "recompute_intermediate must be True or False"),
+    ("bab", {"float64": "false"}, "float64 must be True or False"),
+    ("crown", {"rigorous": "yes"}, "rigorous must be True or False"),
 ])
 def test_invalid_option_values(name, options, match):  # type: ignore[no-untyped-def]
     with pytest.raises(SpecError, match=match):
