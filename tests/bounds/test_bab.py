@@ -211,7 +211,8 @@ def test_float32_inputs_get_outward_rounded_float32_bounds() -> None:
 
 @pytest.mark.parametrize("options", [{"branching": "sideways"}, {"time_limit": 0},
                                      {"max_domains": 0}, {"threshold": float("nan")},
-                                     {"steps": -1}, {"threshold": (0.0, "a")}])
+                                     {"steps": -1}, {"threshold": (0.0, "a")},
+                                     {"budget_reach": 0}])
 def test_bad_options_are_one_line_errors(options: dict) -> None:  # type: ignore[type-arg]
     with pytest.raises(SpecError) as err:
         get_method("bab", **options)
@@ -256,6 +257,86 @@ def test_memory_restarts_are_decided_as_without_one(seed: int) -> None:
         if k == 0:
             assert b.status == (DOMAINS_SPENT,)
     assert False in kinds, "no failure's leaves were reused"
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_memory_restarts_across_thresholds(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A radius search raises the threshold by the model's rounding error over each box, so
+    every evaluation has its own: a failure's open leaves still restart a smaller box (its
+    proven leaves count where their bounds are above the new threshold), and every verdict is
+    still the exact minimum's."""
+    from certify.bounds import bab
+    from certify.bounds.bab import SearchMemory
+
+    restarts: list[bool] = []  # per restart: whether from a failure's leaves
+    original = bab._Search._restart
+
+    def spy(self, root, entry):  # type: ignore[no-untyped-def]
+        restarts.append(not entry.proof)
+        return original(self, root, entry)
+
+    monkeypatch.setattr(bab._Search, "_restart", spy)
+    model = _small_mlp(seed)
+    gen = torch.Generator().manual_seed(300 + seed)
+    x = torch.rand(1, 1, 1, 6, generator=gen, dtype=torch.float64)
+    spec = torch.randn(1, 1, 3, generator=gen, dtype=torch.float64)
+
+    def exact(width: float) -> float:
+        return float(compute_bounds(model, x - width, x + width, "milp", spec).lower[0, 0])
+
+    base = exact(0.25) - 1e-3 * (1 + abs(exact(0.25)))
+    memory = SearchMemory()
+    for k, width in enumerate((0.25, 0.2, 0.24, 0.1, 0.22)):
+        # the threshold grows with the box, as the rounding allowance does (the last one
+        # drops below the others)
+        threshold = base + (1e-4 * width if k < 4 else -0.05)
+        lo, hi = x - width, x + width
+        method = get_method("bab", branching="relu", attack_steps=0, threshold=threshold,
+                            max_domains=2 if k == 0 else 100_000, memory=memory)
+        b = compute_bounds(model, lo, hi, method, spec)
+        minimum = exact(width)
+        assert float(b.lower[0, 0]) <= minimum + 1e-9, (k, float(b.lower[0, 0]), minimum)
+        if k == 0:
+            assert b.status == (DOMAINS_SPENT,)
+        elif abs(minimum - threshold) > 1e-6:
+            assert b.status == ((ABOVE if minimum > threshold else BELOW),), (k, b.status)
+            if b.status == (ABOVE,):
+                assert float(b.lower[0, 0]) > threshold
+    # the failure at 0.25 (under a larger threshold) restarted a smaller box
+    assert True in restarts, restarts
+
+
+def test_beyond_the_time_budget() -> None:
+    """In a radius search's memory, a box between a proof that took most of the time limit
+    and a larger box that ran out of it is not searched: "unknown: beyond the time budget",
+    with a sound lower bound; boxes outside that range are searched as usual."""
+    from certify.bounds.bab import BEYOND_TIME, SearchMemory
+
+    model = _small_mlp(0)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.rand(1, 1, 1, 6, generator=gen, dtype=torch.float64)
+    spec = torch.randn(1, 1, 3, generator=gen, dtype=torch.float64)
+    key = spec[0].numpy().tobytes()
+    memory = SearchMemory()
+    memory.slow[key] = [((x - 0.1)[0], (x + 0.1)[0])]
+    memory.timed_out[key] = [((x - 0.3)[0], (x + 0.3)[0])]
+    assert memory.beyond(key, (x - 0.2)[0], (x + 0.2)[0])
+    assert not memory.beyond(key, (x - 0.05)[0], (x + 0.05)[0])
+    assert not memory.beyond(key, (x - 0.4)[0], (x + 0.4)[0])
+    assert not memory.beyond(b"other rows", (x - 0.2)[0], (x + 0.2)[0])
+    minimum = float(compute_bounds(model, x - 0.2, x + 0.2, "milp", spec).lower[0, 0])
+    threshold = minimum - 1e-3 * (1 + abs(minimum))  # true, and not provable at the root
+    root = compute_bounds(model, x - 0.2, x + 0.2, "alpha-crown", spec)
+    assert float(root.lower[0, 0]) < threshold
+    b = compute_bounds(model, x - 0.2, x + 0.2, get_method(
+        "bab", branching="relu", threshold=threshold, memory=memory, budget_reach=0.75), spec)
+    assert b.status == (BEYOND_TIME,)
+    assert float(b.lower[0, 0]) <= minimum + 1e-9
+    # without the rule (or without the memory) the same box is searched and proven
+    for method in (get_method("bab", branching="relu", threshold=threshold, memory=memory,
+                              budget_reach=None),
+                   get_method("bab", branching="relu", threshold=threshold)):
+        assert compute_bounds(model, x - 0.2, x + 0.2, method, spec).status == (ABOVE,)
 
 
 def test_radius_search_uses_a_fresh_memory() -> None:
