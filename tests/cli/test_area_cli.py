@@ -127,7 +127,7 @@ def test_area_bab_with_budgets(digits_ckpt, tmp_path):
     out = tmp_path / "b"
     result = area(str(digits_ckpt), "--dataset", "digits", "--n", "3", "--method", "alpha-crown",
                   "--method", "bab", "--bab-time-limit", "1", "--bab-max-domains", "500",
-                  "--tol", "1e-3", "-o", str(out))
+                  "--bab-budget-reach", "0.75", "--tol", "1e-3", "-o", str(out))
     assert result.exit_code == 0, result.output
     rows = read_rows(out)
     by = {(r["index"], r["method"]): r for r in rows}
@@ -138,6 +138,9 @@ def test_area_bab_with_budgets(digits_ckpt, tmp_path):
     bad = area(str(digits_ckpt), "--dataset", "digits", "--n", "1", "--bab-time-limit", "1",
                "-o", str(tmp_path / "c"))
     assert bad.exit_code == 2 and "--method bab" in bad.output
+    bad = area(str(digits_ckpt), "--dataset", "digits", "--n", "1", "--method", "bab",
+               "--bab-budget-reach", "0", "-o", str(tmp_path / "d"))
+    assert bad.exit_code == 2 and "--bab-budget-reach" in bad.output
 
 
 def _strip_seconds(rows: list[dict[str, str]]) -> list[dict[str, str]]:
