@@ -214,17 +214,14 @@ class SearchMemory:
         self.budget = int(budget_mb * MB)
         self.entries: dict[bytes, list[_Entry]] = {}
         # per property: the boxes of slow proofs and of failures for time (boxes only)
-        self.slow: dict[bytes, list[tuple[Tensor, Tensor]]] = {}
-        self.timed_out: dict[bytes, list[tuple[Tensor, Tensor]]] = {}
+        self.slow: dict[bytes, list[_Entry]] = {}
+        self.timed_out: dict[bytes, list[_Entry]] = {}
 
     def beyond(self, key: bytes, x_lo: Tensor, x_hi: Tensor) -> bool:
         """Whether the box lies between a slow proof's box and a failure's for time."""
-        def holds(outer: tuple[Tensor, Tensor], inner: tuple[Tensor, Tensor]) -> bool:
-            return bool((outer[0] <= inner[0]).all()) and bool((inner[1] <= outer[1]).all())
-
-        box = (x_lo, x_hi)
-        return (any(holds(box, b) for b in self.slow.get(key, ()))
-                and any(holds(b, box) for b in self.timed_out.get(key, ())))
+        box = _Entry(x_lo, x_hi)
+        return (any(e.inside(box) for e in self.slow.get(key, ()))
+                and any(box.inside(e) for e in self.timed_out.get(key, ())))
 
     @property
     def nbytes(self) -> int:
@@ -239,13 +236,16 @@ class SearchMemory:
         if self.nbytes + entry.nbytes <= self.budget:
             entries.append(entry)
 
-    def recall(self, key: bytes, x_lo: Tensor, x_hi: Tensor) -> _Entry | None:
-        """The entry to start from on the box ``[x_lo, x_hi]``: the newest failure at a box
-        holding it, else the newest proof at a box inside it; None: start from the root."""
+    def recall(self, key: bytes, x_lo: Tensor, x_hi: Tensor, target: Tensor) -> _Entry | None:
+        """The entry to start from on the box ``[x_lo, x_hi]`` with the row targets `target`
+        `(S,)`: the newest failure at a box holding it whose proven leaves' bounds are all above
+        `target` (they were proven against the failure's own threshold), else the newest proof
+        at a box inside it; None: start from the root."""
         box = _Entry(x_lo, x_hi)
         entries = self.entries.get(key, [])
         for e in reversed(entries):
-            if not e.proof and box.inside(e):
+            if not e.proof and box.inside(e) and (
+                    e.proven_bound is None or bool((e.proven_bound > target).all())):
                 return e
         for e in reversed(entries):
             if e.proof and e.inside(box):
@@ -678,7 +678,7 @@ class _Search:
         left = pool.remove(i)
         if self.memory is not None and reason == TIME_SPENT and self.threshold is not None:
             self.memory.timed_out.setdefault(self._key(i), []).append(
-                (self.x_lo[i].clone(), self.x_hi[i].clone()))
+                _Entry(self.x_lo[i].clone(), self.x_hi[i].clone()))
         if self.memory is not None and reason in (TIME_SPENT, DOMAINS_SPENT, MEMORY_SPENT):
             self.memory.store(self._key(i), _Entry(
                 self.x_lo[i].clone(), self.x_hi[i].clone(), leaves=left,
@@ -701,7 +701,7 @@ class _Search:
             if (reach is not None and self.status[i] == ABOVE
                     and float(self.seconds[i]) >= reach * self.m.time_limit):
                 self.memory.slow.setdefault(self._key(i), []).append(
-                    (self.x_lo[i].clone(), self.x_hi[i].clone()))
+                    _Entry(self.x_lo[i].clone(), self.x_hi[i].clone()))
             kept = self.proven[i]
             if self.status[i] == ABOVE and kept and not self.input_split:
                 parts = [torch.cat(ts) for ts in zip(*kept, strict=True)]
@@ -719,14 +719,9 @@ class _Search:
             return
         starts = []
         for i in pool.samples():
-            entry = self.memory.recall(self._key(i), self.x_lo[i], self.x_hi[i])
+            target = self._target(torch.tensor([i], device=self.x_lo.device))[0]
+            entry = self.memory.recall(self._key(i), self.x_lo[i], self.x_hi[i], target)
             if entry is None:
-                continue
-            if entry.proven_bound is not None and not bool(
-                    (entry.proven_bound > self._target(self.x_lo.new_tensor([i]).long())[0]
-                     ).all()):
-                # a failure's proven leaves were proven against its own threshold: they count
-                # here only where their bounds are above this one's
                 continue
             root = pool.remove(i)
             starts.append(self._restart(root, entry))
@@ -942,7 +937,7 @@ class _Search:
         order = torch.sort(open_rows.to(torch.int8), dim=1, descending=True,
                            stable=True).indices[:, :r]  # (D, R): open rows first
         valid = torch.arange(r, device=dev)[None, :] < counts[:, None]
-        new, record, best_alpha, best_beta = self._optimize(prop, doms, order, valid,
+        new, record, best_alpha, best_beta = self._optimize(prop, doms, order, valid, target,
                                                             root=root)
         # each row keeps its best rigorous bound (a parent's holds for its children)
         full = torch.full_like(doms.bound, -math.inf).scatter(
@@ -996,10 +991,12 @@ class _Search:
                         "adaptive")
         return empty
 
-    def _optimize(self, prop: Propagator, doms: _Domains, order: Tensor, valid: Tensor, *,
-                  root: bool) -> tuple[Tensor, dict[int, Tensor], list[Tensor], list[Tensor]]:
+    def _optimize(self, prop: Propagator, doms: _Domains, order: Tensor, valid: Tensor,
+                  target: Tensor, *, root: bool
+                  ) -> tuple[Tensor, dict[int, Tensor], list[Tensor], list[Tensor]]:
         """Optimize slopes and multipliers of the open rows, then the rigorous bound at the
-        best ones; returns `(bound (D, R), record, alphas, betas)`."""
+        best ones (`target` `(D, S)`: each row's target); returns `(bound (D, R), record,
+        alphas, betas)`."""
         d, r = order.shape
         start = len(self.body.layers)
         rows, const, rows_err, const_err = self._rows(doms.sample, order, valid)
@@ -1061,8 +1058,7 @@ class _Search:
             # A child whose open rows are all above their targets (by a plain bound) leaves
             # the optimization; the rigorous pass at its best parameters decides it. (At the
             # root every property keeps its steps: bab's bound is never below alpha-CROWN's.)
-            target = torch.where(valid, self._target(doms.sample).gather(1, order).to(work),
-                                 -math.inf)
+            goal = torch.where(valid, target.gather(1, order).to(work), -math.inf)
             live = _Live(samples, plain[1], plain[2], plain[3])
             for p in params:
                 p.requires_grad_(True)
@@ -1097,7 +1093,7 @@ class _Search:
                         adam_ascent(p, g, m, v, step + 1, lr, upper=top)
                     if root:
                         continue
-                    done = ((best[live.index] > target[live.index])
+                    done = ((best[live.index] > goal[live.index])
                             | ~valid[live.index]).all(1)
                     if bool(done.all()):
                         break

@@ -7,6 +7,7 @@ LPs (``tests/brute_force.py``), sampled/corner/PGD points, and the MILP on small
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +163,21 @@ def _small_mlp(seed: int) -> nn.Sequential:
     return model.eval()
 
 
+def _memory_case(seed: int, draw: int
+                 ) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor, Callable[[float], float]]:
+    """`_small_mlp(seed)`, a point `x` and one spec row drawn with seed `draw`, and the MILP's
+    exact minimum of the row over the box of half-width `w` around `x`."""
+    model = _small_mlp(seed)
+    gen = torch.Generator().manual_seed(draw)
+    x = torch.rand(1, 1, 1, 6, generator=gen, dtype=torch.float64)
+    spec = torch.randn(1, 1, 3, generator=gen, dtype=torch.float64)
+
+    def exact(width: float) -> float:
+        return float(compute_bounds(model, x - width, x + width, "milp", spec).lower[0, 0])
+
+    return model, x, spec, exact
+
+
 @pytest.mark.parametrize("float32_steps", [True, False])
 @pytest.mark.parametrize("seed", range(3))
 def test_agrees_with_the_milp(seed: int, float32_steps: bool) -> None:
@@ -226,14 +242,7 @@ def test_memory_restarts_are_decided_as_without_one(seed: int) -> None:
     minimum (the leaves a failure proved still count), and both kinds of entry were used."""
     from certify.bounds.bab import SearchMemory
 
-    model = _small_mlp(seed)
-    gen = torch.Generator().manual_seed(200 + seed)
-    x = torch.rand(1, 1, 1, 6, generator=gen, dtype=torch.float64)
-    spec = torch.randn(1, 1, 3, generator=gen, dtype=torch.float64)
-
-    def exact(width: float) -> float:
-        return float(compute_bounds(model, x - width, x + width, "milp", spec).lower[0, 0])
-
+    model, x, spec, exact = _memory_case(seed, 200 + seed)
     # just below the exact minimum at the first width: true there and at every smaller one,
     # too close to prove with two domains
     threshold = exact(0.25) - 1e-3 * (1 + abs(exact(0.25)))
@@ -276,14 +285,7 @@ def test_memory_restarts_across_thresholds(seed: int, monkeypatch: pytest.Monkey
         return original(self, root, entry)
 
     monkeypatch.setattr(bab._Search, "_restart", spy)
-    model = _small_mlp(seed)
-    gen = torch.Generator().manual_seed(300 + seed)
-    x = torch.rand(1, 1, 1, 6, generator=gen, dtype=torch.float64)
-    spec = torch.randn(1, 1, 3, generator=gen, dtype=torch.float64)
-
-    def exact(width: float) -> float:
-        return float(compute_bounds(model, x - width, x + width, "milp", spec).lower[0, 0])
-
+    model, x, spec, exact = _memory_case(seed, 300 + seed)
     base = exact(0.25) - 1e-3 * (1 + abs(exact(0.25)))
     memory = SearchMemory()
     for k, width in enumerate((0.25, 0.2, 0.24, 0.1, 0.22)):
@@ -310,21 +312,18 @@ def test_beyond_the_time_budget() -> None:
     """In a radius search's memory, a box between a proof that took most of the time limit
     and a larger box that ran out of it is not searched: "unknown: beyond the time budget",
     with a sound lower bound; boxes outside that range are searched as usual."""
-    from certify.bounds.bab import BEYOND_TIME, SearchMemory
+    from certify.bounds.bab import BEYOND_TIME, SearchMemory, _Entry
 
-    model = _small_mlp(0)
-    gen = torch.Generator().manual_seed(7)
-    x = torch.rand(1, 1, 1, 6, generator=gen, dtype=torch.float64)
-    spec = torch.randn(1, 1, 3, generator=gen, dtype=torch.float64)
+    model, x, spec, exact = _memory_case(0, 7)
     key = spec[0].numpy().tobytes()
     memory = SearchMemory()
-    memory.slow[key] = [((x - 0.1)[0], (x + 0.1)[0])]
-    memory.timed_out[key] = [((x - 0.3)[0], (x + 0.3)[0])]
+    memory.slow[key] = [_Entry((x - 0.1)[0], (x + 0.1)[0])]
+    memory.timed_out[key] = [_Entry((x - 0.3)[0], (x + 0.3)[0])]
     assert memory.beyond(key, (x - 0.2)[0], (x + 0.2)[0])
     assert not memory.beyond(key, (x - 0.05)[0], (x + 0.05)[0])
     assert not memory.beyond(key, (x - 0.4)[0], (x + 0.4)[0])
     assert not memory.beyond(b"other rows", (x - 0.2)[0], (x + 0.2)[0])
-    minimum = float(compute_bounds(model, x - 0.2, x + 0.2, "milp", spec).lower[0, 0])
+    minimum = exact(0.2)
     threshold = minimum - 1e-3 * (1 + abs(minimum))  # true, and not provable at the root
     root = compute_bounds(model, x - 0.2, x + 0.2, "alpha-crown", spec)
     assert float(root.lower[0, 0]) < threshold
