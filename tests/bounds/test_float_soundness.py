@@ -186,6 +186,25 @@ def test_linear_nets_certified_worst_corner_exact_and_in_dtype(kind, dtype, seed
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["mlp", "norm-mlp", "conv"])
+@settings(max_examples=3, deadline=None)
+@given(seed=st.integers(0, 2**20))
+def test_bab_radii_on_linear_nets_worst_corner_exact_and_in_dtype(kind, dtype, seed):  # type: ignore[no-untyped-def]
+    """bab's radius search (its steps restart from each other's split trees, under thresholds
+    raised by the model's rounding over each box): the worst corner of every certified ball,
+    in exact rationals and by the model in its dtype. Small budgets: past the radius a linear
+    net's input splits never end."""
+    model, shape = _linear_model(seed, kind, dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.rand(12, *shape, generator=g, dtype=F64).to(dtype)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    res = certified_radii(model, x, y, "bab", eps_max=0.5, tol=1e-9, time_limit=0.2,
+                          max_domains=200)
+    assert _check_certified_linear(model, x, y, res.certified_eps, dtype) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("method", FAST_METHODS)
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**20), kind=st.sampled_from(["mlp", "norm-mlp", "conv"]),
