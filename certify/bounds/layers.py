@@ -666,7 +666,11 @@ def terms_linear(op: LinearOp) -> tuple[int, int, int]:
 
 def terms_conv(op: ConvOp) -> tuple[int, int, int]:
     co, ci, kh, kw = op.weight.shape
-    return ci * kh * kw + 1, co * kh * kw, co + numel(op.out_shape[1:])
+    # one coordinate of the transpose sums the products of the kernel taps that land on it:
+    # ceil(kh / stride) per axis at most (every other product in any algorithm's sum, e.g. a
+    # dense matrix's zeros, is an exact 0 and adds exactly)
+    taps = -(-kh // op.stride[0]) * -(-kw // op.stride[1])
+    return ci * kh * kw + 1, co * taps, co + numel(op.out_shape[1:])
 
 
 def terms_scale_shift(op: ScaleShiftOp) -> tuple[int, int, int]:
