@@ -341,6 +341,19 @@ class _Pool:
         self._compact()
         return _Domains.cat(parts)
 
+    def drop(self, sample: int) -> Tensor:
+        """Remove every domain of property `sample` (it has some) and return only their
+        bounds `(D, S)`: no copy of their relaxations and parameters (tens of thousands of
+        domains' worth: 2 s on a digits CNN after 30 s of search)."""
+        bounds = []
+        for k, c in enumerate(self.chunks):
+            mine = self.live[k] & (c.sample == sample)
+            if bool(mine.any()):
+                bounds.append(c.bound[mine])
+                self.live[k] = self.live[k] & ~mine
+        self._compact()
+        return torch.cat(bounds)
+
     def _compact(self) -> None:
         chunks, live = [], []
         for c, m in zip(self.chunks, self.live, strict=True):
@@ -675,14 +688,18 @@ class _Search:
     def _end(self, pool: _Pool, i: int, reason: str) -> None:
         if self.status[i] is None:
             self.status[i] = reason
+        if self.memory is None or reason not in (TIME_SPENT, DOMAINS_SPENT, MEMORY_SPENT):
+            # nothing keeps the open leaves: only their bounds count
+            bounds = pool.drop(i)
+            self.done_bound[i] = torch.minimum(self.done_bound[i], bounds.min(0).values)
+            return
         left = pool.remove(i)
-        if self.memory is not None and reason == TIME_SPENT and self.threshold is not None:
+        if reason == TIME_SPENT and self.threshold is not None:
             self.memory.timed_out.setdefault(self._key(i), []).append(
                 _Entry(self.x_lo[i].clone(), self.x_hi[i].clone()))
-        if self.memory is not None and reason in (TIME_SPENT, DOMAINS_SPENT, MEMORY_SPENT):
-            self.memory.store(self._key(i), _Entry(
-                self.x_lo[i].clone(), self.x_hi[i].clone(), leaves=left,
-                proven_bound=self.done_bound[i].clone()))
+        self.memory.store(self._key(i), _Entry(
+            self.x_lo[i].clone(), self.x_hi[i].clone(), leaves=left,
+            proven_bound=self.done_bound[i].clone()))
         self.done_bound[i] = torch.minimum(self.done_bound[i], left.bound.min(0).values)
 
     # --- reuse between evaluations (a radius search's SearchMemory) -----------------------------

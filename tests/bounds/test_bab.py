@@ -476,3 +476,32 @@ def test_memory_budget_spent_is_unknown_and_still_sound() -> None:
                        branching="relu", pool_memory_mb=1e-4)
     assert b.status == (MEMORY_SPENT,)
     assert float(b.lower[0, 0]) <= exact
+
+
+def test_pool_drop_returns_the_bounds_remove_returns() -> None:
+    # a property that ends without a memory to keep its leaves gives back only their bounds
+    from certify.bounds.bab import _Domains, _Pool
+
+    def chunk(samples: list[int], seed: int) -> _Domains:
+        g = torch.Generator().manual_seed(seed)
+        d, s, n = len(samples), 3, 4
+
+        def r(*shape: int) -> torch.Tensor:
+            return torch.rand(*shape, generator=g)
+
+        return _Domains(torch.tensor(samples), r(d, 2), r(d, 2), [r(d, n)], [r(d, n)],
+                        [r(d, n)], [r(d, s, n)], [r(d, s, n)], r(d, s),
+                        torch.zeros(d, dtype=torch.long), torch.zeros(d, dtype=torch.long),
+                        torch.zeros(d, dtype=torch.long), torch.zeros(d, dtype=torch.long))
+
+    pools = [_Pool(), _Pool()]
+    for pool in pools:
+        for k, samples in enumerate(([0, 1, 0, 2], [1, 0], [2, 2, 1])):
+            pool.add(chunk(samples, k))
+    dropped = pools[0].drop(0)
+    removed = pools[1].remove(0)
+    torch.testing.assert_close(dropped, removed.bound, rtol=0, atol=0)
+    assert len(pools[0]) == len(pools[1]) == 6
+    for pool in pools:  # what stays is the same
+        rest = pool.remove(1)
+        assert rest.sample.tolist() == [1, 1, 1]
