@@ -267,6 +267,13 @@ def _float32(t: Tensor, *, up: bool) -> Tensor:
     return torch.where((back > t) | subnormal, rounding.down(cast), cast)
 
 
+def _float64_tail(a: Tensor, const: Tensor, cerr: Tensor | None
+                  ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Rows, constants and their error bound in float64 (exact casts; no copy when they are
+    already): where a rigorous float32 chain's backward pass enters its float64 tail."""
+    return a.double(), const.double(), None if cerr is None else cerr.double()
+
+
 def forward_is_exact(layers: tuple[Op, ...], pos: int) -> bool:
     """Whether forward mode bounds the input of ``layers[pos]`` exactly as backward mode does.
 
@@ -977,9 +984,9 @@ class Propagator:
                                                     window)
         split = False
         for j in range(start - 1, -1, -1):
-            if self._tail is not None and j < self._tail and rigorous and a.dtype != torch.float64:
-                a, const, u = a.double(), const.double(), rounding.unit_roundoff(torch.float64)
-                cerr = None if cerr is None else cerr.double()
+            if self._tail is not None and j < self._tail and rigorous:
+                a, const, cerr = _float64_tail(a, const, cerr)
+                u = rounding.unit_roundoff(a.dtype)
             op = self.layers[j] if a.dtype == self.x_lo.dtype else self._tail_op(j)
             if is_activation(op):
                 act = activation_rule(op)
@@ -1031,9 +1038,8 @@ class Propagator:
                     cerr = cerr + u * const.abs()
         if record is not None:
             record[-1] = a.reshape(b, -1, *a.shape[1:])
-        if self._tail is not None and rigorous and a.dtype != torch.float64:
-            a, const = a.double(), const.double()
-            cerr = None if cerr is None else cerr.double()
+        if self._tail is not None and rigorous:  # (a chain of activations only: no op below)
+            a, const, cerr = _float64_tail(a, const, cerr)
         lower, upper = self._concretize(a, const, None, cerr, samples, window, both=both,
                                         split=split, r=r)
         if lower.dtype != dtype:  # the float64 tail's bounds, rounded outward into dtype
