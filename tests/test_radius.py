@@ -564,3 +564,96 @@ def test_engine_options_and_unknown_method(digits_mlp):
     pos = crown.certified_eps > 0
     assert (_margin(model, x[:6][pos], y[:6][pos], crown.certified_eps[pos], "alpha-crown")
             > 0).all()
+
+
+# ------------------------------------------------------------ methods that resume failures
+
+
+class Budgeted:
+    """A one-sample margin bound shaped like a budgeted complete method: the margin is
+    ``m0 (1 - eps / exact)``, but a first evaluation above `reach` fails a little below 0 (its
+    budget ran out), and an evaluation within `tol` below the last failure resumes that work
+    and proves whatever is true."""
+
+    def __init__(self, lin: Linear, exact: float, reach: float, tol: float) -> None:
+        self.lin, self.exact, self.reach, self.tol = lin, exact, reach, tol
+        self.m0 = float(lin.bound(lin.x, lin.y, torch.zeros(1)))
+        self.last_failure = math.inf
+        self.eps: list[float] = []
+        self.values: list[float] = []
+
+    def __call__(self, xs: torch.Tensor, ys: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        t = float(eps[0])
+        self.eps.append(t)
+        true = self.m0 * (1 - t / self.exact)
+        resumed = self.last_failure - self.tol <= t < self.last_failure
+        if not (t <= self.reach or (resumed and true > 0)):
+            self.last_failure = t
+            true = min(true, -0.01 * self.m0)
+        self.values.append(true)
+        return torch.tensor([true], dtype=torch.float64)
+
+
+def test_a_failure_near_zero_is_resumed_just_below():
+    """With ``resume_failures``, a near failure (budget spent) is followed by one shot at
+    ``hi - tol``, which a budgeted method proves: the search ends there, in fewer evaluations
+    than bisecting down to what one budget proves, and no lower; without it, plain
+    bisection."""
+    from certify.radius import RESUME_GAP
+
+    lin = Linear(n=1, k=3, seed=4, wrong=0)
+    exact = float(lin.exact()[0])
+    results = {}
+    for resume in (False, True):
+        fn = Budgeted(lin, exact, reach=0.8 * exact, tol=TOL)
+        res = search_radii(lin.model, lin.x, lin.y, fn, tol=TOL, search="bisection",
+                           resume_failures=resume)
+        r = float(res.certified_eps[0])
+        assert 0 < r <= exact, (resume, r, exact)
+        assert fn(lin.x, lin.y, res.certified_eps.clone())[0] > 0  # proven there
+        results[resume] = (r, int(res.evaluations[0]), fn.eps[:-1], fn.values[:-1])
+    (plain, n_plain, *_), (resumed, n_resumed, shots, values) = results[False], results[True]
+    assert plain <= 0.8 * exact + TOL
+    assert resumed >= plain and n_resumed < n_plain, results
+    # every near failure that is not itself such a shot is followed by the shot just below it
+    near = [k for k, (t, m) in enumerate(zip(shots, values, strict=True))
+            if -RESUME_GAP * fn.m0 < m <= 0
+            and not (k > 0 and shots[k - 1] - TOL <= t < shots[k - 1])]
+    assert near and all(shots[k] - TOL <= shots[k + 1] < shots[k] for k in near), shots
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_resumed_failures_keep_the_exact_radius_and_skip_far_failures(seed):
+    """On an exact margin bound, failures far below 0 (beyond ``RESUME_GAP`` of the clean
+    margin) bisect at once; the radii are the exact ones within tol and never above."""
+    from certify.radius import RESUME_GAP
+
+    lin = Linear(n=8, k=4, seed=seed, wrong=1)
+    seen: list[tuple[float, float]] = []
+
+    def bound(xs: torch.Tensor, ys: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        m = lin.bound(xs, ys, eps)
+        if len(ys) == 1:
+            seen.append((float(eps[0]), float(m[0])))
+        return m
+
+    res = search_radii(lin.model, lin.x, lin.y, bound, tol=TOL, search="bisection",
+                       resume_failures=True)
+    exact, ok = lin.exact(), lin.correct()
+    assert (res.certified_eps[ok] <= exact[ok] + FP).all()
+    assert (res.certified_eps[ok] >= exact[ok] - TOL - FP).all()
+    one = Linear(n=1, k=4, seed=seed, wrong=0)
+    lin = one
+    seen.clear()
+    search_radii(one.model, one.x, one.y, bound, tol=TOL, search="bisection",
+                 resume_failures=True)
+    m0 = float(one.bound(one.x, one.y, torch.zeros(1)))
+    for (t, m), (t_next, _) in zip(seen[:-1], seen[1:], strict=True):
+        if m <= -RESUME_GAP * m0:  # a far failure: no shot just below it
+            assert not (t - TOL <= t_next < t), seen
+
+
+def test_bab_resumes_failures_and_crown_does_not():
+    assert get_method("bab").resumes_failures
+    assert not get_method("crown").resumes_failures
+    assert not get_method("milp").resumes_failures

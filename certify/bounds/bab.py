@@ -189,16 +189,20 @@ class SearchMemory:
     (its specification rows; the threshold may differ between evaluations, a radius search
     raising it by the model's rounding error over each box):
 
-    - **a failed evaluation** (a budget spent) at a box ``B1``: its open leaves and the lowest
-      bound of each row over the leaves it proved. Every leaf proven on ``B1`` is proven on
-      any box ``B2`` inside ``B1`` (the property on the larger set restricted to the smaller),
-      the open leaves cover the rest of ``B2``, and their pre-activation and row bounds, valid
-      on ``B1``, hold there: an evaluation at a smaller eps starts from the open leaves instead
-      of the root, and the proven leaves' bounds still count in the rows' lower bounds (where
-      they are all above its threshold; else it starts from the root).
+    - **a failed evaluation** (a budget spent) at a box ``B1``: its open leaves, the lowest
+      bound of each row over the leaves it proved, and those leaves' splits. Every leaf
+      proven on ``B1`` is proven on any box ``B2`` inside ``B1`` (the property on the larger
+      set restricted to the smaller), the open leaves cover the rest of ``B2``, and their
+      pre-activation and row bounds, valid on ``B1``, hold there: an evaluation at a smaller
+      eps starts from the open leaves instead of the root, and the proven leaves' bounds still
+      count in the rows' lower bounds (where they are all above its threshold; else it starts
+      from the root).
     - **a proof** at a box ``B1``: its leaves' splits. At a larger box nothing of theirs is
       sound but the splits themselves (any split is sound), which save re-deriving the top of
-      the tree: an evaluation at a larger eps starts from them, bounded afresh.
+      the tree: an evaluation at a larger eps starts from them, bounded afresh. They must
+      cover every input, not only ``B1``: the leaves found empty on ``B1`` are kept too, and
+      a proof that started from a failure's open leaves counts the failure's proven leaves
+      among its own (past :data:`REMEMBER_MAX` leaves, a proof is not kept).
     - **the cost of both**: the boxes of the failures that spent the time budget, and of the
       proofs that took at least ``budget_reach`` of it. A box between such a proof and such a
       failure (holding the one, inside the other) is answered "unknown: beyond the time
@@ -262,6 +266,7 @@ class _Entry:
     x_hi: Tensor
     leaves: _Domains | None = None
     proven_bound: Tensor | None = None  # (S,) the lowest bounds over a failure's proofs
+    # a proof's leaves' splits, or a failure's proven leaves' (depth None: too many to keep)
     split: list[Tensor] = field(default_factory=list)
     depth: Tensor | None = None
 
@@ -311,13 +316,22 @@ class _Pool:
         return sorted(set().union(*(set(c.sample[m].tolist())
                                     for c, m in zip(self.chunks, self.live, strict=True))))
 
-    def take(self, size: int, margin: Any) -> _Domains:
-        """Remove and return the `size` domains with the lowest `margin(chunk)` `(D, S)` row."""
+    def take(self, size: int, margin: Any, cap: Tensor | None = None) -> _Domains:
+        """Remove and return the `size` domains with the lowest `margin(chunk)` `(D, S)` row,
+        at most `cap[i]` `(n,)` of property i's."""
         keys = torch.cat([torch.where(m, margin(c).min(1).values, math.inf)
                           for c, m in zip(self.chunks, self.live, strict=True)])
         alive = torch.cat(self.live)
         order = torch.argsort(keys, stable=True)
-        order = order[alive[order]][:size]
+        order = order[alive[order]]
+        if cap is not None:
+            sample = torch.cat([c.sample for c in self.chunks])[order].cpu()
+            # each domain's rank among its property's, in this order
+            ranked, perm = torch.sort(sample, stable=True)
+            rank = torch.empty_like(sample)
+            rank[perm] = torch.arange(len(sample)) - torch.searchsorted(ranked, ranked)
+            order = order[(rank < cap[sample]).to(order.device)]
+        order = order[:size]
         starts = [0]
         for c in self.chunks:
             starts.append(starts[-1] + len(c))
@@ -493,6 +507,7 @@ class BranchAndBound(MethodBase):
     decides_threshold: ClassVar[bool] = True
     accepts_time_budget: ClassVar[bool] = True
     serves_intermediate: ClassVar[bool] = False
+    resumes_failures: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         self._check_options()
@@ -645,11 +660,13 @@ class _Search:
             if not len(pool):
                 break
             size = self._batch_size()
-            if per_domain is not None:  # no batch runs far past a property's time limit
-                left = min(self.m.time_limit - float(self.seconds[i]) for i in pool.samples())
-                size = max(1, min(size, int(left / (2 * per_domain))))
+            cap = None
+            if per_domain is not None:  # no batch runs far past a property's time limit:
+                # each property bounds at most the children its time left pays for
+                left = (self.m.time_limit - self.seconds).clamp(min=0)
+                cap = (left / (2 * per_domain)).floor().clamp(min=1, max=size).long()
             # worst first: the domains most likely to hold a counterexample or to fail
-            batch = pool.take(size, self._margin)
+            batch = pool.take(size, self._margin, cap)
             children = self._branch(batch)
             self._attack(children, self._bound(children, root=False))
             self._settle(children, pool)
@@ -696,9 +713,15 @@ class _Search:
         if reason == TIME_SPENT and self.threshold is not None:
             self.memory.timed_out.setdefault(self._key(i), []).append(
                 _Entry(self.x_lo[i].clone(), self.x_hi[i].clone()))
+        kept = self.proven[i]
+        split, depth = [], None
+        if kept:
+            *split, depth = [torch.cat(ts) for ts in zip(*kept, strict=True)]
+        elif kept is not None:
+            depth = left.depth[:0]
         self.memory.store(self._key(i), _Entry(
             self.x_lo[i].clone(), self.x_hi[i].clone(), leaves=left,
-            proven_bound=self.done_bound[i].clone()))
+            proven_bound=self.done_bound[i].clone(), split=split, depth=depth))
         self.done_bound[i] = torch.minimum(self.done_bound[i], left.bound.min(0).values)
 
     # --- reuse between evaluations (a radius search's SearchMemory) -----------------------------
@@ -741,8 +764,13 @@ class _Search:
                 continue
             root = pool.remove(i)
             starts.append(self._restart(root, entry))
-            if entry.proven_bound is not None:  # those leaves are proven here too
+            if not entry.proof:
+                # the failure's proven leaves are proven here too; with their splits, a proof
+                # of this search covers the whole box (without them, it is not kept)
+                assert entry.proven_bound is not None
                 self.done_bound[i] = torch.minimum(self.done_bound[i], entry.proven_bound)
+                self.proven[i] = (None if entry.depth is None else []
+                                  if not len(entry.depth) else [[*entry.split, entry.depth]])
         if not starts:
             return
         every = _Domains.cat(starts)
@@ -821,9 +849,10 @@ class _Search:
                                                doms.bound[mine].min(0).values)
             kept = self.proven[i]
             if self.memory is not None and self.threshold is not None and kept is not None:
-                # the leaves' splits (not the empty ones': nothing to split there)
-                leaves = mine & torch.isfinite(doms.bound).all(1)
-                kept.append([t[leaves] for t in doms.split] + [doms.depth[leaves]])
+                # the leaves' splits, the empty ones' too: empty on this box, they may hold
+                # points of a larger one, which the leaves restart (together, the leaves of a
+                # split tree cover every input)
+                kept.append([t[mine] for t in doms.split] + [doms.depth[mine]])
                 if sum(len(k[-1]) for k in kept) > REMEMBER_MAX:
                     self.proven[i] = None
         pool.add(doms.take((~done).nonzero(as_tuple=True)[0]))

@@ -98,6 +98,10 @@ class BoundMethod(Protocol):
     uses_solver: ClassVar[bool]
     #: It bounds the ``nn.Module`` itself (``bound_module``), not a converted Network.
     takes_module: ClassVar[bool]
+    #: Its failures near the radius are most often a budget spent, not a counterexample, and
+    #: a second evaluation just below resumes the first's work: a radius search takes one
+    #: just below each failure (see :func:`certify.radius.certified_radii`).
+    resumes_failures: ClassVar[bool]
     #: It needs an optional package (auto_LiRPA); listed, but failing with install steps.
     external: ClassVar[bool]
     #: Given the bounds of the earlier layers, its bound of a neuron can be tighter than
@@ -144,6 +148,7 @@ class MethodBase:
     serves_intermediate: ClassVar[bool] = True
     uses_solver: ClassVar[bool] = False
     takes_module: ClassVar[bool] = False
+    resumes_failures: ClassVar[bool] = False
     external: ClassVar[bool] = False
     refines_intermediate: ClassVar[bool] = False
     display_name: ClassVar[str] = ""
@@ -198,7 +203,7 @@ class MethodBase:
 _METHODS: dict[str, type] = {}
 CAPABILITIES = ("is_complete", "decides_threshold", "accepts_time_budget",
                 "serves_intermediate", "uses_solver", "refines_intermediate", "takes_module",
-                "external")
+                "resumes_failures", "external")
 M = TypeVar("M", bound=type)
 
 

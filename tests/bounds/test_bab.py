@@ -6,6 +6,7 @@ LPs (``tests/brute_force.py``), sampled/corner/PGD points, and the MILP on small
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -306,6 +307,54 @@ def test_memory_restarts_across_thresholds(seed: int, monkeypatch: pytest.Monkey
                 assert float(b.lower[0, 0]) > threshold
     # the failure at 0.25 (under a larger threshold) restarted a smaller box
     assert True in restarts, restarts
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_proofs_leaves_cover_the_larger_box_they_restart(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every proof whose leaves restart a larger box covers that box: each sampled point and
+    corner of it lies in some leaf (its pre-activations have the leaf's split signs). That
+    takes the leaves found empty on the proof's own box, and, for a proof that started from a
+    failure's open leaves, the failure's proven leaves."""
+    from certify.bounds import bab
+    from certify.bounds.bab import SearchMemory
+
+    model, x, spec, exact = _memory_case(seed, 400 + seed)
+    original = bab._Search._restart
+    checked: list[tuple[float, int]] = []
+
+    def check(self, root, entry):  # type: ignore[no-untyped-def]
+        if entry.proof:
+            lo, hi = root.x_lo[0], root.x_hi[0]
+            gen = torch.Generator().manual_seed(0)
+            pts = lo + (hi - lo) * torch.rand(2000, *lo.shape, generator=gen,
+                                              dtype=lo.dtype)
+            corners = torch.tensor(list(itertools.product((0.0, 1.0), repeat=lo.numel())),
+                                   dtype=lo.dtype).reshape(-1, *lo.shape)
+            pts = torch.cat([pts, lo + (hi - lo) * corners])
+            with torch.no_grad():
+                z1 = model[1](model[0](pts))
+                z2 = model[3](model[2](z1))
+            inside = torch.ones(len(pts), len(entry.depth), dtype=torch.bool)
+            for z, sign in zip((z1, z2), entry.split, strict=True):
+                s = sign.to(z.dtype)[None]  # (1, leaves, 12)
+                inside &= ((s * z[:, None, :]) >= -1e-12).all(-1)
+            assert inside.any(1).all(), "a point of the box lies in no leaf"
+            checked.append((float((hi - lo).max()) / 2, len(entry.depth)))
+        return original(self, root, entry)
+
+    monkeypatch.setattr(bab._Search, "_restart", check)
+    threshold = exact(0.25) - 1e-3 * (1 + abs(exact(0.25)))
+    memory = SearchMemory()
+    statuses = []
+    for k, width in enumerate((0.24, 0.25, 0.245, 0.3)):
+        # 0.24 proven from the root, 0.25 fails (domain budget), 0.245 restarts from its open
+        # leaves, 0.3 (outside the failure's box) from the newest proof, 0.245's
+        method = get_method("bab", branching="relu", attack_steps=0, threshold=threshold,
+                            max_domains=2 if k == 1 else 100_000, memory=memory)
+        statuses.append(compute_bounds(model, x - width, x + width, method, spec).status[0])
+    assert statuses[:3] == [ABOVE, DOMAINS_SPENT, ABOVE], statuses
+    assert [w for w, _ in checked][-1] == pytest.approx(0.3), checked
 
 
 def test_beyond_the_time_budget() -> None:
