@@ -554,3 +554,38 @@ def test_pool_drop_returns_the_bounds_remove_returns() -> None:
     for pool in pools:  # what stays is the same
         rest = pool.remove(1)
         assert rest.sample.tolist() == [1, 1, 1]
+
+
+def test_pool_take_caps_each_propertys_share_of_a_batch() -> None:
+    # a property near its time limit takes at most its cap of the worst domains; the others
+    # still fill the batch, worst first
+    from certify.bounds.bab import _Domains, _Pool
+
+    def chunk(samples: list[int], bounds: list[float]) -> _Domains:
+        d, n = len(samples), 2
+        z = torch.zeros(d, n)
+        return _Domains(torch.tensor(samples), z, z, [z], [z], [z], [z[:, None]], [z[:, None]],
+                        torch.tensor(bounds)[:, None], torch.zeros(d, dtype=torch.long),
+                        torch.zeros(d, dtype=torch.long), torch.zeros(d, dtype=torch.long),
+                        torch.zeros(d, dtype=torch.long))
+
+    def fill() -> _Pool:
+        pool = _Pool()
+        pool.add(chunk([0, 1, 0, 2, 1], [5.0, 1.0, 2.0, 3.0, 0.0]))
+        pool.add(chunk([0, 0, 2, 1], [-1.0, 4.0, -2.0, 6.0]))
+        return pool
+
+    def pairs(doms: _Domains) -> list[tuple[int, float]]:
+        return sorted(zip(doms.sample.tolist(), doms.bound[:, 0].tolist(), strict=True))
+
+    margin = lambda doms: doms.bound  # noqa: E731
+    pool = fill()
+    batch = pool.take(10, margin, torch.tensor([1, 5, 1]))
+    assert pairs(batch) == [(0, -1.0), (1, 0.0), (1, 1.0), (1, 6.0), (2, -2.0)]
+    assert len(pool) == 4  # the rest stays
+    # the size still bounds the batch, the worst first within the caps
+    assert pairs(fill().take(3, margin, torch.tensor([1, 5, 1]))) == [
+        (0, -1.0), (1, 0.0), (2, -2.0)]
+    # no cap: the worst of all
+    assert pairs(fill().take(3, margin)) == [(0, -1.0), (1, 0.0), (2, -2.0)]
+    assert pairs(fill().take(4, margin)) == [(0, -1.0), (1, 0.0), (1, 1.0), (2, -2.0)]
