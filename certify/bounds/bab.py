@@ -467,7 +467,8 @@ class BranchAndBound(MethodBase):
             another search that would most likely spend the whole limit. None (the default):
             search every box. On 20 digits MLP points with a 3 s limit, 0.75 took 0.68x the
             CPU time (6.7 s per point instead of 9.7) for a 0.8% smaller mean radius, 0.9
-            0.93x for 0.2%.
+            0.93x for 0.2% (measured before the search's step just below a near failure,
+            which brought the default to 7.1 s per point).
         bracket_method: The incomplete method whose radius a radius search starts from (the
             bracket's lower end, see :func:`certify.radius.certified_radii`).
         float64: Bound in float64 whatever the input's dtype (the rigorous accounting of

@@ -417,6 +417,41 @@ def test_radius_search_uses_a_fresh_memory() -> None:
         assert float(r.certified_eps[i]) <= exact[i] + 1e-9
 
 
+def test_radius_search_resumes_budget_failures_soundly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a domain budget so small that the steps near the radius run out of it, the search
+    steps just below such failures (restarting from their open leaves); every radius stays at
+    or below the exact one (enumerated regions), and at or above alpha-CROWN's."""
+    from certify import radius
+    from certify.radius import certified_radii
+
+    shots: list[float] = []
+    original = radius._Bracket._resume_step
+
+    def spy(self):  # type: ignore[no-untyped-def]
+        t = original(self)
+        if t is not None:
+            shots.append(t)
+        return t
+
+    monkeypatch.setattr(radius._Bracket, "_resume_step", spy)
+    for seed in range(3):
+        model = make_net2d(30 + seed, [10, 10])
+        parts = regions(model, np.zeros(2), np.ones(2))
+        gen = torch.Generator().manual_seed(seed)
+        x = 0.2 + 0.6 * torch.rand(4, 2, generator=gen, dtype=torch.float64)
+        with torch.no_grad():
+            y = model(x.reshape(4, 1, 1, 2)).argmax(1)
+        exact = [min_adv_eps(parts, x[i].numpy(), int(y[i])) for i in range(4)]
+        xs = x.reshape(4, 1, 1, 2)
+        alpha = certified_radii(model, xs, y, "alpha-crown", tol=1e-4).certified_eps
+        r = certified_radii(model, xs, y, "bab", tol=1e-4, branching="relu", max_domains=6,
+                            attack_steps=0).certified_eps
+        for i in range(4):
+            assert float(r[i]) <= exact[i] + 1e-9, (seed, i, float(r[i]), exact[i])
+            assert float(r[i]) >= float(alpha[i]) - 1e-4, (seed, i, float(r[i]), float(alpha[i]))
+    assert shots, "no step just below a failure"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind", [0, 1, 2, 5])
 def test_dag_networks_sound_and_gap_closed(kind: int, dtype: torch.dtype) -> None:
