@@ -641,8 +641,9 @@ def search_radii(model: nn.Module, x: Tensor, y: Tensor, bound_fn: BoundFn, *,
             radius reported; None: `bound_fn`'s decisions are final.
         name: The method's name in the result.
         resume_failures: With ``search="bisection"``: right after each failure (not a failed
-            closing shot), evaluate ``hi - tol`` before bisecting (for methods whose failures
-            are most often a budget spent, see ``BoundMethod.resumes_failures``).
+            closing shot) whose margin bound is within ``RESUME_GAP`` of the clean margin
+            below 0, evaluate ``hi - tol`` before bisecting (for methods whose failures are
+            most often a budget spent, see ``BoundMethod.resumes_failures``).
 
     Returns:
         :class:`RadiusResult`.

@@ -237,6 +237,10 @@ class SearchMemory:
         entries = self.entries.setdefault(key, [])
         entries[:] = [e for e in entries if e.proof != entry.proof or not (
             entry.inside(e) if entry.proof is False else e.inside(entry))]
+        if self.nbytes + entry.nbytes > self.budget and not entry.proof and entry.split:
+            # a failure's open leaves matter more than its proven leaves' splits (which only
+            # let a later proof's leaves restart a larger box)
+            entry = replace(entry, split=[], depth=None)
         if self.nbytes + entry.nbytes <= self.budget:
             entries.append(entry)
 

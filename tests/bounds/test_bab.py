@@ -624,3 +624,25 @@ def test_pool_take_caps_each_propertys_share_of_a_batch() -> None:
     # no cap: the worst of all
     assert pairs(fill().take(3, margin)) == [(0, -1.0), (1, 0.0), (2, -2.0)]
     assert pairs(fill().take(4, margin)) == [(0, -1.0), (1, 0.0), (1, 1.0), (2, -2.0)]
+
+
+def test_memory_keeps_a_failures_open_leaves_before_its_proven_splits() -> None:
+    # a failure whose proven leaves' splits would not fit is kept without them (its proofs'
+    # leaves then restart nothing larger); one that fits keeps both
+    from certify.bounds.bab import SearchMemory, _Domains, _Entry
+
+    d, n = 3, 4
+    z = torch.zeros(d, n)
+    leaves = _Domains(torch.zeros(d, dtype=torch.long), z, z, [z], [z], [z], [z[:, None]],
+                      [z[:, None]], torch.zeros(d, 1), torch.zeros(d, dtype=torch.long),
+                      torch.zeros(d, dtype=torch.long), torch.zeros(d, dtype=torch.long),
+                      torch.zeros(d, dtype=torch.long))
+    x = torch.zeros(1, 1, 4)
+    big = [torch.zeros(300_000, 4, dtype=torch.int8)]
+    for budget_mb, kept_splits in ((0.5, False), (4.0, True)):
+        memory = SearchMemory(budget_mb=budget_mb)
+        memory.store(b"k", _Entry(x, x + 1, leaves=leaves, proven_bound=torch.ones(1),
+                                  split=big, depth=torch.zeros(300_000, dtype=torch.long)))
+        (entry,) = memory.entries[b"k"]
+        assert entry.leaves is leaves
+        assert (entry.depth is not None) == kept_splits and bool(entry.split) == kept_splits
