@@ -40,10 +40,13 @@ def _exact_min(model: nn.Sequential, row: np.ndarray) -> float:
     return min_spec(regions(model, BOX_LO, BOX_HI), row, BOX_LO, BOX_HI)
 
 
-@pytest.mark.parametrize("branching", ["input", "relu"])
+@pytest.mark.parametrize("branching", ["input", "relu", "relu-1"])
 @pytest.mark.parametrize("seed", range(4))
 def test_decisions_agree_with_enumeration(seed: int, branching: str) -> None:
-    """Just above the exact minimum a point is found; just below it the proof succeeds."""
+    """Just above the exact minimum a point is found; just below it the proof succeeds
+    (ReLU splits filtered among 5 candidates, the default, and by the best score alone)."""
+    candidates = 1 if branching == "relu-1" else 5
+    branching = branching.removesuffix("-1")
     model = make_net2d(seed, [8, 8])
     row = np.random.default_rng(seed).normal(size=3)
     exact = _exact_min(model, row)
@@ -51,7 +54,7 @@ def test_decisions_agree_with_enumeration(seed: int, branching: str) -> None:
     spec = torch.tensor(row, dtype=torch.float64).reshape(1, 1, 3)
     for delta, expected in ((-0.02, ABOVE), (0.02, BELOW)):
         b = compute_bounds(model, lo, hi, "bab", spec, threshold=exact + delta,
-                           branching=branching, time_limit=30.0)
+                           branching=branching, candidates=candidates, time_limit=30.0)
         assert isinstance(b, BabBounds)
         assert b.status == (expected,), (seed, delta, b.status, exact)
         assert float(b.lower[0, 0]) <= exact + 1e-9  # sound whatever the verdict
@@ -202,6 +205,43 @@ def test_agrees_with_the_milp(seed: int, float32_steps: bool) -> None:
     assert b.status == (BELOW,)
 
 
+def test_filtered_branching_splits_one_of_the_best_scored_free_neurons(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each open domain's filtered choice is one of its `candidates` best-scored neurons, an
+    unstable one not split yet; the filter changes some choices; the verdicts stay exact and
+    the bounds below every sampled point (on 6 properties with 5 candidates)."""
+    from certify.bounds.bab import _Search
+
+    seen = {"open": 0, "changed": 0}
+    original = _Search._filter
+
+    def spy(self, doms, score, ends, row, target, layer, index):  # type: ignore[no-untyped-def]
+        before = layer.clone(), index.clone()
+        original(self, doms, score, ends, row, target, layer, index)
+        open_ = ((doms.bound <= target).any(1) & (before[0] >= 0)).nonzero(as_tuple=True)[0]
+        starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+        top = score.topk(min(self.m.candidates, score.shape[1]), dim=1).indices
+        for i in open_.tolist():
+            k, j = int(layer[i]), int(index[i])
+            assert int(starts[k]) + j in top[i].tolist()
+            assert doms.split[k][i, j] == 0 and doms.lo[k][i, j] < 0 < doms.hi[k][i, j]
+            seen["open"] += 1
+            seen["changed"] += int((k, j) != (int(before[0][i]), int(before[1][i])))
+
+    monkeypatch.setattr(_Search, "_filter", spy)
+    for seed, draw in itertools.product(range(3), range(2)):
+        model, x, spec, exact = _memory_case(seed, draw)
+        lo, hi = x - 0.3, x + 0.3
+        minimum = exact(0.3)
+        b = compute_bounds(model, lo, hi, "bab", spec, branching="relu", candidates=5,
+                           threshold=minimum - 1e-3 * (1 + abs(minimum)))
+        assert b.status == (ABOVE,)
+        with torch.no_grad():
+            values = spec_values(model, all_points(model, lo, hi, spec, x, seed=seed), spec)
+        assert float(b.lower[0, 0]) <= float(values.min())
+    assert seen["changed"] > 0 and seen["open"] > seen["changed"], seen
+
+
 def test_budget_spent_is_unknown_and_still_sound() -> None:
     model = _small_mlp(7)
     x = torch.full((1, 1, 1, 6), 0.5, dtype=torch.float64)
@@ -229,7 +269,7 @@ def test_float32_inputs_get_outward_rounded_float32_bounds() -> None:
 @pytest.mark.parametrize("options", [{"branching": "sideways"}, {"time_limit": 0},
                                      {"max_domains": 0}, {"threshold": float("nan")},
                                      {"steps": -1}, {"threshold": (0.0, "a")},
-                                     {"budget_reach": 0}])
+                                     {"budget_reach": 0}, {"candidates": 0}])
 def test_bad_options_are_one_line_errors(options: dict) -> None:  # type: ignore[type-arg]
     with pytest.raises(SpecError) as err:
         get_method("bab", **options)
