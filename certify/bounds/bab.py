@@ -1059,11 +1059,23 @@ class _Search:
                   ) -> tuple[Tensor, dict[int, Tensor], list[Tensor], list[Tensor]]:
         """Optimize slopes and multipliers of the open rows, then the rigorous bound at the
         best ones (`target` `(D, S)`: each row's target); returns `(bound (D, R), record,
-        alphas, betas)`."""
+        alphas, betas)`, rows `(D, R, ...)` as `order`.
+
+        The passes bound only the open rows, each a block of one row: a batch's domains have
+        from 1 to `R` open rows (domains of different properties, their rows decided at
+        different depths), and `(D, R)` blocks would bound every domain's padding too (on a
+        batched digits MLP radius search, half the rows were padding). A domain without an
+        open row bounds its first (zero) row, so that each has its record."""
         d, r = order.shape
+        dev = order.device
         start = len(self.body.layers)
-        rows, const, rows_err, const_err = self._rows(doms.sample, order, valid)
-        samples = torch.arange(d, device=order.device)
+        use = valid | ((~valid.any(1))[:, None] & (torch.arange(r, device=dev) == 0)[None, :])
+        dom, slot = use.nonzero(as_tuple=True)  # the (domain, row) pairs, (P,) each
+        p = int(dom.shape[0])
+        row = order[dom, slot]  # each pair's spec row
+        pvalid = valid[dom, slot][:, None]  # (P, 1)
+        rows, const, rows_err, const_err = self._rows(doms.sample.index_select(0, dom),
+                                                      row[:, None], pvalid)
         signs = []
         for k, pos in enumerate(self.positions):
             relax = prop.relaxations[pos]
@@ -1072,10 +1084,10 @@ class _Search:
             # only split neurons whose clamped bounds are stable carry a multiplier
             s = torch.where((split > 0) & (lo >= 0), 1.0, 0.0) - torch.where(
                 (split < 0) & (hi <= 0), 1.0, 0.0)
-            signs.append(s.to(rows.dtype).unsqueeze(1))
+            signs.append(s.to(rows.dtype).index_select(0, dom).unsqueeze(1))
         steps = self.m.root_steps if root else self.m.steps
         has_split = any(bool((s != 0).any()) for s in signs)
-        has_free = any(bool(prop.relaxations[p].unstable.any()) for p in self.positions)
+        has_free = any(bool(prop.relaxations[q].unstable.any()) for q in self.positions)
         # the children's optimization may run its plain passes in float32 (see
         # `float32_steps`); the root's runs in float64, as alpha-CROWN's, so that bab's bound
         # is never below alpha-CROWN's (every child keeps its parent's bound)
@@ -1085,15 +1097,14 @@ class _Search:
         plain = (prop, rows, const, signs) if twin is None else (
             twin, rows.float(), const.float(), [s.float() for s in signs])
         work = plain[1].dtype
-        index = [order.unsqueeze(2).expand(-1, -1, a.shape[2]) for a in doms.alpha]
-        alphas = [a.gather(1, i).to(work) for a, i in zip(doms.alpha, index, strict=True)]
-        betas = [b.gather(1, i).to(work) for b, i in zip(doms.beta, index, strict=True)]
+        alphas = [a[dom, row].unsqueeze(1).to(work) for a in doms.alpha]
+        betas = [b[dom, row].unsqueeze(1).to(work) for b in doms.beta]
         params: list[Tensor] = []
         if has_free:
             params += alphas
         if has_split:
             params += betas
-        best = torch.full((d, r), -math.inf, dtype=work, device=rows.device)
+        best = torch.full((p, 1), -math.inf, dtype=work, device=dev)
         best_alpha = {k: a.detach().clone() for k, a in enumerate(alphas)}
         best_beta = {k: b.detach().clone() for k, b in enumerate(betas)}
 
@@ -1101,15 +1112,16 @@ class _Search:
                   record: dict[int, Tensor] | None = None, live: _Live | None = None
                   ) -> Tensor:
             on, rows_, const_, signs_ = (prop, rows, const, signs) if rigorous else plain
-            blocks = samples
+            blocks = dom
             if live is not None:
-                rows_, const_, signs_, blocks = live.rows, live.const, live.signs, live.index
+                rows_, const_, signs_ = live.rows, live.const, live.signs
+                blocks = dom.index_select(0, live.index)
             dtype = rows_.dtype  # (the parameters are cast for the rigorous float64 pass)
             b = int(blocks.shape[0])
-            a_map = {p: al[k].to(dtype).view(b, r, *self.shapes[k])
-                     for k, p in enumerate(self.positions)}
-            b_map = ({p: (-(be[k].to(dtype).clamp(min=0) * signs_[k])).view(
-                b, r, *self.shapes[k]) for k, p in enumerate(self.positions)}
+            a_map = {q: al[k].to(dtype).view(b, 1, *self.shapes[k])
+                     for k, q in enumerate(self.positions)}
+            b_map = ({q: (-(be[k].to(dtype).clamp(min=0) * signs_[k])).view(
+                b, 1, *self.shapes[k]) for k, q in enumerate(self.positions)}
                 if has_split else None)
             lower, _ = on.backward_chunk(
                 start, rows_, const_, blocks, both=False, alphas=a_map, betas=b_map,
@@ -1118,22 +1130,23 @@ class _Search:
             return lower
 
         if params and steps:
-            # A child whose open rows are all above their targets (by a plain bound) leaves
-            # the optimization; the rigorous pass at its best parameters decides it. (At the
-            # root every property keeps its steps: bab's bound is never below alpha-CROWN's.)
-            goal = torch.where(valid, target.gather(1, order).to(work), -math.inf)
-            live = _Live(samples, plain[1], plain[2], plain[3])
-            for p in params:
-                p.requires_grad_(True)
-            state = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+            # A row whose plain bound is above its target leaves the optimization; the
+            # rigorous pass at its best parameters decides it. (At the root every row keeps
+            # its steps: bab's bound is never below alpha-CROWN's.)
+            goal = torch.where(pvalid, target[dom, row][:, None].to(work),
+                               -math.inf)
+            live = _Live(torch.arange(p, device=dev), plain[1], plain[2], plain[3])
+            for q in params:
+                q.requires_grad_(True)
+            state = [(torch.zeros_like(q), torch.zeros_like(q)) for q in params]
             # (learning rate, upper end of the projection): slopes in [0, 1], multipliers >= 0
             rates = ([(self.m.lr_alpha, 1.0)] * len(alphas) if has_free else []) + (
                 [(self.m.lr_beta, None)] * len(betas) if has_split else [])
             for step in range(steps + 1):
-                whole = len(live.index) == d
+                whole = len(live.index) == p
                 with torch.enable_grad():
                     lower = pass_(False, alphas, betas, live=live)
-                    ok = valid if whole else valid[live.index]
+                    ok = pvalid if whole else pvalid[live.index]
                     value = torch.where(ok, lower.detach(), -math.inf)
                     if whole:
                         keep_best(value, best, dict(enumerate(betas)), best_beta)
@@ -1152,12 +1165,11 @@ class _Search:
                         break
                     grads = torch.autograd.grad(torch.where(ok, lower, 0.0).sum(), params)
                 with torch.no_grad():
-                    for p, g, (m, v), (lr, top) in zip(params, grads, state, rates, strict=True):
-                        adam_ascent(p, g, m, v, step + 1, lr, upper=top)
+                    for q, g, (m, v), (lr, top) in zip(params, grads, state, rates, strict=True):
+                        adam_ascent(q, g, m, v, step + 1, lr, upper=top)
                     if root:
                         continue
-                    done = ((best[live.index] > goal[live.index])
-                            | ~valid[live.index]).all(1)
+                    done = ((best[live.index] > goal[live.index]) | ~pvalid[live.index])[:, 0]
                     if bool(done.all()):
                         break
                     if not bool(done.any()):
@@ -1167,16 +1179,26 @@ class _Search:
                     alphas = [a.detach()[keep] for a in alphas]
                     betas = [b.detach()[keep] for b in betas]
                     params = (alphas if has_free else []) + (betas if has_split else [])
-                    for p in params:
-                        p.requires_grad_(True)
+                    for q in params:
+                        q.requires_grad_(True)
                     state = [(m[keep], v[keep]) for m, v in state]
-        record: dict[int, Tensor] = {}
+        pair_record: dict[int, Tensor] = {}
         alpha_rows = [best_alpha[k] for k in range(len(alphas))]
         beta_rows = [best_beta[k] for k in range(len(betas))]
-        lower = pass_(True, alpha_rows, beta_rows, record)
-        lower = torch.where(prop.nonfinite[:, None] | torch.isnan(lower), -math.inf, lower)
-        return (lower, record, [a.to(self.param_dtype) for a in alpha_rows],
-                [b.clamp(min=0).to(self.param_dtype) for b in beta_rows])
+        lower = pass_(True, alpha_rows, beta_rows, pair_record)
+        lower = torch.where(prop.nonfinite.index_select(0, dom)[:, None] | torch.isnan(lower),
+                            -math.inf, lower)
+
+        def spread(t: Tensor, fill: float) -> Tensor:
+            """`(P, 1, ...)` per pair to `(D, R, ...)` per domain and row of `order`."""
+            out = t.new_full((d, r, *t.shape[2:]), fill)
+            out[dom, slot] = t[:, 0]
+            return out
+
+        record = {key: spread(t, 0.0) for key, t in pair_record.items()}
+        return (spread(lower, -math.inf), record,
+                [spread(a, 0.0).to(self.param_dtype) for a in alpha_rows],
+                [spread(b.clamp(min=0), 0.0).to(self.param_dtype) for b in beta_rows])
 
     def _float32_twin(self, prop: Propagator) -> Propagator | None:
         """A float32 propagator with `prop`'s relaxations (its pre-activation bounds rounded
