@@ -24,8 +24,10 @@ split constraints ``s z >= 0`` enter the bound through multipliers ``beta >= 0``
 
 (the subtracted terms are >= 0 on the domain), which the backward pass carries as the rows
 ``-beta s`` added at each split layer; ``beta`` and alpha-CROWN's lower slopes are optimized
-jointly by projected gradient ascent, warm-started from the parent's; a domain leaves the
-optimization as soon as a plain pass puts its rows above their targets. Any ``beta >= 0`` and
+jointly by projected gradient ascent, warm-started from the parent's. Only the open rows are
+bounded (each domain's rows still below their targets, one block of one row each: no padding
+for domains with fewer open rows than others), and a row leaves the optimization as soon as a
+plain pass puts it above its target. Any ``beta >= 0`` and
 ``alpha in [0, 1]`` give a sound bound; the optimization runs without rounding control and the
 bound at the best parameters is then computed **rigorously** (every rounding accounted for, as
 for every method of the engine), so each domain's decision holds in exact arithmetic.
@@ -83,7 +85,7 @@ from certify.bounds.base import STATE, Bounds, MethodBase, register_method
 from certify.bounds.layers import LeakyReluOp, ReluOp, numel
 from certify.bounds.network import Network, identity_spec, spec_rows
 from certify.bounds.propagation import BACKWARD_FACTOR, MB, EngineOptions, Propagator
-from certify.bounds.relaxations import activation_rule
+from certify.bounds.relaxations import Relaxation, activation_rule
 from certify.errors import SpecError
 from certify.spec import round_to
 
@@ -1264,7 +1266,8 @@ class _Search:
             index = torch.where(chosen, arg - torch.cat([ends.new_zeros(1), ends[:-1]])[
                 layer.clamp(min=0)], index)
             if self.m.candidates > 1:
-                self._filter(doms, score, ends, order[pick, worst], target, layer, index)
+                self._filter(prop, doms, score, ends, order[pick, worst], target, layer,
+                             index)
         inp = layer < 0
         if bool(inp.any()):  # input splits: the widest coordinate weighted by its row
             a = record[-1][pick, worst].reshape(d, -1)
@@ -1275,8 +1278,8 @@ class _Search:
             index = torch.where(inp, (weight * width).argmax(1), index)
         return layer, index
 
-    def _filter(self, doms: _Domains, score: Tensor, ends: Tensor, row: Tensor,
-                target: Tensor, layer: Tensor, index: Tensor) -> None:
+    def _filter(self, bounded: Propagator, doms: _Domains, score: Tensor, ends: Tensor,
+                row: Tensor, target: Tensor, layer: Tensor, index: Tensor) -> None:
         """Filtered smart branching (De Palma et al., "Improved Branch and Bound for Neural
         Network Verification via Lagrangian Decomposition", 2021): among each open domain's
         `candidates` best-scored neurons, the one whose two children bound the domain's worst
@@ -1323,15 +1326,16 @@ class _Search:
             prop = Propagator(body, doms.x_lo.index_select(0, src).to(work),
                               doms.x_hi.index_select(0, src).to(work), self.options)
             for k_, pos in enumerate(self.positions):
-                lo = doms.lo[k_].index_select(0, src)
-                hi = doms.hi[k_].index_select(0, src)
+                left, right, neuron = [], [], []
                 for j, c in enumerate(cs):
                     mine = (lay[:, c] == k_).nonzero(as_tuple=True)[0]
-                    left, right = mine + 2 * o * j, mine + 2 * o * j + o
-                    lo[left, nrn[mine, c]] = lo[left, nrn[mine, c]].clamp(min=0)
-                    hi[right, nrn[mine, c]] = hi[right, nrn[mine, c]].clamp(max=0)
-                prop._store(pos, lo.to(work).view(m, *self.shapes[k_]),
-                            hi.to(work).view(m, *self.shapes[k_]), "adaptive")
+                    left.append(mine + 2 * o * j)
+                    right.append(mine + 2 * o * j + o)
+                    neuron.append(nrn[mine, c])
+                relax = self._children(bounded.relaxations[pos], pos, src, torch.cat(left),
+                                       torch.cat(right), torch.cat(neuron * 2), work)
+                prop.relaxations[pos] = relax
+                prop.pre_bounds[pos] = (relax.pre_lower, relax.pre_upper)
             for pos, e in self.perturbation.items():
                 prop.perturbation[pos] = e.index_select(
                     0, samples.index_select(0, parent)).to(work)
@@ -1354,6 +1358,37 @@ class _Search:
         at = open_[good]
         layer[at] = lay[good, best[good]]
         index[at] = nrn[good, best[good]]
+
+    def _children(self, relax: Relaxation, pos: int, src: Tensor, left: Tensor, right: Tensor,
+                  neuron: Tensor, work: torch.dtype) -> Relaxation:
+        """The relaxation of activation `pos` in children of the domains `src` `(M,)` (rows
+        of `relax`): the parents' own, but for the neuron of each child in `left` (``z >= 0``)
+        and in `right` (``z <= 0``), relaxed again on its clamped bounds (`neuron`: the left
+        children's neurons, then the right ones')."""
+        shape = relax.lower.shape[1:]
+        m = int(src.shape[0])
+
+        def rows(t: Tensor) -> Tensor:
+            t = t.reshape(t.shape[0], -1)
+            return (t.to(work) if t.is_floating_point() else t).index_select(0, src)
+
+        lower, upper, bias = rows(relax.lower), rows(relax.upper), rows(relax.upper_bias)
+        unstable, pre_lo, pre_hi = rows(relax.unstable), rows(relax.pre_lower), rows(
+            relax.pre_upper)
+        at = torch.cat([left, right])
+        n_left = int(left.shape[0])
+        lo, hi = pre_lo[at, neuron], pre_hi[at, neuron]
+        lo = torch.cat([lo[:n_left].clamp(min=0), lo[n_left:]])
+        hi = torch.cat([hi[:n_left], hi[n_left:].clamp(max=0)])
+        # (ReLU and LeakyReLU: lower lines through 0, no per-neuron data)
+        small = activation_rule(self.body.layers[pos]).relax(lo[:, None], hi[:, None],
+                                                             "adaptive")
+        for full, part in ((lower, small.lower), (upper, small.upper),
+                           (bias, small.upper_bias), (unstable, small.unstable),
+                           (pre_lo, lo[:, None]), (pre_hi, hi[:, None])):
+            full[at, neuron] = part[:, 0].to(full.dtype)
+        return Relaxation(*(t.view(m, *shape) for t in (lower, upper, bias, unstable, pre_lo,
+                                                         pre_hi)))
 
     def _candidates(self, doms: _Domains, record: dict[int, Tensor], order: Tensor,
                     valid: Tensor, new: Tensor) -> Tensor:

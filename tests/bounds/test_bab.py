@@ -21,6 +21,7 @@ from torch import nn
 
 from certify.bounds import compute_bounds, get_method
 from certify.bounds.bab import ABOVE, BELOW, DOMAINS_SPENT, BabBounds
+from certify.bounds.layers import LeakyReluOp, ReluOp
 from certify.errors import SpecError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -215,9 +216,9 @@ def test_filtered_branching_splits_one_of_the_best_scored_free_neurons(
     seen = {"open": 0, "changed": 0}
     original = _Search._filter
 
-    def spy(self, doms, score, ends, row, target, layer, index):  # type: ignore[no-untyped-def]
+    def spy(self, prop, doms, score, ends, row, target, layer, index):  # type: ignore[no-untyped-def]
         before = layer.clone(), index.clone()
-        original(self, doms, score, ends, row, target, layer, index)
+        original(self, prop, doms, score, ends, row, target, layer, index)
         open_ = ((doms.bound <= target).any(1) & (before[0] >= 0)).nonzero(as_tuple=True)[0]
         starts = torch.cat([ends.new_zeros(1), ends[:-1]])
         top = score.topk(min(self.m.candidates, score.shape[1]), dim=1).indices
@@ -686,3 +687,37 @@ def test_memory_keeps_a_failures_open_leaves_before_its_proven_splits() -> None:
         (entry,) = memory.entries[b"k"]
         assert entry.leaves is leaves
         assert (entry.depth is not None) == kept_splits and bool(entry.split) == kept_splits
+
+
+@pytest.mark.parametrize("op", [ReluOp((2, 3), (2, 3)), LeakyReluOp(0.1, (2, 3), (2, 3))])
+def test_childrens_relaxations_are_their_clamped_bounds_relaxed(op: object) -> None:
+    """The filter's children reuse their parents' relaxations and relax only the split neuron
+    again: every field equals the relaxation computed afresh from the children's bounds."""
+    from types import SimpleNamespace
+
+    from certify.bounds.bab import _Search
+    from certify.bounds.relaxations import activation_rule
+
+    gen = torch.Generator().manual_seed(0)
+    lo = -torch.rand(4, 2, 3, generator=gen, dtype=torch.float64)
+    hi = torch.rand(4, 2, 3, generator=gen, dtype=torch.float64)
+    lo[0, 0, 0] = 0.2  # a stable neuron among them
+    rule = activation_rule(op)
+    parents = rule.relax(lo, hi, "adaptive")
+    src = torch.tensor([0, 2, 3, 0, 2, 3])  # children of parents 0, 2, 3: left, then right
+    left, right = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])
+    neuron = torch.tensor([4, 1, 5, 4, 1, 5])
+    fake = SimpleNamespace(body=SimpleNamespace(layers={7: op}))
+    for work in (torch.float64, torch.float32):
+        got = _Search._children(fake, parents, 7, src, left, right, neuron,  # type: ignore[arg-type]
+                                work)
+        c_lo, c_hi = lo[src].reshape(6, -1).clone(), hi[src].reshape(6, -1).clone()
+        c_lo[left, neuron[:3]] = c_lo[left, neuron[:3]].clamp(min=0)
+        c_hi[right, neuron[3:]] = c_hi[right, neuron[3:]].clamp(max=0)
+        want = rule.relax(c_lo.reshape(6, 2, 3).to(work), c_hi.reshape(6, 2, 3).to(work),
+                          "adaptive")
+        for name in ("lower", "upper", "upper_bias", "unstable", "pre_lower", "pre_upper"):
+            a, b = getattr(got, name), getattr(want, name)
+            assert a.shape == b.shape and a.dtype == b.dtype, name
+            assert torch.allclose(a.double(), b.double(), rtol=1e-6, atol=1e-7), name
+        assert not bool(got.unstable.reshape(6, -1)[torch.arange(6), neuron].any())
