@@ -402,6 +402,14 @@ def _nbytes(d: _Domains) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _unflatten(flat: Tensor, ends: Tensor) -> tuple[Tensor, Tensor]:
+    """Positions in the activation layers' neurons concatenated (`ends`: where each layer's
+    neurons end) as `(layer, neuron)`."""
+    layer = torch.bucketize(flat, ends, right=True)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    return layer, flat - starts[layer]
+
+
 def _ids(t: Tensor) -> list[int]:
     """The distinct values of an integer tensor, sorted."""
     return sorted(set(t.tolist()))
@@ -1205,14 +1213,19 @@ class _Search:
                 [spread(a, 0.0).to(self.param_dtype) for a in alpha_rows],
                 [spread(b.clamp(min=0), 0.0).to(self.param_dtype) for b in beta_rows])
 
+    def _float32_body(self) -> Network:
+        """The body in float32 (built once)."""
+        if self.body32 is None:
+            self.body32 = self.body.to(dtype=torch.float32, device=self.x_lo.device)
+        return self.body32
+
     def _float32_twin(self, prop: Propagator) -> Propagator | None:
         """A float32 propagator with `prop`'s relaxations (its pre-activation bounds rounded
         to nearest) for the optimization's plain passes; None where a bound overflows float32.
         Its parameters only shape the bound: the rigorous pass at the best ones runs on
         `prop`."""
-        if self.body32 is None:
-            self.body32 = self.body.to(dtype=torch.float32, device=prop.x_lo.device)
-        twin = Propagator(self.body32, prop.x_lo.float(), prop.x_hi.float(), self.options)
+        twin = Propagator(self._float32_body(), prop.x_lo.float(), prop.x_hi.float(),
+                          self.options)
         for pos in self.positions:
             lo, hi = prop.pre_bounds[pos]
             twin._store(pos, lo.float(), hi.float(), "adaptive")
@@ -1265,9 +1278,9 @@ class _Search:
             top, arg = score.max(1)
             ends = torch.tensor([s.shape[1] for s in scores], device=dev).cumsum(0)
             chosen = top > 0
-            layer = torch.where(chosen, torch.bucketize(arg, ends, right=True), layer)
-            index = torch.where(chosen, arg - torch.cat([ends.new_zeros(1), ends[:-1]])[
-                layer.clamp(min=0)], index)
+            best_layer, best_index = _unflatten(arg, ends)
+            layer = torch.where(chosen, best_layer, layer)
+            index = torch.where(chosen, best_index, index)
             if self.m.candidates > 1:
                 self._filter(prop, doms, score, ends, order[pick, worst], target, layer,
                              index)
@@ -1296,15 +1309,9 @@ class _Search:
         if o == 0 or k < 2:
             return
         top, arg = score.index_select(0, open_).topk(k, dim=1)  # (O, k)
-        starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-        lay = torch.bucketize(arg, ends, right=True)  # (O, k)
-        nrn = arg - starts[lay]
+        lay, nrn = _unflatten(arg, ends)  # (O, k) each
         work = torch.float32 if self.float32_steps else self.x_lo.dtype
-        body = self.body
-        if work != self.x_lo.dtype:
-            if self.body32 is None:
-                self.body32 = self.body.to(dtype=work, device=self.x_lo.device)
-            body = self.body32
+        body = self._float32_body() if self.float32_steps else self.body
         rsel = row.index_select(0, open_)  # (O,) each open domain's worst row
         samples = doms.sample.index_select(0, open_)
         rows, const, _, _ = self._rows(samples, rsel[:, None],
