@@ -206,6 +206,100 @@ def test_agrees_with_the_milp(seed: int, float32_steps: bool) -> None:
     assert b.status == (BELOW,)
 
 
+def test_float32_rows_hold_the_float64_rows_exactly() -> None:
+    """The spec rows of the children's float32 rigorous pass: in exact (rational) arithmetic
+    every interval ``row32 +- err32`` holds ``row64 +- err64``, for values float32 rounds."""
+    from fractions import Fraction
+
+    from certify.bounds.bab import _Search
+
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(4, 1, 5, generator=gen, dtype=torch.float64) * torch.tensor(
+        [1e-30, 1e-3, 1.0, 1e3, 1e30], dtype=torch.float64)
+    const = torch.randn(4, 1, generator=gen, dtype=torch.float64) / 3
+    rows_err = torch.rand(4, 1, 5, generator=gen, dtype=torch.float64) * 1e-12
+    for err in (rows_err, None):
+        r32, c32, re32, ce32 = _Search._float32_rows(rows, const, err, None)
+        assert r32.dtype == c32.dtype == re32.dtype == ce32.dtype == torch.float32
+        for v64, e64, v32, e32 in (
+                (rows, err, r32, re32), (const, None, c32, ce32)):
+            flat = zip(v64.flatten().tolist(), (torch.zeros_like(v64) if e64 is None
+                                                else e64).flatten().tolist(),
+                       v32.double().flatten().tolist(), e32.double().flatten().tolist(),
+                       strict=True)
+            for a, ea, b, eb in flat:
+                a_, ea_, b_, eb_ = map(Fraction, (a, ea, b, eb))
+                assert b_ - eb_ <= a_ - ea_ and a_ + ea_ <= b_ + eb_
+        assert bool((r32.double() != rows).any())  # the rounding was real
+
+
+def test_float32_pass_holds_the_domains_boxes_and_bounds(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every float32 propagator of the children's rigorous pass holds its float64 one: boxes,
+    pre-activation bounds and the model's rounding rounded outward (compared exactly, in
+    float64), the float32 body carrying its rounding in the ops' error fields."""
+    from certify.bounds.bab import _Search
+
+    real = _Search._rigorous_float32
+    seen = []
+
+    def check(self, prop):  # type: ignore[no-untyped-def]
+        narrow = real(self, prop)
+        assert narrow is not None
+        assert bool((narrow.x_lo.double() <= prop.x_lo).all())
+        assert bool((narrow.x_hi.double() >= prop.x_hi).all())
+        for pos in self.positions:
+            (lo, hi), (lo32, hi32) = prop.pre_bounds[pos], narrow.pre_bounds[pos]
+            assert lo32.dtype == torch.float32
+            assert bool((lo32.double() <= lo).all()) and bool((hi32.double() >= hi).all())
+        for pos, e in prop.perturbation.items():
+            assert bool((narrow.perturbation[pos].double() >= e).all())
+        seen.append(len(narrow.x_lo))
+        return narrow
+
+    monkeypatch.setattr(_Search, "_rigorous_float32", check)
+    model, x, spec, exact = _memory_case(1, 7)
+    b = compute_bounds(model, x - 0.2, x + 0.2, "bab", spec, threshold=exact(0.2) - 1e-3,
+                       branching="relu", model_rounding=True)
+    assert b.status == (ABOVE,) and seen
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_float64_retry_decides_what_float32_rounding_leaves_open(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The children's rigorous pass runs in float32 and bounds a row again in float64 where
+    the optimization's plain bound is above its target but the float32 bound is not. With the
+    float32 pass made useless (1 taken off every constant), the search decides as the
+    float64-only one does, in the same number of domains."""
+    from certify.bounds.bab import _Search
+
+    model, x, spec, exact = _memory_case(seed, 7)
+    lo, hi = x - 0.2, x + 0.2
+    t = exact(0.2) - 1e-3
+
+    def run() -> BabBounds:
+        b = compute_bounds(model, lo, hi, "bab", spec, threshold=t, branching="relu")
+        assert isinstance(b, BabBounds)
+        return b
+
+    fast = run()
+    with monkeypatch.context() as m:
+        m.setattr(_Search, "_rigorous_float32", lambda self, prop: None)
+        wide = run()
+    real = _Search._float32_rows
+
+    def useless(*args):  # type: ignore[no-untyped-def]
+        r32, c32, re32, ce32 = real(*args)
+        return r32, c32, re32, ce32 + 1.0
+
+    monkeypatch.setattr(_Search, "_float32_rows", staticmethod(useless))
+    crippled = run()
+    assert wide.status == fast.status == crippled.status == (ABOVE,)
+    assert int(wide.domains[0]) > 1  # the children were bounded
+    assert int(crippled.domains[0]) == int(wide.domains[0])
+    assert float(fast.lower[0, 0]) <= exact(0.2)
+
+
 def test_filtered_branching_splits_one_of_the_best_scored_free_neurons(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Each open domain's filtered choice is one of its `candidates` best-scored neurons, an
