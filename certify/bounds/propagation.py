@@ -226,12 +226,13 @@ def _op_weights(op: Op, absolute: Op, exact: Op | None, below: Tensor) -> _Round
         return _RoundingWeights(out, None, None, below.new_zeros(below.shape[0]))
     assert rules.abs_linear is not None
     g = rounding.gamma(lin, below.dtype)
-    bias = rules.forward(absolute, below.new_zeros(1, *below.shape[1:]))
-    out = rules.forward(absolute, below)  # |L| W_in + |b|
-    rows = g * rules.abs_linear(op, below)
+    bias = rules.forward(absolute, below.new_zeros(1, *below.shape[1:]))  # |b|
+    spread = rules.abs_linear(op, below)  # |L| W_in, one product for both weights
+    out = spread + bias  # |L| W_in + |b|
+    rows = g * spread
     if exact is not None:
-        spread = RULES[type(exact)].forward(exact, below)  # L_err W_in + b_err
-        out, rows = out + spread, rows + spread
+        errors = RULES[type(exact)].forward(exact, below)  # L_err W_in + b_err
+        out, rows = out + errors, rows + errors
     tiny = lin * rounding.tiny(below.dtype) * below.flatten(1).sum(1)
     return _RoundingWeights(out, rows, bias if bool((bias != 0).any()) else None, tiny)
 
