@@ -1202,8 +1202,10 @@ class _Search:
             goal64 = target[dom, row][:, None].to(lower.dtype)
             retry = (pvalid & (lower <= goal64) & (best.to(lower.dtype) > goal64))[:, 0]
             if bool(retry.any()):
+                # on a propagator of their domains only: its rounding weights are per domain
                 at = retry.nonzero(as_tuple=True)[0]
-                wide = self._pass(prop, dom.index_select(0, at), rows[at], const[at],
+                few, local = torch.unique(dom.index_select(0, at), return_inverse=True)
+                wide = self._pass(self._domains_of(prop, few), local, rows[at], const[at],
                                   None if rows_err is None else rows_err[at],
                                   None if const_err is None else const_err[at],
                                   [s[at] for s in signs], [a[at] for a in alpha_rows],
@@ -1243,6 +1245,18 @@ class _Search:
             return lower
         return torch.where(on.nonfinite.index_select(0, blocks)[:, None] | torch.isnan(lower),
                            -math.inf, lower)
+
+    def _domains_of(self, prop: Propagator, few: Tensor) -> Propagator:
+        """A propagator of the domains `few` of `prop` (children's: relaxed "adaptive" from
+        their bounds, as :meth:`_intermediate` relaxes them)."""
+        sub = Propagator(self.body, prop.x_lo.index_select(0, few),
+                         prop.x_hi.index_select(0, few), self.options)
+        for pos in self.positions:
+            lo, hi = prop.pre_bounds[pos]
+            sub._store(pos, lo.index_select(0, few), hi.index_select(0, few), "adaptive")
+        for pos, e in prop.perturbation.items():
+            sub.perturbation[pos] = e.index_select(0, few)
+        return sub
 
     def _rigorous_float32(self, prop: Propagator) -> Propagator | None:
         """A rigorous float32 propagator over `prop`'s domains: the float32 body (its rounding
