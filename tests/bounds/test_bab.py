@@ -300,6 +300,24 @@ def test_float64_retry_decides_what_float32_rounding_leaves_open(
     assert float(fast.lower[0, 0]) <= exact(0.2)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_never_proves_a_threshold_just_above_the_exact_minimum(seed: int) -> None:
+    """Next to the exact minimum (the MILP's, within 1e-5 relative: far above the solver's
+    tolerance, far below float32's rounding terms on these nets) bab proves the threshold just
+    below it and never the one just above it, whichever precision decided each child."""
+    model, x, spec, exact = _memory_case(seed, 11)
+    lo, hi = x - 0.15, x + 0.15
+    m = exact(0.15)
+    step = 1e-5 * max(1.0, abs(m))
+    above = compute_bounds(model, lo, hi, "bab", spec, threshold=m + step, branching="relu",
+                           time_limit=10.0)
+    assert above.status != (ABOVE,)
+    assert float(above.lower[0, 0]) <= m + step
+    below = compute_bounds(model, lo, hi, "bab", spec, threshold=m - 1e-3 * max(1.0, abs(m)),
+                           branching="relu", time_limit=10.0)
+    assert below.status == (ABOVE,) and float(below.lower[0, 0]) <= m + 1e-7 * max(1.0, abs(m))
+
+
 def test_filtered_branching_splits_one_of_the_best_scored_free_neurons(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Each open domain's filtered choice is one of its `candidates` best-scored neurons, an
