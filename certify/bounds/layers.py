@@ -317,7 +317,7 @@ def tensor_fields(op: Any) -> list[str]:
     return [f.name for f in fields(op) if isinstance(getattr(op, f.name), Tensor)]
 
 
-def cast_op(op: Op, dtype: torch.dtype, device: torch.device) -> Op:
+def cast_op(op: _AnyOp, dtype: torch.dtype, device: torch.device) -> _AnyOp:
     """The op with its tensors on `device` in `dtype` (the same op when nothing changes).
 
     A cast to a narrower dtype rounds the op's tensors: what it moves them by is added to
@@ -343,7 +343,10 @@ def cast_op(op: Op, dtype: torch.dtype, device: torch.device) -> Op:
             moved = cast_up((t.detach() - cast.detach().to(t.device, t.dtype)).abs())
             err_name = ERR_FIELDS[name]
             old = getattr(op, err_name)
-            changes[err_name] = moved if old is None else cast_up(old) + moved
+            if old is not None:  # the sum rounded up (exact where the cast moved nothing)
+                old = cast_up(old)
+                moved = torch.where(moved == 0, old, rounding.up(old + moved))
+            changes[err_name] = moved
     for name in tensor_fields(op):
         t = getattr(op, name)
         if name in err_names and name not in changes and (t.dtype != dtype
