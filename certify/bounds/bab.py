@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -87,9 +88,15 @@ from certify.bounds.alpha_crown import (
     optimized_intermediate,
 )
 from certify.bounds.base import STATE, Bounds, MethodBase, register_method
-from certify.bounds.layers import LeakyReluOp, ReluOp, numel
+from certify.bounds.layers import LeakyReluOp, ReluOp, SpecRows, cast_op, numel
 from certify.bounds.network import Network, identity_spec, spec_rows
-from certify.bounds.propagation import BACKWARD_FACTOR, MB, EngineOptions, Propagator
+from certify.bounds.propagation import (
+    BACKWARD_FACTOR,
+    MB,
+    EngineOptions,
+    Propagator,
+    _float32,
+)
 from certify.bounds.relaxations import Relaxation, activation_rule
 from certify.errors import SpecError
 from certify.spec import round_to
@@ -646,6 +653,7 @@ class _Search:
             raise error
         self.shapes = [self.body.layers[p].in_shape for p in self.positions]
         self.body32: Network | None = None  # the body in float32 (see _float32_twin)
+        self.rows32: SpecRows | None = None  # the spec rows in float32 (_float32_rows)
         # whether the children's optimization runs its plain passes in float32; then the
         # domains keep their slopes and multipliers (warm starts only) in float32 too, which
         # halves the open domains' memory
@@ -1195,10 +1203,10 @@ class _Search:
             lower = self._pass(prop, dom, rows, const, rows_err, const_err, signs,
                                alpha_rows, beta_rows, has_split, record=pair_record)
         else:
-            lower = self._pass(narrow, dom, *self._float32_rows(rows, const, rows_err,
-                                                                const_err),
-                               [s.float() for s in signs], alpha_rows, beta_rows, has_split,
-                               record=pair_record).double()
+            lower = self._pass(narrow, dom, *self._rows(
+                doms.sample.index_select(0, dom), row[:, None], pvalid, self._float32_rows()),
+                [s.float() for s in signs], alpha_rows, beta_rows, has_split,
+                record=pair_record).double()
             goal64 = target[dom, row][:, None].to(lower.dtype)
             retry = (pvalid & (lower <= goal64) & (best.to(lower.dtype) > goal64))[:, 0]
             if bool(retry.any()):
@@ -1246,46 +1254,40 @@ class _Search:
         return torch.where(on.nonfinite.index_select(0, blocks)[:, None] | torch.isnan(lower),
                            -math.inf, lower)
 
-    def _domains_of(self, prop: Propagator, few: Tensor) -> Propagator:
-        """A propagator of the domains `few` of `prop` (children's: relaxed "adaptive" from
-        their bounds, as :meth:`_intermediate` relaxes them)."""
-        sub = Propagator(self.body, prop.x_lo.index_select(0, few),
-                         prop.x_hi.index_select(0, few), self.options)
+    def _carried(self, prop: Propagator, body: Network, down: Callable[[Tensor], Tensor],
+                 up: Callable[[Tensor], Tensor]) -> Propagator:
+        """A propagator of `body` over the domains of `prop`: every lower end (boxes,
+        pre-activation bounds) mapped by `down`, every upper end and the model's rounding by
+        `up`, relaxed "adaptive" (as :meth:`_intermediate` relaxes the children)."""
+        out = Propagator(body, down(prop.x_lo), up(prop.x_hi), self.options)
         for pos in self.positions:
             lo, hi = prop.pre_bounds[pos]
-            sub._store(pos, lo.index_select(0, few), hi.index_select(0, few), "adaptive")
+            out._store(pos, down(lo), up(hi), "adaptive")
         for pos, e in prop.perturbation.items():
-            sub.perturbation[pos] = e.index_select(0, few)
-        return sub
+            out.perturbation[pos] = up(e)
+        return out
+
+    def _domains_of(self, prop: Propagator, few: Tensor) -> Propagator:
+        """A propagator of the children `few` of `prop`."""
+        def pick(t: Tensor) -> Tensor:
+            return t.index_select(0, few)
+
+        return self._carried(prop, self.body, pick, pick)
 
     def _rigorous_float32(self, prop: Propagator) -> Propagator | None:
-        """A rigorous float32 propagator over `prop`'s domains: the float32 body (its rounding
-        in the ops' error fields), the boxes, pre-activation bounds and the model's rounding
-        rounded outward. Its bounds hold wherever `prop`'s relaxations hold; None where a
-        bound overflows float32."""
-        f32 = torch.float32
-        narrow = Propagator(self._float32_body(), round_to(prop.x_lo, f32, up=False),
-                            round_to(prop.x_hi, f32, up=True), self.options)
-        for pos in self.positions:
-            lo, hi = prop.pre_bounds[pos]
-            narrow._store(pos, round_to(lo, f32, up=False), round_to(hi, f32, up=True),
-                          "adaptive")
-        for pos, e in prop.perturbation.items():
-            narrow.perturbation[pos] = round_to(e, f32, up=True)
+        """A rigorous float32 propagator over `prop`'s children: the float32 body (its
+        rounding in the ops' error fields), the boxes, pre-activation bounds and the model's
+        rounding rounded outward (never to a subnormal). Its bounds hold wherever `prop`'s
+        relaxations hold; None where a bound overflows float32."""
+        narrow = self._carried(prop, self._float32_body(), lambda t: _float32(t, up=False),
+                               lambda t: _float32(t, up=True))
         return None if bool(narrow.nonfinite.any()) else narrow
 
-    @staticmethod
-    def _float32_rows(rows: Tensor, const: Tensor, rows_err: Tensor | None,
-                      const_err: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Spec rows and constants in float32 (to nearest), their error bounds grown by the
-        rounding (the float64 difference of a value and its float32 rounding is exact)."""
-        out = []
-        for t, err in ((rows, rows_err), (const, const_err)):
-            t32 = t.float()
-            gap = (t - t32.double()).abs()
-            out += [t32, round_to(gap if err is None else rounding.up(err + gap),
-                                  torch.float32, up=True)]
-        return out[0], out[2], out[1], out[3]
+    def _float32_rows(self) -> SpecRows:
+        """The spec rows in float32 (built once): their rounding in the error fields."""
+        if self.rows32 is None:
+            self.rows32 = cast_op(self.rows, torch.float32, self.x_lo.device)
+        return self.rows32
 
     def _float32_body(self) -> Network:
         """The body in float32 (built once)."""
@@ -1298,20 +1300,15 @@ class _Search:
         to nearest) for the optimization's plain passes; None where a bound overflows float32.
         Its parameters only shape the bound: the rigorous pass at the best ones runs on
         `prop`."""
-        twin = Propagator(self._float32_body(), prop.x_lo.float(), prop.x_hi.float(),
-                          self.options)
-        for pos in self.positions:
-            lo, hi = prop.pre_bounds[pos]
-            twin._store(pos, lo.float(), hi.float(), "adaptive")
-        for pos, e in prop.perturbation.items():
-            twin.perturbation[pos] = e.float()
+        twin = self._carried(prop, self._float32_body(), Tensor.float, Tensor.float)
         return None if bool(twin.nonfinite.any()) else twin
 
-    def _rows(self, sample: Tensor, order: Tensor, valid: Tensor
+    def _rows(self, sample: Tensor, order: Tensor, valid: Tensor, spec: SpecRows | None = None
               ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """The spec rows `order` `(D, R)` of each domain's property (zero where not valid)."""
+        """The spec rows `order` `(D, R)` of each domain's property (zero where not valid),
+        from `spec` (default: the search's)."""
         d, r = order.shape
-        spec = self.rows
+        spec = self.rows if spec is None else spec
         w = spec.weight.index_select(0, sample)
         idx = order.unsqueeze(2).expand(-1, -1, w.shape[2])
         keep = valid.unsqueeze(2)

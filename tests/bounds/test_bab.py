@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -207,22 +208,25 @@ def test_agrees_with_the_milp(seed: int, float32_steps: bool) -> None:
 
 
 def test_float32_rows_hold_the_float64_rows_exactly() -> None:
-    """The spec rows of the children's float32 rigorous pass: in exact (rational) arithmetic
-    every interval ``row32 +- err32`` holds ``row64 +- err64``, for values float32 rounds."""
+    """The spec rows of the children's float32 rigorous pass (a narrowing ``cast_op`` of the
+    folded rows): in exact (rational) arithmetic every interval ``row32 +- err32`` holds
+    ``row64 +- err64``, for values float32 rounds, with and without errors already there."""
     from fractions import Fraction
 
-    from certify.bounds.bab import _Search
+    from certify.bounds.layers import SpecRows, cast_op
 
     gen = torch.Generator().manual_seed(0)
-    rows = torch.randn(4, 1, 5, generator=gen, dtype=torch.float64) * torch.tensor(
+    weight = torch.randn(4, 1, 5, generator=gen, dtype=torch.float64) * torch.tensor(
         [1e-30, 1e-3, 1.0, 1e3, 1e30], dtype=torch.float64)
-    const = torch.randn(4, 1, generator=gen, dtype=torch.float64) / 3
-    rows_err = torch.rand(4, 1, 5, generator=gen, dtype=torch.float64) * 1e-12
-    for err in (rows_err, None):
-        r32, c32, re32, ce32 = _Search._float32_rows(rows, const, err, None)
-        assert r32.dtype == c32.dtype == re32.dtype == ce32.dtype == torch.float32
-        for v64, e64, v32, e32 in (
-                (rows, err, r32, re32), (const, None, c32, ce32)):
+    bias = torch.randn(4, 1, generator=gen, dtype=torch.float64) / 3
+    weight_err = torch.rand(4, 1, 5, generator=gen, dtype=torch.float64) * 1e-12
+    bias_err = torch.rand(4, 1, generator=gen, dtype=torch.float64) * 1e-9
+    for errs in ((weight_err, bias_err), (None, None)):
+        spec = SpecRows(weight, bias, (5,), (1,), *errs)
+        narrow = cast_op(spec, torch.float32, torch.device("cpu"))
+        assert narrow.weight.dtype == narrow.weight_err.dtype == torch.float32
+        for v64, e64, v32, e32 in ((weight, errs[0], narrow.weight, narrow.weight_err),
+                                   (bias, errs[1], narrow.bias, narrow.bias_err)):
             flat = zip(v64.flatten().tolist(), (torch.zeros_like(v64) if e64 is None
                                                 else e64).flatten().tolist(),
                        v32.double().flatten().tolist(), e32.double().flatten().tolist(),
@@ -230,7 +234,7 @@ def test_float32_rows_hold_the_float64_rows_exactly() -> None:
             for a, ea, b, eb in flat:
                 a_, ea_, b_, eb_ = map(Fraction, (a, ea, b, eb))
                 assert b_ - eb_ <= a_ - ea_ and a_ + ea_ <= b_ + eb_
-        assert bool((r32.double() != rows).any())  # the rounding was real
+        assert bool((narrow.weight.double() != weight).any())  # the rounding was real
 
 
 def test_float32_pass_holds_the_domains_boxes_and_bounds(
@@ -288,11 +292,11 @@ def test_float64_retry_decides_what_float32_rounding_leaves_open(
         wide = run()
     real = _Search._float32_rows
 
-    def useless(*args):  # type: ignore[no-untyped-def]
-        r32, c32, re32, ce32 = real(*args)
-        return r32, c32, re32, ce32 + 1.0
+    def useless(self):  # type: ignore[no-untyped-def]
+        spec = real(self)
+        return replace(spec, bias_err=spec.bias_err + 1.0)
 
-    monkeypatch.setattr(_Search, "_float32_rows", staticmethod(useless))
+    monkeypatch.setattr(_Search, "_float32_rows", useless)
     crippled = run()
     assert wide.status == fast.status == crippled.status == (ABOVE,)
     assert int(wide.domains[0]) > 1  # the children were bounded
