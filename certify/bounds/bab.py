@@ -319,10 +319,15 @@ class _Pool:
     def __len__(self) -> int:
         return sum(int(m.sum()) for m in self.live)
 
-    def add(self, doms: _Domains) -> None:
-        if len(doms):
+    def add(self, doms: _Domains, live: Tensor | None = None) -> None:
+        """Add the domains `doms` (the pool keeps them: callers no longer change them), only
+        those where `live` `(D,)` is True if given."""
+        if live is None:
+            live = torch.ones(len(doms), dtype=torch.bool, device=doms.sample.device)
+        if bool(live.any()):
             self.chunks.append(doms)
-            self.live.append(torch.ones(len(doms), dtype=torch.bool, device=doms.sample.device))
+            self.live.append(live)
+            self._compact()
 
     @property
     def nbytes(self) -> int:
@@ -900,7 +905,7 @@ class _Search:
                 kept.append([t[mine] for t in doms.split] + [doms.depth[mine]])
                 if sum(len(k[-1]) for k in kept) > REMEMBER_MAX:
                     self.proven[i] = None
-        pool.add(doms.take((~done).nonzero(as_tuple=True)[0]))
+        pool.add(doms, ~done)
         # a property is decided by its last open domain, not by its last one in this batch:
         # the pool may hold others (the batch takes the worst domains of all properties)
         still = set((pool.counts(self.n) > 0).nonzero(as_tuple=True)[0].tolist())
@@ -978,17 +983,19 @@ class _Search:
 
     def _branch(self, doms: _Domains) -> _Domains:
         """Two children per domain, split on its chosen ReLU (or input coordinate)."""
-        every = torch.arange(len(doms), device=doms.sample.device)
-        left, right = doms.take(every), doms.take(every)
+        d = len(doms)
+        every = torch.arange(d, device=doms.sample.device)
+        # the left children (rows :d), then the right ones (d:), one copy of the parents
+        out = _Domains.cat([doms, doms])
         layer, index = doms.layer, doms.index
         for k in range(len(self.positions)):
             mine = layer == k
             if bool(mine.any()):
                 rows, nrn = every[mine], index[mine]
-                left.split[k][rows, nrn] = 1
-                right.split[k][rows, nrn] = -1
-                left.lo[k][rows, nrn] = left.lo[k][rows, nrn].clamp(min=0)
-                right.hi[k][rows, nrn] = right.hi[k][rows, nrn].clamp(max=0)
+                out.split[k][rows, nrn] = 1
+                out.split[k][rows + d, nrn] = -1
+                out.lo[k][rows, nrn] = out.lo[k][rows, nrn].clamp(min=0)
+                out.hi[k][rows + d, nrn] = out.hi[k][rows + d, nrn].clamp(max=0)
         inp = layer < 0
         if bool(inp.any()):
             rows, dim = every[inp], index[inp]
@@ -996,15 +1003,12 @@ class _Search:
             hi_d = doms.x_hi.flatten(1)[rows, dim]
             # any cut point in [lo, hi] keeps the union of the halves the whole box
             mid = torch.maximum(torch.minimum((lo_d + hi_d) / 2, hi_d), lo_d)
-            left_hi, right_lo = left.x_hi.flatten(1).clone(), right.x_lo.flatten(1).clone()
-            left_hi[rows, dim] = mid
-            right_lo[rows, dim] = mid
-            left.x_hi = left_hi.reshape(doms.x_hi.shape)
-            right.x_lo = right_lo.reshape(doms.x_lo.shape)
-        for child in (left, right):
-            child.depth = child.depth + 1
-            child.newest = layer.clone()
-        return _Domains.cat([left, right])
+            x_hi, x_lo = out.x_hi.flatten(1), out.x_lo.flatten(1)  # (views: out's own copy)
+            x_hi[rows, dim] = mid
+            x_lo[rows + d, dim] = mid
+        out.depth = out.depth + 1
+        out.newest = torch.cat([layer, layer])
+        return out
 
     # --- bounding ----------------------------------------------------------------------------
 

@@ -367,6 +367,18 @@ def numel(shape: Shape) -> int:
     return prod(shape)
 
 
+def rows_of(t: Tensor, samples: Tensor) -> Tensor:
+    """The rows `samples` `(B,)` of per-sample data `t` `(N, ...)`, as ``index_select``; on
+    the CPU, `t` itself (not a copy: callers only read it) when `samples` is every row in
+    order, as in a pass over a whole batch, where the copy would be one more pass over `t`'s
+    memory for nothing. (On a GPU the check would wait for the device; the copy is cheap.)"""
+    n = t.shape[0]
+    if (samples.device.type == "cpu" and samples.shape[0] == n and n
+            and bool(torch.equal(samples, torch.arange(n, device=samples.device)))):
+        return t
+    return t.index_select(0, samples)
+
+
 # --- rules: Linear ---------------------------------------------------------------------------
 
 

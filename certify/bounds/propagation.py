@@ -96,6 +96,7 @@ from certify.bounds.layers import (
     merge_backward,
     merge_interval,
     numel,
+    rows_of,
 )
 from certify.bounds.network import Network
 from certify.bounds.relaxations import (
@@ -192,7 +193,7 @@ def _activation_constant(act: ActivationRule, mu: Tensor, a3: Tensor, c: Tensor 
     assert c is not None
     if perturbation is not None:  # |a3| · e, one pass over the rows and a product
         b, r = a3.shape[:2]
-        e = perturbation.index_select(0, samples).reshape(b, -1, 1)
+        e = rows_of(perturbation, samples).reshape(b, -1, 1)
         c = c - torch.bmm(a3.abs().reshape(b, r, -1), e).reshape(b, r)
     return const + c, cerr, err
 
@@ -1179,8 +1180,8 @@ class Propagator:
             center = _window_of(center, window, *a.shape[2:])
             radius = _window_of(radius, window, *a.shape[2:])
         flat = a.reshape(b, -1, a[0].numel())
-        center = center.index_select(0, samples).reshape(b, -1, 1)
-        radius = radius.index_select(0, samples).reshape(b, -1, 1)
+        center = rows_of(center, samples).reshape(b, -1, 1)
+        radius = rows_of(radius, samples).reshape(b, -1, 1)
         linear = torch.bmm(flat, center).reshape(b, -1)
         magnitude = flat.abs()
         spread = torch.bmm(magnitude, radius).reshape(b, -1)
@@ -1215,7 +1216,7 @@ class Propagator:
         weights = self._rounding_weights(pos)
         if weights.rows is None:  # moves values only: exact
             return a.new_zeros(int(samples.shape[0]), a.shape[0] // int(samples.shape[0]))
-        p = weights.rows.index_select(0, samples)
+        p = rows_of(weights.rows, samples)
         if weights.bias is not None:
             cons = _constant_terms(self.layers[pos], a)
             p = p + rounding.gamma(cons, a.dtype) * weights.bias
@@ -1223,14 +1224,14 @@ class Propagator:
             p = _window_of(p, window, *a.shape[2:])
         b = int(samples.shape[0])
         cost = torch.bmm(a.abs().reshape(b, -1, p[0].numel()), p.reshape(b, -1, 1)).squeeze(2)
-        return cost + weights.tiny.index_select(0, samples).unsqueeze(1)
+        return cost + rows_of(weights.tiny, samples).unsqueeze(1)
 
     def _rows_error_cost(self, pos: int, rows_err: Tensor, samples: Tensor,
                          window: Window | None) -> Tensor:
         """What an elementwise error bound `rows_err` `(B, R, *shape)` on rows of the output of
         ``layers[pos]`` (the input's, `pos = -1`) costs the bound, `(B, R)`:
         ``rows_err · W``, `W` from :meth:`_rounding_weights`."""
-        w = self._rounding_weights(pos).out.index_select(0, samples)
+        w = rows_of(self._rounding_weights(pos).out, samples)
         if window is not None:
             w = _window_of(w, window, *rows_err.shape[3:])
         b, r = rows_err.shape[:2]

@@ -89,7 +89,7 @@ import torch
 from torch import Tensor
 
 from certify.bounds import rounding
-from certify.bounds.layers import LeakyReluOp, MaxPoolOp, ReluOp, SigmoidOp, TanhOp
+from certify.bounds.layers import LeakyReluOp, MaxPoolOp, ReluOp, SigmoidOp, TanhOp, rows_of
 from certify.bounds.maxpool import maxpool_rule
 from certify.spec import round_to
 
@@ -213,11 +213,11 @@ def backward_relu(a: Tensor, relaxation: Relaxation, samples: Tensor,
         Rows `(B, R, *shape)` on the ReLU's input and the constants `(B, R)`.
     """
     b, r = a.shape[:2]
-    upper = relaxation.upper.index_select(0, samples).unsqueeze(1)
-    bias = relaxation.upper_bias.index_select(0, samples).reshape(b, -1, 1)
-    lower = relaxation.lower.index_select(0, samples).unsqueeze(1)
+    upper = rows_of(relaxation.upper, samples).unsqueeze(1)
+    bias = rows_of(relaxation.upper_bias, samples).reshape(b, -1, 1)
+    lower = rows_of(relaxation.lower, samples).unsqueeze(1)
     if alpha is not None:
-        unstable = relaxation.unstable.index_select(0, samples).unsqueeze(1)
+        unstable = rows_of(relaxation.unstable, samples).unsqueeze(1)
         lower = torch.where(unstable, alpha.clamp(0.0, 1.0), lower)
     pos = a.clamp(min=0)
     const = None
@@ -256,9 +256,9 @@ def relu_constant(mu: Tensor, nu: Tensor, relaxation: Relaxation, samples: Tenso
     b, r = mu.shape[:2]
     n = mu[0, 0].numel() if mu.numel() else 0
     mu, nu = mu.reshape(b, r, n), nu.reshape(b, r, n)
-    lo = relaxation.pre_lower.index_select(0, samples).reshape(b, n)
-    hi = relaxation.pre_upper.index_select(0, samples).reshape(b, n)
-    unstable = relaxation.unstable.index_select(0, samples).reshape(b, n)
+    lo = rows_of(relaxation.pre_lower, samples).reshape(b, n)
+    hi = rows_of(relaxation.pre_upper, samples).reshape(b, n)
+    unstable = rows_of(relaxation.unstable, samples).reshape(b, n)
     # Stable neurons: the substitution is exact (nu is mu itself on active neurons, 0 on
     # inactive ones, bit for bit), so h = 0 with no rounding. Unstable (l < 0 < u): the
     # minimum of h over [l, u] is min(h(l), h(u), h(0)) = min(-nu l, (mu - nu) u, 0). Only
@@ -290,7 +290,7 @@ def relu_constant(mu: Tensor, nu: Tensor, relaxation: Relaxation, samples: Tenso
         err_sum = err_sum + torch.bmm(mu_err.reshape(b, r, n), hi.clamp(min=0).unsqueeze(2)
                                       ).squeeze(2)
     if perturbation is not None:
-        e = perturbation.index_select(0, samples).reshape(b, n, 1)
+        e = rows_of(perturbation, samples).reshape(b, n, 1)
         paid = torch.bmm(nu.abs(), e).squeeze(2)
         total = total - paid
         magnitude = magnitude + paid

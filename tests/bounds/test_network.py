@@ -18,7 +18,7 @@ from certify.bounds import (
     register_method,
     to_network,
 )
-from certify.bounds.layers import ConvOp, ReluOp, ScaleShiftOp
+from certify.bounds.layers import ConvOp, ReluOp, ScaleShiftOp, rows_of
 from certify.nets import Normalize, create_arch
 
 
@@ -119,3 +119,14 @@ def test_normalize_with_negative_batch_norm_scale_intervals():  # type: ignore[n
     r = compute_bounds(model, x_lo, x_hi, "ibp")
     assert (r.lower <= b.lower).all() and (r.upper >= b.upper).all()
     torch.testing.assert_close(r.lower, b.lower, atol=1e-4, rtol=0)
+
+
+def test_rows_of_shares_the_tensor_only_for_every_row_in_order():  # type: ignore[no-untyped-def]
+    t = torch.arange(12.0).reshape(4, 3)
+    assert rows_of(t, torch.arange(4)) is t  # a whole batch's pass: no copy
+    for samples in (torch.tensor([0, 1, 3, 2]), torch.tensor([0, 1, 2]),
+                    torch.tensor([0, 1, 2, 3, 3]), torch.tensor([2, 2, 2, 2])):
+        out = rows_of(t, samples)
+        assert out.data_ptr() != t.data_ptr()
+        assert torch.equal(out, t[samples])
+    assert rows_of(t[:0], torch.arange(0)).shape == (0, 3)
