@@ -265,9 +265,13 @@ def relu_constant(mu: Tensor, nu: Tensor, relaxation: Relaxation, samples: Tenso
     # the unstable neurons are gathered (padded to the most of any sample).
     counts = unstable.sum(1)
     m = int(counts.max()) if b else 0
-    total = mu.new_zeros(b, r)
+    # Narrower rows sum their terms in float64: the terms are exact there (a product of two
+    # float32 values is), and the sum's rounding is float64's instead of gamma_n of float32,
+    # which on layers of 10^4 neurons is 10^-3 of the whole constant; one rounding to `dtype`
+    # at the end costs u |total|.
+    wide = torch.float64 if dtype != torch.float64 else dtype
+    total = mu.new_zeros(b, r, dtype=wide)
     err_sum = mu.new_zeros(b, r)
-    magnitude = mu.new_zeros(b, r)
     if m:
         order = torch.sort(unstable.to(torch.int8), dim=1, descending=True,
                            stable=True).indices[:, :m]  # (b, m): unstable first
@@ -281,8 +285,7 @@ def relu_constant(mu: Tensor, nu: Tensor, relaxation: Relaxation, samples: Tenso
         hi_u = torch.where(valid, hi.gather(1, order), zero).unsqueeze(2)
         h = torch.minimum(-nu_u * lo_u.transpose(1, 2),
                           (mu_u - nu_u) * hi_u.transpose(1, 2)).clamp(max=0)
-        total = h.sum(2)
-        magnitude = -total  # every h <= 0 (the sums differ by their rounding, see SAFETY)
+        total = h.to(wide).sum(2)
         # gamma_3 (|nu| (u - l) + |mu| u): the rounding of h's products and difference
         err_sum = rounding.gamma(3, dtype) * (torch.bmm(nu_u.abs(), hi_u - lo_u)
                                               + torch.bmm(mu_u.abs(), hi_u)).squeeze(2)
@@ -291,14 +294,19 @@ def relu_constant(mu: Tensor, nu: Tensor, relaxation: Relaxation, samples: Tenso
                                       ).squeeze(2)
     if perturbation is not None:
         e = rows_of(perturbation, samples).reshape(b, n, 1)
-        paid = torch.bmm(nu.abs(), e).squeeze(2)
+        paid = torch.bmm(nu.abs().to(wide), e.to(wide)).squeeze(2)
         total = total - paid
-        magnitude = magnitude + paid
-        err_sum = err_sum + rounding.gamma(n + 2, dtype) * paid
-    # (gamma of the layer's size, not of the gathered count: the bound of a row must not
-    # depend on which other samples share its block)
-    bound = err_sum + rounding.gamma(n + 2, dtype) * magnitude + 6 * n * rounding.tiny(dtype)
-    return total, bound
+        if wide == dtype:  # (the sum of `paid`'s rounding, as before the wide sums)
+            err_sum = err_sum + rounding.gamma(n + 2, dtype) * paid
+    # every h <= 0 and paid >= 0: -total is the sum of the terms' magnitudes (up to their
+    # rounding, see SAFETY); gamma of the layer's size, not of the gathered count: the bound of
+    # a row must not depend on which other samples share its block
+    magnitude = -total
+    bound = err_sum + (rounding.gamma(n + 2, wide) * magnitude).to(dtype) + 6 * n * rounding.tiny(
+        dtype)
+    if wide != dtype:
+        bound = bound + (rounding.unit_roundoff(dtype) * magnitude).to(dtype)
+    return total.to(dtype), bound
 
 
 def forward_relu(mid: Tensor, half_width: Tensor, relaxation: Relaxation, sample: Tensor,

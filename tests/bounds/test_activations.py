@@ -37,6 +37,8 @@ from certify.bounds.relaxations import (
     TANH,
     activation_rule,
     evaluation_error,
+    relax,
+    relu_constant,
     s_lines,
     s_tangents,
 )
@@ -551,6 +553,45 @@ def test_rigorous_constant_is_below_the_true_minimum(name, dtype, nu_kind):  # t
             assert line_const is not None
             slack = (1e-9 if dtype == F64 else 1e-5) * (1 + mu.abs().sum(2))
             assert (c >= line_const - slack).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_constant_of_a_wide_layer_holds_exactly_and_sums_wide(dtype):  # type: ignore[no-untyped-def]
+    """ReLU's rigorous constant on a layer of 3000 neurons (about half unstable), with inexact
+    rows and a perturbation, in exact rational arithmetic: ``c - err`` is at most ``sum_j
+    min_{z in [l_j, u_j]} ((mu_j +- mu_err_j) relu(z) - nu_j z) - |nu_j| e_j`` (the minimum of
+    each term is at l, u or 0). In float32 the sum runs in float64: its error bound is far
+    below the ``gamma_n`` of a float32 sum of n terms."""
+    n, b, r = 3000, 2, 2
+    gen = torch.Generator().manual_seed(5)
+    lo = (torch.randn(b, n, generator=gen, dtype=F64) * 2 - 0.5).to(dtype)
+    hi = lo + (torch.rand(b, n, generator=gen, dtype=F64) * 3).to(dtype)
+    rel = relax(lo, hi, "adaptive")
+    mu = (torch.randn(b, r, n, generator=gen, dtype=F64) * 10).to(dtype)
+    nu = (torch.randn(b, r, n, generator=gen, dtype=F64) * 10).to(dtype)
+    # any rows on the unstable neurons; on the stable ones, the substitution's own (mu or 0)
+    nu = torch.where((lo >= 0)[:, None], mu, torch.where((hi <= 0)[:, None], 0.0, nu))
+    mu_err = (torch.rand(b, r, n, generator=gen, dtype=F64) * 1e-6).to(dtype)
+    pert = (torch.rand(b, n, generator=gen, dtype=F64) * 1e-6).to(dtype)
+    c, err = relu_constant(mu, nu, rel, torch.arange(b), mu_err, pert)
+    assert c.dtype == err.dtype == dtype
+    for i in range(b):
+        ls, us = [frac(v) for v in lo[i].tolist()], [frac(v) for v in hi[i].tolist()]
+        es = [frac(v) for v in pert[i].tolist()]
+        for k in range(r):
+            exact = Fraction(0)
+            magnitude = Fraction(0)
+            for j, (m, v, me) in enumerate(zip(mu[i, k].tolist(), nu[i, k].tolist(),
+                                               mu_err[i, k].tolist(), strict=True)):
+                m, v, me = Fraction(m), Fraction(v), Fraction(me)
+                term = min(-v * z + m * max(z, 0) - me * max(z, 0) for z in (ls[j], us[j], 0)
+                           if ls[j] <= z <= us[j]) - abs(v) * es[j]
+                exact += term
+                magnitude += abs(term)
+            assert frac(c[i, k]) - frac(err[i, k]) <= exact, (i, k)
+            # what a float32 sum of n terms would have to allow: gamma_n of the magnitudes
+            plain = Fraction(n * float(torch.finfo(torch.float32).eps) / 2) * magnitude
+            assert dtype == F64 or frac(err[i, k]) < plain / 10, (i, k)
 
 
 # --- errors, the MILP's refusal, verify and training ---------------------------------------------
