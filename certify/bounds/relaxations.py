@@ -296,7 +296,10 @@ def relu_constant(mu: Tensor, nu: Tensor, relaxation: Relaxation, samples: Tenso
         e = rows_of(perturbation, samples).reshape(b, n, 1)
         paid = torch.bmm(nu.abs().to(wide), e.to(wide)).squeeze(2)
         total = total - paid
-        if wide == dtype:  # (the sum of `paid`'s rounding, as before the wide sums)
+        if wide == dtype:
+            # float64 rows keep their bound bit for bit: `paid`'s own rounding is counted
+            # here too, besides its share of the magnitude's gamma below (the wide sums of
+            # narrower rows count it there only, which covers it)
             err_sum = err_sum + rounding.gamma(n + 2, dtype) * paid
     # every h <= 0 and paid >= 0: -total is the sum of the terms' magnitudes (up to their
     # rounding, see SAFETY); gamma of the layer's size, not of the gathered count: the bound of
