@@ -7,6 +7,7 @@ LPs (``tests/brute_force.py``), sampled/corner/PGD points, and the MILP on small
 from __future__ import annotations
 
 import itertools
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -837,3 +838,47 @@ def test_childrens_relaxations_are_their_clamped_bounds_relaxed(op: object) -> N
             assert a.shape == b.shape and a.dtype == b.dtype, name
             assert torch.allclose(a.double(), b.double(), rtol=1e-6, atol=1e-7), name
         assert not bool(got.unstable.reshape(6, -1)[torch.arange(6), neuron].any())
+
+
+@pytest.mark.parametrize("decide", [False, True])
+@pytest.mark.parametrize("seed", [0, 2, 3])
+def test_screened_candidate_points_change_nothing_a_full_evaluation_keeps(
+        seed: int, decide: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Candidate points screened in float32 (from one point on, here): every point evaluated
+    again gets its float64 value bit for bit, and every point left out (+inf) has each row,
+    evaluated in float64, above both the threshold and its row's best value so far, so
+    keeping it would have changed nothing; in bound mode some are left out."""
+    import certify.bounds.bab as bab_module
+
+    monkeypatch.setattr(bab_module, "SCREEN_MIN", 1)
+    real = bab_module._Search._screened_values
+    dropped = []
+
+    def check(self, x, sample):  # type: ignore[no-untyped-def]
+        bar = self.point_rows.index_select(0, sample).clone()
+        if self.threshold is not None:
+            bar = torch.maximum(bar, self.threshold)
+        got = real(self, x, sample)
+        full = self._values(x, sample)
+        kept = torch.isfinite(got).all(1)
+        assert torch.equal(got[kept], full[kept])
+        assert bool((got[~kept] == math.inf).all())
+        assert bool((full[~kept] > bar[~kept]).all())
+        dropped.append(int((~kept).sum()))
+        return got
+
+    monkeypatch.setattr(bab_module._Search, "_screened_values", check)
+    model, in_shape = make_cnn(seed, 1)
+    model = model.double()
+    x_lo, x_hi, _ = make_box(seed, 2, in_shape, 0.1, torch.float64)
+    spec = random_spec(seed, 2, 2, 4, torch.float64)
+    threshold = None
+    if decide:  # per row, halfway between CROWN's bound and the smallest value sampled
+        crown = compute_bounds(model, x_lo, x_hi, "crown", spec).lower.min(0).values
+        values = spec_values(model, all_points(model, x_lo, x_hi, spec, x_lo), spec)
+        threshold = tuple(((crown + values.min(0).values.min(0).values) / 2).tolist())
+    compute_bounds(model, x_lo, x_hi, "bab", spec, threshold=threshold, max_domains=60,
+                   branching="relu", time_limit=20.0)
+    assert len(dropped) > 1  # the children's points were considered too
+    if not decide:  # (a decision ends after few batches, often before any point is left out)
+        assert sum(dropped) > 0
