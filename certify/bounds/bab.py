@@ -1106,7 +1106,7 @@ class _Search:
             split = doms.split[k]
             lo = torch.where(split > 0, lo.clamp(min=0), lo)
             hi = torch.where(split < 0, hi.clamp(max=0), hi)
-            empty |= (lo > hi).any(1) | torch.isnan(lo).any(1) | torch.isnan(hi).any(1)
+            empty |= (~(lo <= hi)).any(1)  # crossed, or NaN
             # an empty domain is dropped; give it harmless bounds for the rest of the batch
             lo = torch.where(empty[:, None], 0.0, lo)
             hi = torch.where(empty[:, None], 0.0, hi)
@@ -1336,18 +1336,15 @@ class _Search:
         from `spec` (default: the search's)."""
         d, r = order.shape
         spec = self.rows if spec is None else spec
-        w = spec.weight.index_select(0, sample)
-        idx = order.unsqueeze(2).expand(-1, -1, w.shape[2])
+        at = (sample[:, None], order)  # (only the rows wanted are copied)
         keep = valid.unsqueeze(2)
-        rows = torch.where(keep, w.gather(1, idx), 0.0).reshape(d, r, *spec.in_shape)
-        const = torch.where(valid, spec.bias.index_select(0, sample).gather(1, order), 0.0)
+        rows = torch.where(keep, spec.weight[at], 0.0).reshape(d, r, *spec.in_shape)
+        const = torch.where(valid, spec.bias[at], 0.0)
         rows_err = const_err = None
         if spec.weight_err is not None:
-            rows_err = torch.where(keep, spec.weight_err.index_select(0, sample).gather(1, idx),
-                                   0.0).reshape(rows.shape)
+            rows_err = torch.where(keep, spec.weight_err[at], 0.0).reshape(rows.shape)
         if spec.bias_err is not None:
-            const_err = torch.where(valid, spec.bias_err.index_select(0, sample).gather(1, order),
-                                    0.0)
+            const_err = torch.where(valid, spec.bias_err[at], 0.0)
         return rows, const, rows_err, const_err
 
     def _scores(self, prop: Propagator, doms: _Domains, record: dict[int, Tensor],
