@@ -670,6 +670,9 @@ class _Search:
         if error is not None:
             raise error
         self.shapes = [self.body.layers[p].in_shape for p in self.positions]
+        # elements of the widest tensor one row passes through the body (sizes the batches)
+        self.widest = max([numel(net.input_shape)] + [numel(op.out_shape)
+                                                      for op in self.body.layers])
         self.body32: Network | None = None  # the body in float32 (see _rigorous_float32)
         self.net32: Network | None = None  # the network in float32 (_screened_values)
         self.rows32: SpecRows | None = None  # the spec rows in float32 (_float32_rows)
@@ -934,19 +937,14 @@ class _Search:
         cap = self._batch_size() * max(1, min(self.s, 4))
         if self.x_lo.device.type != "cpu":
             return cap
-        widest = max([numel(self.net.input_shape)] + [numel(op.out_shape)
-                                                      for op in self.body.layers])
-        size = 4 if self.float32_steps else self.x_lo.element_size()
-        return max(1, min(cap, PASS_BYTES // (widest * size)))
+        return max(1, min(cap, PASS_BYTES // (self.widest * self.param_dtype.itemsize)))
 
     def _batch_size(self) -> int:
         if self.m.batch_size is not None:
             return self.m.batch_size
-        widest = max([numel(self.net.input_shape)] + [numel(op.out_shape)
-                                                      for op in self.body.layers])
         relus = sum(numel(s) for s in self.shapes)
         # per domain and row: the backward pass (with autograd), slopes, multipliers, Adam
-        per_row = (BACKWARD_FACTOR * widest * 3 + 8 * relus) * self.x_lo.element_size()
+        per_row = (BACKWARD_FACTOR * self.widest * 3 + 8 * relus) * self.x_lo.element_size()
         rows = max(1, int(self.m.memory_budget_mb * MB // per_row))
         return max(1, min(MAX_BATCH, rows // max(1, min(self.s, 4))))
 
@@ -1126,7 +1124,8 @@ class _Search:
         from 1 to `R` open rows (domains of different properties, their rows decided at
         different depths), and `(D, R)` blocks would bound every domain's padding too (on a
         batched digits MLP radius search, half the rows were padding). A domain without an
-        open row bounds its first (zero) row, so that each has its record."""
+        open row bounds its first (zero) row, so that each has its record. `narrow`: the
+        children's float32 propagator (:meth:`_rigorous_float32`), or None."""
         d, r = order.shape
         dev = order.device
         use = valid | ((~valid.any(1))[:, None] & (torch.arange(r, device=dev) == 0)[None, :])
@@ -1148,15 +1147,15 @@ class _Search:
         steps = self.m.root_steps if root else self.m.steps
         has_split = any(bool((s != 0).any()) for s in signs)
         has_free = any(bool(prop.relaxations[q].unstable.any()) for q in self.positions)
-        # the children's optimization may run its plain passes in float32 (see
-        # `float32_steps`); the root's runs in float64, as alpha-CROWN's, so that bab's bound
-        # is never below alpha-CROWN's (every child keeps its parent's bound)
-        # (`narrow`, the float32 propagator, serves both: its outward-rounded bounds only widen
-        # the plain passes' relaxations by an ulp of float32)
-        twin = narrow if steps and (has_free or has_split) else None
+        # the children's optimization runs its plain passes in float32 on `narrow` (see
+        # `float32_steps`; its outward-rounded bounds widen their relaxations by an ulp), and
+        # its rigorous pass too; the root's runs in float64, as alpha-CROWN's, so that bab's
+        # bound is never below alpha-CROWN's (every child keeps its parent's bound)
+        if not (steps and (has_free or has_split)):
+            narrow = None
         # the plain passes' propagator and inputs, cast once
-        plain = (prop, rows, const, signs) if twin is None else (
-            twin, rows.float(), const.float(), [s.float() for s in signs])
+        plain = (prop, rows, const, signs) if narrow is None else (
+            narrow, rows.float(), const.float(), [s.float() for s in signs])
         work = plain[1].dtype
         alphas = [a[dom, row].unsqueeze(1).to(work) for a in doms.alpha]
         betas = [b[dom, row].unsqueeze(1).to(work) for b in doms.beta]
@@ -1233,7 +1232,6 @@ class _Search:
         # the children's rigorous pass runs in float32 first (see `float32_steps`); a row it
         # leaves at or below its target although the optimization's plain bound is above it
         # (float32's rounding terms are in the way) is bounded again in float64
-        narrow = twin
         if narrow is None:
             lower = self._pass(prop, dom, rows, const, rows_err, const_err, signs,
                                alpha_rows, beta_rows, has_split, record=pair_record)

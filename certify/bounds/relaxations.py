@@ -269,7 +269,7 @@ def relu_constant(mu: Tensor, nu: Tensor, relaxation: Relaxation, samples: Tenso
     # float32 values is), and the sum's rounding is float64's instead of gamma_n of float32,
     # which on layers of 10^4 neurons is 10^-3 of the whole constant; one rounding to `dtype`
     # at the end costs u |total|.
-    wide = torch.float64 if dtype != torch.float64 else dtype
+    wide = torch.float64
     total = mu.new_zeros(b, r, dtype=wide)
     err_sum = mu.new_zeros(b, r)
     if m:
@@ -296,7 +296,7 @@ def relu_constant(mu: Tensor, nu: Tensor, relaxation: Relaxation, samples: Tenso
         e = rows_of(perturbation, samples).reshape(b, n, 1)
         paid = torch.bmm(nu.abs().to(wide), e.to(wide)).squeeze(2)
         total = total - paid
-        if wide == dtype:
+        if dtype == wide:
             # float64 rows keep their bound bit for bit: `paid`'s own rounding is counted
             # here too, besides its share of the magnitude's gamma below (the wide sums of
             # narrower rows count it there only, which covers it)
@@ -305,9 +305,9 @@ def relu_constant(mu: Tensor, nu: Tensor, relaxation: Relaxation, samples: Tenso
     # rounding, see SAFETY); gamma of the layer's size, not of the gathered count: the bound of
     # a row must not depend on which other samples share its block
     magnitude = -total
-    bound = err_sum + (rounding.gamma(n + 2, wide) * magnitude).to(dtype) + 6 * n * rounding.tiny(
-        dtype)
-    if wide != dtype:
+    bound = (err_sum + (rounding.gamma(n + 2, wide) * magnitude).to(dtype)
+             + 6 * n * rounding.tiny(dtype))
+    if dtype != wide:
         bound = bound + (rounding.unit_roundoff(dtype) * magnitude).to(dtype)
     return total.to(dtype), bound
 
