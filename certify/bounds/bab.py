@@ -166,9 +166,12 @@ class BabBounds(Bounds):
 class _Domains:
     """A batch of domains (structure of arrays, first dimension `D`).
 
-    `lo`/`hi`/`split` per activation layer are flat `(D, n_k)`; `alpha`/`beta` `(D, S, n_k)`
-    per layer warm-start the next optimization of each spec row; `bound` `(D, S)` holds each
-    row's best rigorous lower bound so far (a parent's bound holds for its children).
+    `lo`/`hi`/`split` per activation layer are flat `(D, n_k)`; `alpha`/`beta` `(D, W, n_k)`
+    per layer warm-start the next optimization of the spec rows `rows` `(D, W)` (-1: padding),
+    the rows still open when the domain was bounded (a row proven in a domain is proven in its
+    children: almost every domain deep in a proof keeps one row of its property's); `bound`
+    `(D, S)` holds each row's best rigorous lower bound so far (a parent's bound holds for its
+    children).
     """
 
     sample: Tensor
@@ -179,6 +182,7 @@ class _Domains:
     split: list[Tensor]
     alpha: list[Tensor]
     beta: list[Tensor]
+    rows: Tensor
     bound: Tensor
     depth: Tensor
     newest: Tensor  # (D,) the layer of the newest split (-1: the input; the root: n_layers)
@@ -194,11 +198,33 @@ class _Domains:
 
         return _Domains(self.sample[index], self.x_lo[index], self.x_hi[index], pick(self.lo),
                         pick(self.hi), pick(self.split), pick(self.alpha), pick(self.beta),
-                        self.bound[index], self.depth[index], self.newest[index],
-                        self.layer[index], self.index[index])
+                        self.rows[index], self.bound[index], self.depth[index],
+                        self.newest[index], self.layer[index], self.index[index])
+
+    def widened(self, w: int) -> _Domains:
+        """These domains with `w` parameter slots (padded: rows -1, parameters 0)."""
+        pad = w - int(self.rows.shape[1])
+        if pad == 0:
+            return self
+
+        def grow(t: Tensor, fill: float) -> Tensor:
+            return torch.cat([t, t.new_full((t.shape[0], pad, *t.shape[2:]), fill)], 1)
+
+        return replace(self, alpha=[grow(a, 0) for a in self.alpha],
+                       beta=[grow(b, 0) for b in self.beta], rows=grow(self.rows, -1))
+
+    def slot(self, at: Tensor, row: Tensor) -> Tensor:
+        """`(P,)` the parameter slot of spec row `row` `(P,)` in domain `at` `(P,)`; slot 0
+        where the domain did not keep the row (only a radius search's restart from leaves
+        bounded against another threshold meets that: any slopes and multipliers are a sound
+        warm start)."""
+        return (self.rows.index_select(0, at) == row[:, None]).to(torch.uint8).argmax(1)
 
     @staticmethod
     def cat(parts: list[_Domains]) -> _Domains:
+        w = max(int(p.rows.shape[1]) for p in parts)
+        parts = [p.widened(w) for p in parts]
+
         def join(get: Any) -> Any:
             first = get(parts[0])
             if isinstance(first, list):
@@ -206,8 +232,8 @@ class _Domains:
             return torch.cat([get(p) for p in parts])
 
         return _Domains(*(join(lambda p, f=f: getattr(p, f)) for f in (
-            "sample", "x_lo", "x_hi", "lo", "hi", "split", "alpha", "beta", "bound", "depth",
-            "newest", "layer", "index")))
+            "sample", "x_lo", "x_hi", "lo", "hi", "split", "alpha", "beta", "rows", "bound",
+            "depth", "newest", "layer", "index")))
 
 
 #: Most megabytes a :class:`SearchMemory` holds (an entry that does not fit is not kept).
@@ -423,7 +449,7 @@ class _Pool:
 
 
 def _nbytes(d: _Domains) -> int:
-    tensors = [d.sample, d.x_lo, d.x_hi, d.bound, d.depth, d.newest, d.layer, d.index,
+    tensors = [d.sample, d.x_lo, d.x_hi, d.rows, d.bound, d.depth, d.newest, d.layer, d.index,
                *d.lo, *d.hi, *d.split, *d.alpha, *d.beta]
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -872,6 +898,7 @@ class _Search:
         x_lo, x_hi = expand(root.x_lo), expand(root.x_hi)
         bound = expand(root.bound)
         alpha, beta = [expand(a) for a in root.alpha], [expand(b) for b in root.beta]
+        rows = expand(root.rows)
         lo, hi = [expand(t) for t in root.lo], [expand(t) for t in root.hi]
         if leaves is not None:
             x_lo, x_hi = torch.maximum(leaves.x_lo, x_lo), torch.minimum(leaves.x_hi, x_hi)
@@ -879,6 +906,7 @@ class _Search:
             hi = [torch.minimum(a, b) for a, b in zip(hi, leaves.hi, strict=True)]
             bound = torch.maximum(bound, leaves.bound)
             alpha, beta = [a.clone() for a in leaves.alpha], [b.clone() for b in leaves.beta]
+            rows = leaves.rows.clone()
         lo = [torch.where(sp > 0, t.clamp(min=0), t) for sp, t in zip(split, lo, strict=True)]
         hi = [torch.where(sp < 0, t.clamp(max=0), t) for sp, t in zip(split, hi, strict=True)]
         # an input-split leaf may not meet this box: empty (its bound says so)
@@ -887,7 +915,7 @@ class _Search:
         bound = torch.where(empty[:, None], math.inf, bound)
         return _Domains(
             torch.full((d,), int(root.sample[0]), dtype=torch.int64, device=dev), x_lo, x_hi,
-            lo, hi, [t.clone() for t in split], alpha, beta, bound, depth.clone(),
+            lo, hi, [t.clone() for t in split], alpha, beta, rows, bound, depth.clone(),
             torch.full((d,), len(self.positions), dtype=torch.int64, device=dev),
             torch.zeros(d, dtype=torch.int64, device=dev),
             torch.zeros(d, dtype=torch.int64, device=dev))
@@ -993,6 +1021,7 @@ class _Search:
                 prop.relaxations[p], torch.arange(n, device=dev), self.s).reshape(n, self.s, -1)
              for p in self.positions],
             [torch.zeros(n, self.s, t.shape[1], dtype=dtype, device=dev) for t in lo],
+            torch.arange(self.s, device=dev).repeat(n, 1),
             torch.full((n, self.s), -math.inf, dtype=dtype, device=dev),
             torch.zeros(n, dtype=torch.int64, device=dev),
             torch.full((n,), len(self.positions), dtype=torch.int64, device=dev),
@@ -1058,26 +1087,29 @@ class _Search:
         # and the filter's children run on it
         narrow = (self._rigorous_float32(prop) if self.float32_steps and not root
                   and self.m.steps else None)
-        new, record, best_alpha, best_beta = self._optimize(prop, doms, order, valid, target,
-                                                            root=root, narrow=narrow)
+        new, record, consts, best_alpha, best_beta = self._optimize(
+            prop, doms, order, valid, target, root=root, narrow=narrow)
         # each row keeps its best rigorous bound (a parent's holds for its children)
         full = torch.full_like(doms.bound, -math.inf).scatter(
             1, order, torch.where(valid, new, -math.inf))
         doms.bound = torch.maximum(doms.bound, full)
         doms.bound[empty] = math.inf  # an empty domain holds no point
+        # the domains keep the parameters of their rows still open (as in `_margin`), which
+        # were all open, so bounded: a subset of `order`'s rows, in the same (ascending) order
+        still = ~(doms.bound > target)
+        counts = still.sum(1)
+        w = max(1, int(counts.max())) if d else 1
+        kept = torch.sort(still.to(torch.int8), dim=1, descending=True,
+                          stable=True).indices[:, :w]  # (D, W)
+        at = (order[:, None, :] == kept[:, :, None]).to(torch.uint8).argmax(2)  # (D, W)
         for k in range(len(self.positions)):
-            index = order.unsqueeze(2).expand(-1, -1, doms.alpha[k].shape[2])
-            keep = valid.unsqueeze(2)
-            # (the root's start in the bound's dtype, as alpha-CROWN's; then param_dtype)
-            doms.alpha[k] = doms.alpha[k].to(self.param_dtype)
-            doms.beta[k] = doms.beta[k].to(self.param_dtype)
-            doms.alpha[k] = doms.alpha[k].scatter(
-                1, index, torch.where(keep, best_alpha[k], doms.alpha[k].gather(1, index)))
-            doms.beta[k] = doms.beta[k].scatter(
-                1, index, torch.where(keep, best_beta[k], doms.beta[k].gather(1, index)))
+            index = at.unsqueeze(2).expand(-1, -1, best_alpha[k].shape[2])
+            doms.alpha[k] = best_alpha[k].gather(1, index)
+            doms.beta[k] = best_beta[k].gather(1, index)
+        doms.rows = torch.where(torch.arange(w, device=dev)[None, :] < counts[:, None], kept, -1)
         point = self._candidates(doms, record, order, valid, new)
-        doms.layer, doms.index = self._scores(prop, doms, record, order, valid, new, target,
-                                              prop if narrow is None else narrow)
+        doms.layer, doms.index = self._scores(prop, doms, record, consts, order, valid, new,
+                                              target, prop if narrow is None else narrow)
         return point
 
     def _intermediate(self, prop: Propagator, doms: _Domains) -> Tensor:
@@ -1115,10 +1147,12 @@ class _Search:
 
     def _optimize(self, prop: Propagator, doms: _Domains, order: Tensor, valid: Tensor,
                   target: Tensor, *, root: bool, narrow: Propagator | None = None
-                  ) -> tuple[Tensor, dict[int, Tensor], list[Tensor], list[Tensor]]:
+                  ) -> tuple[Tensor, dict[int, Tensor], dict[int, Tensor] | None,
+                             list[Tensor], list[Tensor]]:
         """Optimize slopes and multipliers of the open rows, then the rigorous bound at the
         best ones (`target` `(D, S)`: each row's target); returns `(bound (D, R), record,
-        alphas, betas)`, rows `(D, R, ...)` as `order`.
+        consts, alphas, betas)`, rows `(D, R, ...)` as `order`: the rigorous pass's record and
+        its constants at each activation (None: a DAG's) as ``backward_chunk`` fills them.
 
         The passes bound only the open rows, each a block of one row: a batch's domains have
         from 1 to `R` open rows (domains of different properties, their rows decided at
@@ -1157,8 +1191,9 @@ class _Search:
         plain = (prop, rows, const, signs) if narrow is None else (
             narrow, rows.float(), const.float(), [s.float() for s in signs])
         work = plain[1].dtype
-        alphas = [a[dom, row].unsqueeze(1).to(work) for a in doms.alpha]
-        betas = [b[dom, row].unsqueeze(1).to(work) for b in doms.beta]
+        kept = doms.slot(dom, row)  # (where each pair's row keeps its parameters)
+        alphas = [a[dom, kept].unsqueeze(1).to(work) for a in doms.alpha]
+        betas = [b[dom, kept].unsqueeze(1).to(work) for b in doms.beta]
         params: list[Tensor] = []
         if has_free:
             params += alphas
@@ -1227,6 +1262,9 @@ class _Search:
                         q.requires_grad_(True)
                     state = [(m[keep], v[keep]) for m, v in state]
         pair_record: dict[int, Tensor] = {}
+        # (on a chain, the rows' constants at each activation too: the filter's children
+        # finish the pass from their split's activation, see _filter)
+        pair_const: dict[int, Tensor] | None = {} if self.body.is_chain else None
         alpha_rows = [best_alpha[k] for k in range(len(alphas))]
         beta_rows = [best_beta[k] for k in range(len(betas))]
         # the children's rigorous pass runs in float32 first (see `float32_steps`); a row it
@@ -1234,12 +1272,13 @@ class _Search:
         # (float32's rounding terms are in the way) is bounded again in float64
         if narrow is None:
             lower = self._pass(prop, dom, rows, const, rows_err, const_err, signs,
-                               alpha_rows, beta_rows, has_split, record=pair_record)
+                               alpha_rows, beta_rows, has_split, record=pair_record,
+                               record_const=pair_const)
         else:
             lower = self._pass(narrow, dom, *self._rows(
                 doms.sample.index_select(0, dom), row[:, None], pvalid, self._float32_rows()),
                 [s.float() for s in signs], alpha_rows, beta_rows, has_split,
-                record=pair_record).double()
+                record=pair_record, record_const=pair_const).double()
             goal64 = target[dom, row][:, None].to(lower.dtype)
             retry = (pvalid & (lower <= goal64) & (best.to(lower.dtype) > goal64))[:, 0]
             if bool(retry.any()):
@@ -1260,14 +1299,17 @@ class _Search:
             return out
 
         record = {key: spread(t, 0.0) for key, t in pair_record.items()}
-        return (spread(lower, -math.inf), record,
+        consts = (None if pair_const is None
+                  else {key: spread(t, 0.0) for key, t in pair_const.items()})
+        return (spread(lower, -math.inf), record, consts,
                 [spread(a, 0.0).to(self.param_dtype) for a in alpha_rows],
                 [spread(b.clamp(min=0), 0.0).to(self.param_dtype) for b in beta_rows])
 
     def _pass(self, on: Propagator, blocks: Tensor, rows: Tensor, const: Tensor,
               rows_err: Tensor | None, const_err: Tensor | None, signs: list[Tensor],
               alphas: list[Tensor], betas: list[Tensor], has_split: bool, *,
-              rigorous: bool = True, record: dict[int, Tensor] | None = None) -> Tensor:
+              rigorous: bool = True, record: dict[int, Tensor] | None = None,
+              record_const: dict[int, Tensor] | None = None) -> Tensor:
         """The bound `(P, 1)` of the one-row blocks `rows` `(P, 1, ...)` of the domains
         `blocks` `(P,)` of `on` at the slopes `alphas` and multipliers `betas` (`signs`: the
         split signs per layer, `(P, 1, n_k)`), in `rows`' dtype. Rigorous: -inf where it is
@@ -1281,7 +1323,8 @@ class _Search:
             if has_split else None)
         lower, _ = on.backward_chunk(
             len(self.body.layers), rows, const, blocks, both=False, alphas=a_map, betas=b_map,
-            rigorous=rigorous, rows_err=rows_err, const_err=const_err, record=record)
+            rigorous=rigorous, rows_err=rows_err, const_err=const_err, record=record,
+            record_const=record_const)
         if not rigorous:
             return lower
         return torch.where(on.nonfinite.index_select(0, blocks)[:, None] | torch.isnan(lower),
@@ -1346,13 +1389,18 @@ class _Search:
         return rows, const, rows_err, const_err
 
     def _scores(self, prop: Propagator, doms: _Domains, record: dict[int, Tensor],
-                order: Tensor, valid: Tensor, new: Tensor, target: Tensor,
-                relaxed: Propagator) -> tuple[Tensor, Tensor]:
+                consts: dict[int, Tensor] | None, order: Tensor, valid: Tensor, new: Tensor,
+                target: Tensor, relaxed: Propagator) -> tuple[Tensor, Tensor]:
         """The branching choice `(layer, index)` per domain (see the module docstring);
         `relaxed`: `prop` or its float32 twin, whose relaxations the filter's children take."""
         d = len(doms)
         dev = new.device
-        worst = torch.where(valid, new, math.inf).argmin(1)  # (D,) the worst open row
+        # (D,) the row to split for: the open row with the lowest bound against its target
+        # (rows may have different targets: a row this batch decided is not split for)
+        rise = new - target.gather(1, order)
+        still = valid & ~(doms.bound.gather(1, order) > target.gather(1, order))
+        worst = torch.where(still.any(1), torch.where(still, rise, math.inf).argmin(1),
+                            torch.where(valid, new, math.inf).argmin(1))
         pick = torch.arange(d, device=dev)
         layer = torch.full((d,), -1, dtype=torch.int64, device=dev)
         index = torch.zeros(d, dtype=torch.int64, device=dev)
@@ -1376,8 +1424,13 @@ class _Search:
             layer = torch.where(chosen, best_layer, layer)
             index = torch.where(chosen, best_index, index)
             if self.m.candidates > 1:
+                # the worst row's rows and constants at each activation, where its pass
+                # reached them (a chain's)
+                above = None if consts is None else {
+                    pos: (record[pos][pick, worst], consts[pos][pick, worst])
+                    for pos in self.positions}
                 self._filter(relaxed, doms, score, ends, order[pick, worst], target, layer,
-                             index)
+                             index, above)
         inp = layer < 0
         if bool(inp.any()):  # input splits: the widest coordinate weighted by its row
             a = record[-1][pick, worst].reshape(d, -1)
@@ -1389,14 +1442,21 @@ class _Search:
         return layer, index
 
     def _filter(self, bounded: Propagator, doms: _Domains, score: Tensor, ends: Tensor,
-                row: Tensor, target: Tensor, layer: Tensor, index: Tensor) -> None:
+                row: Tensor, target: Tensor, layer: Tensor, index: Tensor,
+                above: dict[int, tuple[Tensor, Tensor]] | None = None) -> None:
         """Filtered smart branching (De Palma et al., "Improved Branch and Bound for Neural
         Network Verification via Lagrangian Decomposition", 2021): among each open domain's
         `candidates` best-scored neurons, the one whose two children bound the domain's worst
         row `row` `(D,)` highest, their bounds summed, each counted up to the row's target
         (a child above it is done however far above); each child is bounded by one plain
         pass at the domain's slopes and multipliers. Updates `layer` and `index` in place
-        (a heuristic: any choice is sound)."""
+        (a heuristic: any choice is sound).
+
+        `above`: per activation position, the rows `(D, *shape)` and constants `(D,)` of
+        `row` where the domain's own pass reached that activation's output (a chain's). A
+        child's relaxations are its parent's but at its split neuron, so its pass above the
+        split's activation is the parent's: it starts there, from those rows (on scn-16-32's
+        hardest verify instance the passes then skip about a third of the work)."""
         open_ = ((doms.bound <= target).any(1) & (layer >= 0)).nonzero(as_tuple=True)[0]
         o = int(open_.shape[0])
         k = min(self.m.candidates, int(score.shape[1]))
@@ -1411,11 +1471,12 @@ class _Search:
         rows, const, _, _ = self._rows(samples, rsel[:, None],
                                        torch.ones(o, 1, dtype=torch.bool, device=row.device))
         alphas, betas = [], []
+        slot = doms.slot(open_, rsel)
         for k_ in range(len(self.positions)):
             split = doms.split[k_].index_select(0, open_)
             sign = (split > 0).to(work) - (split < 0).to(work)
-            alphas.append(doms.alpha[k_][open_, rsel].to(work))
-            betas.append(-(doms.beta[k_][open_, rsel].to(work).clamp(min=0) * sign))
+            alphas.append(doms.alpha[k_][open_, slot].to(work))
+            betas.append(-(doms.beta[k_][open_, slot].to(work).clamp(min=0) * sign))
         goal = target[open_, rsel].to(work)
         value = torch.full((o, k), -math.inf, dtype=work, device=row.device)
         # the (domain, candidate) pairs bounded: free neurons only (a positive score)
@@ -1425,33 +1486,55 @@ class _Search:
         for first in range(0, int(pair_dom.shape[0]), per_call):
             pd, pc = pair_dom[first:first + per_call], pair_c[first:first + per_call]
             q = int(pd.shape[0])
-            # children: the left ones (z >= 0) of every pair, then the right ones (z <= 0)
-            parent = torch.cat([pd, pd])
-            src = open_.index_select(0, parent)
-            m = 2 * q
+            # the pairs by layer; each layer's children are one block of the batch, its
+            # pairs' left children (z >= 0) then their right ones (z <= 0): a pass over one
+            # layer's children reads a range of the relaxations (no copy, see `rows_of`)
+            by = torch.argsort(lay[pd, pc], stable=True)
+            pd, pc = pd.index_select(0, by), pc.index_select(0, by)
             lay_q, nrn_q = lay[pd, pc], nrn[pd, pc]
+            sizes = torch.bincount(lay_q, minlength=len(self.positions))
+            starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])  # per layer, in pairs
+            left_of = starts[:-1].index_select(0, lay_q) + torch.arange(q, device=row.device)
+            right_of = left_of + sizes.index_select(0, lay_q)
+            m = 2 * q
+            parent = torch.empty(m, dtype=pd.dtype, device=row.device)
+            parent[left_of], parent[right_of] = pd, pd
+            src = open_.index_select(0, parent)
             prop = Propagator(body, doms.x_lo.index_select(0, src).to(work),
                               doms.x_hi.index_select(0, src).to(work), self.options)
+            edges = starts.tolist()
             for k_, pos in enumerate(self.positions):
-                mine = (lay_q == k_).nonzero(as_tuple=True)[0]
-                relax = self._children(bounded.relaxations[pos], pos, src, mine, mine + q,
-                                       nrn_q[mine].repeat(2), work)
+                mine = slice(edges[k_], edges[k_ + 1])
+                # (with `above`, only the children split at this layer or above pass it)
+                relax = self._children(bounded.relaxations[pos], pos, src, left_of[mine],
+                                       right_of[mine], nrn_q[mine].repeat(2), work,
+                                       first=0 if above is None else 2 * edges[k_])
                 prop.relaxations[pos] = relax
                 prop.pre_bounds[pos] = (relax.pre_lower, relax.pre_upper)
             for pos, e in self.perturbation.items():
                 prop.perturbation[pos] = e.index_select(
                     0, samples.index_select(0, parent)).to(work)
-            a_map = {p: alphas[k_].index_select(0, parent).view(m, 1, *self.shapes[k_])
-                     for k_, p in enumerate(self.positions)}
-            b_map = {p: betas[k_].index_select(0, parent).view(m, 1, *self.shapes[k_])
-                     for k_, p in enumerate(self.positions)}
-            lower, _ = prop.backward_chunk(
-                len(self.body.layers), rows.index_select(0, parent).to(work),
-                const.index_select(0, parent).to(work), torch.arange(m, device=row.device),
-                both=False, alphas=a_map, betas=b_map, rigorous=False)
+            if above is None:  # every child's pass from the rows of `row`
+                lower = self._child_pass(prop, torch.arange(m, device=row.device), parent,
+                                         len(self.body.layers),
+                                         rows.index_select(0, parent).to(work),
+                                         const.index_select(0, parent).to(work), alphas, betas)
+            else:  # each layer's children from the rows at their split's activation
+                lower = torch.empty(m, 1, dtype=work, device=row.device)
+                for k_, pos in enumerate(self.positions):
+                    lo_k, hi_k = 2 * edges[k_], 2 * edges[k_ + 1]
+                    if lo_k == hi_k:
+                        continue
+                    mother = parent[lo_k:hi_k]
+                    at = open_.index_select(0, mother)
+                    mu, c = above[pos]
+                    lower[lo_k:hi_k] = self._child_pass(
+                        prop, torch.arange(lo_k, hi_k, device=row.device), mother, pos + 1,
+                        mu.index_select(0, at).unsqueeze(1).to(work),
+                        c.index_select(0, at).unsqueeze(1).to(work), alphas, betas)
             # each child's bound counts up to its target: past it, the child is done
-            lower = torch.minimum(lower[:, 0], goal.index_select(0, parent)).view(2, q)
-            pair_value = lower.sum(0)
+            lower = torch.minimum(lower[:, 0], goal.index_select(0, parent))
+            pair_value = lower.index_select(0, left_of) + lower.index_select(0, right_of)
             value[pd, pc] = torch.where(torch.isnan(pair_value), -math.inf, pair_value)
         best = value.argmax(1)
         good = torch.isfinite(value.gather(1, best[:, None]))[:, 0]
@@ -1459,18 +1542,40 @@ class _Search:
         layer[at] = lay[good, best[good]]
         index[at] = nrn[good, best[good]]
 
+    def _child_pass(self, prop: Propagator, kids: Tensor, parent: Tensor, start: int,
+                    rows: Tensor, const: Tensor, alphas: list[Tensor], betas: list[Tensor]
+                    ) -> Tensor:
+        """The plain bound `(K, 1)` of the filter's children `kids` `(K,)` of `prop`, of
+        their rows `(K, 1, ...)` and constants `(K, 1)` on the output of
+        ``layers[start - 1]``, at their open parents' `parent` `(K,)` slopes and signed
+        multipliers (`alphas`, `betas`: per layer, a row per open parent)."""
+        k = int(kids.shape[0])
+        a_map = {p: alphas[j].index_select(0, parent).view(k, 1, *self.shapes[j])
+                 for j, p in enumerate(self.positions) if p < start}
+        b_map = {p: betas[j].index_select(0, parent).view(k, 1, *self.shapes[j])
+                 for j, p in enumerate(self.positions) if p < start}
+        lower, _ = prop.backward_chunk(start, rows, const, kids, both=False, alphas=a_map,
+                                       betas=b_map, rigorous=False)
+        return lower
+
     def _children(self, relax: Relaxation, pos: int, src: Tensor, left: Tensor, right: Tensor,
-                  neuron: Tensor, work: torch.dtype) -> Relaxation:
+                  neuron: Tensor, work: torch.dtype, first: int = 0) -> Relaxation:
         """The relaxation of activation `pos` in children of the domains `src` `(M,)` (rows
         of `relax`): the parents' own, but for the neuron of each child in `left` (``z >= 0``)
         and in `right` (``z <= 0``), relaxed again on its clamped bounds (`neuron`: the left
-        children's neurons, then the right ones')."""
+        children's neurons, then the right ones'); the children before `first` get zeros
+        (no pass of theirs reads this layer)."""
         shape = relax.lower.shape[1:]
         m = int(src.shape[0])
 
         def rows(t: Tensor) -> Tensor:
             t = t.reshape(t.shape[0], -1)
-            return (t.to(work) if t.is_floating_point() else t).index_select(0, src)
+            t = t.to(work) if t.is_floating_point() else t
+            if not first:
+                return t.index_select(0, src)
+            out = t.new_zeros(m, t.shape[1])
+            torch.index_select(t, 0, src[first:], out=out[first:])
+            return out
 
         lower, upper, bias = rows(relax.lower), rows(relax.upper), rows(relax.upper_bias)
         unstable, pre_lo, pre_hi = rows(relax.unstable), rows(relax.pre_lower), rows(

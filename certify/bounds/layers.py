@@ -369,13 +369,16 @@ def numel(shape: Shape) -> int:
 
 def rows_of(t: Tensor, samples: Tensor) -> Tensor:
     """The rows `samples` `(B,)` of per-sample data `t` `(N, ...)`, as ``index_select``; on
-    the CPU, `t` itself (not a copy: callers only read it) when `samples` is every row in
-    order, as in a pass over a whole batch, where the copy would be one more pass over `t`'s
-    memory for nothing. (On a GPU the check would wait for the device; the copy is cheap.)"""
-    n = t.shape[0]
-    if (samples.device.type == "cpu" and samples.shape[0] == n and n
-            and bool(torch.equal(samples, torch.arange(n, device=samples.device)))):
-        return t
+    the CPU, a view of `t` (not a copy: callers only read it) when `samples` are consecutive
+    rows in order, as in a pass over a whole batch or over one block of it, where the copy
+    would be one more pass over `t`'s memory for nothing. (On a GPU the check would wait for
+    the device; the copy is cheap.)"""
+    b = int(samples.shape[0])
+    if samples.device.type == "cpu" and 0 < b <= t.shape[0]:
+        first = int(samples[0])
+        if (first + b <= t.shape[0] and int(samples[-1]) == first + b - 1
+                and bool(torch.equal(samples, torch.arange(first, first + b)))):
+            return t if b == t.shape[0] else t[first:first + b]
     return t.index_select(0, samples)
 
 

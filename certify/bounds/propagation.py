@@ -913,7 +913,8 @@ class Propagator:
                        window: Window | None = None, rows_err: Tensor | None = None,
                        const_err: Tensor | None = None, rigorous: bool | None = None,
                        betas: dict[int, Tensor] | None = None,
-                       record: dict[int, Tensor] | None = None
+                       record: dict[int, Tensor] | None = None,
+                       record_const: dict[int, Tensor] | None = None
                        ) -> tuple[Tensor, Tensor | None]:
         """Lower (and upper) bounds of linear functions of the input of ``layers[start]``.
 
@@ -943,6 +944,11 @@ class Propagator:
                 output as they reach it (key: its position) and the rows of the input (key
                 -1), as computed (the branching scores and the candidate points of
                 branch and bound).
+            record_const: If given (a chain only), filled with the constants `(B, R)` as they
+                reach every activation's output (key: its position), as computed: a pass
+                started at that output (``start`` = position + 1) with the recorded rows and
+                constants finishes this one (branch and bound's children, whose relaxations
+                differ only there and below).
 
         Rigorous mode (the default): the result bounds the *exact* rows over the box in exact
         arithmetic. Between ReLUs the transposes' rounding makes an error ``E`` on the rows,
@@ -970,6 +976,7 @@ class Propagator:
         rigorous = self.rigorous if rigorous is None else rigorous
         if not self.net.is_chain:
             assert window is None, "a DAG's rows are dense"
+            assert record_const is None, "a DAG's passes do not split at an activation"
             return self._backward_dag(start, a, const, samples, both=both, alphas=alphas,
                                       rows_err=rows_err, const_err=const_err,
                                       rigorous=rigorous, betas=betas, record=record)
@@ -1008,6 +1015,8 @@ class Propagator:
                 mu = a3
                 if record is not None:
                     record[j] = a3
+                if record_const is not None:
+                    record_const[j] = const
                 a3, c = act.backward(a3, relaxation, samples,
                                      None if alphas is None else alphas.get(j),
                                      constant=cerr is None)

@@ -333,9 +333,10 @@ def test_filtered_branching_splits_one_of_the_best_scored_free_neurons(
     seen = {"open": 0, "changed": 0}
     original = _Search._filter
 
-    def spy(self, prop, doms, score, ends, row, target, layer, index):  # type: ignore[no-untyped-def]
+    def spy(self, prop, doms, score, ends, row, target, layer, index,  # type: ignore[no-untyped-def]
+            above=None):
         before = layer.clone(), index.clone()
-        original(self, prop, doms, score, ends, row, target, layer, index)
+        original(self, prop, doms, score, ends, row, target, layer, index, above)
         open_ = ((doms.bound <= target).any(1) & (before[0] >= 0)).nonzero(as_tuple=True)[0]
         starts = torch.cat([ends.new_zeros(1), ends[:-1]])
         top = score.topk(min(self.m.candidates, score.shape[1]), dim=1).indices
@@ -732,8 +733,8 @@ def test_pool_drop_returns_the_bounds_remove_returns() -> None:
             return torch.rand(*shape, generator=g)
 
         return _Domains(torch.tensor(samples), r(d, 2), r(d, 2), [r(d, n)], [r(d, n)],
-                        [r(d, n)], [r(d, s, n)], [r(d, s, n)], r(d, s),
-                        torch.zeros(d, dtype=torch.long), torch.zeros(d, dtype=torch.long),
+                        [r(d, n)], [r(d, s, n)], [r(d, s, n)], torch.arange(s).repeat(d, 1),
+                        r(d, s), torch.zeros(d, dtype=torch.long), torch.zeros(d, dtype=torch.long),
                         torch.zeros(d, dtype=torch.long), torch.zeros(d, dtype=torch.long))
 
     pools = [_Pool(), _Pool()]
@@ -758,7 +759,8 @@ def test_pool_take_caps_each_propertys_share_of_a_batch() -> None:
         d, n = len(samples), 2
         z = torch.zeros(d, n)
         return _Domains(torch.tensor(samples), z, z, [z], [z], [z], [z[:, None]], [z[:, None]],
-                        torch.tensor(bounds)[:, None], torch.zeros(d, dtype=torch.long),
+                        torch.zeros(d, 1, dtype=torch.long), torch.tensor(bounds)[:, None],
+                        torch.zeros(d, dtype=torch.long),
                         torch.zeros(d, dtype=torch.long), torch.zeros(d, dtype=torch.long),
                         torch.zeros(d, dtype=torch.long))
 
@@ -792,7 +794,8 @@ def test_memory_keeps_a_failures_open_leaves_before_its_proven_splits() -> None:
     d, n = 3, 4
     z = torch.zeros(d, n)
     leaves = _Domains(torch.zeros(d, dtype=torch.long), z, z, [z], [z], [z], [z[:, None]],
-                      [z[:, None]], torch.zeros(d, 1), torch.zeros(d, dtype=torch.long),
+                      [z[:, None]], torch.zeros(d, 1, dtype=torch.long), torch.zeros(d, 1),
+                      torch.zeros(d, dtype=torch.long),
                       torch.zeros(d, dtype=torch.long), torch.zeros(d, dtype=torch.long),
                       torch.zeros(d, dtype=torch.long))
     x = torch.zeros(1, 1, 4)
@@ -882,3 +885,134 @@ def test_screened_candidate_points_change_nothing_a_full_evaluation_keeps(
     assert len(dropped) > 1  # the children's points were considered too
     if not decide:  # (a decision ends after few batches, often before any point is left out)
         assert sum(dropped) > 0
+
+
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_a_pass_from_an_activations_record_finishes_the_whole_pass(variant: int) -> None:
+    """A backward pass started at an activation's output from the rows and constants the
+    whole pass recorded there gives the whole pass's bound (plain, at random slopes and
+    split multipliers): what the filter's children start from."""
+    from certify.bounds.network import to_network
+    from certify.bounds.propagation import EngineOptions, Propagator
+
+    model, in_shape = make_cnn(variant, variant)
+    model = model.double()
+    net = to_network(model, in_shape)
+    x_lo, x_hi, _ = make_box(variant, 3, in_shape, 0.2, torch.float64)
+    prop = Propagator(net, x_lo, x_hi, EngineOptions())
+    prop.compute_intermediate("adaptive", linear=True)
+    positions = [j for j, op in enumerate(net.layers) if isinstance(op, ReluOp)]
+    assert len(positions) >= 3
+    gen = torch.Generator().manual_seed(variant)
+    rows = torch.randn(3, 2, *net.layers[-1].out_shape, generator=gen, dtype=torch.float64)
+    const = torch.randn(3, 2, generator=gen, dtype=torch.float64)
+    shapes = {j: net.layers[j].in_shape for j in positions}
+    alphas = {j: torch.rand(3, 2, *shapes[j], generator=gen, dtype=torch.float64)
+              for j in positions}
+    betas = {j: torch.randn(3, 2, *shapes[j], generator=gen, dtype=torch.float64)
+             * (torch.rand(3, 2, *shapes[j], generator=gen) < 0.3) for j in positions}
+    samples = torch.arange(3)
+    record: dict[int, torch.Tensor] = {}
+    record_const: dict[int, torch.Tensor] = {}
+    whole, _ = prop.backward_chunk(len(net.layers), rows, const, samples, both=False,
+                                   alphas=alphas, betas=betas, rigorous=False, record=record,
+                                   record_const=record_const)
+    assert set(record_const) == set(positions)
+    for j in positions:
+        part, _ = prop.backward_chunk(
+            j + 1, record[j], record_const[j], samples, both=False, rigorous=False,
+            alphas={q: a for q, a in alphas.items() if q <= j},
+            betas={q: b for q, b in betas.items() if q <= j})
+        torch.testing.assert_close(part, whole, rtol=1e-12, atol=1e-12)
+        # (a pass that started lower changes the bound: the record is not ignored)
+        moved, _ = prop.backward_chunk(j + 1, record[j], record_const[j] + 1.0, samples,
+                                       both=False, rigorous=False, alphas=alphas, betas=betas)
+        torch.testing.assert_close(moved, whole + 1.0, rtol=1e-12, atol=1e-12)
+
+
+def test_filters_children_from_their_split_activation_choose_as_whole_passes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The filter's children start their passes at their split's activation from their
+    parent's recorded rows: every domain gets the same split as with whole passes, on a CNN
+    with four activation layers (children split at each of them)."""
+    from certify.bounds.bab import _Search
+
+    original = _Search._filter
+    seen = {"domains": 0, "layers": set()}
+
+    def twice(self, prop, doms, score, ends, row, target, layer, index,  # type: ignore[no-untyped-def]
+              above=None):
+        assert above is not None  # a chain's record reaches the filter
+        whole = layer.clone(), index.clone()
+        original(self, prop, doms, score, ends, row, target, whole[0], whole[1], None)
+        original(self, prop, doms, score, ends, row, target, layer, index, above)
+        assert torch.equal(layer, whole[0]) and torch.equal(index, whole[1])
+        seen["domains"] += int((layer >= 0).sum())
+        seen["layers"] |= set(layer.tolist())
+
+    monkeypatch.setattr(_Search, "_filter", twice)
+    model, in_shape = make_cnn(0, 0)
+    model = model.double()
+    x_lo, x_hi, _ = make_box(0, 2, in_shape, 0.15, torch.float64)
+    spec = random_spec(0, 2, 3, 4, torch.float64)
+    compute_bounds(model, x_lo, x_hi, "bab", spec, branching="relu", max_domains=300,
+                   time_limit=30.0)
+    assert seen["domains"] > 50 and {0, 1, 2, 3} <= seen["layers"], seen
+
+
+def test_domains_keep_the_parameters_of_their_open_rows_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After each batch is bounded, every domain keeps slopes and multipliers for exactly its
+    rows still open, in ascending order, padding (-1) last; the rows found by `slot` are
+    those; domains of different widths join padded; the search's bounds stay below every
+    sampled point."""
+    from certify.bounds.bab import _Domains, _Search
+
+    original = _Search._bound
+    widths = []
+
+    def check(self, doms, **kw):  # type: ignore[no-untyped-def]
+        point = original(self, doms, **kw)
+        still = ~(doms.bound > self._target(doms.sample))
+        w = doms.rows.shape[1]
+        widths.append(w)
+        for i in range(len(doms)):
+            want = still[i].nonzero(as_tuple=True)[0].tolist()
+            got = doms.rows[i].tolist()
+            assert got == want + [-1] * (w - len(want))
+            if want:
+                slots = doms.slot(torch.full((len(want),), i), torch.tensor(want))
+                assert slots.tolist() == list(range(len(want)))
+        assert all(a.shape[:2] == doms.rows.shape for a in doms.alpha + doms.beta)
+        return point
+
+    monkeypatch.setattr(_Search, "_bound", check)
+    model, in_shape = make_cnn(1, 2)
+    model = model.double()
+    x_lo, x_hi, x = make_box(1, 2, in_shape, 0.1, torch.float64)
+    spec = random_spec(1, 2, 4, 4, torch.float64)
+    crown = compute_bounds(model, x_lo, x_hi, "crown", spec).lower
+    values = spec_values(model, all_points(model, x_lo, x_hi, spec, x), spec).min(0).values
+    # per row, between CROWN's bound and the smallest value sampled: rows decided one by one
+    threshold = tuple((crown.min(0).values + (values.min(0).values - crown.min(0).values)
+                       * torch.tensor([0.2, 0.4, 0.6, 0.8], dtype=torch.float64)).tolist())
+    b = compute_bounds(model, x_lo, x_hi, "bab", spec, branching="relu", max_domains=400,
+                       time_limit=30.0, threshold=threshold)
+    assert max(widths) > 1 and min(widths) < max(widths), widths
+    assert bool((b.lower <= values + 1e-9).all())
+    for i, status in enumerate(b.status):
+        assert status in (ABOVE, BELOW)
+        if status == ABOVE:
+            assert bool((b.lower[i] > torch.tensor(threshold, dtype=torch.float64)).all())
+    # joining domains of different widths pads the narrower; a row not kept finds slot 0
+    first = [t[:1] for t in (torch.zeros(1), x_lo, x_hi)]
+    one = _Domains(first[0].long(), first[1], first[2], [], [], [], [torch.ones(1, 1, 3)],
+                   [torch.ones(1, 1, 3)], torch.tensor([[2]]), torch.zeros(1, 4),
+                   *[torch.zeros(1, dtype=torch.int64)] * 4)
+    two = replace(one, alpha=[torch.full((1, 2, 3), 0.5)], beta=[torch.full((1, 2, 3), 0.5)],
+                  rows=torch.tensor([[1, 3]]))
+    both = _Domains.cat([one, two])
+    assert both.rows.tolist() == [[2, -1], [1, 3]]
+    assert both.alpha[0][0, 1].tolist() == [0.0] * 3 and both.alpha[0][1, 1].tolist() == [0.5] * 3
+    assert both.slot(torch.tensor([0, 1, 1, 0]), torch.tensor([2, 3, 1, 0])).tolist() == [
+        0, 1, 0, 0]

@@ -121,12 +121,17 @@ def test_normalize_with_negative_batch_norm_scale_intervals():  # type: ignore[n
     torch.testing.assert_close(r.lower, b.lower, atol=1e-4, rtol=0)
 
 
-def test_rows_of_shares_the_tensor_only_for_every_row_in_order():  # type: ignore[no-untyped-def]
-    t = torch.arange(12.0).reshape(4, 3)
-    assert rows_of(t, torch.arange(4)) is t  # a whole batch's pass: no copy
-    for samples in (torch.tensor([0, 1, 3, 2]), torch.tensor([0, 1, 2]),
-                    torch.tensor([0, 1, 2, 3, 3]), torch.tensor([2, 2, 2, 2])):
-        out = rows_of(t, samples)
-        assert out.data_ptr() != t.data_ptr()
+def test_rows_of_shares_the_tensor_only_for_consecutive_rows_in_order():  # type: ignore[no-untyped-def]
+    t = torch.arange(15.0).reshape(5, 3)
+    assert rows_of(t, torch.arange(5)) is t  # a whole batch's pass: no copy
+    for first, b in ((0, 3), (1, 3), (2, 3), (4, 1)):  # one block of a batch: a view
+        out = rows_of(t, torch.arange(first, first + b))
+        assert out.data_ptr() == t[first].data_ptr() and out.shape == (b, 3)
+        assert torch.equal(out, t[first:first + b])
+    for samples in (torch.tensor([0, 1, 3, 2]), torch.tensor([0, 2, 3]),
+                    torch.tensor([0, 1, 2, 3, 3]), torch.tensor([2, 2, 2, 2]),
+                    torch.tensor([1, 0]), torch.tensor([0, 1, 2, 3, 4, 0])):
+        out = rows_of(t, samples)  # a copy
+        assert out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
         assert torch.equal(out, t[samples])
     assert rows_of(t[:0], torch.arange(0)).shape == (0, 3)
