@@ -86,7 +86,6 @@ from certify.bounds import rounding
 from certify.bounds.alpha_crown import (
     AlphaCrown,
     adam_ascent,
-    keep_best,
     optimized_intermediate,
 )
 from certify.bounds.base import STATE, Bounds, MethodBase, register_method
@@ -1222,24 +1221,21 @@ class _Search:
             rates = ([(self.m.lr_alpha, 1.0)] * len(alphas) if has_free else []) + (
                 [(self.m.lr_beta, None)] * len(betas) if has_split else [])
             for step in range(steps + 1):
-                whole = len(live.index) == p
                 with torch.set_grad_enabled(step < steps):  # the last pass only evaluates
                     lower = pass_(alphas, betas, live)
-                    ok = pvalid if whole else pvalid[live.index]
+                    ok = pvalid.index_select(0, live.index)
                     value = torch.where(ok, lower.detach(), -math.inf)
-                    if whole:
-                        keep_best(value, best, dict(enumerate(betas)), best_beta)
-                        best = keep_best(value, best, dict(enumerate(alphas)), best_alpha)
-                    else:
-                        at = live.index
-                        kept_b = {k: v[at] for k, v in best_beta.items()}
-                        kept_a = {k: v[at] for k, v in best_alpha.items()}
-                        keep_best(value, best[at], dict(enumerate(betas)), kept_b)
-                        best[at] = keep_best(value, best[at], dict(enumerate(alphas)), kept_a)
-                        for k in kept_a:
-                            best_alpha[k][at] = kept_a[k]
-                        for k in kept_b:
-                            best_beta[k][at] = kept_b[k]
+                    # each row keeps its best iterate: only the rows this step improved are
+                    # copied (on the CPU, most rows of a batch improve at most a few times)
+                    better = (value > best.index_select(0, live.index))[:, 0]
+                    if bool(better.any()):
+                        up = better.nonzero(as_tuple=True)[0]
+                        at = live.index.index_select(0, up)
+                        best.index_copy_(0, at, value.index_select(0, up))
+                        for k, a in enumerate(alphas):
+                            best_alpha[k].index_copy_(0, at, a.detach().index_select(0, up))
+                        for k, b in enumerate(betas):
+                            best_beta[k].index_copy_(0, at, b.detach().index_select(0, up))
                     if step == steps:
                         break
                     grads = torch.autograd.grad(torch.where(ok, lower, 0.0).sum(), params)
