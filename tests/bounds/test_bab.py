@@ -964,8 +964,9 @@ def test_domains_keep_the_parameters_of_their_open_rows_only(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """After each batch is bounded, every domain keeps slopes and multipliers for exactly its
     rows still open, in ascending order, padding (-1) last; the rows found by `slot` are
-    those; domains of different widths join padded; the search's bounds stay below every
-    sampled point."""
+    those; each open domain splits for one of its open rows (rows with different targets);
+    domains of different widths join padded; the search's bounds stay below every sampled
+    point."""
     from certify.bounds.bab import _Domains, _Search
 
     original = _Search._bound
@@ -986,7 +987,20 @@ def test_domains_keep_the_parameters_of_their_open_rows_only(
         assert all(a.shape[:2] == doms.rows.shape for a in doms.alpha + doms.beta)
         return point
 
+    split_for = []
+    real_filter = _Search._filter
+
+    def rows_split_for(self, prop, doms, score, ends, row, target, layer, index,  # type: ignore[no-untyped-def]
+                       above=None):
+        # each domain with an open row splits for one of its open rows
+        open_ = (~(doms.bound > target)).any(1)
+        at = torch.arange(len(doms))
+        assert bool((~(doms.bound[at, row] > target[at, row]))[open_].all())
+        split_for.append(int(open_.sum()))
+        return real_filter(self, prop, doms, score, ends, row, target, layer, index, above)
+
     monkeypatch.setattr(_Search, "_bound", check)
+    monkeypatch.setattr(_Search, "_filter", rows_split_for)
     model, in_shape = make_cnn(1, 2)
     model = model.double()
     x_lo, x_hi, x = make_box(1, 2, in_shape, 0.1, torch.float64)
@@ -999,6 +1013,7 @@ def test_domains_keep_the_parameters_of_their_open_rows_only(
     b = compute_bounds(model, x_lo, x_hi, "bab", spec, branching="relu", max_domains=400,
                        time_limit=30.0, threshold=threshold)
     assert max(widths) > 1 and min(widths) < max(widths), widths
+    assert sum(split_for) > 0
     assert bool((b.lower <= values + 1e-9).all())
     for i, status in enumerate(b.status):
         assert status in (ABOVE, BELOW)
