@@ -35,7 +35,7 @@ from torch import Tensor
 from certify.bounds import rounding
 from certify.bounds.base import Bounds, register_method
 from certify.bounds.crown import LinearRelaxationMethod, crown_output, output_rows, spec_op
-from certify.bounds.layers import numel
+from certify.bounds.layers import numel, true_first
 from certify.bounds.network import Network, identity_spec
 from certify.bounds.propagation import BACKWARD_FACTOR, MB, Propagator
 from certify.bounds.relaxations import activation_rule
@@ -275,9 +275,7 @@ class _Layerwise:
             r = int(counts.max()) if self.b else 0
             if r == 0:
                 continue
-            order = torch.sort(unstable.to(torch.int8), dim=1, descending=True,
-                               stable=True).indices[:, :r]
-            valid = torch.arange(r, device=rows.device)[None, :] < counts[:, None]
+            order, valid = true_first(unstable, r)
             self.targets[p] = (order, valid, unstable)
 
     def _one_hot(self, p: int) -> Tensor:

@@ -89,7 +89,7 @@ from certify.bounds.alpha_crown import (
     optimized_intermediate,
 )
 from certify.bounds.base import STATE, Bounds, MethodBase, register_method
-from certify.bounds.layers import LeakyReluOp, ReluOp, SpecRows, cast_op, numel
+from certify.bounds.layers import LeakyReluOp, ReluOp, SpecRows, cast_op, numel, true_first
 from certify.bounds.network import Network, identity_spec, spec_rows
 from certify.bounds.propagation import (
     BACKWARD_FACTOR,
@@ -1080,11 +1080,8 @@ class _Search:
             empty = torch.zeros(d, dtype=torch.bool, device=dev)
         target = self._target(doms.sample)
         open_rows = (doms.bound <= target) & ~empty[:, None]
-        counts = open_rows.sum(1)
-        r = max(1, int(counts.max())) if d else 1
-        order = torch.sort(open_rows.to(torch.int8), dim=1, descending=True,
-                           stable=True).indices[:, :r]  # (D, R): open rows first
-        valid = torch.arange(r, device=dev)[None, :] < counts[:, None]
+        r = max(1, int(open_rows.sum(1).max())) if d else 1
+        order, valid = true_first(open_rows, r)  # (D, R): open rows first
         # the children's float32 propagator (see `float32_steps`): the optimization's passes
         # and the filter's children run on it
         narrow = (self._rigorous_float32(prop) if self.float32_steps and not root
@@ -1099,19 +1096,17 @@ class _Search:
         # the domains keep the parameters of their rows still open (as in `_margin`), which
         # were all open, so bounded: a subset of `order`'s rows, in the same (ascending) order
         still = ~(doms.bound > target)
-        counts = still.sum(1)
-        w = max(1, int(counts.max())) if d else 1
-        kept = torch.sort(still.to(torch.int8), dim=1, descending=True,
-                          stable=True).indices[:, :w]  # (D, W)
+        kept, held = true_first(still, max(1, int(still.sum(1).max())) if d else 1)  # (D, W)
         at = (order[:, None, :] == kept[:, :, None]).to(torch.uint8).argmax(2)  # (D, W)
         for k in range(len(self.positions)):
             index = at.unsqueeze(2).expand(-1, -1, best_alpha[k].shape[2])
             doms.alpha[k] = best_alpha[k].gather(1, index)
             doms.beta[k] = best_beta[k].gather(1, index)
-        doms.rows = torch.where(torch.arange(w, device=dev)[None, :] < counts[:, None], kept, -1)
+        doms.rows = torch.where(held, kept, -1)
         point = self._candidates(doms, record, order, valid, new)
-        doms.layer, doms.index = self._scores(prop, doms, record, consts, order, valid, new,
-                                              target, prop if narrow is None else narrow)
+        doms.layer, doms.index = self._scores(prop, doms, record, consts, order, valid,
+                                              valid & still.gather(1, order), new, target,
+                                              prop if narrow is None else narrow)
         return point
 
     def _intermediate(self, prop: Propagator, doms: _Domains) -> Tensor:
@@ -1388,16 +1383,16 @@ class _Search:
         return rows, const, rows_err, const_err
 
     def _scores(self, prop: Propagator, doms: _Domains, record: dict[int, Tensor],
-                consts: dict[int, Tensor] | None, order: Tensor, valid: Tensor, new: Tensor,
-                target: Tensor, relaxed: Propagator) -> tuple[Tensor, Tensor]:
+                consts: dict[int, Tensor] | None, order: Tensor, valid: Tensor, still: Tensor,
+                new: Tensor, target: Tensor, relaxed: Propagator) -> tuple[Tensor, Tensor]:
         """The branching choice `(layer, index)` per domain (see the module docstring);
         `relaxed`: `prop` or its float32 twin, whose relaxations the filter's children take."""
         d = len(doms)
         dev = new.device
-        # (D,) the row to split for: the open row with the lowest bound against its target
-        # (rows may have different targets: a row this batch decided is not split for)
+        # (D,) the row to split for: the open row (`still` `(D, R)`, as `order`) with the
+        # lowest bound against its target (rows may have different targets: a row this batch
+        # decided is not split for)
         rise = new - target.gather(1, order)
-        still = valid & ~(doms.bound.gather(1, order) > target.gather(1, order))
         worst = torch.where(still.any(1), torch.where(still, rise, math.inf).argmin(1),
                             torch.where(valid, new, math.inf).argmin(1))
         pick = torch.arange(d, device=dev)

@@ -367,6 +367,16 @@ def numel(shape: Shape) -> int:
     return prod(shape)
 
 
+def true_first(mask: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """Per row of `mask` `(N, K)`: the indices of its True entries in order, then of the
+    others, `width` of them, and which of those are True, `(N, width)` each: the gather
+    indices of a padded batch of each row's selected entries."""
+    order = torch.sort(mask.to(torch.int8), dim=1, descending=True,
+                       stable=True).indices[:, :width]
+    valid = torch.arange(width, device=mask.device)[None, :] < mask.sum(1)[:, None]
+    return order, valid
+
+
 def rows_of(t: Tensor, samples: Tensor) -> Tensor:
     """The rows `samples` `(B,)` of per-sample data `t` `(N, ...)`, as ``index_select``; on
     the CPU, a view of `t` (not a copy: callers only read it) when `samples` are consecutive

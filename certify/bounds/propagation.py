@@ -97,6 +97,7 @@ from certify.bounds.layers import (
     merge_interval,
     numel,
     rows_of,
+    true_first,
 )
 from certify.bounds.network import Network
 from certify.bounds.relaxations import (
@@ -864,9 +865,7 @@ class Propagator:
             samples = counts[q].nonzero(as_tuple=True)[0]
             sample_counts = counts[q, samples]
             rows = int(sample_counts.max())
-            order = torch.sort(per_position[q, samples].to(torch.int8), dim=1, descending=True,
-                               stable=True).indices[:, :rows]  # unstable channels first
-            valid = torch.arange(rows, device=mask.device)[None, :] < sample_counts[:, None]
+            order, valid = true_first(per_position[q, samples], rows)  # unstable channels first
             row_step = min(rows, budget)
             for ssl in _chunks(samples.shape[0], max(1, budget // rows)):
                 for rsl in _chunks(rows, row_step):

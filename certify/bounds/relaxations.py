@@ -89,7 +89,15 @@ import torch
 from torch import Tensor
 
 from certify.bounds import rounding
-from certify.bounds.layers import LeakyReluOp, MaxPoolOp, ReluOp, SigmoidOp, TanhOp, rows_of
+from certify.bounds.layers import (
+    LeakyReluOp,
+    MaxPoolOp,
+    ReluOp,
+    SigmoidOp,
+    TanhOp,
+    rows_of,
+    true_first,
+)
 from certify.bounds.maxpool import maxpool_rule
 from certify.spec import round_to
 
@@ -273,9 +281,7 @@ def relu_constant(mu: Tensor, nu: Tensor, relaxation: Relaxation, samples: Tenso
     total = mu.new_zeros(b, r, dtype=wide)
     err_sum = mu.new_zeros(b, r)
     if m:
-        order = torch.sort(unstable.to(torch.int8), dim=1, descending=True,
-                           stable=True).indices[:, :m]  # (b, m): unstable first
-        valid = torch.arange(m, device=mu.device)[None, :] < counts[:, None]  # (b, m)
+        order, valid = true_first(unstable, m)  # (b, m) each: unstable first
         index = order.unsqueeze(1).expand(b, r, m)
         mu_u, nu_u = mu.gather(2, index), nu.gather(2, index)
         # padding gets l = u = 0, where h and its error terms are 0 (a non-finite row there
