@@ -489,9 +489,50 @@ def _dense_backward(op: ConvOp, a: Tensor, padded: bool) -> Tensor | None:
     return (a.reshape(a.shape[0], -1) @ dense.flatten(1)).view(a.shape[0], *dense.shape[1:])
 
 
+# On CPUs, two more forms of the transpose beat `conv_transpose2d` by shape (measured by
+# benchmarks/bench_transpose.py on svhn-teacher's shapes, one thread): float32 rows into a map
+# of at most FOLD_MAX_CHANNELS channels (the input) as one batched product with the kernel's
+# matrix and `F.fold` (1.2-1.8x); float64 rows on windows of at most GEMM_MAX_WINDOW positions
+# and at least GEMM_MIN_CHANNELS channels (a deep neuron's window) as one product of all rows
+# at once and `F.fold` (1.7-4.3x: float64's `conv_transpose2d` runs small products per row).
+# Both sum the same products as `conv_transpose2d`, in another order, so the `terms` rule
+# stands (gamma_k bounds a sum of k terms in any order).
+FOLD_MAX_CHANNELS = 3
+GEMM_MAX_WINDOW = 16
+GEMM_MIN_CHANNELS = 64
+
+
+def _fold_backward(op: ConvOp, a: Tensor, padded: bool) -> Tensor | None:
+    """`a` `(P, Co, h, w)` through the transpose as products with the kernel matrix and
+    `F.fold` (see FOLD_MAX_CHANNELS), `(P, Ci, H, W)`; None where `conv_transpose2d` is
+    faster."""
+    co, ci, kh, kw = op.weight.shape
+    p, h, w = a.shape[0], a.shape[2], a.shape[3]
+    if a.device.type != "cpu" or p == 0:
+        return None
+    narrow = ci <= FOLD_MAX_CHANNELS and a.dtype == torch.float32
+    window = (a.dtype == torch.float64 and h * w <= GEMM_MAX_WINDOW
+              and co >= GEMM_MIN_CHANNELS)
+    if not (narrow or window):
+        return None
+    kernel = op.weight.reshape(co, ci * kh * kw).t()  # (Ci kh kw, Co)
+    if narrow:  # one product per row, batched
+        cols = kernel @ a.reshape(p, co, h * w)
+    else:  # one product for all rows
+        cols = (kernel @ a.transpose(0, 1).reshape(co, p * h * w)).view(
+            ci * kh * kw, p, h * w).transpose(0, 1)
+    if padded:
+        size, padding = tuple(op.in_shape[1:]), op.padding
+    else:
+        size, padding = ((h - 1) * op.stride[0] + kh, (w - 1) * op.stride[1] + kw), (0, 0)
+    return F.fold(cols, size, (kh, kw), padding=padding, stride=op.stride)
+
+
 def backward_conv(op: ConvOp, a: Tensor) -> tuple[Tensor, Tensor | None]:
     const = a.sum((2, 3)) @ op.bias if op.bias is not None else None
     out = _dense_backward(op, a, padded=True)
+    if out is None:
+        out = _fold_backward(op, a, padded=True)
     if out is None:
         out = F.conv_transpose2d(a, op.weight, None, op.stride, op.padding, op.output_padding)
     return out, const
@@ -507,6 +548,8 @@ def backward_window_conv(op: ConvOp, a: Tensor, top: int, left: int
     """
     const = a.sum((2, 3)) @ op.bias if op.bias is not None else None
     out = _dense_backward(op, a, padded=False)
+    if out is None:
+        out = _fold_backward(op, a, padded=False)
     if out is None:
         out = F.conv_transpose2d(a, op.weight, None, op.stride)
     corner = [top * op.stride[0] - op.padding[0], left * op.stride[1] - op.padding[1]]

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from certify.bounds import compute_bounds, layers
+from certify.bounds import compute_bounds, get_method, layers
 from certify.bounds.layers import (
     ConvOp,
     backward_conv,
@@ -132,3 +132,124 @@ def test_engine_bounds_match_the_transposed_convolution_path(method, monkeypatch
         pts = x_lo + (x_hi - x_lo) * torch.rand(200, *x.shape)
         out = model(pts.flatten(0, 1)).view(200, 6, 10)
     assert (out >= dense.lower).all() and (out <= dense.upper).all()
+
+
+# --- the fold forms of the transpose (certify.bounds.layers._fold_backward) ---------------------
+
+
+def _force_fold(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Every transpose through `_fold_backward`'s forms: no dense matrices, both forms on."""
+    monkeypatch.setattr(layers, "DENSE_MAX_ENTRIES", 0)
+    monkeypatch.setattr(layers, "_DENSE", type(layers._DENSE)())
+    monkeypatch.setattr(layers, "GEMM_MIN_CHANNELS", 1)
+    monkeypatch.setattr(layers, "GEMM_MAX_WINDOW", 10**6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(convs, st.sampled_from([torch.float32, F64]), st.booleans())
+def test_fold_transpose_is_conv_transpose_exactly(case, dtype, narrow) -> None:  # type: ignore[no-untyped-def]
+    """Small integer weights and rows: every sum is exact in either form, so both forms (the
+    batched product for narrow maps in float32, the single product for float64 windows) equal
+    ``conv_transpose2d`` bit for bit, on the whole map and on every output window."""
+    co, ci, k, stride, padding, size, seed = case
+    if k > size + 2 * padding or padding >= k:
+        return
+    patch = pytest.MonkeyPatch()
+    try:
+        _force_fold(patch)
+        # one form at a time: narrow float32 maps, or float64 windows
+        if narrow:
+            dtype = torch.float32
+            patch.setattr(layers, "FOLD_MAX_CHANNELS", ci)
+        else:
+            dtype = F64
+            patch.setattr(layers, "FOLD_MAX_CHANNELS", 0)
+        gen = torch.Generator().manual_seed(seed)
+        weight = torch.randint(-8, 9, (co, ci, k, k), generator=gen).to(dtype)
+        op = _op(co, ci, k, stride, padding, size, weight)
+        h, w = op.out_shape[1:]
+        a = torch.randint(-8, 9, (5, co, h, w), generator=gen).to(dtype)
+        assert layers._fold_backward(op, a, padded=True) is not None
+        want = F.conv_transpose2d(a, weight, None, op.stride, op.padding, op.output_padding)
+        got, _ = backward_conv(op, a)
+        assert got.dtype == dtype and torch.equal(got, want)
+        for wh in range(1, h + 1):
+            for ww in range(1, w + 1):
+                rows = torch.randint(-8, 9, (3, co, wh, ww), generator=gen).to(dtype)
+                top, left = h - wh, w - ww
+                out, _, r0, c0 = backward_window_conv(op, rows, top, left)
+                full = torch.zeros(3, co, h, w, dtype=dtype)
+                full[:, :, top:, left:] = rows
+                want_full = F.conv_transpose2d(full, weight, None, op.stride, op.padding,
+                                               op.output_padding)
+                assert torch.equal(want_full[:, :, r0:r0 + out.shape[2], c0:c0 + out.shape[3]],
+                                   out)
+                rest = want_full.clone()
+                rest[:, :, r0:r0 + out.shape[2], c0:c0 + out.shape[3]] = 0
+                assert not rest.any()
+    finally:
+        patch.undo()
+
+
+def test_fold_forms_are_used_where_they_are_faster() -> None:
+    """The shapes of svhn-teacher's backward passes (see benchmarks/bench_transpose.py)."""
+    torch.manual_seed(0)
+
+    def op(co: int, ci: int, k: int, stride: int, size: int, dtype: torch.dtype) -> ConvOp:
+        return _op(co, ci, k, stride, 1, size, torch.randn(co, ci, k, k, dtype=dtype))
+
+    fold = layers._fold_backward
+    # rows into the 3-channel input: the batched product in float32 only
+    assert fold(op(32, 3, 3, 1, 32, torch.float32), torch.randn(7, 32, 8, 8), False) is not None
+    assert fold(op(32, 3, 3, 1, 32, F64), torch.randn(7, 32, 8, 8, dtype=F64), False) is None
+    # a deep neuron's small window of 64 channels: the single product in float64 only
+    window = torch.randn(7, 64, 3, 3, dtype=F64)
+    assert fold(op(64, 32, 4, 2, 32, F64), window, False) is not None
+    assert fold(op(64, 32, 4, 2, 32, torch.float32), window.float(), False) is None
+    # a wide window, or few channels: conv_transpose2d
+    assert fold(op(64, 32, 4, 2, 32, F64), torch.randn(7, 64, 6, 6, dtype=F64), False) is None
+    assert fold(op(32, 32, 4, 2, 16, F64), torch.randn(7, 32, 3, 3, dtype=F64), False) is None
+    assert fold(op(64, 32, 4, 2, 32, F64), window[:0], False) is None  # no rows
+
+
+def _wide_cnn() -> nn.Sequential:
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=1, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 64, 4, stride=2, padding=1), nn.ReLU(),
+                         nn.Conv2d(64, 16, 3, stride=1, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(16 * 4 * 4, 10)).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_engine_bounds_match_with_the_fold_forms(dtype, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A CNN whose passes take the fold forms against the same bound with them off: equal up
+    to the summation order's rounding, and both hold at sampled points. float32: the plain
+    bound (a radius search's steering), whose passes end in the 3-channel input; float64: the
+    rigorous bound, whose neurons' windows pass the 64-channel layer."""
+    method = get_method("crown", rigorous=dtype == F64)
+    model = _wide_cnn()
+    torch.manual_seed(6)
+    x = torch.rand(4, 3, 8, 8, dtype=dtype)
+    x_lo, x_hi = (x - 0.03).clamp(0, 1), (x + 0.03).clamp(0, 1)
+    monkeypatch.setattr(layers, "DENSE_MAX_ENTRIES", 0)
+    monkeypatch.setattr(layers, "_DENSE", type(layers._DENSE)())
+    calls = []
+    fold = layers._fold_backward
+
+    def counted(op, a, padded):  # type: ignore[no-untyped-def]
+        out = fold(op, a, padded)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(layers, "_fold_backward", counted)
+    with torch.no_grad():
+        folded = compute_bounds(model, x_lo, x_hi, method)
+        assert any(calls)
+        monkeypatch.setattr(layers, "_fold_backward", lambda *args, **kwargs: None)
+        plain = compute_bounds(model, x_lo, x_hi, method)
+        tol = (1e-4 if dtype == torch.float32 else 1e-10)
+        assert ((folded.lower - plain.lower).abs() <= tol * (1 + plain.lower.abs())).all()
+        assert ((folded.upper - plain.upper).abs() <= tol * (1 + plain.upper.abs())).all()
+        pts = x_lo + (x_hi - x_lo) * torch.rand(300, *x.shape, dtype=dtype)
+        out = model.to(dtype)(pts.flatten(0, 1)).view(300, 4, 10)
+    assert (out >= folded.lower).all() and (out <= folded.upper).all()
