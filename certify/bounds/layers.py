@@ -528,14 +528,21 @@ def _fold_backward(op: ConvOp, a: Tensor, padded: bool) -> Tensor | None:
     return F.fold(cols, size, (kh, kw), padding=padding, stride=op.stride)
 
 
+def _transpose(op: ConvOp, a: Tensor, padded: bool) -> Tensor:
+    """`a` `(P, Co, h, w)` through the convolution's transpose in the cheapest form: the dense
+    matrix, a fold form, else `conv_transpose2d`. `padded`: as for :func:`dense_transpose`."""
+    out = _dense_backward(op, a, padded)
+    if out is None:
+        out = _fold_backward(op, a, padded)
+    if out is None:
+        out = (F.conv_transpose2d(a, op.weight, None, op.stride, op.padding, op.output_padding)
+               if padded else F.conv_transpose2d(a, op.weight, None, op.stride))
+    return out
+
+
 def backward_conv(op: ConvOp, a: Tensor) -> tuple[Tensor, Tensor | None]:
     const = a.sum((2, 3)) @ op.bias if op.bias is not None else None
-    out = _dense_backward(op, a, padded=True)
-    if out is None:
-        out = _fold_backward(op, a, padded=True)
-    if out is None:
-        out = F.conv_transpose2d(a, op.weight, None, op.stride, op.padding, op.output_padding)
-    return out, const
+    return _transpose(op, a, padded=True), const
 
 
 def backward_window_conv(op: ConvOp, a: Tensor, top: int, left: int
@@ -547,11 +554,7 @@ def backward_window_conv(op: ConvOp, a: Tensor, top: int, left: int
     with its corner. Exact: outside the windows the rows are zero.
     """
     const = a.sum((2, 3)) @ op.bias if op.bias is not None else None
-    out = _dense_backward(op, a, padded=False)
-    if out is None:
-        out = _fold_backward(op, a, padded=False)
-    if out is None:
-        out = F.conv_transpose2d(a, op.weight, None, op.stride)
+    out = _transpose(op, a, padded=False)
     corner = [top * op.stride[0] - op.padding[0], left * op.stride[1] - op.padding[1]]
     cuts = []
     for i in range(2):
