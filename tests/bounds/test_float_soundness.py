@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from certify.bounds import compute_bounds, get_method, margin_bounds
+from certify.bounds import compute_bounds, get_method, layers, margin_bounds
 from certify.nets import Normalize
 from certify.radius import certified_radii
 from certify.spec import margin_spec
@@ -183,6 +183,41 @@ def test_linear_nets_certified_worst_corner_exact_and_in_dtype(kind, dtype, seed
         res = certified_radii(model, x, y, method, eps_max=0.5, tol=1e-9)
         checked += _check_certified_linear(model, x, y, res.certified_eps, dtype)
     assert checked > 0  # the search certified something to check
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**20))
+def test_linear_conv_nets_in_the_fold_transposes_worst_corner_exact(dtype, seed):  # type: ignore[no-untyped-def]
+    """The conv net with every transpose in a fold form of ``certify.bounds.layers`` (no dense
+    matrices, the forms' shape limits lifted): the steering bound's batched product in
+    float32, the rigorous bound's single product in float64 (the float32 chain's float64 tail
+    too). The worst corner of every certified ball, exact and in dtype."""
+    model, shape = _linear_model(seed, "conv", dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.rand(12, *shape, generator=g, dtype=F64).to(dtype)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    fold = layers._fold_backward
+    used: list[torch.dtype] = []
+
+    def counted(op, a, padded):  # type: ignore[no-untyped-def]
+        out = fold(op, a, padded)
+        if out is not None:
+            used.append(a.dtype)
+        return out
+
+    checked = 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(layers, "DENSE_MAX_ENTRIES", 0)
+        patch.setattr(layers, "GEMM_MIN_CHANNELS", 1)
+        patch.setattr(layers, "GEMM_MAX_WINDOW", 10**6)
+        patch.setattr(layers, "_fold_backward", counted)
+        for method in ("crown", "alpha-crown"):
+            res = certified_radii(model, x, y, method, eps_max=0.5, tol=1e-9)
+            checked += _check_certified_linear(model, x, y, res.certified_eps, dtype)
+    assert checked > 0
+    assert F64 in used and (dtype == F64 or torch.float32 in used)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
